@@ -1,0 +1,112 @@
+//! The safety checker: proves facts about a [`ComputeSchedule`] and returns
+//! them as a [`CheckedSchedule`], the only thing lowering accepts.
+//!
+//! Invariants established (each in its own file):
+//!
+//! 1. **Coverage** (`coverage.rs`): every (stage, microbatch) has exactly
+//!    one `F` and either exactly one `BW` or exactly one `B` and one `W`;
+//!    a braided op counts as each of its passes. Elaboration has already
+//!    established that every pass runs on the rank that owns its stage and
+//!    names a stage and microbatch in range.
+//! 2. **Local order** (`local_order.rs`): on its rank, `F(i, s)` runs before
+//!    the backward of `(i, s)`, `B` before `W`; and where a pass consumes the
+//!    output of a neighbouring stage on the same rank (`F(i, s)` needs
+//!    `F(i, s-1)`, a backward of `(i, s)` needs the backward of
+//!    `(i, s+1)`), the producer runs strictly earlier.
+
+mod coverage;
+mod local_order;
+
+use crate::diag::Diagnostic;
+use crate::elab::ComputeSchedule;
+use stp_ir::{Microbatch, Pass, PassKind, Rank, Stage};
+
+/// A schedule with the invariants in the module docs proven.
+#[derive(Debug, Clone)]
+pub struct CheckedSchedule {
+    schedule: ComputeSchedule,
+}
+
+impl CheckedSchedule {
+    /// The schedule that was checked.
+    pub fn schedule(&self) -> &ComputeSchedule {
+        &self.schedule
+    }
+}
+
+/// Checks every invariant in the module docs, reporting all violations.
+pub fn check(schedule: ComputeSchedule) -> Result<CheckedSchedule, Vec<Diagnostic>> {
+    let index = PassIndex::build(&schedule);
+    let mut errors = coverage::check(&schedule, &index);
+    if errors.is_empty() {
+        errors.extend(local_order::check(&schedule, &index));
+    }
+    if errors.is_empty() {
+        Ok(CheckedSchedule { schedule })
+    } else {
+        Err(errors)
+    }
+}
+
+/// Where a pass appears: rank and position in the rank's op list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Position {
+    pub rank: Rank,
+    pub index: usize,
+}
+
+/// Every occurrence of every pass, by (kind, stage, microbatch).
+pub(crate) struct PassIndex {
+    num_microbatches: u32,
+    /// `slots[kind][stage * m + mb]`: positions in program order.
+    slots: [Vec<Vec<Position>>; 4],
+}
+
+impl PassIndex {
+    fn build(s: &ComputeSchedule) -> PassIndex {
+        let n = s.num_stages as usize * s.num_microbatches as usize;
+        let mut slots: [Vec<Vec<Position>>; 4] = Default::default();
+        for slot in &mut slots {
+            slot.resize(n, Vec::new());
+        }
+        let mut index = PassIndex { num_microbatches: s.num_microbatches, slots };
+        for (r, ops) in s.ranks.iter().enumerate() {
+            for (i, op) in ops.iter().enumerate() {
+                for pass in &op.compute.passes {
+                    let at = Position { rank: Rank(r as u32), index: i };
+                    let slot = index.slot(pass.stage, pass.mb);
+                    index.slots[kind_index(pass.kind)][slot].push(at);
+                }
+            }
+        }
+        index
+    }
+
+    fn slot(&self, stage: Stage, mb: Microbatch) -> usize {
+        stage.index() * self.num_microbatches as usize + mb.index()
+    }
+
+    /// Every position of the pass, in rank and program order.
+    pub fn positions(&self, pass: Pass) -> &[Position] {
+        &self.slots[kind_index(pass.kind)][self.slot(pass.stage, pass.mb)]
+    }
+
+    /// The first position of the pass, if it runs at all.
+    pub fn first(&self, pass: Pass) -> Option<Position> {
+        self.positions(pass).first().copied()
+    }
+}
+
+fn kind_index(kind: PassKind) -> usize {
+    match kind {
+        PassKind::F => 0,
+        PassKind::B => 1,
+        PassKind::W => 2,
+        PassKind::BW => 3,
+    }
+}
+
+/// `F(mb 3, stage 1)`: how diagnostics name a pass.
+pub(crate) fn describe(pass: Pass) -> String {
+    format!("{}(mb {}, stage {})", pass.kind, pass.mb.0, pass.stage.0)
+}

@@ -1,0 +1,508 @@
+//! The evaluator: runs a schedule's declarations and rank bodies at
+//! concrete parameters with checked 64-bit arithmetic.
+
+use super::params::BoundParam;
+use super::{ComputeSchedule, Limits, Origin, ScheduledOp};
+use crate::diag::{Code, Diagnostic};
+use crate::sema::Module;
+use crate::syntax::ast::*;
+use crate::syntax::span::Span;
+use std::collections::HashMap;
+use std::sync::Arc;
+use stp_ir::{Compute, Microbatch, Param, Pass, PassKind, Rank, Stage};
+
+/// How a name came to be bound; decides whether it is part of an op's origin.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BindKind {
+    Param,
+    Iteration,
+    Let,
+}
+
+#[derive(Clone)]
+struct Binding<'m> {
+    name: &'m str,
+    value: i64,
+    kind: BindKind,
+}
+
+/// Elaboration ends early with this error.
+type Fail = Box<Diagnostic>;
+
+struct Eval<'m> {
+    module: &'m Module,
+    env: Vec<Binding<'m>>,
+    limits: Limits,
+    steps: u64,
+    ops: usize,
+    /// Interned names of iteration variables, so origins share them.
+    names: HashMap<&'m str, Arc<str>>,
+}
+
+pub(super) fn run(
+    module: &Module,
+    schedule: &Schedule,
+    params: Vec<BoundParam>,
+    limits: Limits,
+) -> Result<ComputeSchedule, Vec<Diagnostic>> {
+    let mut ev = Eval { module, env: Vec::new(), limits, steps: 0, ops: 0, names: HashMap::new() };
+    for (decl, p) in schedule.params.iter().zip(&params) {
+        ev.env.push(Binding { name: decl.name.name.as_str(), value: p.value, kind: BindKind::Param });
+    }
+    let value_of = |kind: ParamKind| params.iter().find(|p| p.kind == kind).map_or(1, |p| p.value);
+    let num_ranks = value_of(ParamKind::Ranks) as u32;
+    let num_microbatches = value_of(ParamKind::Microbatches) as u32;
+
+    let mut errors: Vec<Diagnostic> = Vec::new();
+    for decl in &schedule.decls {
+        if let Decl::Require { cond, message, span } = decl {
+            match ev.eval(cond) {
+                Ok(0) => errors.push(ev.require_failed(cond, message.as_deref(), *span)),
+                Ok(_) => {}
+                Err(e) => errors.push(*e),
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    let num_stages = ev.stages(schedule).map_err(|e| vec![*e])?;
+    let placement = ev.placement(schedule, num_stages, num_ranks).map_err(|e| vec![*e])?;
+    let Some((var, body, body_span)) = schedule.decls.iter().find_map(|d| match d {
+        Decl::Rank { var, body, span } => Some((var, body, *span)),
+        _ => None,
+    }) else {
+        return Err(vec![Diagnostic::new(Code::ScheduleShape, "schedule has no `rank` declaration")]);
+    };
+
+    let shape = Shape { num_stages, num_microbatches, placement: &placement };
+    let mut ranks = Vec::with_capacity(num_ranks as usize);
+    let mut seen: HashMap<(Code, Span), usize> = HashMap::new();
+    for r in 0..num_ranks {
+        let mut ops = Vec::new();
+        ev.env.push(Binding { name: var.name.as_str(), value: i64::from(r), kind: BindKind::Iteration });
+        let result = ev.exec_block(body, Rank(r), &shape, &mut ops);
+        ev.env.truncate(params.len());
+        match result {
+            Ok(()) => {}
+            Err(e) if e.code == Code::Limit => {
+                errors.push(*e);
+                break;
+            }
+            Err(e) => match e.primary_span().and_then(|s| seen.get(&(e.code, s)).copied()) {
+                Some(first) => errors[first].notes.push(format!("the same error occurs on rank {r}")),
+                None => {
+                    if let Some(s) = e.primary_span() {
+                        seen.insert((e.code, s), errors.len());
+                    }
+                    errors.push(*e);
+                }
+            },
+        }
+        ranks.push(ops);
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(ComputeSchedule {
+        name: schedule.name.name.clone(),
+        params: params.iter().map(|p| Param { name: p.name.clone(), value: p.value }).collect(),
+        num_ranks,
+        num_stages,
+        num_microbatches,
+        placement,
+        ranks,
+        body_span,
+    })
+}
+
+struct Shape<'a> {
+    num_stages: u32,
+    num_microbatches: u32,
+    placement: &'a [Rank],
+}
+
+impl<'m> Eval<'m> {
+    /// `where p = 4, m = 8, r = 1, i = 3`: every binding in scope.
+    fn context(&self) -> String {
+        let parts: Vec<String> = self.env.iter().map(|b| format!("{} = {}", b.name, b.value)).collect();
+        format!("where {}", parts.join(", "))
+    }
+
+    fn fail(&self, code: Code, message: String, span: Span, label: String) -> Fail {
+        Box::new(Diagnostic::new(code, message).with_label(span, label).with_note(self.context()))
+    }
+
+    fn step(&mut self, span: Span) -> Result<(), Fail> {
+        self.steps += 1;
+        if self.steps > self.limits.max_steps {
+            return Err(self.fail(
+                Code::Limit,
+                format!("elaboration ran more than {} steps", self.limits.max_steps),
+                span,
+                "still running here".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn require_failed(&mut self, cond: &'m Expr, message: Option<&str>, span: Span) -> Diagnostic {
+        let mut names = Vec::new();
+        collect_vars(cond, &mut names);
+        let values: Vec<String> = names.iter().filter_map(|n| self.lookup(n).map(|v| format!("{n} = {v}"))).collect();
+        let d = Diagnostic::new(Code::RequireFailed, "requirement not met")
+            .with_label(span, message.unwrap_or("this requirement is false for the given parameters"));
+        if values.is_empty() {
+            d
+        } else {
+            d.with_note(format!("where {}", values.join(", ")))
+        }
+    }
+
+    fn stages(&mut self, schedule: &'m Schedule) -> Result<u32, Fail> {
+        let Some(count) = schedule.decls.iter().find_map(|d| match d {
+            Decl::Stages { count, .. } => Some(count),
+            _ => None,
+        }) else {
+            return Err(Box::new(Diagnostic::new(Code::ScheduleShape, "schedule has no `stages` declaration")));
+        };
+        let n = self.eval(count)?;
+        if n < 1 || n > i64::from(u32::MAX) {
+            return Err(self.fail(
+                Code::StageRange,
+                format!("the number of stages must be positive, but is {n}"),
+                count.span,
+                format!("this is {n}"),
+            ));
+        }
+        Ok(n as u32)
+    }
+
+    fn placement(&mut self, schedule: &'m Schedule, num_stages: u32, num_ranks: u32) -> Result<Vec<Rank>, Fail> {
+        let Some((var, rank)) = schedule.decls.iter().find_map(|d| match d {
+            Decl::Place { var, rank, .. } => Some((var, rank)),
+            _ => None,
+        }) else {
+            return Err(Box::new(Diagnostic::new(Code::ScheduleShape, "schedule has no `place` declaration")));
+        };
+        let mut placement = Vec::with_capacity(num_stages as usize);
+        for s in 0..num_stages {
+            self.step(rank.span)?;
+            self.env.push(Binding { name: var.name.as_str(), value: i64::from(s), kind: BindKind::Iteration });
+            let r = self.eval(rank);
+            let r = r.and_then(|r| {
+                if (0..i64::from(num_ranks)).contains(&r) {
+                    Ok(Rank(r as u32))
+                } else {
+                    Err(self.fail(
+                        Code::StageRange,
+                        format!("stage {s} is placed on rank {r}, which does not exist"),
+                        rank.span,
+                        format!("this is {r}; ranks are 0..{num_ranks}"),
+                    ))
+                }
+            });
+            self.env.pop();
+            placement.push(r?);
+        }
+        Ok(placement)
+    }
+
+    fn exec_block(
+        &mut self,
+        block: &'m Block,
+        rank: Rank,
+        shape: &Shape,
+        out: &mut Vec<ScheduledOp>,
+    ) -> Result<(), Fail> {
+        let depth = self.env.len();
+        let result = block.iter().try_for_each(|stmt| self.exec_stmt(stmt, rank, shape, out));
+        self.env.truncate(depth);
+        result
+    }
+
+    fn exec_stmt(&mut self, stmt: &'m Stmt, rank: Rank, shape: &Shape, out: &mut Vec<ScheduledOp>) -> Result<(), Fail> {
+        match &stmt.kind {
+            StmtKind::Let(name, value) => {
+                let value = self.eval(value)?;
+                self.env.push(Binding { name: name.name.as_str(), value, kind: BindKind::Let });
+            }
+            StmtKind::For { var, start, end, inclusive, body } => {
+                let start = self.eval(start)?;
+                let end = self.eval(end)?;
+                let end = if *inclusive { end.saturating_add(1) } else { end };
+                for i in start..end {
+                    self.step(stmt.span)?;
+                    self.env.push(Binding { name: var.name.as_str(), value: i, kind: BindKind::Iteration });
+                    let result = self.exec_block(body, rank, shape, out);
+                    self.env.pop();
+                    result?;
+                }
+            }
+            StmtKind::If { cond, then, otherwise } => {
+                let branch = if self.eval(cond)? != 0 { then } else { otherwise };
+                self.exec_block(branch, rank, shape, out)?;
+            }
+            StmtKind::Op(calls) => {
+                let mut passes = Vec::with_capacity(calls.len());
+                for call in calls {
+                    passes.push(self.pass(call, rank, shape)?);
+                }
+                self.ops += 1;
+                if self.ops > self.limits.max_ops {
+                    return Err(self
+                        .fail(
+                            Code::Limit,
+                            format!("the schedule has more than {} ops", self.limits.max_ops),
+                            stmt.span,
+                            "the op past the limit".into(),
+                        )
+                        .map_help("raise the limit with --max-ops N if this size is intended"));
+                }
+                let origin = self.origin(stmt.span);
+                out.push(ScheduledOp { compute: Compute { passes }, origin });
+            }
+            StmtKind::Error => {}
+        }
+        Ok(())
+    }
+
+    fn origin(&mut self, span: Span) -> Origin {
+        let names = &mut self.names;
+        let iteration = self
+            .env
+            .iter()
+            .filter(|b| b.kind == BindKind::Iteration)
+            .map(|b| (names.entry(b.name).or_insert_with(|| Arc::from(b.name)).clone(), b.value))
+            .collect();
+        Origin { span, iteration }
+    }
+
+    fn pass(&mut self, call: &'m OpCall, rank: Rank, shape: &Shape) -> Result<Pass, Fail> {
+        let kind = PassKind::from_name(&call.name.name).unwrap_or(PassKind::F);
+        let mut mb = None;
+        let mut stage = None;
+        for (i, arg) in call.args.iter().enumerate() {
+            let value = self.eval(&arg.value)?;
+            let slot = arg.name.as_ref().map_or(if i == 0 { "mb" } else { "stage" }, |n| n.name.as_str());
+            if slot == "mb" {
+                mb = Some((value, arg.value.span));
+            } else {
+                stage = Some((value, arg.value.span));
+            }
+        }
+        let stage = match stage {
+            Some((s, span)) => self.check_stage(s, span, rank, shape, call)?,
+            None => self.implicit_stage(rank, shape, call)?,
+        };
+        let Some((mb, mb_span)) = mb else {
+            return Err(self.fail(Code::OpArgs, format!("op `{kind}` has no microbatch"), call.span, "here".into()));
+        };
+        if !(0..i64::from(shape.num_microbatches)).contains(&mb) {
+            return Err(self.fail(
+                Code::MicrobatchRange,
+                format!("microbatch {mb} is out of range: there are {} microbatches", shape.num_microbatches),
+                mb_span,
+                format!("this is {mb}; microbatches are 0..{}", shape.num_microbatches),
+            ));
+        }
+        Ok(Pass { kind, stage, mb: Microbatch(mb as u32) })
+    }
+
+    fn check_stage(&self, s: i64, span: Span, rank: Rank, shape: &Shape, call: &OpCall) -> Result<Stage, Fail> {
+        if !(0..i64::from(shape.num_stages)).contains(&s) {
+            return Err(self.fail(
+                Code::StageRange,
+                format!("stage {s} is out of range: there are {} stages", shape.num_stages),
+                span,
+                format!("this is {s}; stages are 0..{}", shape.num_stages),
+            ));
+        }
+        let owner = shape.placement[s as usize];
+        if owner != rank {
+            return Err(self
+                .fail(
+                    Code::StageOwnership,
+                    format!(
+                        "`{}` on rank {} names stage {s}, which is placed on rank {}",
+                        call.name.name, rank.0, owner.0
+                    ),
+                    span,
+                    format!("stage {s} lives on rank {}", owner.0),
+                )
+                .map_note(format!("rank {} owns stages {}", rank.0, list_stages(shape, rank))));
+        }
+        Ok(Stage(s as u32))
+    }
+
+    fn implicit_stage(&self, rank: Rank, shape: &Shape, call: &OpCall) -> Result<Stage, Fail> {
+        let mut owned = (0..shape.num_stages).filter(|s| shape.placement[*s as usize] == rank);
+        match (owned.next(), owned.next()) {
+            (Some(s), None) => Ok(Stage(s)),
+            (None, _) => Err(self.fail(
+                Code::StageOwnership,
+                format!("rank {} owns no stage, so `{}` has nothing to run", rank.0, call.name.name),
+                call.span,
+                "this op".into(),
+            )),
+            (Some(_), Some(_)) => Err(self
+                .fail(
+                    Code::StageOwnership,
+                    format!("rank {} owns several stages, so `{}` must name one", rank.0, call.name.name),
+                    call.span,
+                    "no stage given".into(),
+                )
+                .map_note(format!("rank {} owns stages {}", rank.0, list_stages(shape, rank)))
+                .map_help(format!("write `{}(mb, stage)`", call.name.name))),
+        }
+    }
+
+    fn lookup(&self, name: &str) -> Option<i64> {
+        self.env.iter().rev().find(|b| b.name == name).map(|b| b.value)
+    }
+
+    fn eval(&mut self, e: &'m Expr) -> Result<i64, Fail> {
+        match &e.kind {
+            ExprKind::Int(n) => Ok(*n),
+            ExprKind::Bool(b) => Ok(i64::from(*b)),
+            ExprKind::Var(name) => Ok(self.lookup(name).unwrap_or(0)),
+            ExprKind::Unary(UnOp::Neg, a) => {
+                let a = self.eval(a)?;
+                a.checked_neg().ok_or_else(|| self.overflow(e, format!("-({a})")))
+            }
+            ExprKind::Unary(UnOp::Not, a) => Ok(i64::from(self.eval(a)? == 0)),
+            ExprKind::Binary(BinOp::And, a, b) => Ok(i64::from(self.eval(a)? != 0 && self.eval(b)? != 0)),
+            ExprKind::Binary(BinOp::Or, a, b) => Ok(i64::from(self.eval(a)? != 0 || self.eval(b)? != 0)),
+            ExprKind::Binary(op, a, b) => {
+                let (x, y) = (self.eval(a)?, self.eval(b)?);
+                self.binary(*op, x, y, e, b)
+            }
+            ExprKind::If(c, a, b) => {
+                if self.eval(c)? != 0 {
+                    self.eval(a)
+                } else {
+                    self.eval(b)
+                }
+            }
+            ExprKind::Call(name, args) => self.call(name, args, e.span),
+            ExprKind::Error => Ok(0),
+        }
+    }
+
+    fn binary(&self, op: BinOp, x: i64, y: i64, e: &Expr, rhs: &Expr) -> Result<i64, Fail> {
+        let checked = match op {
+            BinOp::Add => x.checked_add(y),
+            BinOp::Sub => x.checked_sub(y),
+            BinOp::Mul => x.checked_mul(y),
+            BinOp::Div | BinOp::Rem if y == 0 => {
+                return Err(self.fail(
+                    Code::Arithmetic,
+                    format!("{} by zero", if op == BinOp::Div { "division" } else { "remainder" }),
+                    rhs.span,
+                    "this is 0".into(),
+                ));
+            }
+            BinOp::Div => x.checked_div(y),
+            BinOp::Rem => x.checked_rem(y),
+            BinOp::Eq => Some(i64::from(x == y)),
+            BinOp::Ne => Some(i64::from(x != y)),
+            BinOp::Lt => Some(i64::from(x < y)),
+            BinOp::Le => Some(i64::from(x <= y)),
+            BinOp::Gt => Some(i64::from(x > y)),
+            BinOp::Ge => Some(i64::from(x >= y)),
+            BinOp::And | BinOp::Or => Some(i64::from(x != 0 && y != 0)),
+        };
+        checked.ok_or_else(|| self.overflow(e, format!("{x} {} {y}", op.as_str())))
+    }
+
+    fn overflow(&self, e: &Expr, computation: String) -> Fail {
+        self.fail(
+            Code::Arithmetic,
+            "integer overflow".into(),
+            e.span,
+            format!("`{computation}` does not fit in 64 bits"),
+        )
+    }
+
+    fn call(&mut self, name: &'m Ident, args: &'m [Expr], span: Span) -> Result<i64, Fail> {
+        self.step(span)?;
+        let mut values = Vec::with_capacity(args.len());
+        for a in args {
+            values.push(self.eval(a)?);
+        }
+        match name.name.as_str() {
+            "min" => return Ok(values.into_iter().min().unwrap_or(0)),
+            "max" => return Ok(values.into_iter().max().unwrap_or(0)),
+            _ => {}
+        }
+        let Some(f) = self.module.function(&name.name) else { return Ok(0) };
+        let frame: Vec<Binding<'m>> = f
+            .params
+            .iter()
+            .zip(values)
+            .map(|((p, _), value)| Binding { name: p.name.as_str(), value, kind: BindKind::Let })
+            .collect();
+        let caller = std::mem::replace(&mut self.env, frame);
+        let result = self.eval(&f.body);
+        self.env = caller;
+        result.map_err(|e| {
+            e.map_note(format!("in a call of `{}` here", name.name))
+                .map_label(span, format!("in this call of `{}`", name.name))
+        })
+    }
+}
+
+fn list_stages(shape: &Shape, rank: Rank) -> String {
+    let owned: Vec<String> =
+        (0..shape.num_stages).filter(|s| shape.placement[*s as usize] == rank).map(|s| s.to_string()).collect();
+    if owned.is_empty() {
+        "none".into()
+    } else {
+        owned.join(", ")
+    }
+}
+
+fn collect_vars<'a>(e: &'a Expr, out: &mut Vec<&'a str>) {
+    match &e.kind {
+        ExprKind::Var(n) => {
+            if !out.contains(&n.as_str()) {
+                out.push(n);
+            }
+        }
+        ExprKind::Unary(_, a) => collect_vars(a, out),
+        ExprKind::Binary(_, a, b) => {
+            collect_vars(a, out);
+            collect_vars(b, out);
+        }
+        ExprKind::If(c, a, b) => {
+            collect_vars(c, out);
+            collect_vars(a, out);
+            collect_vars(b, out);
+        }
+        ExprKind::Call(_, args) => args.iter().for_each(|a| collect_vars(a, out)),
+        ExprKind::Int(_) | ExprKind::Bool(_) | ExprKind::Error => {}
+    }
+}
+
+/// Builder-style tweaks on a boxed diagnostic.
+trait FailExt {
+    fn map_note(self, note: String) -> Self;
+    fn map_help(self, help: impl Into<String>) -> Self;
+    fn map_label(self, span: Span, message: String) -> Self;
+}
+
+impl FailExt for Fail {
+    fn map_note(mut self, note: String) -> Self {
+        self.notes.push(note);
+        self
+    }
+    fn map_help(mut self, help: impl Into<String>) -> Self {
+        self.help = Some(help.into());
+        self
+    }
+    fn map_label(mut self, span: Span, message: String) -> Self {
+        self.labels.push(crate::diag::Label { span, message });
+        self
+    }
+}

@@ -1,0 +1,128 @@
+//! Elaboration: a checked module at concrete parameter values -> a
+//! [`ComputeSchedule`], the ordered compute ops of every rank, each
+//! remembering the source line and loop iteration that produced it.
+
+mod eval;
+mod params;
+
+use crate::diag::{Code, Diagnostic};
+use crate::sema::Module;
+use crate::syntax::ast::Schedule;
+use crate::syntax::span::Span;
+use std::fmt;
+use std::sync::Arc;
+use stp_ir::{Compute, Param, Rank};
+
+pub use params::ParamArgs;
+
+/// Bounds that keep a runaway schedule from exhausting time or memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most compute ops in the whole schedule.
+    pub max_ops: usize,
+    /// Most evaluation steps (loop iterations and function calls).
+    pub max_steps: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_ops: 5_000_000, max_steps: 200_000_000 }
+    }
+}
+
+/// A schedule evaluated at concrete parameters.
+#[derive(Debug, Clone)]
+pub struct ComputeSchedule {
+    /// The schedule's name.
+    pub name: String,
+    /// Parameter values in declaration order.
+    pub params: Vec<Param>,
+    /// Number of pipeline ranks (`p`).
+    pub num_ranks: u32,
+    /// Number of stages.
+    pub num_stages: u32,
+    /// Number of microbatches (`m`).
+    pub num_microbatches: u32,
+    /// `placement[s]` owns stage `s`.
+    pub placement: Vec<Rank>,
+    /// `ranks[r]`: the ops of rank `r` in program order.
+    pub ranks: Vec<Vec<ScheduledOp>>,
+    /// The `rank` declaration, for errors about ops that never ran.
+    pub body_span: Span,
+}
+
+impl ComputeSchedule {
+    /// Total compute ops over all ranks.
+    pub fn num_ops(&self) -> usize {
+        self.ranks.iter().map(Vec::len).sum()
+    }
+
+    /// The stages rank `r` owns, in increasing order.
+    pub fn stages_of(&self, rank: Rank) -> Vec<stp_ir::Stage> {
+        (0..self.num_stages).map(stp_ir::Stage).filter(|s| self.placement[s.index()] == rank).collect()
+    }
+}
+
+/// One compute op of a rank and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledOp {
+    /// The pass, or braided passes.
+    pub compute: Compute,
+    /// The source that produced it.
+    pub origin: Origin,
+}
+
+/// Where an op came from: its span and the values of the rank and loop
+/// variables when it was produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The op call in the source.
+    pub span: Span,
+    /// Rank and loop variables, outermost first.
+    pub iteration: Vec<(Arc<str>, i64)>,
+}
+
+impl fmt::Display for Origin {
+    /// `r = 1, i = 3`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (name, value)) in self.iteration.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{name} = {value}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Picks the schedule to compile: the one named `name`, or the file's only
+/// schedule when no name is given.
+pub fn select_schedule<'m>(module: &'m Module, name: Option<&str>) -> Result<&'m Schedule, Diagnostic> {
+    let all: Vec<&Schedule> = module.schedules().collect();
+    let names = || all.iter().map(|s| format!("`{}`", s.name.name)).collect::<Vec<_>>().join(", ");
+    match name {
+        Some(name) => all.iter().copied().find(|s| s.name.name == name).ok_or_else(|| {
+            Diagnostic::new(Code::ParamValue, format!("this file has no schedule named `{name}`"))
+                .with_note(format!("it defines {}", if all.is_empty() { "no schedules".to_string() } else { names() }))
+        }),
+        None => match all.as_slice() {
+            [only] => Ok(only),
+            [] => Err(Diagnostic::new(Code::ScheduleShape, "this file defines no schedule")
+                .with_help("add `schedule NAME(p: ranks, m: microbatches) { ... }`")),
+            _ => Err(Diagnostic::new(Code::ParamValue, "this file defines several schedules; say which one")
+                .with_note(format!("it defines {}", names()))
+                .with_help("pass --schedule NAME")),
+        },
+    }
+}
+
+/// Evaluates `schedule` at the parameter values in `args`.
+pub fn elaborate(
+    module: &Module,
+    schedule: &Schedule,
+    args: &ParamArgs,
+    limits: Limits,
+) -> Result<ComputeSchedule, Vec<Diagnostic>> {
+    let bound = params::bind(schedule, args)?;
+    eval::run(module, schedule, bound, limits)
+}

@@ -1,0 +1,119 @@
+//! Compute schedule -> instruction streams with the point-to-point sends and
+//! receives that move activations and gradients between ranks.
+//!
+//! A send follows the op that produces a buffer another rank consumes. The
+//! consumer posts receives before the op that needs the buffer, in the
+//! order the producer sends on that link: messages on a link match in
+//! posting order, so when an op needs a buffer that was sent after others
+//! on the same link, those others are received first and held.
+
+use crate::elab::ComputeSchedule;
+use std::collections::{HashMap, HashSet, VecDeque};
+use stp_ir::{Buffer, BufferKind, Compute, Instr, Program, Rank, RankProgram, ScheduleMeta, FORMAT_VERSION};
+
+pub(super) fn run(s: &ComputeSchedule) -> Program {
+    let route = Route { s };
+    let mut link_order = send_order(s, &route);
+    let ranks = (0..s.num_ranks)
+        .map(|r| {
+            let rank = Rank(r);
+            let mut instrs = Vec::with_capacity(s.ranks[r as usize].len() * 2);
+            let mut received: HashSet<Buffer> = HashSet::new();
+            for op in &s.ranks[r as usize] {
+                for buffer in remote_inputs(&op.compute, s.num_stages, rank, &route) {
+                    receive_through(buffer, rank, &route, &mut link_order, &mut received, &mut instrs);
+                }
+                instrs.push(Instr::Compute(op.compute.clone()));
+                for buffer in op.compute.passes.iter().flat_map(|p| p.writes()) {
+                    if let Some(to) = route.consumer(buffer).filter(|to| *to != rank) {
+                        instrs.push(Instr::Send { buffer, to });
+                    }
+                }
+            }
+            RankProgram { rank, instrs }
+        })
+        .collect();
+    Program {
+        version: FORMAT_VERSION,
+        schedule: ScheduleMeta {
+            name: s.name.clone(),
+            params: s.params.clone(),
+            num_ranks: s.num_ranks,
+            num_stages: s.num_stages,
+            num_microbatches: s.num_microbatches,
+            placement: s.placement.clone(),
+        },
+        ranks,
+    }
+}
+
+/// Where buffers are produced and consumed.
+struct Route<'a> {
+    s: &'a ComputeSchedule,
+}
+
+impl Route<'_> {
+    fn owner(&self, stage: u32) -> Rank {
+        self.s.placement[stage as usize]
+    }
+
+    /// The rank that produces `buffer`: the owner of its stage.
+    fn producer(&self, buffer: Buffer) -> Rank {
+        self.owner(buffer.stage.0)
+    }
+
+    /// The rank that consumes `buffer` as a pass input, if any does.
+    fn consumer(&self, buffer: Buffer) -> Option<Rank> {
+        let stage = match buffer.kind {
+            BufferKind::Act => buffer.stage.0 + 1,
+            BufferKind::Grad => buffer.stage.0.checked_sub(1)?,
+            BufferKind::Stash => return None,
+        };
+        (stage < self.s.num_stages).then(|| self.owner(stage))
+    }
+}
+
+/// Per directed link (from, to), the buffers in the order the sender sends them.
+fn send_order(s: &ComputeSchedule, route: &Route) -> HashMap<(Rank, Rank), VecDeque<Buffer>> {
+    let mut order: HashMap<(Rank, Rank), VecDeque<Buffer>> = HashMap::new();
+    for (r, ops) in s.ranks.iter().enumerate() {
+        let from = Rank(r as u32);
+        for buffer in ops.iter().flat_map(|op| op.compute.passes.iter().flat_map(|p| p.writes())) {
+            if let Some(to) = route.consumer(buffer).filter(|to| *to != from) {
+                order.entry((from, to)).or_default().push_back(buffer);
+            }
+        }
+    }
+    order
+}
+
+/// The inputs of `compute` that another rank produces, without repeats.
+fn remote_inputs(compute: &Compute, num_stages: u32, rank: Rank, route: &Route) -> Vec<Buffer> {
+    let mut inputs: Vec<Buffer> = Vec::new();
+    for buffer in compute.passes.iter().flat_map(|p| p.reads(num_stages)) {
+        let remote = buffer.kind != BufferKind::Stash && route.producer(buffer) != rank;
+        if remote && !inputs.contains(&buffer) {
+            inputs.push(buffer);
+        }
+    }
+    inputs
+}
+
+/// Posts receives on the link that carries `buffer`, in send order, until
+/// `buffer` itself has been received.
+fn receive_through(
+    buffer: Buffer,
+    rank: Rank,
+    route: &Route,
+    link_order: &mut HashMap<(Rank, Rank), VecDeque<Buffer>>,
+    received: &mut HashSet<Buffer>,
+    instrs: &mut Vec<Instr>,
+) {
+    let from = route.producer(buffer);
+    let Some(queue) = link_order.get_mut(&(from, rank)) else { return };
+    while !received.contains(&buffer) {
+        let Some(next) = queue.pop_front() else { return };
+        instrs.push(Instr::Recv { buffer: next, from });
+        received.insert(next);
+    }
+}

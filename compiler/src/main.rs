@@ -1,0 +1,249 @@
+//! The `stpc` command line: the only code in stpc that prints.
+#![allow(clippy::print_stdout)]
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use stpc::diag::{self, Code, Diagnostic};
+use stpc::elab::{Limits, ParamArgs};
+use stpc::emit::{self, Emit};
+use stpc::lower::LowerOptions;
+use stpc::pipeline::{self, Request};
+use stpc::syntax::span::SourceFile;
+
+/// stpc: compile pipeline-parallel training schedules written in the .sched
+/// language into checked, per-rank instruction streams.
+#[derive(Parser)]
+#[command(name = "stpc", version, about, long_about = None)]
+#[command(
+    after_help = "Examples:\n  stpc list\n  stpc compile 1f1b -p 4 -m 8 -o out/\n  stpc compile my.sched -p 8 -m 32 --emit text\n  stpc check interleaved-1f1b -p 4 -m 8 -v 2\n  stpc explain E0011"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List the standard schedules with a one-line description each.
+    List,
+    /// Parse, type-check, elaborate and check a schedule; write nothing.
+    Check(Target),
+    /// Compile a schedule to per-rank instruction streams (the stp IR).
+    Compile {
+        #[command(flatten)]
+        target: Target,
+        /// Output format; repeat for several (`--emit json --emit text`).
+        #[arg(long, value_enum, default_value = "json")]
+        emit: Vec<EmitArg>,
+        /// Write program.json / program.txt into this directory (created if
+        /// missing) instead of printing to standard output.
+        #[arg(short = 'o', long = "out-dir", value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+        /// Verify the IR after every lowering pass, not only after the last.
+        #[arg(long)]
+        verify_each: bool,
+    },
+    /// Explain an error code, e.g. `stpc explain E0011`.
+    Explain {
+        /// The code (E0001...); omit it to list every code.
+        code: Option<String>,
+    },
+}
+
+/// Which schedule, with which parameters.
+#[derive(Args)]
+struct Target {
+    /// A standard schedule name (see `stpc list`) or a path to a .sched file.
+    schedule: String,
+    /// Pipeline ranks: the value of the schedule's `ranks` parameter.
+    #[arg(short = 'p', long = "ranks", value_name = "N")]
+    ranks: Option<i64>,
+    /// Microbatches per step: the value of the `microbatches` parameter.
+    #[arg(short = 'm', long = "microbatches", value_name = "N")]
+    microbatches: Option<i64>,
+    /// Chunks (virtual stages) per rank: the value of the `chunks` parameter.
+    #[arg(short = 'v', long = "chunks", value_name = "N")]
+    chunks: Option<i64>,
+    /// Any parameter by name; repeatable.
+    #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+    params: Vec<(String, i64)>,
+    /// Which schedule of the file, when it defines several.
+    #[arg(long = "schedule", value_name = "NAME")]
+    schedule_name: Option<String>,
+    /// Refuse schedules with more compute ops than this.
+    #[arg(long, value_name = "N", default_value_t = Limits::default().max_ops)]
+    max_ops: usize,
+    /// When to colour diagnostics.
+    #[arg(long, value_enum, default_value = "auto")]
+    color: ColorArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum EmitArg {
+    /// The IR as JSON (program.json).
+    Json,
+    /// The IR text form (program.txt).
+    Text,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ColorArg {
+    Auto,
+    Always,
+    Never,
+}
+
+fn parse_param(s: &str) -> Result<(String, i64), String> {
+    let (name, value) = s.split_once('=').ok_or_else(|| format!("expected NAME=VALUE, found `{s}`"))?;
+    let value = value.trim().parse().map_err(|_| format!("`{value}` is not an integer"))?;
+    Ok((name.trim().to_string(), value))
+}
+
+/// A failure that has already been explained to the user.
+struct Reported;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::List => list(),
+        Command::Check(target) => check(&target),
+        Command::Compile { target, emit, out_dir, verify_each } => {
+            compile(&target, &emit, out_dir.as_deref(), verify_each)
+        }
+        Command::Explain { code } => explain(code.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Reported) => ExitCode::from(1),
+    }
+}
+
+fn list() -> Result<(), Reported> {
+    for s in stp_stdlib::ALL {
+        let file = SourceFile::new(s.path(), s.source);
+        let summary = pipeline::analyze(&file)
+            .ok()
+            .and_then(|m| m.schedules().next().and_then(|s| s.doc.first().cloned()))
+            .unwrap_or_default();
+        println!("{:<18} {summary}", s.name);
+    }
+    Ok(())
+}
+
+fn check(target: &Target) -> Result<(), Reported> {
+    let file = load(target)?;
+    let checked = pipeline::check(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
+    let s = checked.schedule();
+    let params: Vec<String> = s.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
+    println!(
+        "ok: {} ({}): {} ranks, {} stages, {} microbatches, {} ops",
+        s.name,
+        params.join(" "),
+        s.num_ranks,
+        s.num_stages,
+        s.num_microbatches,
+        s.num_ops()
+    );
+    Ok(())
+}
+
+fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_each: bool) -> Result<(), Reported> {
+    let file = load(target)?;
+    let program =
+        pipeline::compile(&file, &request(target, verify_each)).map_err(|d| report(&d, &file, target.color))?;
+    let mut formats: Vec<Emit> = emits
+        .iter()
+        .map(|e| match e {
+            EmitArg::Json => Emit::Json,
+            EmitArg::Text => Emit::Text,
+        })
+        .collect();
+    formats.dedup();
+    // Render everything first, so a failure leaves no output behind.
+    let rendered: Vec<(Emit, String)> = formats.iter().map(|f| (*f, f.render(&program))).collect();
+    match out_dir {
+        None => {
+            for (_, text) in rendered {
+                print!("{text}");
+            }
+        }
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| io_error(&format!("cannot create directory {}", dir.display()), &e))?;
+            for (format, text) in rendered {
+                let path = dir.join(format.file_name());
+                emit::write_atomic(&path, text.as_bytes())
+                    .map_err(|e| io_error(&format!("cannot write {}", path.display()), &e))?;
+                eprintln!("wrote {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn explain(code: Option<&str>) -> Result<(), Reported> {
+    let Some(code) = code else {
+        for c in Code::ALL {
+            println!("{c}  {}", c.describe().title);
+        }
+        return Ok(());
+    };
+    let Some(c) = Code::parse(code) else {
+        eprintln!("error: `{code}` is not an stpc error code; `stpc explain` lists them");
+        return Err(Reported);
+    };
+    let info = c.describe();
+    println!("{c}: {}\n\n{}", info.title, info.explanation);
+    Ok(())
+}
+
+fn request(target: &Target, verify_each: bool) -> Request {
+    Request {
+        schedule: target.schedule_name.clone(),
+        params: ParamArgs {
+            ranks: target.ranks,
+            microbatches: target.microbatches,
+            chunks: target.chunks,
+            named: target.params.clone(),
+        },
+        limits: Limits { max_ops: target.max_ops, ..Limits::default() },
+        lower: LowerOptions { verify_each },
+    }
+}
+
+/// Reads the schedule: a path if one exists (or it ends in .sched), else a
+/// standard schedule name.
+fn load(target: &Target) -> Result<SourceFile, Reported> {
+    let name = target.schedule.as_str();
+    let path = Path::new(name);
+    if path.exists() || name.ends_with(".sched") {
+        return match std::fs::read_to_string(path) {
+            Ok(text) => Ok(SourceFile::new(name, text)),
+            Err(e) => Err(io_error(&format!("cannot read {name}"), &e)),
+        };
+    }
+    if let Some(s) = stp_stdlib::get(name) {
+        return Ok(SourceFile::new(s.path(), s.source));
+    }
+    let names: Vec<&str> = stp_stdlib::ALL.iter().map(|s| s.name).collect();
+    eprintln!("error: `{name}` is neither a file nor a standard schedule");
+    eprintln!("  standard schedules: {}", names.join(", "));
+    Err(Reported)
+}
+
+fn report(diagnostics: &[Diagnostic], file: &SourceFile, color: ColorArg) -> Reported {
+    let color = match color {
+        ColorArg::Always => true,
+        ColorArg::Never => false,
+        ColorArg::Auto => std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+    };
+    eprint!("{}", diag::render::render(diagnostics, file, color));
+    Reported
+}
+
+fn io_error(what: &str, e: &std::io::Error) -> Reported {
+    eprintln!("error: {what}: {e}");
+    Reported
+}

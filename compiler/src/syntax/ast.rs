@@ -1,0 +1,310 @@
+//! The abstract syntax tree of a `.sched` file. Every node carries its span.
+
+use super::span::Span;
+
+/// A name as written, with where it was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ident {
+    /// The name.
+    pub name: String,
+    /// Where it was written.
+    pub span: Span,
+}
+
+/// A whole `.sched` file.
+#[derive(Debug, Clone, Default)]
+pub struct File {
+    /// Schedules and functions, in source order.
+    pub items: Vec<Item>,
+}
+
+/// A top-level item.
+#[derive(Debug, Clone)]
+pub enum Item {
+    /// `schedule NAME(params) { ... }`
+    Schedule(Schedule),
+    /// `fn NAME(params) -> TYPE { expr }`
+    Function(Function),
+}
+
+/// The type of a value: the language has integers and booleans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Type {
+    /// A 64-bit signed integer.
+    Int,
+    /// `true` or `false`.
+    Bool,
+}
+
+impl std::fmt::Display for Type {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Type::Int => "int",
+            Type::Bool => "bool",
+        })
+    }
+}
+
+/// A small pure function: `fn name(a: int, b: int) -> int { expr }`.
+#[derive(Debug, Clone)]
+pub struct Function {
+    /// Doc comment lines, without the `///`.
+    pub doc: Vec<String>,
+    /// Its name.
+    pub name: Ident,
+    /// Parameters and their types.
+    pub params: Vec<(Ident, Type)>,
+    /// The declared result type.
+    pub ret: Type,
+    /// The body: one expression.
+    pub body: Expr,
+    /// The whole definition.
+    pub span: Span,
+}
+
+/// What a schedule parameter means, which decides the command-line flag
+/// that sets it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// Pipeline ranks (`-p`).
+    Ranks,
+    /// Microbatches per step (`-m`).
+    Microbatches,
+    /// Chunks (virtual stages) per rank (`-v`).
+    Chunks,
+    /// Any other integer (`--param name=value`).
+    Int,
+}
+
+impl ParamKind {
+    /// The spelling in a parameter list.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParamKind::Ranks => "ranks",
+            ParamKind::Microbatches => "microbatches",
+            ParamKind::Chunks => "chunks",
+            ParamKind::Int => "int",
+        }
+    }
+}
+
+/// One schedule parameter: `p: ranks`.
+#[derive(Debug, Clone)]
+pub struct ParamDecl {
+    /// Its name.
+    pub name: Ident,
+    /// What it means.
+    pub kind: ParamKind,
+    /// The whole declaration.
+    pub span: Span,
+}
+
+/// `schedule NAME(params) { decls }`.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// Doc comment lines, without the `///`. The first is the summary.
+    pub doc: Vec<String>,
+    /// Its name.
+    pub name: Ident,
+    /// Its parameters.
+    pub params: Vec<ParamDecl>,
+    /// Declarations in source order.
+    pub decls: Vec<Decl>,
+    /// The whole schedule.
+    pub span: Span,
+}
+
+/// A declaration inside a schedule.
+#[derive(Debug, Clone)]
+pub enum Decl {
+    /// `stages EXPR;`: the number of pipeline stages.
+    Stages {
+        /// How many stages.
+        count: Expr,
+        /// The whole declaration.
+        span: Span,
+    },
+    /// `place s -> EXPR;`: the rank that owns stage `s`.
+    Place {
+        /// The stage variable.
+        var: Ident,
+        /// The owning rank, in terms of `var` and the parameters.
+        rank: Expr,
+        /// The whole declaration.
+        span: Span,
+    },
+    /// `require COND [: "message"];`: where the schedule is valid.
+    Require {
+        /// Must hold for the parameters.
+        cond: Expr,
+        /// Shown when it does not.
+        message: Option<String>,
+        /// The whole declaration.
+        span: Span,
+    },
+    /// `rank r { ... }`: the program of every rank, in terms of `r`.
+    Rank {
+        /// The rank variable.
+        var: Ident,
+        /// The body.
+        body: Block,
+        /// The whole declaration.
+        span: Span,
+    },
+}
+
+/// A sequence of statements.
+pub type Block = Vec<Stmt>;
+
+/// A statement in a rank body.
+#[derive(Debug, Clone)]
+pub struct Stmt {
+    /// What it is.
+    pub kind: StmtKind,
+    /// Where it is.
+    pub span: Span,
+}
+
+/// The kinds of statement.
+#[derive(Debug, Clone)]
+pub enum StmtKind {
+    /// `let name = value;`
+    Let(Ident, Expr),
+    /// `for var in start..end { body }` (or `..=` for an inclusive end).
+    For {
+        /// The loop variable.
+        var: Ident,
+        /// First value.
+        start: Expr,
+        /// Bound.
+        end: Expr,
+        /// Whether `end` itself is included (`..=`).
+        inclusive: bool,
+        /// The body.
+        body: Block,
+    },
+    /// `if cond { then } else { otherwise }`
+    If {
+        /// The condition.
+        cond: Expr,
+        /// Run when it holds.
+        then: Block,
+        /// Run when it does not.
+        otherwise: Block,
+    },
+    /// One op, or several joined by `&` into one braided op.
+    Op(Vec<OpCall>),
+    /// A statement that failed to parse (an error was already reported).
+    Error,
+}
+
+/// A call of an op like `F(i, s)` or `B(mb: i)`.
+#[derive(Debug, Clone)]
+pub struct OpCall {
+    /// The op's name as written (`F`, `B`, `W`, `BW`, or a mistake).
+    pub name: Ident,
+    /// Its arguments.
+    pub args: Vec<Arg>,
+    /// The whole call.
+    pub span: Span,
+}
+
+/// An argument of an op: positional, or named (`stage: s`).
+#[derive(Debug, Clone)]
+pub struct Arg {
+    /// The name, when given.
+    pub name: Option<Ident>,
+    /// The value.
+    pub value: Expr,
+}
+
+/// An expression.
+#[derive(Debug, Clone)]
+pub struct Expr {
+    /// What it is.
+    pub kind: ExprKind,
+    /// Where it is.
+    pub span: Span,
+}
+
+/// Unary operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnOp {
+    /// `-x`
+    Neg,
+    /// `!x`
+    Not,
+}
+
+/// Binary operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinOp {
+    /// `+`
+    Add,
+    /// `-`
+    Sub,
+    /// `*`
+    Mul,
+    /// `/` (rounds toward zero)
+    Div,
+    /// `%` (sign of the dividend)
+    Rem,
+    /// `==`
+    Eq,
+    /// `!=`
+    Ne,
+    /// `<`
+    Lt,
+    /// `<=`
+    Le,
+    /// `>`
+    Gt,
+    /// `>=`
+    Ge,
+    /// `&&`
+    And,
+    /// `||`
+    Or,
+}
+
+impl BinOp {
+    /// The operator as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BinOp::Add => "+",
+            BinOp::Sub => "-",
+            BinOp::Mul => "*",
+            BinOp::Div => "/",
+            BinOp::Rem => "%",
+            BinOp::Eq => "==",
+            BinOp::Ne => "!=",
+            BinOp::Lt => "<",
+            BinOp::Le => "<=",
+            BinOp::Gt => ">",
+            BinOp::Ge => ">=",
+            BinOp::And => "&&",
+            BinOp::Or => "||",
+        }
+    }
+}
+
+/// The kinds of expression.
+#[derive(Debug, Clone)]
+pub enum ExprKind {
+    /// An integer literal.
+    Int(i64),
+    /// `true` or `false`.
+    Bool(bool),
+    /// A name.
+    Var(String),
+    /// `-x`, `!x`
+    Unary(UnOp, Box<Expr>),
+    /// `a + b`, ...
+    Binary(BinOp, Box<Expr>, Box<Expr>),
+    /// `name(args)`: a function or builtin (`min`, `max`).
+    Call(Ident, Vec<Expr>),
+    /// `if c { a } else { b }`
+    If(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// An expression that failed to parse (an error was already reported).
+    Error,
+}

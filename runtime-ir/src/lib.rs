@@ -1,0 +1,100 @@
+//! # stp-ir: the runtime IR of stp
+//!
+//! A [`Program`] is what the `stpc` compiler produces and what executors run:
+//! one [`RankProgram`] per pipeline rank, each an ordered list of [`Instr`].
+//! Everything a runtime needs to know is here; executors never depend on the
+//! compiler.
+//!
+//! ## Execution model
+//!
+//! - **Issue order.** One host thread per rank issues its instructions in
+//!   order. A [`Instr::Compute`] runs on the rank's *compute stream*;
+//!   [`Instr::Send`] and [`Instr::Recv`] run on its *communication stream*.
+//!   Instructions on one stream execute in issue order.
+//! - **Buffers order the streams.** Buffers are named by what they hold
+//!   ([`Buffer`]: kind, stage, microbatch). An instruction that reads a buffer
+//!   waits until the instruction that made it live has finished, whichever
+//!   stream that was on: a compute waits for the receive of its input, and a
+//!   send waits for the compute that produced what it sends. Which buffers a
+//!   pass reads and writes is fixed by [`Pass::reads`] and [`Pass::writes`].
+//! - **Buffer lifetime.** A buffer becomes live when the compute that writes
+//!   it or the receive that fills it completes, and stays live until its
+//!   [`Instr::Free`], which takes effect once every earlier instruction of
+//!   the rank that uses the buffer (including an in-flight send) is done. On
+//!   one rank a buffer is made live at most once and freed exactly once.
+//! - **Send/receive matching.** A send of buffer `b` from rank `a` to rank
+//!   `c` matches the receive of `b` on `c` from `a`. On each directed link
+//!   (`a` to `c`) messages match in posting order, as NCCL point-to-point
+//!   operations do: the k-th send on the link pairs with the k-th receive, and
+//!   [`verify()`] requires that they name the same buffer. Whether a send
+//!   blocks until the receive is posted (rendezvous, as NCCL) or completes at
+//!   once (buffered) is the runtime's choice; a correct program must be
+//!   deadlock-free under rendezvous.
+//! - **Braided passes.** A compute with two passes (STP's `F & B`) runs both;
+//!   a runtime may interleave their units so that one pass's tensor-parallel
+//!   collectives overlap the other's compute.
+//!
+//! ## Formats
+//!
+//! JSON via serde ([`to_json`], [`load_json`]) and a line-oriented text form
+//! ([`print_text`], [`parse_text`]) that round-trips exactly. Both carry
+//! [`FORMAT_VERSION`], and both readers refuse any other version.
+#![deny(missing_docs)]
+
+mod ids;
+mod program;
+mod text;
+mod verify;
+
+pub use ids::{Buffer, BufferKind, IdParseError, Microbatch, Rank, Stage};
+pub use program::{Compute, Instr, Param, Pass, PassKind, Program, RankProgram, ScheduleMeta, FORMAT_VERSION};
+pub use text::{parse_text, print_text, TextError};
+pub use verify::{verify, VerifyError};
+
+/// Why a JSON program could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The text is not JSON, or not a program of this format.
+    Json(serde_json::Error),
+    /// The program declares a format version this crate does not read.
+    Version {
+        /// The version the file declares (`None` when it declares none).
+        found: Option<u64>,
+    },
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoadError::Json(e) => write!(f, "not a valid stp-ir program: {e}"),
+            LoadError::Version { found: Some(v) } => {
+                write!(f, "this is IR format version {v}, but this reader understands only version {FORMAT_VERSION}")
+            }
+            LoadError::Version { found: None } => {
+                write!(f, "not an stp-ir program: it has no `version` field")
+            }
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Serialize `program` as pretty-printed JSON.
+pub fn to_json(program: &Program) -> String {
+    // Serializing plain data with string keys cannot fail.
+    serde_json::to_string_pretty(program).unwrap_or_default()
+}
+
+/// Load a JSON program, refusing any format version but [`FORMAT_VERSION`].
+/// Structural invariants are not checked here: call [`verify()`] for that.
+pub fn load_json(text: &str) -> Result<Program, LoadError> {
+    #[derive(serde::Deserialize)]
+    struct VersionOnly {
+        version: Option<u64>,
+    }
+    let header: VersionOnly = serde_json::from_str(text).map_err(LoadError::Json)?;
+    if header.version != Some(u64::from(FORMAT_VERSION)) {
+        return Err(LoadError::Version { found: header.version });
+    }
+    serde_json::from_str(text).map_err(LoadError::Json)
+}

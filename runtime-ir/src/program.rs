@@ -1,0 +1,255 @@
+//! The instruction stream: programs, rank programs, instructions and the
+//! dataflow rules that say which buffers each compute pass reads and writes.
+
+use crate::ids::{Buffer, Microbatch, Rank, Stage};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// The version of the IR format this crate reads and writes. Readers refuse
+/// any other version (see [`crate::load_json`] and [`crate::parse_text`]).
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A whole pipeline program: one instruction stream per rank.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Program {
+    /// Format version; always [`FORMAT_VERSION`] for programs this crate built.
+    pub version: u32,
+    /// Where the program came from and the shape of the pipeline.
+    pub schedule: ScheduleMeta,
+    /// One program per rank; `ranks[i].rank == Rank(i)`.
+    pub ranks: Vec<RankProgram>,
+}
+
+/// The pipeline's shape and the schedule that produced the program.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleMeta {
+    /// The schedule's name (e.g. `1f1b`).
+    pub name: String,
+    /// The parameter values the schedule was compiled with, in declaration order.
+    pub params: Vec<Param>,
+    /// Number of pipeline ranks; equals `Program::ranks.len()`.
+    pub num_ranks: u32,
+    /// Number of pipeline stages (model chunks); at least 1.
+    pub num_stages: u32,
+    /// Number of microbatches per training step; at least 1.
+    pub num_microbatches: u32,
+    /// `placement[s]` is the rank that owns stage `s`; its length is `num_stages`.
+    pub placement: Vec<Rank>,
+}
+
+impl ScheduleMeta {
+    /// The rank that owns `stage`, or `None` when the stage is out of range.
+    pub fn owner(&self, stage: Stage) -> Option<Rank> {
+        self.placement.get(stage.index()).copied()
+    }
+}
+
+/// One named parameter value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Param {
+    /// The parameter's name in the schedule (`p`, `m`, `v`, ...).
+    pub name: String,
+    /// Its value.
+    pub value: i64,
+}
+
+/// The instructions one rank's host thread issues, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankProgram {
+    /// The rank that runs this program.
+    pub rank: Rank,
+    /// Instructions in issue order.
+    pub instrs: Vec<Instr>,
+}
+
+/// One instruction. See the crate docs for streams and ordering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Instr {
+    /// Run compute passes on the compute stream.
+    Compute(Compute),
+    /// Send a live buffer to `to` on the communication stream.
+    Send {
+        /// The buffer sent; it stays live on the sender until freed.
+        buffer: Buffer,
+        /// The receiving rank; never the sender itself.
+        to: Rank,
+    },
+    /// Receive a buffer from `from` on the communication stream; the buffer
+    /// becomes live when the data has arrived.
+    Recv {
+        /// The buffer received; it must not be live on this rank already.
+        buffer: Buffer,
+        /// The sending rank; never the receiver itself.
+        from: Rank,
+    },
+    /// Release a buffer once every earlier instruction that uses it is done.
+    Free {
+        /// The buffer released; it must be live.
+        buffer: Buffer,
+    },
+}
+
+/// One compute instruction: a single pass, or two passes braided together
+/// (STP's `F & B`: their units interleave so one pass's collectives overlap
+/// the other's compute).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compute {
+    /// One pass, or two for a braided pair; never empty, never more than two.
+    pub passes: Vec<Pass>,
+}
+
+impl Compute {
+    /// A single, unbraided pass.
+    pub fn single(pass: Pass) -> Compute {
+        Compute { passes: vec![pass] }
+    }
+
+    /// Whether this is a braided pair.
+    pub fn is_braided(&self) -> bool {
+        self.passes.len() > 1
+    }
+}
+
+/// What a pass computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum PassKind {
+    /// Forward.
+    F,
+    /// Input-gradient backward (the weight gradient is left to `W`).
+    B,
+    /// Weight-gradient backward.
+    W,
+    /// Full backward: `B` and `W` in one pass.
+    BW,
+}
+
+impl PassKind {
+    /// Every kind, in text-form order.
+    pub const ALL: [PassKind; 4] = [PassKind::F, PassKind::B, PassKind::W, PassKind::BW];
+
+    /// The spelling in the text form and in `.sched` files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PassKind::F => "F",
+            PassKind::B => "B",
+            PassKind::W => "W",
+            PassKind::BW => "BW",
+        }
+    }
+
+    /// The kind spelled `s`, if any.
+    pub fn from_name(s: &str) -> Option<PassKind> {
+        PassKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for PassKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One compute pass of one stage over one microbatch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Pass {
+    /// What is computed.
+    pub kind: PassKind,
+    /// The stage; must be owned by the rank that runs the pass.
+    pub stage: Stage,
+    /// The microbatch.
+    pub mb: Microbatch,
+}
+
+impl Pass {
+    /// The buffers this pass reads. `num_stages` tells where the loss is.
+    ///
+    /// - `F(s, i)` reads `act(s-1, i)` (nothing for `s = 0`: the data loader feeds it).
+    /// - `B`, `W`, `BW` of `(s, i)` read `stash(s, i)` and the output gradient:
+    ///   `grad(s+1, i)`, or for the last stage its own output `act(s, i)`,
+    ///   from which the loss gradient is computed.
+    pub fn reads(&self, num_stages: u32) -> Vec<Buffer> {
+        match self.kind {
+            PassKind::F => match self.stage.0.checked_sub(1) {
+                Some(prev) => vec![Buffer::act(Stage(prev), self.mb)],
+                None => Vec::new(),
+            },
+            PassKind::B | PassKind::W | PassKind::BW => {
+                vec![Buffer::stash(self.stage, self.mb), self.output_grad(num_stages)]
+            }
+        }
+    }
+
+    /// The buffers this pass creates.
+    ///
+    /// - `F(s, i)` writes `act(s, i)` and `stash(s, i)`.
+    /// - `B` and `BW` of `(s, i)` write `grad(s, i)`, except on stage 0
+    ///   (nothing consumes the gradient of the input data).
+    /// - `W` writes nothing (weight gradients are accumulated, not buffers).
+    pub fn writes(&self) -> Vec<Buffer> {
+        match self.kind {
+            PassKind::F => vec![Buffer::act(self.stage, self.mb), Buffer::stash(self.stage, self.mb)],
+            PassKind::B | PassKind::BW if self.stage.0 > 0 => vec![Buffer::grad(self.stage, self.mb)],
+            PassKind::B | PassKind::BW | PassKind::W => Vec::new(),
+        }
+    }
+
+    /// The gradient flowing into this stage's output: `grad(s+1, i)`, or the
+    /// stage's own output `act(s, i)` when it is the last stage.
+    pub fn output_grad(&self, num_stages: u32) -> Buffer {
+        if self.stage.0 + 1 >= num_stages {
+            Buffer::act(self.stage, self.mb)
+        } else {
+            Buffer::grad(Stage(self.stage.0 + 1), self.mb)
+        }
+    }
+}
+
+impl fmt::Display for Pass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {} {}", self.kind, self.stage, self.mb)
+    }
+}
+
+impl fmt::Display for Compute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, pass) in self.passes.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" & ")?;
+            }
+            write!(f, "{pass}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for Instr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Instr::Compute(c) => write!(f, "{c}"),
+            Instr::Send { buffer, to } => write!(f, "send {buffer} -> {to}"),
+            Instr::Recv { buffer, from } => write!(f, "recv {buffer} <- {from}"),
+            Instr::Free { buffer } => write!(f, "free {buffer}"),
+        }
+    }
+}
+
+impl Instr {
+    /// The buffers this instruction reads (a send reads what it sends).
+    pub fn reads(&self, num_stages: u32) -> Vec<Buffer> {
+        match self {
+            Instr::Compute(c) => c.passes.iter().flat_map(|p| p.reads(num_stages)).collect(),
+            Instr::Send { buffer, .. } => vec![*buffer],
+            Instr::Recv { .. } | Instr::Free { .. } => Vec::new(),
+        }
+    }
+
+    /// The buffers this instruction makes live.
+    pub fn writes(&self) -> Vec<Buffer> {
+        match self {
+            Instr::Compute(c) => c.passes.iter().flat_map(Pass::writes).collect(),
+            Instr::Recv { buffer, .. } => vec![*buffer],
+            Instr::Send { .. } | Instr::Free { .. } => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! Structural invariants of a [`Program`], checked before anything runs it.
+//!
+//! [`verify`] establishes, and reports every violation of:
+//!
+//! 1. shape: `ranks[i].rank == Rank(i)`, `num_ranks == ranks.len()`, at
+//!    least one stage and microbatch, `placement.len() == num_stages`, every
+//!    placement and peer in range, no rank sends to or receives from itself;
+//! 2. ids in range: every stage and microbatch an instruction names exists;
+//! 3. ownership: every compute pass runs on the rank that owns its stage;
+//!    a compute instruction holds one or two passes;
+//! 4. transfers: only activations and gradients travel, from the rank that
+//!    owns the producing stage to the rank that owns the consuming stage;
+//! 5. matching: every send has exactly one matching receive on the peer and
+//!    vice versa, and on each directed link the sends and the receives come
+//!    in the same order (point-to-point messages match in posting order, as
+//!    in NCCL, so a different order would deliver the wrong tensor);
+//! 6. buffer lifetime: on each rank every buffer an instruction reads is
+//!    live, no buffer is made live twice, every buffer is freed exactly once
+//!    and none is live at the end.
+
+use crate::ids::{Buffer, BufferKind, Rank, Stage};
+use crate::program::{Instr, Program};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+/// One violated invariant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyError {
+    /// The rank whose program is at fault, if one is.
+    pub rank: Option<Rank>,
+    /// The index of the offending instruction in that rank's program.
+    pub instr: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.rank, self.instr) {
+            (Some(rank), Some(i)) => write!(f, "{rank} instruction {i}: {}", self.message),
+            (Some(rank), None) => write!(f, "{rank}: {}", self.message),
+            _ => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for VerifyError {}
+
+/// Check every structural invariant listed in the module docs. Returns all
+/// violations found, in rank and instruction order.
+pub fn verify(program: &Program) -> Result<(), Vec<VerifyError>> {
+    let mut v = Verifier { program, errors: Vec::new() };
+    v.check_shape();
+    if v.errors.is_empty() {
+        for rank in &program.ranks {
+            v.check_instructions(rank.rank, &rank.instrs);
+        }
+        v.check_matching();
+    }
+    if v.errors.is_empty() {
+        Ok(())
+    } else {
+        Err(v.errors)
+    }
+}
+
+struct Verifier<'a> {
+    program: &'a Program,
+    errors: Vec<VerifyError>,
+}
+
+impl Verifier<'_> {
+    fn error(&mut self, rank: Option<Rank>, instr: Option<usize>, message: String) {
+        self.errors.push(VerifyError { rank, instr, message });
+    }
+
+    fn check_shape(&mut self) {
+        let meta = &self.program.schedule;
+        if meta.num_ranks as usize != self.program.ranks.len() {
+            self.error(
+                None,
+                None,
+                format!("num_ranks is {} but there are {} rank programs", meta.num_ranks, self.program.ranks.len()),
+            );
+        }
+        if meta.num_stages == 0 || meta.num_microbatches == 0 {
+            self.error(None, None, "a program needs at least one stage and one microbatch".into());
+        }
+        if meta.placement.len() != meta.num_stages as usize {
+            self.error(
+                None,
+                None,
+                format!("placement names {} stages but num_stages is {}", meta.placement.len(), meta.num_stages),
+            );
+        }
+        for (s, rank) in meta.placement.iter().enumerate() {
+            if rank.0 >= meta.num_ranks {
+                self.error(None, None, format!("stage s{s} is placed on {rank}, which does not exist"));
+            }
+        }
+        for (i, rank) in self.program.ranks.iter().enumerate() {
+            if rank.rank.index() != i {
+                self.error(None, None, format!("rank program {i} is labelled {}", rank.rank));
+            }
+        }
+    }
+
+    fn check_instructions(&mut self, rank: Rank, instrs: &[Instr]) {
+        let num_stages = self.program.schedule.num_stages;
+        let mut live: HashSet<Buffer> = HashSet::new();
+        let mut dead: HashSet<Buffer> = HashSet::new();
+        for (i, instr) in instrs.iter().enumerate() {
+            let before = self.errors.len();
+            self.check_ids(rank, i, instr);
+            if self.errors.len() > before {
+                continue;
+            }
+            for buffer in instr.reads(num_stages) {
+                if !live.contains(&buffer) {
+                    let why = if dead.contains(&buffer) { "already freed" } else { "never made live" };
+                    self.error(Some(rank), Some(i), format!("`{instr}` reads {buffer}, which is {why}"));
+                }
+            }
+            for buffer in instr.writes() {
+                if live.contains(&buffer) || dead.contains(&buffer) {
+                    self.error(Some(rank), Some(i), format!("`{instr}` makes {buffer} live a second time"));
+                }
+                live.insert(buffer);
+            }
+            if let Instr::Free { buffer } = instr {
+                if live.remove(buffer) {
+                    dead.insert(*buffer);
+                } else {
+                    let why = if dead.contains(buffer) { "freed twice" } else { "freed before it is live" };
+                    self.error(Some(rank), Some(i), format!("{buffer} is {why}"));
+                }
+            }
+        }
+        let mut leaked: Vec<Buffer> = live.into_iter().collect();
+        leaked.sort();
+        for buffer in leaked {
+            self.error(Some(rank), None, format!("{buffer} is never freed"));
+        }
+    }
+
+    fn check_ids(&mut self, rank: Rank, i: usize, instr: &Instr) {
+        let meta = &self.program.schedule;
+        let stage_ok = |s: Stage| s.0 < meta.num_stages;
+        match instr {
+            Instr::Compute(c) => {
+                if c.passes.is_empty() || c.passes.len() > 2 {
+                    self.error(
+                        Some(rank),
+                        Some(i),
+                        format!("a compute holds one or two passes, not {}", c.passes.len()),
+                    );
+                }
+                for pass in &c.passes {
+                    if !stage_ok(pass.stage) || pass.mb.0 >= meta.num_microbatches {
+                        self.error(Some(rank), Some(i), format!("`{pass}` names a stage or microbatch out of range"));
+                    } else if meta.owner(pass.stage) != Some(rank) {
+                        let owner = meta.placement[pass.stage.index()];
+                        self.error(
+                            Some(rank),
+                            Some(i),
+                            format!("`{pass}` runs on {rank}, but {} is owned by {owner}", pass.stage),
+                        );
+                    }
+                }
+            }
+            Instr::Send { buffer, to: peer } | Instr::Recv { buffer, from: peer } => {
+                if !stage_ok(buffer.stage) || buffer.mb.0 >= meta.num_microbatches {
+                    self.error(Some(rank), Some(i), format!("`{instr}` names a stage or microbatch out of range"));
+                    return;
+                }
+                if peer.0 >= meta.num_ranks || *peer == rank {
+                    self.error(Some(rank), Some(i), format!("`{instr}` names peer {peer}, which is not another rank"));
+                    return;
+                }
+                let (sender, receiver) =
+                    if matches!(instr, Instr::Send { .. }) { (rank, *peer) } else { (*peer, rank) };
+                match self.transfer_route(*buffer) {
+                    Some(route) if route == (sender, receiver) => {}
+                    Some((from, to)) => self.error(
+                        Some(rank),
+                        Some(i),
+                        format!("`{instr}`: {buffer} travels from {from} to {to}, not from {sender} to {receiver}"),
+                    ),
+                    None => self.error(Some(rank), Some(i), format!("`{instr}`: {buffer} is never transferred")),
+                }
+            }
+            Instr::Free { buffer } => {
+                if !stage_ok(buffer.stage) || buffer.mb.0 >= meta.num_microbatches {
+                    self.error(Some(rank), Some(i), format!("`{instr}` names a stage or microbatch out of range"));
+                }
+            }
+        }
+    }
+
+    /// The (producer, consumer) ranks a buffer travels between, if it
+    /// travels at all.
+    fn transfer_route(&self, buffer: Buffer) -> Option<(Rank, Rank)> {
+        let meta = &self.program.schedule;
+        let consumer_stage = match buffer.kind {
+            BufferKind::Act => buffer.stage.0.checked_add(1).filter(|s| *s < meta.num_stages)?,
+            BufferKind::Grad => buffer.stage.0.checked_sub(1)?,
+            BufferKind::Stash => return None,
+        };
+        let from = meta.owner(buffer.stage)?;
+        let to = meta.owner(Stage(consumer_stage))?;
+        (from != to).then_some((from, to))
+    }
+
+    fn check_matching(&mut self) {
+        // Per directed link, the buffers in posting order, with where each was posted.
+        type Posts = Vec<(Buffer, usize)>;
+        let mut sends: HashMap<(Rank, Rank), Posts> = HashMap::new();
+        let mut recvs: HashMap<(Rank, Rank), Posts> = HashMap::new();
+        for rank in &self.program.ranks {
+            for (i, instr) in rank.instrs.iter().enumerate() {
+                match instr {
+                    Instr::Send { buffer, to } => sends.entry((rank.rank, *to)).or_default().push((*buffer, i)),
+                    Instr::Recv { buffer, from } => recvs.entry((*from, rank.rank)).or_default().push((*buffer, i)),
+                    _ => {}
+                }
+            }
+        }
+        let mut links: Vec<(Rank, Rank)> = sends.keys().chain(recvs.keys()).copied().collect();
+        links.sort();
+        links.dedup();
+        let empty = Vec::new();
+        for (from, to) in links {
+            let s = sends.get(&(from, to)).unwrap_or(&empty);
+            let r = recvs.get(&(from, to)).unwrap_or(&empty);
+            let unmatched_before = self.errors.len();
+            self.report_unmatched(s, r, from, to, "send", "receive on");
+            self.report_unmatched(r, s, to, from, "recv", "send from");
+            if self.errors.len() > unmatched_before {
+                continue;
+            }
+            if let Some(k) = s.iter().zip(r).position(|(a, b)| a.0 != b.0) {
+                self.error(
+                    Some(to),
+                    Some(r[k].1),
+                    format!(
+                        "on link {from}->{to} message {} is {} but the receiver expects {}: sends and receives must be posted in the same order",
+                        k + 1,
+                        s[k].0,
+                        r[k].0
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Reports each post in `mine` (on rank `me`) with no counterpart in `theirs`.
+    fn report_unmatched(
+        &mut self,
+        mine: &[(Buffer, usize)],
+        theirs: &[(Buffer, usize)],
+        me: Rank,
+        peer: Rank,
+        what: &str,
+        missing: &str,
+    ) {
+        let mut counts: HashMap<Buffer, i64> = HashMap::new();
+        for (b, _) in theirs {
+            *counts.entry(*b).or_default() += 1;
+        }
+        for (b, i) in mine {
+            let c = counts.entry(*b).or_default();
+            *c -= 1;
+            if *c < 0 {
+                self.error(Some(me), Some(*i), format!("{what} of {b} has no matching {missing} {peer}"));
+            }
+        }
+    }
+}

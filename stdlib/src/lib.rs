@@ -1,0 +1,34 @@
+//! The standard schedules of stp, written in the `.sched` language and
+//! compiled into this crate as source text.
+//!
+//! Each file opens with a doc comment: its first line is the summary
+//! `stpc list` shows; the rest names the source paper, the valid range and
+//! the expected bubble and memory.
+
+/// One standard schedule.
+#[derive(Debug, Clone, Copy)]
+pub struct StdSchedule {
+    /// The name users type: `stpc compile 1f1b ...`.
+    pub name: &'static str,
+    /// The `.sched` source.
+    pub source: &'static str,
+}
+
+impl StdSchedule {
+    /// The path shown in diagnostics.
+    pub fn path(&self) -> String {
+        format!("stdlib/{}.sched", self.name)
+    }
+}
+
+/// Every standard schedule, in the order `stpc list` shows them.
+pub const ALL: &[StdSchedule] = &[
+    StdSchedule { name: "gpipe", source: include_str!("../gpipe.sched") },
+    StdSchedule { name: "1f1b", source: include_str!("../1f1b.sched") },
+    StdSchedule { name: "interleaved-1f1b", source: include_str!("../interleaved-1f1b.sched") },
+];
+
+/// The standard schedule called `name`.
+pub fn get(name: &str) -> Option<&'static StdSchedule> {
+    ALL.iter().find(|s| s.name == name)
+}
