@@ -1,1 +1,170 @@
+//! The standard library: every schedule compiles at many parameters, runs
+//! every pass exactly once on the right rank, lowers to IR that verifies,
+//! and its IR text at two parameter sets is pinned by snapshots.
 
+use std::collections::HashMap;
+use stp_ir::{Instr, PassKind, Program};
+use stpc::diag::render::render;
+use stpc::elab::ParamArgs;
+use stpc::pipeline::{self, Request};
+use stpc::syntax::span::SourceFile;
+
+fn compile(name: &str, p: i64, m: i64, v: Option<i64>) -> Program {
+    let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no stdlib schedule {name}"));
+    let file = SourceFile::new(s.path(), s.source);
+    let request = Request {
+        params: ParamArgs { ranks: Some(p), microbatches: Some(m), chunks: v, named: Vec::new() },
+        ..Request::default()
+    };
+    pipeline::compile(&file, &request)
+        .unwrap_or_else(|d| panic!("{name} p={p} m={m} v={v:?}:\n{}", render(&d, &file, false)))
+}
+
+/// Parameter sets each schedule must accept.
+fn instances() -> Vec<(&'static str, i64, i64, Option<i64>)> {
+    let mut out = Vec::new();
+    for p in [1, 2, 3, 4, 8] {
+        for m in [1, 2, p, p + 1, 2 * p, 4 * p] {
+            out.push(("gpipe", p, m, None));
+            out.push(("1f1b", p, m, None));
+        }
+        for v in [2, 3] {
+            for m in [p, 2 * p, 4 * p] {
+                out.push(("interleaved-1f1b", p, m, Some(v)));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_pass_runs_exactly_once_on_its_owner() {
+    for (name, p, m, v) in instances() {
+        let program = compile(name, p, m, v);
+        let meta = &program.schedule;
+        let mut seen: HashMap<(PassKind, u32, u32), usize> = HashMap::new();
+        for rank in &program.ranks {
+            for instr in &rank.instrs {
+                if let Instr::Compute(c) = instr {
+                    for pass in &c.passes {
+                        assert_eq!(meta.owner(pass.stage), Some(rank.rank), "{name}: {pass} on {}", rank.rank);
+                        *seen.entry((pass.kind, pass.stage.0, pass.mb.0)).or_default() += 1;
+                    }
+                }
+            }
+        }
+        for stage in 0..meta.num_stages {
+            for mb in 0..meta.num_microbatches {
+                let count = |k| seen.get(&(k, stage, mb)).copied().unwrap_or(0);
+                assert_eq!(count(PassKind::F), 1, "{name} p={p} m={m}: F s{stage} mb{mb}");
+                assert_eq!(count(PassKind::BW), 1, "{name} p={p} m={m}: BW s{stage} mb{mb}");
+            }
+        }
+        assert_eq!(seen.len() as u32, 2 * meta.num_stages * meta.num_microbatches, "{name}: unexpected passes");
+        stp_ir::verify(&program).unwrap_or_else(|e| panic!("{name} p={p} m={m}: {e:?}"));
+    }
+}
+
+#[test]
+fn stage_counts_and_placements_match_the_papers() {
+    let il = compile("interleaved-1f1b", 4, 8, Some(2));
+    assert_eq!(il.schedule.num_stages, 8);
+    let looped: Vec<u32> = il.schedule.placement.iter().map(|r| r.0).collect();
+    assert_eq!(looped, [0, 1, 2, 3, 0, 1, 2, 3]);
+    let one = compile("1f1b", 4, 8, None);
+    assert_eq!(one.schedule.placement.iter().map(|r| r.0).collect::<Vec<_>>(), [0, 1, 2, 3]);
+}
+
+/// 1F1B's defining property: rank r runs min(p-1-r, m) forwards before its
+/// first backward, then never has more than p-r forwards outstanding.
+#[test]
+fn one_f_one_b_warms_up_with_p_minus_1_minus_r_forwards() {
+    let (p, m) = (4u32, 8u32);
+    let program = compile("1f1b", p.into(), m.into(), None);
+    for rank in &program.ranks {
+        let r = rank.rank.0;
+        let kinds: Vec<PassKind> = rank
+            .instrs
+            .iter()
+            .filter_map(|i| match i {
+                Instr::Compute(c) => Some(c.passes[0].kind),
+                _ => None,
+            })
+            .collect();
+        let warmup = kinds.iter().take_while(|k| **k == PassKind::F).count() as u32;
+        assert_eq!(warmup, (p - 1 - r).min(m) + 1, "rank {r}: forwards before the first backward");
+        let mut outstanding = 0i32;
+        let mut peak = 0;
+        for k in kinds {
+            outstanding += if k == PassKind::F { 1 } else { -1 };
+            peak = peak.max(outstanding);
+        }
+        assert_eq!(peak as u32, p - r, "rank {r}: peak in-flight microbatches");
+    }
+}
+
+/// Megatron's interleaved order: rank r warms up with 2(p-r-1) + (v-1)p
+/// forwards (all of them when m == p), and forwards walk the chunks in
+/// groups of p microbatches.
+#[test]
+fn interleaved_warmup_matches_megatron() {
+    for (p, m, v) in [(4u32, 8u32, 2u32), (4, 4, 2), (2, 6, 3)] {
+        let program = compile("interleaved-1f1b", p.into(), m.into(), Some(v.into()));
+        for rank in &program.ranks {
+            let r = rank.rank.0;
+            let passes: Vec<stp_ir::Pass> = rank
+                .instrs
+                .iter()
+                .filter_map(|i| match i {
+                    Instr::Compute(c) => Some(c.passes[0]),
+                    _ => None,
+                })
+                .collect();
+            let warmup = passes.iter().take_while(|x| x.kind == PassKind::F).count() as u32;
+            let total = m * v;
+            let expected = if m == p { total } else { (2 * (p - r - 1) + (v - 1) * p).min(total) };
+            // In the steady state the next forward precedes each backward.
+            let expected = if expected < total { expected + 1 } else { expected };
+            assert_eq!(warmup, expected, "p={p} m={m} v={v} rank {r}");
+            let first_forwards: Vec<(u32, u32)> = passes
+                .iter()
+                .filter(|x| x.kind == PassKind::F)
+                .take(p as usize + 1)
+                .map(|x| (x.stage.0, x.mb.0))
+                .collect();
+            // The first p forwards are microbatches 0..p of chunk 0, then chunk 1 starts.
+            for (k, (stage, mb)) in first_forwards.iter().enumerate().take(p as usize) {
+                assert_eq!((*stage, *mb), (r, k as u32), "p={p} m={m} v={v} rank {r} forward {k}");
+            }
+            assert_eq!(first_forwards[p as usize], (p + r, 0), "p={p} m={m} v={v} rank {r}: chunk 1 starts");
+        }
+    }
+}
+
+#[test]
+fn ir_snapshots() {
+    let cases: [(&str, i64, i64, Option<i64>); 6] = [
+        ("gpipe", 2, 3, None),
+        ("gpipe", 4, 4, None),
+        ("1f1b", 2, 3, None),
+        ("1f1b", 4, 6, None),
+        ("interleaved-1f1b", 2, 4, Some(2)),
+        ("interleaved-1f1b", 4, 8, Some(2)),
+    ];
+    for (name, p, m, v) in cases {
+        let program = compile(name, p, m, v);
+        let suffix = v.map_or(String::new(), |v| format!("_v{v}"));
+        insta::assert_snapshot!(format!("{name}_p{p}_m{m}{suffix}"), stp_ir::print_text(&program));
+    }
+}
+
+#[test]
+fn ir_round_trips_through_text_and_json() {
+    for (name, p, m, v) in instances() {
+        let program = compile(name, p, m, v);
+        let text = stp_ir::print_text(&program);
+        assert_eq!(stp_ir::parse_text(&text).as_ref(), Ok(&program), "{name} p={p} m={m}: text round trip");
+        let json = stp_ir::to_json(&program);
+        assert_eq!(stp_ir::load_json(&json).ok().as_ref(), Some(&program), "{name} p={p} m={m}: JSON round trip");
+    }
+}

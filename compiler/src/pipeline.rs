@@ -1,7 +1,7 @@
 //! The phases chained together: what the CLI, the tests and the benchmarks call.
 
 use crate::check::{self, CheckedSchedule};
-use crate::diag::{Code, Diagnostic};
+use crate::diag::{self, Code, Diagnostic};
 use crate::elab::{self, ComputeSchedule, Limits, ParamArgs};
 use crate::lower::{self, LowerOptions};
 use crate::sema::{self, Module};
@@ -39,7 +39,7 @@ pub fn elaborate(file: &SourceFile, request: &Request) -> Result<ComputeSchedule
 
 /// Everything up to and including the safety checks.
 pub fn check(file: &SourceFile, request: &Request) -> Result<CheckedSchedule, Vec<Diagnostic>> {
-    check::check(elaborate(file, request)?)
+    check::check(elaborate(file, request)?).map_err(diag::collapse_repeats)
 }
 
 /// The whole path: source to a verified program.

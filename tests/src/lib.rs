@@ -1,1 +1,50 @@
+//! Helpers shared by the workspace-level test suites: reading fixture
+//! headers and inline expectations.
 
+use stpc::elab::{Limits, ParamArgs};
+use stpc::pipeline::Request;
+
+/// The request a fixture asks for in its first line, e.g.
+/// `// args: -p 4 -m 8 -v 2 --param k=3 --max-ops 100 --schedule NAME`.
+///
+/// # Panics
+/// When the header is missing or malformed: a fixture bug.
+pub fn request_from_header(source: &str) -> Request {
+    let first = source.lines().next().unwrap_or_default();
+    let args = first.strip_prefix("// args:").unwrap_or_else(|| panic!("fixture must start with `// args: ...`"));
+    let mut request = Request::default();
+    let mut words = args.split_whitespace();
+    let mut params = ParamArgs::default();
+    let mut limits = Limits::default();
+    while let Some(flag) = words.next() {
+        let value = words.next().unwrap_or_else(|| panic!("flag {flag} needs a value"));
+        let int = || value.parse::<i64>().unwrap_or_else(|_| panic!("{flag} {value}: not an integer"));
+        match flag {
+            "-p" => params.ranks = Some(int()),
+            "-m" => params.microbatches = Some(int()),
+            "-v" => params.chunks = Some(int()),
+            "--max-ops" => limits.max_ops = int() as usize,
+            "--schedule" => request.schedule = Some(value.to_string()),
+            "--param" => {
+                let (name, v) = value.split_once('=').unwrap_or_else(|| panic!("--param {value}: expected NAME=VALUE"));
+                params.named.push((name.to_string(), v.parse().unwrap_or_else(|_| panic!("--param {value}"))));
+            }
+            other => panic!("unknown fixture flag {other}"),
+        }
+    }
+    request.params = params;
+    request.limits = limits;
+    request
+}
+
+/// Inline expectations: `(line, code)` for every `// error: E0001` comment.
+pub fn expected_errors(source: &str) -> Vec<(usize, String)> {
+    source
+        .lines()
+        .enumerate()
+        .filter_map(|(i, line)| {
+            let (_, after) = line.split_once("// error:")?;
+            Some((i + 1, after.split_whitespace().next()?.to_string()))
+        })
+        .collect()
+}

@@ -64,3 +64,32 @@ impl Diagnostic {
 
 /// How many diagnostics one run reports before summarising the rest.
 pub const MAX_REPORTED: usize = 20;
+
+/// Merges diagnostics that differ only in their message (same code, same
+/// labelled spans) into the first, noting the others: the same faulty line
+/// evaluated for many ranks or microbatches is one problem.
+pub fn collapse_repeats(diagnostics: Vec<Diagnostic>) -> Vec<Diagnostic> {
+    const SHOWN: usize = 3;
+    let mut out: Vec<Diagnostic> = Vec::new();
+    let mut repeats: Vec<Vec<String>> = Vec::new();
+    for d in diagnostics {
+        let same =
+            |o: &Diagnostic| o.code == d.code && o.labels.iter().map(|l| l.span).eq(d.labels.iter().map(|l| l.span));
+        match out.iter().position(same) {
+            Some(i) => repeats[i].push(d.message),
+            None => {
+                out.push(d);
+                repeats.push(Vec::new());
+            }
+        }
+    }
+    for (d, more) in out.iter_mut().zip(repeats) {
+        for m in more.iter().take(SHOWN) {
+            d.notes.push(format!("the same line also gives: {m}"));
+        }
+        if more.len() > SHOWN {
+            d.notes.push(format!("and {} more like it", more.len() - SHOWN));
+        }
+    }
+    out
+}

@@ -446,10 +446,7 @@ impl<'m> Eval<'m> {
         let caller = std::mem::replace(&mut self.env, frame);
         let result = self.eval(&f.body);
         self.env = caller;
-        result.map_err(|e| {
-            e.map_note(format!("in a call of `{}` here", name.name))
-                .map_label(span, format!("in this call of `{}`", name.name))
-        })
+        result.map_err(|e| e.map_label(span, format!("in this call of `{}`", name.name)))
     }
 }
 

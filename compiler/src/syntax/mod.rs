@@ -1,6 +1,7 @@
 //! Source text -> AST: the lexer, the parser, the tree and its spans.
 
 pub mod ast;
+mod delimiters;
 pub mod lexer;
 mod parser;
 pub mod span;
@@ -17,6 +18,12 @@ pub fn parse(file: &SourceFile) -> (ast::File, Vec<Diagnostic>) {
     let (tokens, lex_errors) = lexer::lexer().parse(src).into_output_errors();
     let mut diagnostics: Vec<Diagnostic> = lex_errors.iter().map(|e| syntax_diagnostic(e)).collect();
     let tokens = lexer::keep_item_docs(tokens.unwrap_or_default());
+    let unbalanced = delimiters::check(&tokens, file);
+    if !unbalanced.is_empty() {
+        // The parser would only report the same problem later and worse.
+        diagnostics.extend(unbalanced);
+        return (ast::File::default(), diagnostics);
+    }
     let eoi = SimpleSpan::from(src.len()..src.len());
     let (tree, parse_errors) = parser::file().parse(tokens.as_slice().map(eoi, |(t, s)| (t, s))).into_output_errors();
     diagnostics.extend(parse_errors.iter().map(|e| syntax_diagnostic(e)));
