@@ -1,1 +1,67 @@
-fn main() {}
+//! The whole compile path (parse -> check -> elaborate -> lower ->
+//! serialize) for Megatron's interleaved 1F1B at p = 32, v = 2, and each
+//! phase on its own. m = 256 gives 32,768 compute ops; m = 2560 gives ten
+//! times that, so the ratio of the two shows whether cost grows linearly.
+//!
+//! Run with `cargo bench -p stpc --bench pipeline`.
+
+use divan::Bencher;
+use stpc::elab::ParamArgs;
+use stpc::pipeline::{self, Request};
+use stpc::syntax::span::SourceFile;
+
+fn main() {
+    divan::main();
+}
+
+fn source() -> SourceFile {
+    let s = stp_stdlib::get("interleaved-1f1b").expect("stdlib has interleaved-1f1b");
+    SourceFile::new(s.path(), s.source)
+}
+
+fn request(m: i64) -> Request {
+    Request {
+        params: ParamArgs { ranks: Some(32), microbatches: Some(m), chunks: Some(2), named: Vec::new() },
+        ..Request::default()
+    }
+}
+
+const MICROBATCHES: [i64; 2] = [256, 2560];
+
+#[divan::bench(args = MICROBATCHES, sample_count = 20)]
+fn full_path_to_json(bencher: Bencher, m: i64) {
+    let file = source();
+    let request = request(m);
+    bencher.bench(|| {
+        let program = pipeline::compile(&file, &request).expect("compiles");
+        stp_ir::to_json(&program).len()
+    });
+}
+
+#[divan::bench(args = MICROBATCHES, sample_count = 20)]
+fn full_path_to_text(bencher: Bencher, m: i64) {
+    let file = source();
+    let request = request(m);
+    bencher.bench(|| {
+        let program = pipeline::compile(&file, &request).expect("compiles");
+        stp_ir::print_text(&program).len()
+    });
+}
+
+#[divan::bench(args = MICROBATCHES, sample_count = 20)]
+fn elaborate_only(bencher: Bencher, m: i64) {
+    let file = source();
+    let request = request(m);
+    bencher.bench(|| pipeline::elaborate(&file, &request).expect("elaborates").num_ops());
+}
+
+#[divan::bench(args = MICROBATCHES, sample_count = 20)]
+fn check_and_lower(bencher: Bencher, m: i64) {
+    let file = source();
+    let request = request(m);
+    let schedule = pipeline::elaborate(&file, &request).expect("elaborates");
+    bencher.bench(|| {
+        let checked = stpc::check::check(schedule.clone()).expect("checks");
+        stpc::lower::lower(&checked, Default::default()).expect("lowers").ranks.len()
+    });
+}

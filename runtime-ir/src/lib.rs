@@ -79,10 +79,11 @@ impl std::fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-/// Serialize `program` as pretty-printed JSON.
+/// Serialize `program` as compact JSON (programs are large; read the text
+/// form, or pipe the JSON through a pretty-printer).
 pub fn to_json(program: &Program) -> String {
     // Serializing plain data with string keys cannot fail.
-    serde_json::to_string_pretty(program).unwrap_or_default()
+    serde_json::to_string(program).unwrap_or_default()
 }
 
 /// Load a JSON program, refusing any format version but [`FORMAT_VERSION`].

@@ -26,7 +26,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Limits {
-        Limits { max_ops: 5_000_000, max_steps: 200_000_000 }
+        Limits { max_ops: 2_000_000, max_steps: 200_000_000 }
     }
 }
 

@@ -1,0 +1,137 @@
+//! The `stpc` binary as a user runs it: exit codes, outputs, messages.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn stpc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stpc")).args(args).env("NO_COLOR", "1").output().expect("stpc runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A fresh, empty directory for one test.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("stpc-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write fixture");
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn list_names_every_standard_schedule() {
+    let out = stpc(&["list"]);
+    assert!(out.status.success());
+    for s in stp_stdlib::ALL {
+        assert!(stdout(&out).lines().any(|l| l.starts_with(s.name) && l.len() > s.name.len() + 5), "{}", s.name);
+    }
+}
+
+#[test]
+fn compile_writes_a_verified_program_and_its_text_form() {
+    let dir = scratch("compile");
+    let out_dir = dir.join("out");
+    let out = stpc(&[
+        "compile",
+        "1f1b",
+        "-p",
+        "4",
+        "-m",
+        "8",
+        "-o",
+        out_dir.to_str().unwrap_or_default(),
+        "--emit",
+        "json",
+        "--emit",
+        "text",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json = std::fs::read_to_string(out_dir.join("program.json")).expect("program.json written");
+    let program = stp_ir::load_json(&json).expect("program.json loads");
+    stp_ir::verify(&program).expect("program verifies");
+    assert_eq!(program.ranks.len(), 4);
+    let text = std::fs::read_to_string(out_dir.join("program.txt")).expect("program.txt written");
+    assert_eq!(stp_ir::parse_text(&text).ok(), Some(program));
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&out_dir).expect("read out dir").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(leftovers.len(), 2, "only the two outputs, no temporary files: {leftovers:?}");
+}
+
+#[test]
+fn compile_without_out_dir_prints_the_text_form() {
+    let out = stpc(&["compile", "gpipe", "-p", "2", "-m", "2", "--emit", "text"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("stp-ir 1\nschedule \"gpipe\"\n"), "{}", stdout(&out));
+}
+
+#[test]
+fn a_failing_compile_exits_1_and_leaves_earlier_output_untouched() {
+    let dir = scratch("failing");
+    let out_dir = dir.join("out");
+    let out_dir_str = out_dir.to_str().unwrap_or_default();
+    assert!(stpc(&["compile", "1f1b", "-p", "2", "-m", "2", "-o", out_dir_str]).status.success());
+    let before = std::fs::read(out_dir.join("program.json")).expect("first output");
+    let bad = write(&dir, "bad.sched", "schedule s(p: ranks, m: microbatches) {\n  stages p;\n  place s -> s;\n  rank r { for i in 0..m+1 { F(i) } }\n}\n");
+    let out = stpc(&["compile", &bad, "-p", "2", "-m", "2", "-o", out_dir_str]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.contains("[E0015]") && err.contains("bad.sched:4:"), "{err}");
+    assert_eq!(std::fs::read(out_dir.join("program.json")).expect("still there"), before);
+}
+
+#[test]
+fn usage_errors_exit_2_and_user_errors_exit_1() {
+    assert_eq!(stpc(&["compile", "1f1b", "--bogus"]).status.code(), Some(2));
+    assert_eq!(stpc(&["compile", "1f1b", "-p", "four"]).status.code(), Some(2));
+    let missing_m = stpc(&["check", "1f1b", "-p", "4"]);
+    assert_eq!(missing_m.status.code(), Some(1));
+    assert!(stderr(&missing_m).contains("pass -m N"), "{}", stderr(&missing_m));
+    let unknown = stpc(&["check", "1f1c", "-p", "4", "-m", "4"]);
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(stderr(&unknown).contains("neither a file nor a standard schedule"));
+    let no_file = stpc(&["check", "missing.sched", "-p", "4", "-m", "4"]);
+    assert_eq!(no_file.status.code(), Some(1));
+    assert!(stderr(&no_file).contains("cannot read missing.sched"));
+}
+
+#[test]
+fn check_reports_the_instance_and_a_failing_require() {
+    let ok = stpc(&["check", "interleaved-1f1b", "-p", "4", "-m", "8", "-v", "2"]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    assert!(stdout(&ok).contains("4 ranks, 8 stages, 8 microbatches, 128 ops"), "{}", stdout(&ok));
+    let bad = stpc(&["check", "interleaved-1f1b", "-p", "4", "-m", "6", "-v", "2"]);
+    assert_eq!(bad.status.code(), Some(1));
+    let err = stderr(&bad);
+    assert!(err.contains("[E0011]") && err.contains("multiple of p") && err.contains("m = 6, p = 4"), "{err}");
+}
+
+#[test]
+fn a_huge_instance_is_refused_with_a_limit_error() {
+    let out = stpc(&["check", "1f1b", "-p", "4", "-m", "1000000000", "--max-ops", "10000"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("[E0016]"), "{}", stderr(&out));
+}
+
+#[test]
+fn explain_describes_every_code() {
+    let all = stpc(&["explain"]);
+    assert!(all.status.success());
+    for code in stpc::diag::Code::ALL {
+        assert!(stdout(&all).contains(code.as_str()), "{code}");
+        let one = stpc(&["explain", code.as_str()]);
+        assert!(one.status.success());
+        assert!(stdout(&one).len() > 60, "{code}: {}", stdout(&one));
+    }
+    assert_eq!(stpc(&["explain", "E9999"]).status.code(), Some(1));
+}

@@ -1,0 +1,159 @@
+//! `verify` refuses each kind of broken program, and the readers refuse
+//! other format versions. The starting point is a small valid program
+//! (1F1B, p = 2, m = 2) written in the text form.
+
+use stp_ir::{load_json, parse_text, print_text, to_json, verify, Buffer, Instr, Microbatch, Program, Rank, Stage};
+
+const VALID: &str = "\
+stp-ir 1
+schedule \"one_f_one_b\"
+param p 2
+param m 2
+ranks 2
+stages 2
+microbatches 2
+place r0 r1
+
+rank r0 {
+  F s0 mb0
+  send act.s0.mb0 -> r1
+  free act.s0.mb0
+  F s0 mb1
+  send act.s0.mb1 -> r1
+  free act.s0.mb1
+  recv grad.s1.mb0 <- r1
+  BW s0 mb0
+  free grad.s1.mb0
+  free stash.s0.mb0
+  recv grad.s1.mb1 <- r1
+  BW s0 mb1
+  free grad.s1.mb1
+  free stash.s0.mb1
+}
+
+rank r1 {
+  recv act.s0.mb0 <- r0
+  F s1 mb0
+  free act.s0.mb0
+  BW s1 mb0
+  free act.s1.mb0
+  free stash.s1.mb0
+  send grad.s1.mb0 -> r0
+  free grad.s1.mb0
+  recv act.s0.mb1 <- r0
+  F s1 mb1
+  free act.s0.mb1
+  BW s1 mb1
+  free act.s1.mb1
+  free stash.s1.mb1
+  send grad.s1.mb1 -> r0
+  free grad.s1.mb1
+}
+";
+
+fn valid() -> Program {
+    parse_text(VALID).expect("the valid program parses")
+}
+
+fn errors_of(program: &Program) -> Vec<String> {
+    match verify(program) {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn assert_refused(program: &Program, needle: &str) {
+    let errors = errors_of(program);
+    assert!(errors.iter().any(|e| e.contains(needle)), "expected an error containing {needle:?}, got {errors:#?}");
+}
+
+#[test]
+fn the_valid_program_verifies_and_round_trips() {
+    let program = valid();
+    assert_eq!(errors_of(&program), Vec::<String>::new());
+    assert_eq!(print_text(&program), VALID);
+    assert_eq!(load_json(&to_json(&program)).ok(), Some(program));
+}
+
+#[test]
+fn receives_in_the_wrong_order_are_refused() {
+    let mut program = valid();
+    // r1 receives mb1's activation first although r0 sends mb0's first.
+    let instrs = &mut program.ranks[1].instrs;
+    instrs.swap(0, 8);
+    assert_refused(&program, "must be posted in the same order");
+}
+
+#[test]
+fn a_send_without_a_receive_is_refused() {
+    let mut program = valid();
+    program.ranks[1].instrs.remove(8); // recv act.s0.mb1
+    assert_refused(&program, "send of act.s0.mb1 has no matching receive on r1");
+}
+
+#[test]
+fn a_use_after_free_is_refused() {
+    let mut program = valid();
+    // Free mb0's stash on r0 right after its forward.
+    let free = program.ranks[0].instrs.remove(9);
+    program.ranks[0].instrs.insert(1, free);
+    assert_refused(&program, "reads stash.s0.mb0, which is already freed");
+}
+
+#[test]
+fn double_frees_and_leaks_are_refused() {
+    let mut program = valid();
+    let free = program.ranks[0].instrs[2].clone();
+    program.ranks[0].instrs.push(free);
+    assert_refused(&program, "act.s0.mb0 is freed twice");
+    let mut leaky = valid();
+    leaky.ranks[1].instrs.pop();
+    assert_refused(&leaky, "grad.s1.mb1 is never freed");
+}
+
+#[test]
+fn a_pass_on_a_rank_that_does_not_own_its_stage_is_refused() {
+    let mut program = valid();
+    program.schedule.placement[1] = Rank(0);
+    assert_refused(&program, "is owned by r0");
+}
+
+#[test]
+fn ids_out_of_range_are_refused() {
+    let mut program = valid();
+    program.ranks[0].instrs.push(Instr::Free { buffer: Buffer::act(Stage(7), Microbatch(0)) });
+    assert_refused(&program, "out of range");
+    let mut program = valid();
+    program.ranks[0].instrs[1] = Instr::Send { buffer: Buffer::act(Stage(0), Microbatch(0)), to: Rank(5) };
+    assert_refused(&program, "not another rank");
+}
+
+#[test]
+fn a_transfer_to_the_wrong_rank_is_refused() {
+    let text = VALID.replace("place r0 r1", "place r0 r1\n").replace("ranks 2", "ranks 3");
+    let mut program = parse_text(&text).expect("parses");
+    program.ranks.push(stp_ir::RankProgram { rank: Rank(2), instrs: Vec::new() });
+    program.ranks[0].instrs[1] = Instr::Send { buffer: Buffer::act(Stage(0), Microbatch(0)), to: Rank(2) };
+    assert_refused(&program, "travels from r0 to r1, not from r0 to r2");
+}
+
+#[test]
+fn other_format_versions_are_refused() {
+    let text = VALID.replace("stp-ir 1", "stp-ir 2");
+    let err = parse_text(&text).expect_err("version 2 must be refused");
+    assert!(err.to_string().contains("understands only version 1"), "{err}");
+    let json = to_json(&valid()).replacen("\"version\":1", "\"version\":2", 1);
+    let err = load_json(&json).expect_err("version 2 must be refused");
+    assert!(err.to_string().contains("understands only version 1"), "{err}");
+    assert!(load_json("{}").expect_err("no version").to_string().contains("no `version`"));
+}
+
+#[test]
+fn malformed_text_names_the_line() {
+    let text = VALID.replace("  BW s0 mb0", "  BX s0 mb0");
+    let err = parse_text(&text).expect_err("unknown pass kind");
+    assert_eq!(err.line, 18);
+    assert!(err.message.contains("unknown pass kind `BX`"), "{err}");
+    let unclosed = VALID.trim_end().trim_end_matches('}');
+    assert!(parse_text(unclosed).expect_err("unclosed rank").message.contains("not closed"));
+}
