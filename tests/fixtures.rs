@@ -54,3 +54,21 @@ fn err_fixtures_report_the_announced_errors_on_their_lines() {
         insta::assert_snapshot!(format!("{}\n---\n{}", file.text, render(&diagnostics, &file, false)));
     });
 }
+
+#[test]
+fn examples_compile_with_their_announced_parameters() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/ exists").flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "sched") {
+            let file = load(&path);
+            let request = request_from_header(&file.text);
+            let program = pipeline::compile(&file, &request)
+                .unwrap_or_else(|d| panic!("{} failed:\n{}", file.name, render(&d, &file, false)));
+            stp_ir::verify(&program).unwrap_or_else(|e| panic!("{}: {e:?}", file.name));
+            count += 1;
+        }
+    }
+    assert!(count >= 3, "expected the examples in {}", dir.display());
+}

@@ -60,8 +60,8 @@ fn check_and_lower(bencher: Bencher, m: i64) {
     let file = source();
     let request = request(m);
     let schedule = pipeline::elaborate(&file, &request).expect("elaborates");
-    bencher.bench(|| {
-        let checked = stpc::check::check(schedule.clone()).expect("checks");
+    bencher.with_inputs(|| schedule.clone()).bench_values(|schedule| {
+        let checked = stpc::check::check(schedule).expect("checks");
         stpc::lower::lower(&checked, Default::default()).expect("lowers").ranks.len()
     });
 }

@@ -43,11 +43,13 @@
 
 mod ids;
 mod program;
+mod slots;
 mod text;
 mod verify;
 
 pub use ids::{Buffer, BufferKind, IdParseError, Microbatch, Rank, Stage};
 pub use program::{Compute, Instr, Param, Pass, PassKind, Program, RankProgram, ScheduleMeta, FORMAT_VERSION};
+pub use slots::BufferSlots;
 pub use text::{parse_text, print_text, TextError};
 pub use verify::{verify, VerifyError};
 

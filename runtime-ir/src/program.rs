@@ -168,16 +168,14 @@ impl Pass {
     /// - `B`, `W`, `BW` of `(s, i)` read `stash(s, i)` and the output gradient:
     ///   `grad(s+1, i)`, or for the last stage its own output `act(s, i)`,
     ///   from which the loss gradient is computed.
-    pub fn reads(&self, num_stages: u32) -> Vec<Buffer> {
-        match self.kind {
-            PassKind::F => match self.stage.0.checked_sub(1) {
-                Some(prev) => vec![Buffer::act(Stage(prev), self.mb)],
-                None => Vec::new(),
-            },
+    pub fn reads(&self, num_stages: u32) -> impl Iterator<Item = Buffer> {
+        let pair = match self.kind {
+            PassKind::F => [self.stage.0.checked_sub(1).map(|prev| Buffer::act(Stage(prev), self.mb)), None],
             PassKind::B | PassKind::W | PassKind::BW => {
-                vec![Buffer::stash(self.stage, self.mb), self.output_grad(num_stages)]
+                [Some(Buffer::stash(self.stage, self.mb)), Some(self.output_grad(num_stages))]
             }
-        }
+        };
+        pair.into_iter().flatten()
     }
 
     /// The buffers this pass creates.
@@ -186,12 +184,13 @@ impl Pass {
     /// - `B` and `BW` of `(s, i)` write `grad(s, i)`, except on stage 0
     ///   (nothing consumes the gradient of the input data).
     /// - `W` writes nothing (weight gradients are accumulated, not buffers).
-    pub fn writes(&self) -> Vec<Buffer> {
-        match self.kind {
-            PassKind::F => vec![Buffer::act(self.stage, self.mb), Buffer::stash(self.stage, self.mb)],
-            PassKind::B | PassKind::BW if self.stage.0 > 0 => vec![Buffer::grad(self.stage, self.mb)],
-            PassKind::B | PassKind::BW | PassKind::W => Vec::new(),
-        }
+    pub fn writes(&self) -> impl Iterator<Item = Buffer> {
+        let pair = match self.kind {
+            PassKind::F => [Some(Buffer::act(self.stage, self.mb)), Some(Buffer::stash(self.stage, self.mb))],
+            PassKind::B | PassKind::BW if self.stage.0 > 0 => [Some(Buffer::grad(self.stage, self.mb)), None],
+            PassKind::B | PassKind::BW | PassKind::W => [None, None],
+        };
+        pair.into_iter().flatten()
     }
 
     /// The gradient flowing into this stage's output: `grad(s+1, i)`, or the
@@ -236,20 +235,28 @@ impl fmt::Display for Instr {
 
 impl Instr {
     /// The buffers this instruction reads (a send reads what it sends).
-    pub fn reads(&self, num_stages: u32) -> Vec<Buffer> {
-        match self {
-            Instr::Compute(c) => c.passes.iter().flat_map(|p| p.reads(num_stages)).collect(),
-            Instr::Send { buffer, .. } => vec![*buffer],
-            Instr::Recv { .. } | Instr::Free { .. } => Vec::new(),
-        }
+    pub fn reads(&self, num_stages: u32) -> impl Iterator<Item = Buffer> + '_ {
+        let passes = match self {
+            Instr::Compute(c) => c.passes.as_slice(),
+            _ => &[],
+        };
+        let sent = match self {
+            Instr::Send { buffer, .. } => Some(*buffer),
+            _ => None,
+        };
+        passes.iter().flat_map(move |p| p.reads(num_stages)).chain(sent)
     }
 
     /// The buffers this instruction makes live.
-    pub fn writes(&self) -> Vec<Buffer> {
-        match self {
-            Instr::Compute(c) => c.passes.iter().flat_map(Pass::writes).collect(),
-            Instr::Recv { buffer, .. } => vec![*buffer],
-            Instr::Send { .. } | Instr::Free { .. } => Vec::new(),
-        }
+    pub fn writes(&self) -> impl Iterator<Item = Buffer> + '_ {
+        let passes = match self {
+            Instr::Compute(c) => c.passes.as_slice(),
+            _ => &[],
+        };
+        let received = match self {
+            Instr::Recv { buffer, .. } => Some(*buffer),
+            _ => None,
+        };
+        passes.iter().flat_map(Pass::writes).chain(received)
     }
 }

@@ -20,7 +20,8 @@
 
 use crate::ids::{Buffer, BufferKind, Rank, Stage};
 use crate::program::{Instr, Program};
-use std::collections::{HashMap, HashSet};
+use crate::slots::BufferSlots;
+use std::collections::HashMap;
 use std::fmt;
 
 /// One violated invariant.
@@ -52,8 +53,10 @@ pub fn verify(program: &Program) -> Result<(), Vec<VerifyError>> {
     let mut v = Verifier { program, errors: Vec::new() };
     v.check_shape();
     if v.errors.is_empty() {
+        let meta = &program.schedule;
+        let mut state = BufferSlots::new(meta.num_stages, meta.num_microbatches);
         for rank in &program.ranks {
-            v.check_instructions(rank.rank, &rank.instrs);
+            v.check_instructions(rank.rank, &rank.instrs, &mut state);
         }
         v.check_matching();
     }
@@ -62,6 +65,15 @@ pub fn verify(program: &Program) -> Result<(), Vec<VerifyError>> {
     } else {
         Err(v.errors)
     }
+}
+
+/// Where a buffer is in its life on one rank.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Life {
+    #[default]
+    Unseen,
+    Live,
+    Dead,
 }
 
 struct Verifier<'a> {
@@ -105,10 +117,9 @@ impl Verifier<'_> {
         }
     }
 
-    fn check_instructions(&mut self, rank: Rank, instrs: &[Instr]) {
+    fn check_instructions(&mut self, rank: Rank, instrs: &[Instr], state: &mut BufferSlots<Life>) {
         let num_stages = self.program.schedule.num_stages;
-        let mut live: HashSet<Buffer> = HashSet::new();
-        let mut dead: HashSet<Buffer> = HashSet::new();
+        state.reset();
         for (i, instr) in instrs.iter().enumerate() {
             let before = self.errors.len();
             self.check_ids(rank, i, instr);
@@ -116,27 +127,28 @@ impl Verifier<'_> {
                 continue;
             }
             for buffer in instr.reads(num_stages) {
-                if !live.contains(&buffer) {
-                    let why = if dead.contains(&buffer) { "already freed" } else { "never made live" };
-                    self.error(Some(rank), Some(i), format!("`{instr}` reads {buffer}, which is {why}"));
-                }
+                let why = match state.get(buffer) {
+                    Life::Live => continue,
+                    Life::Dead => "already freed",
+                    Life::Unseen => "never made live",
+                };
+                self.error(Some(rank), Some(i), format!("`{instr}` reads {buffer}, which is {why}"));
             }
             for buffer in instr.writes() {
-                if live.contains(&buffer) || dead.contains(&buffer) {
+                if state.get(buffer) != Life::Unseen {
                     self.error(Some(rank), Some(i), format!("`{instr}` makes {buffer} live a second time"));
                 }
-                live.insert(buffer);
+                state.set(buffer, Life::Live);
             }
             if let Instr::Free { buffer } = instr {
-                if live.remove(buffer) {
-                    dead.insert(*buffer);
-                } else {
-                    let why = if dead.contains(buffer) { "freed twice" } else { "freed before it is live" };
-                    self.error(Some(rank), Some(i), format!("{buffer} is {why}"));
+                match state.get(*buffer) {
+                    Life::Live => state.set(*buffer, Life::Dead),
+                    Life::Dead => self.error(Some(rank), Some(i), format!("{buffer} is freed twice")),
+                    Life::Unseen => self.error(Some(rank), Some(i), format!("{buffer} is freed before it is live")),
                 }
             }
         }
-        let mut leaked: Vec<Buffer> = live.into_iter().collect();
+        let mut leaked: Vec<Buffer> = state.entries().filter(|(_, life)| *life == Life::Live).map(|(b, _)| b).collect();
         leaked.sort();
         for buffer in leaked {
             self.error(Some(rank), None, format!("{buffer} is never freed"));
@@ -232,6 +244,10 @@ impl Verifier<'_> {
         for (from, to) in links {
             let s = sends.get(&(from, to)).unwrap_or(&empty);
             let r = recvs.get(&(from, to)).unwrap_or(&empty);
+            let same = s.len() == r.len() && s.iter().zip(r).all(|(a, b)| a.0 == b.0);
+            if same {
+                continue;
+            }
             let unmatched_before = self.errors.len();
             self.report_unmatched(s, r, from, to, "send", "receive on");
             self.report_unmatched(r, s, to, from, "recv", "send from");

@@ -11,8 +11,8 @@ pub(super) fn check(s: &ComputeSchedule, index: &PassIndex) -> Vec<Diagnostic> {
         for mb in (0..s.num_microbatches).map(Microbatch) {
             let pass = |kind| Pass { kind, stage, mb };
             for kind in PassKind::ALL {
-                if let [first, second, ..] = index.positions(pass(kind)) {
-                    errors.push(repeated(s, pass(kind), *first, *second));
+                if let (Some(first), Some(second)) = (index.first(pass(kind)), index.second(pass(kind))) {
+                    errors.push(repeated(s, pass(kind), first, second));
                 }
             }
             let has = |kind| index.first(pass(kind));

@@ -55,27 +55,30 @@ pub(crate) struct Position {
     pub index: usize,
 }
 
-/// Every occurrence of every pass, by (kind, stage, microbatch).
+/// The first two occurrences of every pass, by (kind, stage, microbatch):
+/// enough to find a pass that is missing or repeated.
 pub(crate) struct PassIndex {
     num_microbatches: u32,
-    /// `slots[kind][stage * m + mb]`: positions in program order.
-    slots: [Vec<Vec<Position>>; 4],
+    /// `slots[kind][stage * m + mb]`: first and second positions in rank and program order.
+    slots: [Vec<[Option<Position>; 2]>; 4],
 }
 
 impl PassIndex {
     fn build(s: &ComputeSchedule) -> PassIndex {
         let n = s.num_stages as usize * s.num_microbatches as usize;
-        let mut slots: [Vec<Vec<Position>>; 4] = Default::default();
-        for slot in &mut slots {
-            slot.resize(n, Vec::new());
-        }
+        let slots = std::array::from_fn(|_| vec![[None, None]; n]);
         let mut index = PassIndex { num_microbatches: s.num_microbatches, slots };
         for (r, ops) in s.ranks.iter().enumerate() {
             for (i, op) in ops.iter().enumerate() {
                 for pass in &op.compute.passes {
-                    let at = Position { rank: Rank(r as u32), index: i };
+                    let at = Some(Position { rank: Rank(r as u32), index: i });
                     let slot = index.slot(pass.stage, pass.mb);
-                    index.slots[kind_index(pass.kind)][slot].push(at);
+                    let seen = &mut index.slots[kind_index(pass.kind)][slot];
+                    if seen[0].is_none() {
+                        seen[0] = at;
+                    } else if seen[1].is_none() {
+                        seen[1] = at;
+                    }
                 }
             }
         }
@@ -86,14 +89,14 @@ impl PassIndex {
         stage.index() * self.num_microbatches as usize + mb.index()
     }
 
-    /// Every position of the pass, in rank and program order.
-    pub fn positions(&self, pass: Pass) -> &[Position] {
-        &self.slots[kind_index(pass.kind)][self.slot(pass.stage, pass.mb)]
-    }
-
     /// The first position of the pass, if it runs at all.
     pub fn first(&self, pass: Pass) -> Option<Position> {
-        self.positions(pass).first().copied()
+        self.slots[kind_index(pass.kind)][self.slot(pass.stage, pass.mb)][0]
+    }
+
+    /// The second position of the pass, if it runs twice or more.
+    pub fn second(&self, pass: Pass) -> Option<Position> {
+        self.slots[kind_index(pass.kind)][self.slot(pass.stage, pass.mb)][1]
     }
 }
 

@@ -22,9 +22,13 @@ enum BindKind {
 #[derive(Clone)]
 struct Binding<'m> {
     name: &'m str,
+    sym: Symbol,
     value: i64,
     kind: BindKind,
 }
+
+/// The symbol of call arguments not yet bound to their parameters.
+const UNBOUND: Symbol = Symbol(u32::MAX);
 
 /// Elaboration ends early with this error.
 type Fail = Box<Diagnostic>;
@@ -32,11 +36,14 @@ type Fail = Box<Diagnostic>;
 struct Eval<'m> {
     module: &'m Module,
     env: Vec<Binding<'m>>,
+    /// Where the innermost function call's parameters start in `env`: a
+    /// function sees only its own parameters.
+    frame: usize,
     limits: Limits,
     steps: u64,
     ops: usize,
-    /// Interned names of iteration variables, so origins share them.
-    names: HashMap<&'m str, Arc<str>>,
+    /// By symbol: the shared name of an iteration variable, so origins share them.
+    names: Vec<Option<Arc<str>>>,
 }
 
 pub(super) fn run(
@@ -45,9 +52,9 @@ pub(super) fn run(
     params: Vec<BoundParam>,
     limits: Limits,
 ) -> Result<ComputeSchedule, Vec<Diagnostic>> {
-    let mut ev = Eval { module, env: Vec::new(), limits, steps: 0, ops: 0, names: HashMap::new() };
+    let mut ev = Eval { module, env: Vec::new(), frame: 0, limits, steps: 0, ops: 0, names: Vec::new() };
     for (decl, p) in schedule.params.iter().zip(&params) {
-        ev.env.push(Binding { name: decl.name.name.as_str(), value: p.value, kind: BindKind::Param });
+        ev.env.push(Binding { name: &decl.name.name, sym: decl.name.sym, value: p.value, kind: BindKind::Param });
     }
     let value_of = |kind: ParamKind| params.iter().find(|p| p.kind == kind).map_or(1, |p| p.value);
     let num_ranks = value_of(ParamKind::Ranks) as u32;
@@ -81,7 +88,7 @@ pub(super) fn run(
     let mut seen: HashMap<(Code, Span), usize> = HashMap::new();
     for r in 0..num_ranks {
         let mut ops = Vec::new();
-        ev.env.push(Binding { name: var.name.as_str(), value: i64::from(r), kind: BindKind::Iteration });
+        ev.env.push(Binding { name: &var.name, sym: var.sym, value: i64::from(r), kind: BindKind::Iteration });
         let result = ev.exec_block(body, Rank(r), &shape, &mut ops);
         ev.env.truncate(params.len());
         match result {
@@ -126,7 +133,7 @@ struct Shape<'a> {
 impl<'m> Eval<'m> {
     /// `where p = 4, m = 8, r = 1, i = 3`: every binding in scope.
     fn context(&self) -> String {
-        let parts: Vec<String> = self.env.iter().map(|b| format!("{} = {}", b.name, b.value)).collect();
+        let parts: Vec<String> = self.env[self.frame..].iter().map(|b| format!("{} = {}", b.name, b.value)).collect();
         format!("where {}", parts.join(", "))
     }
 
@@ -150,7 +157,8 @@ impl<'m> Eval<'m> {
     fn require_failed(&mut self, cond: &'m Expr, message: Option<&str>, span: Span) -> Diagnostic {
         let mut names = Vec::new();
         collect_vars(cond, &mut names);
-        let values: Vec<String> = names.iter().filter_map(|n| self.lookup(n).map(|v| format!("{n} = {v}"))).collect();
+        let values: Vec<String> =
+            names.iter().filter_map(|n| self.lookup(n.sym).map(|v| format!("{} = {v}", n.name))).collect();
         let d = Diagnostic::new(Code::RequireFailed, "requirement not met")
             .with_label(span, message.unwrap_or("this requirement is false for the given parameters"));
         if values.is_empty() {
@@ -189,7 +197,7 @@ impl<'m> Eval<'m> {
         let mut placement = Vec::with_capacity(num_stages as usize);
         for s in 0..num_stages {
             self.step(rank.span)?;
-            self.env.push(Binding { name: var.name.as_str(), value: i64::from(s), kind: BindKind::Iteration });
+            self.env.push(Binding { name: &var.name, sym: var.sym, value: i64::from(s), kind: BindKind::Iteration });
             let r = self.eval(rank);
             let r = r.and_then(|r| {
                 if (0..i64::from(num_ranks)).contains(&r) {
@@ -226,7 +234,7 @@ impl<'m> Eval<'m> {
         match &stmt.kind {
             StmtKind::Let(name, value) => {
                 let value = self.eval(value)?;
-                self.env.push(Binding { name: name.name.as_str(), value, kind: BindKind::Let });
+                self.env.push(Binding { name: &name.name, sym: name.sym, value, kind: BindKind::Let });
             }
             StmtKind::For { var, start, end, inclusive, body } => {
                 let start = self.eval(start)?;
@@ -234,7 +242,7 @@ impl<'m> Eval<'m> {
                 let end = if *inclusive { end.saturating_add(1) } else { end };
                 for i in start..end {
                     self.step(stmt.span)?;
-                    self.env.push(Binding { name: var.name.as_str(), value: i, kind: BindKind::Iteration });
+                    self.env.push(Binding { name: &var.name, sym: var.sym, value: i, kind: BindKind::Iteration });
                     let result = self.exec_block(body, rank, shape, out);
                     self.env.pop();
                     result?;
@@ -274,7 +282,13 @@ impl<'m> Eval<'m> {
             .env
             .iter()
             .filter(|b| b.kind == BindKind::Iteration)
-            .map(|b| (names.entry(b.name).or_insert_with(|| Arc::from(b.name)).clone(), b.value))
+            .map(|b| {
+                let sym = b.sym.0 as usize;
+                if names.len() <= sym {
+                    names.resize(sym + 1, None);
+                }
+                (names[sym].get_or_insert_with(|| Arc::from(b.name)).clone(), b.value)
+            })
             .collect();
         Origin { span, iteration }
     }
@@ -358,15 +372,15 @@ impl<'m> Eval<'m> {
         }
     }
 
-    fn lookup(&self, name: &str) -> Option<i64> {
-        self.env.iter().rev().find(|b| b.name == name).map(|b| b.value)
+    fn lookup(&self, name: Symbol) -> Option<i64> {
+        self.env[self.frame..].iter().rev().find(|b| b.sym == name).map(|b| b.value)
     }
 
     fn eval(&mut self, e: &'m Expr) -> Result<i64, Fail> {
         match &e.kind {
             ExprKind::Int(n) => Ok(*n),
             ExprKind::Bool(b) => Ok(i64::from(*b)),
-            ExprKind::Var(name) => Ok(self.lookup(name).unwrap_or(0)),
+            ExprKind::Var(name) => Ok(self.lookup(name.sym).unwrap_or(0)),
             ExprKind::Unary(UnOp::Neg, a) => {
                 let a = self.eval(a)?;
                 a.checked_neg().ok_or_else(|| self.overflow(e, format!("-({a})")))
@@ -427,26 +441,34 @@ impl<'m> Eval<'m> {
 
     fn call(&mut self, name: &'m Ident, args: &'m [Expr], span: Span) -> Result<i64, Fail> {
         self.step(span)?;
-        let mut values = Vec::with_capacity(args.len());
+        let base = self.env.len();
+        let result = self.call_in_frame(name, args, base);
+        self.env.truncate(base);
+        result.map_err(|e| e.map_label(span, format!("in this call of `{}`", name.name)))
+    }
+
+    /// Evaluates the arguments onto the stack (unnamed, so later arguments
+    /// still see the caller's names), then the body with only them visible.
+    fn call_in_frame(&mut self, name: &'m Ident, args: &'m [Expr], base: usize) -> Result<i64, Fail> {
         for a in args {
-            values.push(self.eval(a)?);
+            let value = self.eval(a)?;
+            self.env.push(Binding { name: "", sym: UNBOUND, value, kind: BindKind::Let });
         }
+        let values = self.env[base..].iter().map(|b| b.value);
         match name.name.as_str() {
-            "min" => return Ok(values.into_iter().min().unwrap_or(0)),
-            "max" => return Ok(values.into_iter().max().unwrap_or(0)),
+            "min" => return Ok(values.min().unwrap_or(0)),
+            "max" => return Ok(values.max().unwrap_or(0)),
             _ => {}
         }
-        let Some(f) = self.module.function(&name.name) else { return Ok(0) };
-        let frame: Vec<Binding<'m>> = f
-            .params
-            .iter()
-            .zip(values)
-            .map(|((p, _), value)| Binding { name: p.name.as_str(), value, kind: BindKind::Let })
-            .collect();
-        let caller = std::mem::replace(&mut self.env, frame);
+        let Some(f) = self.module.function(name.sym) else { return Ok(0) };
+        for (binding, (param, _)) in self.env[base..].iter_mut().zip(&f.params) {
+            binding.name = &param.name;
+            binding.sym = param.sym;
+        }
+        let caller = std::mem::replace(&mut self.frame, base);
         let result = self.eval(&f.body);
-        self.env = caller;
-        result.map_err(|e| e.map_label(span, format!("in this call of `{}`", name.name)))
+        self.frame = caller;
+        result
     }
 }
 
@@ -460,10 +482,10 @@ fn list_stages(shape: &Shape, rank: Rank) -> String {
     }
 }
 
-fn collect_vars<'a>(e: &'a Expr, out: &mut Vec<&'a str>) {
+fn collect_vars<'a>(e: &'a Expr, out: &mut Vec<&'a Ident>) {
     match &e.kind {
         ExprKind::Var(n) => {
-            if !out.contains(&n.as_str()) {
+            if !out.iter().any(|o| o.sym == n.sym) {
                 out.push(n);
             }
         }

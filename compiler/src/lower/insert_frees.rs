@@ -1,29 +1,33 @@
 //! Rank programs without frees -> rank programs that free every buffer
 //! right after its last use on the rank.
 
-use std::collections::HashMap;
-use stp_ir::{Buffer, Instr, Program};
+use stp_ir::{Buffer, BufferSlots, Instr, Program};
 
 pub(super) fn run(program: &mut Program) {
-    let num_stages = program.schedule.num_stages;
+    let meta = &program.schedule;
+    let num_stages = meta.num_stages;
+    let mut seen: BufferSlots<bool> = BufferSlots::new(meta.num_stages, meta.num_microbatches);
     for rank in &mut program.ranks {
-        let mut last_use: HashMap<Buffer, usize> = HashMap::new();
-        for (i, instr) in rank.instrs.iter().enumerate() {
-            let used = instr.reads(num_stages).into_iter().chain(instr.writes());
-            for buffer in used {
-                last_use.insert(buffer, i);
+        seen.reset();
+        // Walking backwards, the first time a buffer appears is its last use.
+        let mut frees_after: Vec<(usize, Buffer)> = Vec::new();
+        for (i, instr) in rank.instrs.iter().enumerate().rev() {
+            let first_in_instr = frees_after.len();
+            for buffer in instr.reads(num_stages).chain(instr.writes()) {
+                if !seen.get(buffer) {
+                    seen.set(buffer, true);
+                    frees_after.push((i, buffer));
+                }
             }
-        }
-        let mut frees_after: Vec<Vec<Buffer>> = vec![Vec::new(); rank.instrs.len()];
-        for (buffer, i) in last_use {
-            frees_after[i].push(buffer);
+            frees_after[first_in_instr..].sort_unstable_by(|a, b| b.cmp(a));
         }
         let old = std::mem::take(&mut rank.instrs);
-        rank.instrs.reserve(old.len() * 2);
-        for (instr, mut frees) in old.into_iter().zip(frees_after) {
+        rank.instrs.reserve(old.len() + frees_after.len());
+        for (i, instr) in old.into_iter().enumerate() {
             rank.instrs.push(instr);
-            frees.sort();
-            rank.instrs.extend(frees.into_iter().map(|buffer| Instr::Free { buffer }));
+            while let Some((_, buffer)) = frees_after.pop_if(|(after, _)| *after == i) {
+                rank.instrs.push(Instr::Free { buffer });
+            }
         }
     }
 }

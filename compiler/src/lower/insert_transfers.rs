@@ -8,17 +8,20 @@
 //! on the same link, those others are received first and held.
 
 use crate::elab::ComputeSchedule;
-use std::collections::{HashMap, HashSet, VecDeque};
-use stp_ir::{Buffer, BufferKind, Compute, Instr, Program, Rank, RankProgram, ScheduleMeta, FORMAT_VERSION};
+use std::collections::{HashMap, VecDeque};
+use stp_ir::{
+    Buffer, BufferKind, BufferSlots, Compute, Instr, Program, Rank, RankProgram, ScheduleMeta, FORMAT_VERSION,
+};
 
 pub(super) fn run(s: &ComputeSchedule) -> Program {
     let route = Route { s };
     let mut link_order = send_order(s, &route);
+    let mut received: BufferSlots<bool> = BufferSlots::new(s.num_stages, s.num_microbatches);
     let ranks = (0..s.num_ranks)
         .map(|r| {
             let rank = Rank(r);
             let mut instrs = Vec::with_capacity(s.ranks[r as usize].len() * 2);
-            let mut received: HashSet<Buffer> = HashSet::new();
+            received.reset();
             for op in &s.ranks[r as usize] {
                 for buffer in remote_inputs(&op.compute, s.num_stages, rank, &route) {
                     receive_through(buffer, rank, &route, &mut link_order, &mut received, &mut instrs);
@@ -87,16 +90,19 @@ fn send_order(s: &ComputeSchedule, route: &Route) -> HashMap<(Rank, Rank), VecDe
     order
 }
 
-/// The inputs of `compute` that another rank produces, without repeats.
-fn remote_inputs(compute: &Compute, num_stages: u32, rank: Rank, route: &Route) -> Vec<Buffer> {
-    let mut inputs: Vec<Buffer> = Vec::new();
-    for buffer in compute.passes.iter().flat_map(|p| p.reads(num_stages)) {
-        let remote = buffer.kind != BufferKind::Stash && route.producer(buffer) != rank;
-        if remote && !inputs.contains(&buffer) {
-            inputs.push(buffer);
-        }
-    }
-    inputs
+/// The inputs of `compute` that another rank produces (a buffer two
+/// braided passes both read appears twice; receiving is idempotent).
+fn remote_inputs<'a>(
+    compute: &'a Compute,
+    num_stages: u32,
+    rank: Rank,
+    route: &'a Route,
+) -> impl Iterator<Item = Buffer> + 'a {
+    compute
+        .passes
+        .iter()
+        .flat_map(move |p| p.reads(num_stages))
+        .filter(move |b| b.kind != BufferKind::Stash && route.producer(*b) != rank)
 }
 
 /// Posts receives on the link that carries `buffer`, in send order, until
@@ -106,14 +112,14 @@ fn receive_through(
     rank: Rank,
     route: &Route,
     link_order: &mut HashMap<(Rank, Rank), VecDeque<Buffer>>,
-    received: &mut HashSet<Buffer>,
+    received: &mut BufferSlots<bool>,
     instrs: &mut Vec<Instr>,
 ) {
     let from = route.producer(buffer);
     let Some(queue) = link_order.get_mut(&(from, rank)) else { return };
-    while !received.contains(&buffer) {
+    while !received.get(buffer) {
         let Some(next) = queue.pop_front() else { return };
         instrs.push(Instr::Recv { buffer: next, from });
-        received.insert(next);
+        received.set(next, true);
     }
 }

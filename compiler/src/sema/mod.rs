@@ -5,8 +5,7 @@
 mod resolve;
 
 use crate::diag::Diagnostic;
-use crate::syntax::ast::{File, Function, Item, Schedule};
-use std::collections::HashMap;
+use crate::syntax::ast::{File, Function, Item, Schedule, Symbol};
 
 pub use resolve::{BUILTINS, OPS};
 
@@ -14,7 +13,8 @@ pub use resolve::{BUILTINS, OPS};
 #[derive(Debug, Clone)]
 pub struct Module {
     file: File,
-    functions: HashMap<String, usize>,
+    /// By symbol: the item index of the function with that name.
+    functions: Vec<Option<usize>>,
 }
 
 impl Module {
@@ -26,9 +26,9 @@ impl Module {
         })
     }
 
-    /// The function named `name`.
-    pub fn function(&self, name: &str) -> Option<&Function> {
-        match self.functions.get(name).map(|&i| &self.file.items[i]) {
+    /// The function named by `name`'s symbol.
+    pub fn function(&self, name: Symbol) -> Option<&Function> {
+        match self.functions.get(name.0 as usize).copied().flatten().map(|i| &self.file.items[i]) {
             Some(Item::Function(f)) => Some(f),
             _ => None,
         }
@@ -41,14 +41,15 @@ pub fn analyze(file: File) -> Result<Module, Vec<Diagnostic>> {
     if !errors.is_empty() {
         return Err(errors);
     }
-    let functions = file
-        .items
-        .iter()
-        .enumerate()
-        .filter_map(|(i, item)| match item {
-            Item::Function(f) => Some((f.name.name.clone(), i)),
-            Item::Schedule(_) => None,
-        })
-        .collect();
+    let mut functions = Vec::new();
+    for (i, item) in file.items.iter().enumerate() {
+        if let Item::Function(f) = item {
+            let sym = f.name.sym.0 as usize;
+            if functions.len() <= sym {
+                functions.resize(sym + 1, None);
+            }
+            functions[sym] = Some(i);
+        }
+    }
     Ok(Module { file, functions })
 }

@@ -159,7 +159,8 @@ impl Checker<'_> {
     }
 
     fn check_decl_counts(&mut self, s: &Schedule) {
-        let kinds: [(&str, &str, fn(&Decl) -> bool); 3] = [
+        type IsKind = fn(&Decl) -> bool;
+        let kinds: [(&str, &str, IsKind); 3] = [
             ("stages", "stages p;", |d| matches!(d, Decl::Stages { .. })),
             ("place", "place s -> s;", |d| matches!(d, Decl::Place { .. })),
             ("rank", "rank r { ... }", |d| matches!(d, Decl::Rank { .. })),
@@ -337,7 +338,7 @@ impl Checker<'_> {
             ExprKind::Int(_) => Some(Type::Int),
             ExprKind::Bool(_) => Some(Type::Bool),
             ExprKind::Error => None,
-            ExprKind::Var(name) => self.infer_var(name, e.span),
+            ExprKind::Var(name) => self.infer_var(&name.name, e.span),
             ExprKind::Unary(op, inner) => {
                 let want = match op {
                     UnOp::Neg => Type::Int,

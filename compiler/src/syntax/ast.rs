@@ -2,11 +2,18 @@
 
 use super::span::Span;
 
+/// A name interned for the file: equal names have equal symbols, so later
+/// phases compare integers instead of strings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct Symbol(pub u32);
+
 /// A name as written, with where it was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ident {
     /// The name.
     pub name: String,
+    /// Its interned symbol (assigned by `syntax::parse` after parsing).
+    pub sym: Symbol,
     /// Where it was written.
     pub span: Span,
 }
@@ -296,7 +303,7 @@ pub enum ExprKind {
     /// `true` or `false`.
     Bool(bool),
     /// A name.
-    Var(String),
+    Var(Ident),
     /// `-x`, `!x`
     Unary(UnOp, Box<Expr>),
     /// `a + b`, ...

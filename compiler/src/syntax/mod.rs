@@ -2,6 +2,7 @@
 
 pub mod ast;
 mod delimiters;
+mod intern;
 pub mod lexer;
 mod parser;
 pub mod span;
@@ -27,7 +28,9 @@ pub fn parse(file: &SourceFile) -> (ast::File, Vec<Diagnostic>) {
     let eoi = SimpleSpan::from(src.len()..src.len());
     let (tree, parse_errors) = parser::file().parse(tokens.as_slice().map(eoi, |(t, s)| (t, s))).into_output_errors();
     diagnostics.extend(parse_errors.iter().map(|e| syntax_diagnostic(e)));
-    (tree.unwrap_or_default(), diagnostics)
+    let mut tree = tree.unwrap_or_default();
+    intern::intern(&mut tree);
+    (tree, diagnostics)
 }
 
 fn syntax_diagnostic<T: std::fmt::Display>(e: &Rich<'_, T, SimpleSpan>) -> Diagnostic {

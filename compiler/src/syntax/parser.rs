@@ -37,7 +37,7 @@ where
     I: ValueInput<'t, Token = Token<'s>, Span = CSpan>,
 {
     select! { Token::Ident(name) => name }
-        .map_with(|name: &str, e| Ident { name: name.to_string(), span: sp(e.span()) })
+        .map_with(|name: &str, e| Ident { name: name.to_string(), sym: Symbol::default(), span: sp(e.span()) })
         .labelled("name")
 }
 
@@ -83,7 +83,7 @@ where
             .delimited_by(ctrl('('), ctrl(')'));
         let name_or_call = ident().then(call_args.or_not()).map(|(name, args)| match args {
             Some(args) => ExprKind::Call(name, args),
-            None => ExprKind::Var(name.name),
+            None => ExprKind::Var(name),
         });
         let braced = expr.clone().delimited_by(ctrl('{'), ctrl('}'));
         let if_expr = kw(Keyword::If)

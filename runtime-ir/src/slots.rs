@@ -1,0 +1,86 @@
+//! A dense table keyed by [`Buffer`], for passes that track per-buffer
+//! state on one rank at a time without hashing.
+
+use crate::ids::{Buffer, BufferKind};
+
+/// A value per buffer of a pipeline with `num_stages` stages and
+/// `num_microbatches` microbatches. [`BufferSlots::reset`] restores the
+/// default in time proportional to the entries set since the last reset,
+/// so one table serves every rank in turn.
+#[derive(Debug, Clone)]
+pub struct BufferSlots<T> {
+    num_stages: usize,
+    num_microbatches: usize,
+    values: Vec<T>,
+    touched: Vec<usize>,
+}
+
+impl<T: Copy + Default + PartialEq> BufferSlots<T> {
+    /// A table with every entry at `T::default()`.
+    pub fn new(num_stages: u32, num_microbatches: u32) -> BufferSlots<T> {
+        let (s, m) = (num_stages as usize, num_microbatches as usize);
+        BufferSlots { num_stages: s, num_microbatches: m, values: vec![T::default(); 3 * s * m], touched: Vec::new() }
+    }
+
+    /// The dense index of `buffer`, or `None` when its stage or microbatch is out of range.
+    fn index(&self, buffer: Buffer) -> Option<usize> {
+        let (stage, mb) = (buffer.stage.index(), buffer.mb.index());
+        if stage >= self.num_stages || mb >= self.num_microbatches {
+            return None;
+        }
+        let kind = match buffer.kind {
+            BufferKind::Act => 0,
+            BufferKind::Grad => 1,
+            BufferKind::Stash => 2,
+        };
+        Some((kind * self.num_stages + stage) * self.num_microbatches + mb)
+    }
+
+    /// The value for `buffer` (the default for buffers out of range).
+    pub fn get(&self, buffer: Buffer) -> T {
+        self.index(buffer).map_or_else(T::default, |i| self.values[i])
+    }
+
+    /// Sets the value for `buffer`; buffers out of range are ignored.
+    pub fn set(&mut self, buffer: Buffer, value: T) {
+        if let Some(i) = self.index(buffer) {
+            if self.values[i] == T::default() {
+                self.touched.push(i);
+            }
+            self.values[i] = value;
+        }
+    }
+
+    /// Every buffer whose value is not the default, with its value, in no
+    /// particular order.
+    pub fn entries(&self) -> impl Iterator<Item = (Buffer, T)> + '_ {
+        let mut seen = self.touched.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        seen.into_iter()
+            .filter(move |i| self.values[*i] != T::default())
+            .map(move |i| (self.buffer_at(i), self.values[i]))
+    }
+
+    fn buffer_at(&self, i: usize) -> Buffer {
+        let per_kind = self.num_stages * self.num_microbatches;
+        let kind = match i / per_kind {
+            0 => BufferKind::Act,
+            1 => BufferKind::Grad,
+            _ => BufferKind::Stash,
+        };
+        let rest = i % per_kind;
+        Buffer {
+            kind,
+            stage: crate::Stage((rest / self.num_microbatches) as u32),
+            mb: crate::Microbatch((rest % self.num_microbatches) as u32),
+        }
+    }
+
+    /// Restores every entry to the default.
+    pub fn reset(&mut self) {
+        for i in self.touched.drain(..) {
+            self.values[i] = T::default();
+        }
+    }
+}
