@@ -6,6 +6,7 @@
 //! Run with `cargo bench -p stpc --bench pipeline`.
 
 use divan::Bencher;
+use stp_ir::simulate::Semantics;
 use stpc::elab::ParamArgs;
 use stpc::pipeline::{self, Request};
 use stpc::syntax::span::SourceFile;
@@ -62,6 +63,7 @@ fn check_and_lower(bencher: Bencher, m: i64) {
     let schedule = pipeline::elaborate(&file, &request).expect("elaborates");
     bencher.with_inputs(|| schedule.clone()).bench_values(|schedule| {
         let checked = stpc::check::check(schedule).expect("checks");
-        stpc::lower::lower(&checked, Default::default()).expect("lowers").ranks.len()
+        let lowered = stpc::lower::lower(&checked, Default::default(), Semantics::Rendezvous).expect("lowers");
+        lowered.program.ranks.len()
     });
 }

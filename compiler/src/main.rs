@@ -5,6 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use stp_ir::simulate::Semantics;
 use stpc::diag::{self, Code, Diagnostic};
 use stpc::elab::{Limits, ParamArgs};
 use stpc::emit::{self, Emit};
@@ -75,9 +76,21 @@ struct Target {
     /// Refuse schedules with more compute ops than this.
     #[arg(long, value_name = "N", default_value_t = Limits::default().max_ops)]
     max_ops: usize,
+    /// The send semantics of the runtime the program must not deadlock
+    /// under: rendezvous (a send waits for its receive, as NCCL) or buffered.
+    #[arg(long, value_enum, default_value = "rendezvous")]
+    comm: CommArg,
     /// When to colour diagnostics.
     #[arg(long, value_enum, default_value = "auto")]
     color: ColorArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CommArg {
+    /// A send completes only together with its receive (NCCL).
+    Rendezvous,
+    /// A send completes at once.
+    Buffered,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -134,8 +147,8 @@ fn list() -> Result<(), Reported> {
 
 fn check(target: &Target) -> Result<(), Reported> {
     let file = load(target)?;
-    let checked = pipeline::check(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
-    let s = checked.schedule();
+    let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
+    let s = build.checked.schedule();
     let params: Vec<String> = s.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
     println!(
         "ok: {} ({}): {} ranks, {} stages, {} microbatches, {} ops",
@@ -210,6 +223,10 @@ fn request(target: &Target, verify_each: bool) -> Request {
         },
         limits: Limits { max_ops: target.max_ops, ..Limits::default() },
         lower: LowerOptions { verify_each },
+        comm: match target.comm {
+            CommArg::Rendezvous => Semantics::Rendezvous,
+            CommArg::Buffered => Semantics::Buffered,
+        },
     }
 }
 

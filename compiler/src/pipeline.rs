@@ -6,10 +6,11 @@ use crate::elab::{self, ComputeSchedule, Limits, ParamArgs};
 use crate::lower::{self, LowerOptions};
 use crate::sema::{self, Module};
 use crate::syntax::{self, span::SourceFile};
+use stp_ir::simulate::Semantics;
 use stp_ir::Program;
 
 /// What to compile and how.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Request {
     /// Which schedule of the file; `None` means the file's only one.
     pub schedule: Option<String>,
@@ -19,6 +20,20 @@ pub struct Request {
     pub limits: Limits,
     /// Lowering options.
     pub lower: LowerOptions,
+    /// The send semantics the program must be deadlock-free under.
+    pub comm: Semantics,
+}
+
+impl Default for Request {
+    fn default() -> Request {
+        Request {
+            schedule: None,
+            params: ParamArgs::default(),
+            limits: Limits::default(),
+            lower: LowerOptions::default(),
+            comm: Semantics::Rendezvous,
+        }
+    }
 }
 
 /// Parses and analyzes a file.
@@ -42,10 +57,29 @@ pub fn check(file: &SourceFile, request: &Request) -> Result<CheckedSchedule, Ve
     check::check(elaborate(file, request)?).map_err(diag::collapse_repeats)
 }
 
-/// The whole path: source to a verified program.
-pub fn compile(file: &SourceFile, request: &Request) -> Result<Program, Vec<Diagnostic>> {
+/// A compiled schedule: what was checked and the program it lowered to.
+#[derive(Debug, Clone)]
+pub struct Build {
+    /// The checked compute schedule.
+    pub checked: CheckedSchedule,
+    /// The verified program, deadlock-free under the requested semantics.
+    pub program: Program,
+}
+
+/// The whole path: source to a verified program that runs to completion
+/// under the requested send semantics.
+pub fn build(file: &SourceFile, request: &Request) -> Result<Build, Vec<Diagnostic>> {
     let checked = check(file, request)?;
-    lower::lower(&checked, request.lower).map_err(|e| vec![internal_error(&e)])
+    let lowered = lower::lower(&checked, request.lower, request.comm).map_err(|e| vec![internal_error(&e)])?;
+    if let Some(deadlock) = &lowered.deadlock {
+        return Err(vec![check::comm_deadlock::report_deadlock(&lowered.program, checked.schedule(), deadlock)]);
+    }
+    Ok(Build { checked, program: lowered.program })
+}
+
+/// [`build`], keeping only the program.
+pub fn compile(file: &SourceFile, request: &Request) -> Result<Program, Vec<Diagnostic>> {
+    build(file, request).map(|b| b.program)
 }
 
 fn internal_error(e: &lower::LowerError) -> Diagnostic {

@@ -9,8 +9,13 @@
 //!
 //! - **Issue order.** One host thread per rank issues its instructions in
 //!   order. A [`Instr::Compute`] runs on the rank's *compute stream*;
-//!   [`Instr::Send`] and [`Instr::Recv`] run on its *communication stream*.
-//!   Instructions on one stream execute in issue order.
+//!   [`Instr::Comm`] runs on its *communication stream*. Instructions on
+//!   one stream execute in issue order.
+//! - **Groups.** An [`Instr::Comm`] posts its [`Transfer`]s together, as an
+//!   NCCL group (`ncclGroupStart`/`ncclGroupEnd`): none of them waits for
+//!   another, and the instruction completes when all have. This is how a
+//!   rank sends one tensor while receiving another without deadlocking
+//!   (Megatron's `send_forward_recv_backward`).
 //! - **Buffers order the streams.** Buffers are named by what they hold
 //!   ([`Buffer`]: kind, stage, microbatch). An instruction that reads a buffer
 //!   waits until the instruction that made it live has finished, whichever
@@ -24,12 +29,14 @@
 //!   one rank a buffer is made live at most once and freed exactly once.
 //! - **Send/receive matching.** A send of buffer `b` from rank `a` to rank
 //!   `c` matches the receive of `b` on `c` from `a`. On each directed link
-//!   (`a` to `c`) messages match in posting order, as NCCL point-to-point
-//!   operations do: the k-th send on the link pairs with the k-th receive, and
-//!   [`verify()`] requires that they name the same buffer. Whether a send
-//!   blocks until the receive is posted (rendezvous, as NCCL) or completes at
-//!   once (buffered) is the runtime's choice; a correct program must be
-//!   deadlock-free under rendezvous.
+//!   (`a` to `c`) messages match in posting order (within a group, in the
+//!   order the group lists them), as NCCL point-to-point operations do: the
+//!   k-th send on the link pairs with the k-th receive, and [`verify()`]
+//!   requires that they name the same buffer.
+//! - **Blocking.** Under *rendezvous* semantics (NCCL's) a send completes
+//!   only together with its matching receive, once both are posted; under
+//!   *buffered* semantics it completes at once. A correct program is
+//!   deadlock-free under both; [`simulate::find_deadlock`] checks either.
 //! - **Braided passes.** A compute with two passes (STP's `F & B`) runs both;
 //!   a runtime may interleave their units so that one pass's tensor-parallel
 //!   collectives overlap the other's compute.
@@ -43,12 +50,15 @@
 
 mod ids;
 mod program;
+pub mod simulate;
 mod slots;
 mod text;
 mod verify;
 
 pub use ids::{Buffer, BufferKind, IdParseError, Microbatch, Rank, Stage};
-pub use program::{Compute, Instr, Param, Pass, PassKind, Program, RankProgram, ScheduleMeta, FORMAT_VERSION};
+pub use program::{
+    Compute, Direction, Instr, Param, Pass, PassKind, Program, RankProgram, ScheduleMeta, Transfer, FORMAT_VERSION,
+};
 pub use slots::BufferSlots;
 pub use text::{parse_text, print_text, TextError};
 pub use verify::{verify, VerifyError};

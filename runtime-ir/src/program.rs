@@ -68,26 +68,67 @@ pub struct RankProgram {
 pub enum Instr {
     /// Run compute passes on the compute stream.
     Compute(Compute),
-    /// Send a live buffer to `to` on the communication stream.
-    Send {
-        /// The buffer sent; it stays live on the sender until freed.
-        buffer: Buffer,
-        /// The receiving rank; never the sender itself.
-        to: Rank,
-    },
-    /// Receive a buffer from `from` on the communication stream; the buffer
-    /// becomes live when the data has arrived.
-    Recv {
-        /// The buffer received; it must not be live on this rank already.
-        buffer: Buffer,
-        /// The sending rank; never the receiver itself.
-        from: Rank,
-    },
+    /// Post point-to-point transfers together on the communication stream
+    /// (one NCCL group): none of them waits for another, and the
+    /// instruction completes when all of them have. Never empty.
+    Comm(Vec<Transfer>),
     /// Release a buffer once every earlier instruction that uses it is done.
     Free {
         /// The buffer released; it must be live.
         buffer: Buffer,
     },
+}
+
+/// Which way a transfer goes, seen from the rank that posts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Send a live buffer to the peer; it stays live here until freed.
+    Send,
+    /// Receive a buffer from the peer; it becomes live when the data has
+    /// arrived, and must not be live here already.
+    Recv,
+}
+
+/// One point-to-point transfer of a [`Instr::Comm`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Transfer {
+    /// Send or receive.
+    pub dir: Direction,
+    /// The buffer that travels.
+    pub buffer: Buffer,
+    /// The other rank; never the rank that posts the transfer.
+    pub peer: Rank,
+}
+
+impl Transfer {
+    /// A send of `buffer` to `to`.
+    pub fn send(buffer: Buffer, to: Rank) -> Transfer {
+        Transfer { dir: Direction::Send, buffer, peer: to }
+    }
+
+    /// A receive of `buffer` from `from`.
+    pub fn recv(buffer: Buffer, from: Rank) -> Transfer {
+        Transfer { dir: Direction::Recv, buffer, peer: from }
+    }
+
+    /// The directed link `(sender, receiver)` this transfer uses when
+    /// posted by `rank`.
+    pub fn link(&self, rank: Rank) -> (Rank, Rank) {
+        match self.dir {
+            Direction::Send => (rank, self.peer),
+            Direction::Recv => (self.peer, rank),
+        }
+    }
+}
+
+impl fmt::Display for Transfer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.dir {
+            Direction::Send => write!(f, "send {} -> {}", self.buffer, self.peer),
+            Direction::Recv => write!(f, "recv {} <- {}", self.buffer, self.peer),
+        }
+    }
 }
 
 /// One compute instruction: a single pass, or two passes braided together
@@ -223,40 +264,60 @@ impl fmt::Display for Compute {
 }
 
 impl fmt::Display for Instr {
+    /// One line, except that a group of transfers prints as a block:
+    /// `group {`, one transfer per line, `}`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Instr::Compute(c) => write!(f, "{c}"),
-            Instr::Send { buffer, to } => write!(f, "send {buffer} -> {to}"),
-            Instr::Recv { buffer, from } => write!(f, "recv {buffer} <- {from}"),
+            Instr::Comm(ops) if ops.len() == 1 => write!(f, "{}", ops[0]),
+            Instr::Comm(ops) => {
+                f.write_str("group {")?;
+                for op in ops {
+                    write!(f, "\n    {op}")?;
+                }
+                f.write_str("\n  }")
+            }
             Instr::Free { buffer } => write!(f, "free {buffer}"),
         }
     }
 }
 
 impl Instr {
+    /// A single send.
+    pub fn send(buffer: Buffer, to: Rank) -> Instr {
+        Instr::Comm(vec![Transfer::send(buffer, to)])
+    }
+
+    /// A single receive.
+    pub fn recv(buffer: Buffer, from: Rank) -> Instr {
+        Instr::Comm(vec![Transfer::recv(buffer, from)])
+    }
+
+    /// The transfers of a communication instruction (empty for others).
+    pub fn transfers(&self) -> &[Transfer] {
+        match self {
+            Instr::Comm(ops) => ops,
+            _ => &[],
+        }
+    }
+
+    /// The passes of a compute instruction (empty for others).
+    pub fn passes(&self) -> &[Pass] {
+        match self {
+            Instr::Compute(c) => &c.passes,
+            _ => &[],
+        }
+    }
+
     /// The buffers this instruction reads (a send reads what it sends).
     pub fn reads(&self, num_stages: u32) -> impl Iterator<Item = Buffer> + '_ {
-        let passes = match self {
-            Instr::Compute(c) => c.passes.as_slice(),
-            _ => &[],
-        };
-        let sent = match self {
-            Instr::Send { buffer, .. } => Some(*buffer),
-            _ => None,
-        };
-        passes.iter().flat_map(move |p| p.reads(num_stages)).chain(sent)
+        let sent = self.transfers().iter().filter(|t| t.dir == Direction::Send).map(|t| t.buffer);
+        self.passes().iter().flat_map(move |p| p.reads(num_stages)).chain(sent)
     }
 
     /// The buffers this instruction makes live.
     pub fn writes(&self) -> impl Iterator<Item = Buffer> + '_ {
-        let passes = match self {
-            Instr::Compute(c) => c.passes.as_slice(),
-            _ => &[],
-        };
-        let received = match self {
-            Instr::Recv { buffer, .. } => Some(*buffer),
-            _ => None,
-        };
-        passes.iter().flat_map(Pass::writes).chain(received)
+        let received = self.transfers().iter().filter(|t| t.dir == Direction::Recv).map(|t| t.buffer);
+        self.passes().iter().flat_map(Pass::writes).chain(received)
     }
 }

@@ -14,14 +14,20 @@
 //! rank r0 {
 //!   F s0 mb0
 //!   send act.s0.mb0 -> r1
+//!   group {
+//!     send act.s0.mb1 -> r1
+//!     recv grad.s1.mb0 <- r1
+//!   }
 //!   ...
 //! }
 //! ```
 //!
 //! Blank lines and lines starting with `#` are ignored by the reader.
 
-use crate::ids::{Buffer, Rank};
-use crate::program::{Compute, Instr, Param, Pass, PassKind, Program, RankProgram, ScheduleMeta, FORMAT_VERSION};
+use crate::ids::Rank;
+use crate::program::{
+    Compute, Instr, Param, Pass, PassKind, Program, RankProgram, ScheduleMeta, Transfer, FORMAT_VERSION,
+};
 use std::fmt::{self, Write as _};
 
 /// Why a text program could not be read.
@@ -140,6 +146,10 @@ pub fn parse_text(text: &str) -> Result<Program, TextError> {
             if l == "}" {
                 break;
             }
+            if l == "group {" {
+                instrs.push(parse_group(&mut lines, line, rank)?);
+                continue;
+            }
             instrs.push(parse_instr(l, line)?);
         }
         ranks.push(RankProgram { rank, instrs });
@@ -190,15 +200,44 @@ where
     word.parse().map_err(|e: crate::ids::IdParseError| err(line, e.to_string()))
 }
 
+/// Reads the transfers of a `group {` block up to its closing `}`.
+fn parse_group<'a>(
+    lines: &mut impl Iterator<Item = (usize, &'a str)>,
+    open_line: usize,
+    rank: Rank,
+) -> Result<Instr, TextError> {
+    let mut ops = Vec::new();
+    for (line, l) in lines {
+        if l == "}" {
+            if ops.is_empty() {
+                return Err(err(open_line, "a group holds at least one transfer"));
+            }
+            return Ok(Instr::Comm(ops));
+        }
+        ops.push(
+            parse_transfer(l, line)?
+                .ok_or_else(|| err(line, format!("expected a send or recv in a group, found `{l}`")))?,
+        );
+    }
+    Err(err(open_line, format!("the group in rank {rank} is not closed with `}}`")))
+}
+
+/// A `send BUF -> rN` or `recv BUF <- rN` line; `None` for anything else.
+fn parse_transfer(l: &str, line: usize) -> Result<Option<Transfer>, TextError> {
+    let words: Vec<&str> = l.split_whitespace().collect();
+    Ok(match words.as_slice() {
+        ["send", buffer, "->", to] => Some(Transfer::send(parse_id(buffer, line)?, parse_id(to, line)?)),
+        ["recv", buffer, "<-", from] => Some(Transfer::recv(parse_id(buffer, line)?, parse_id(from, line)?)),
+        _ => None,
+    })
+}
+
 fn parse_instr(l: &str, line: usize) -> Result<Instr, TextError> {
+    if let Some(transfer) = parse_transfer(l, line)? {
+        return Ok(Instr::Comm(vec![transfer]));
+    }
     let words: Vec<&str> = l.split_whitespace().collect();
     match words.as_slice() {
-        ["send", buffer, "->", to] => {
-            Ok(Instr::Send { buffer: parse_id::<Buffer>(buffer, line)?, to: parse_id(to, line)? })
-        }
-        ["recv", buffer, "<-", from] => {
-            Ok(Instr::Recv { buffer: parse_id(buffer, line)?, from: parse_id(from, line)? })
-        }
         ["free", buffer] => Ok(Instr::Free { buffer: parse_id(buffer, line)? }),
         _ => {
             let passes = l.split('&').map(|p| parse_pass(p.trim(), line)).collect::<Result<_, _>>()?;

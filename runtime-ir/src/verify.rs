@@ -19,7 +19,7 @@
 //!    and none is live at the end.
 
 use crate::ids::{Buffer, BufferKind, Rank, Stage};
-use crate::program::{Instr, Program};
+use crate::program::{Direction, Instr, Program, Transfer};
 use crate::slots::BufferSlots;
 use std::collections::HashMap;
 use std::fmt;
@@ -180,25 +180,12 @@ impl Verifier<'_> {
                     }
                 }
             }
-            Instr::Send { buffer, to: peer } | Instr::Recv { buffer, from: peer } => {
-                if !stage_ok(buffer.stage) || buffer.mb.0 >= meta.num_microbatches {
-                    self.error(Some(rank), Some(i), format!("`{instr}` names a stage or microbatch out of range"));
-                    return;
+            Instr::Comm(ops) => {
+                if ops.is_empty() {
+                    self.error(Some(rank), Some(i), "a communication group holds no transfer".into());
                 }
-                if peer.0 >= meta.num_ranks || *peer == rank {
-                    self.error(Some(rank), Some(i), format!("`{instr}` names peer {peer}, which is not another rank"));
-                    return;
-                }
-                let (sender, receiver) =
-                    if matches!(instr, Instr::Send { .. }) { (rank, *peer) } else { (*peer, rank) };
-                match self.transfer_route(*buffer) {
-                    Some(route) if route == (sender, receiver) => {}
-                    Some((from, to)) => self.error(
-                        Some(rank),
-                        Some(i),
-                        format!("`{instr}`: {buffer} travels from {from} to {to}, not from {sender} to {receiver}"),
-                    ),
-                    None => self.error(Some(rank), Some(i), format!("`{instr}`: {buffer} is never transferred")),
+                for t in ops {
+                    self.check_transfer(rank, i, t);
                 }
             }
             Instr::Free { buffer } => {
@@ -206,6 +193,29 @@ impl Verifier<'_> {
                     self.error(Some(rank), Some(i), format!("`{instr}` names a stage or microbatch out of range"));
                 }
             }
+        }
+    }
+
+    fn check_transfer(&mut self, rank: Rank, i: usize, t: &Transfer) {
+        let meta = &self.program.schedule;
+        let buffer = t.buffer;
+        if buffer.stage.0 >= meta.num_stages || buffer.mb.0 >= meta.num_microbatches {
+            self.error(Some(rank), Some(i), format!("`{t}` names a stage or microbatch out of range"));
+            return;
+        }
+        if t.peer.0 >= meta.num_ranks || t.peer == rank {
+            self.error(Some(rank), Some(i), format!("`{t}` names peer {}, which is not another rank", t.peer));
+            return;
+        }
+        let (sender, receiver) = t.link(rank);
+        match self.transfer_route(buffer) {
+            Some(route) if route == (sender, receiver) => {}
+            Some((from, to)) => self.error(
+                Some(rank),
+                Some(i),
+                format!("`{t}`: {buffer} travels from {from} to {to}, not from {sender} to {receiver}"),
+            ),
+            None => self.error(Some(rank), Some(i), format!("`{t}`: {buffer} is never transferred")),
         }
     }
 
@@ -230,10 +240,12 @@ impl Verifier<'_> {
         let mut recvs: HashMap<(Rank, Rank), Posts> = HashMap::new();
         for rank in &self.program.ranks {
             for (i, instr) in rank.instrs.iter().enumerate() {
-                match instr {
-                    Instr::Send { buffer, to } => sends.entry((rank.rank, *to)).or_default().push((*buffer, i)),
-                    Instr::Recv { buffer, from } => recvs.entry((*from, rank.rank)).or_default().push((*buffer, i)),
-                    _ => {}
+                for t in instr.transfers() {
+                    let posts = match t.dir {
+                        Direction::Send => &mut sends,
+                        Direction::Recv => &mut recvs,
+                    };
+                    posts.entry(t.link(rank.rank)).or_default().push((t.buffer, i));
                 }
             }
         }

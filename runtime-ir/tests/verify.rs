@@ -124,7 +124,7 @@ fn ids_out_of_range_are_refused() {
     program.ranks[0].instrs.push(Instr::Free { buffer: Buffer::act(Stage(7), Microbatch(0)) });
     assert_refused(&program, "out of range");
     let mut program = valid();
-    program.ranks[0].instrs[1] = Instr::Send { buffer: Buffer::act(Stage(0), Microbatch(0)), to: Rank(5) };
+    program.ranks[0].instrs[1] = Instr::send(Buffer::act(Stage(0), Microbatch(0)), Rank(5));
     assert_refused(&program, "not another rank");
 }
 
@@ -133,8 +133,23 @@ fn a_transfer_to_the_wrong_rank_is_refused() {
     let text = VALID.replace("place r0 r1", "place r0 r1\n").replace("ranks 2", "ranks 3");
     let mut program = parse_text(&text).expect("parses");
     program.ranks.push(stp_ir::RankProgram { rank: Rank(2), instrs: Vec::new() });
-    program.ranks[0].instrs[1] = Instr::Send { buffer: Buffer::act(Stage(0), Microbatch(0)), to: Rank(2) };
+    program.ranks[0].instrs[1] = Instr::send(Buffer::act(Stage(0), Microbatch(0)), Rank(2));
     assert_refused(&program, "travels from r0 to r1, not from r0 to r2");
+}
+
+#[test]
+fn groups_print_parse_and_match_in_posting_order() {
+    let grouped = VALID.replace(
+        "  send act.s0.mb1 -> r1\n  free act.s0.mb1\n  recv grad.s1.mb0 <- r1\n",
+        "  group {\n    send act.s0.mb1 -> r1\n    recv grad.s1.mb0 <- r1\n  }\n  free act.s0.mb1\n",
+    );
+    assert_ne!(grouped, VALID);
+    let program = parse_text(&grouped).expect("grouped program parses");
+    assert_eq!(print_text(&program), grouped);
+    assert_eq!(errors_of(&program), Vec::<String>::new());
+    assert_eq!(load_json(&to_json(&program)).ok(), Some(program));
+    let empty = VALID.replace("  send act.s0.mb1 -> r1\n", "  group {\n  }\n");
+    assert!(parse_text(&empty).expect_err("empty group").message.contains("at least one transfer"));
 }
 
 #[test]

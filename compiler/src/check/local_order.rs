@@ -1,19 +1,28 @@
 //! Invariant 2: passes that depend on each other and share a rank run in
-//! dependency order.
+//! dependency order, and a braided op pairs passes of different microbatches.
 
-use super::{describe, PassIndex, Position};
+use super::{describe, producers, PassIndex, Position};
 use crate::diag::{Code, Diagnostic};
 use crate::elab::ComputeSchedule;
-use stp_ir::{Microbatch, Pass, PassKind, Stage};
+use stp_ir::Pass;
 
 pub(super) fn check(s: &ComputeSchedule, index: &PassIndex) -> Vec<Diagnostic> {
     let mut errors = Vec::new();
-    for stage in (0..s.num_stages).map(Stage) {
-        for mb in (0..s.num_microbatches).map(Microbatch) {
-            for (needs, producer) in dependencies(s, stage, mb, index) {
-                let (Some(at), Some(dep)) = (index.first(needs), index.first(producer)) else { continue };
-                if at.rank == dep.rank && dep.index >= at.index {
-                    errors.push(out_of_order(s, needs, at, producer, dep));
+    for (r, ops) in s.ranks.iter().enumerate() {
+        for (i, op) in ops.iter().enumerate() {
+            let at = Position { rank: stp_ir::Rank(r as u32), index: i };
+            if let [a, b] = op.compute.passes.as_slice() {
+                if a.mb == b.mb && a.stage == b.stage {
+                    errors.push(same_microbatch_braided(s, *a, *b, at));
+                    continue;
+                }
+            }
+            for &pass in &op.compute.passes {
+                for producer in producers(pass, s.num_stages, index) {
+                    let Some(dep) = index.first(producer) else { continue };
+                    if dep.rank == at.rank && dep.index >= at.index {
+                        errors.push(out_of_order(s, pass, at, producer, dep));
+                    }
                 }
             }
         }
@@ -21,29 +30,11 @@ pub(super) fn check(s: &ComputeSchedule, index: &PassIndex) -> Vec<Diagnostic> {
     errors
 }
 
-/// (pass, pass it needs) pairs for one (stage, microbatch).
-fn dependencies(s: &ComputeSchedule, stage: Stage, mb: Microbatch, index: &PassIndex) -> Vec<(Pass, Pass)> {
-    let pass = |kind, stage| Pass { kind, stage, mb };
-    let backward_of = |st: Stage| {
-        if index.first(pass(PassKind::BW, st)).is_some() {
-            pass(PassKind::BW, st)
-        } else {
-            pass(PassKind::B, st)
-        }
-    };
-    let mut deps = Vec::new();
-    let backward = backward_of(stage);
-    deps.push((backward, pass(PassKind::F, stage)));
-    if backward.kind == PassKind::B {
-        deps.push((pass(PassKind::W, stage), backward));
-    }
-    if stage.0 > 0 {
-        deps.push((pass(PassKind::F, stage), pass(PassKind::F, Stage(stage.0 - 1))));
-    }
-    if stage.0 + 1 < s.num_stages {
-        deps.push((backward, backward_of(Stage(stage.0 + 1))));
-    }
-    deps
+fn same_microbatch_braided(s: &ComputeSchedule, a: Pass, b: Pass, at: Position) -> Diagnostic {
+    let origin = &s.ranks[at.rank.index()][at.index].origin;
+    Diagnostic::new(Code::LocalOrder, format!("{} is braided with {} of the same microbatch", describe(a), describe(b)))
+        .with_label(origin.span, format!("both passes are (mb {}, stage {}) ({origin})", a.mb.0, a.stage.0))
+        .with_note("a braided pair overlaps two independent passes; passes of one microbatch depend on each other")
 }
 
 fn out_of_order(s: &ComputeSchedule, needs: Pass, at: Position, producer: Pass, dep: Position) -> Diagnostic {

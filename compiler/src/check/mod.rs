@@ -12,9 +12,25 @@
 //!    the backward of `(i, s)`, `B` before `W`; and where a pass consumes the
 //!    output of a neighbouring stage on the same rank (`F(i, s)` needs
 //!    `F(i, s-1)`, a backward of `(i, s)` needs the backward of
-//!    `(i, s+1)`), the producer runs strictly earlier.
+//!    `(i, s+1)`), the producer runs strictly earlier; a braided op pairs
+//!    passes of different (stage, microbatch).
+//! 3. **No dependency cycle** (`cycle.rs`): program order on every rank
+//!    plus the data dependencies of every pass (`F(i, s)` needs `F(i, s-1)`;
+//!    the backward of `(i, s)` needs `F(i, s)` and the backward of
+//!    `(i, s+1)`; `W` needs `B`) form an acyclic graph. Otherwise the
+//!    shortest cycle is reported as a chain of waits.
+//!
+//! Checked on the lowered program, after lowering (`comm_deadlock.rs`):
+//!
+//! 4. **No deadlock under the runtime's send semantics**: the rank programs
+//!    run to completion when every send waits for its receive (rendezvous,
+//!    NCCL's behaviour; the default) or, if asked, with buffered sends.
+//!    Per-link FIFO order of the transfers is verified by `stp_ir::verify`.
 
+pub mod comm_deadlock;
 mod coverage;
+mod cycle;
+pub mod grid;
 mod local_order;
 
 use crate::diag::Diagnostic;
@@ -40,6 +56,9 @@ pub fn check(schedule: ComputeSchedule) -> Result<CheckedSchedule, Vec<Diagnosti
     let mut errors = coverage::check(&schedule, &index);
     if errors.is_empty() {
         errors.extend(local_order::check(&schedule, &index));
+    }
+    if errors.is_empty() {
+        errors.extend(cycle::check(&schedule, &index));
     }
     if errors.is_empty() {
         Ok(CheckedSchedule { schedule })
@@ -107,6 +126,30 @@ fn kind_index(kind: PassKind) -> usize {
         PassKind::W => 2,
         PassKind::BW => 3,
     }
+}
+
+/// The passes `pass` consumes the output of: `F(i, s)` needs `F(i, s-1)`;
+/// a backward of `(i, s)` needs `F(i, s)` and the backward of `(i, s+1)`
+/// (whichever of `B` or `BW` the schedule runs there); `W(i, s)` needs
+/// `B(i, s)`.
+pub(crate) fn producers(pass: Pass, num_stages: u32, index: &PassIndex) -> impl Iterator<Item = Pass> {
+    let at = |kind, stage| Pass { kind, stage, mb: pass.mb };
+    let backward_of = |stage: Stage| {
+        if index.first(at(PassKind::BW, stage)).is_some() {
+            at(PassKind::BW, stage)
+        } else {
+            at(PassKind::B, stage)
+        }
+    };
+    let next = Stage(pass.stage.0 + 1);
+    let deps = match pass.kind {
+        PassKind::F => [pass.stage.0.checked_sub(1).map(|prev| at(PassKind::F, Stage(prev))), None],
+        PassKind::B | PassKind::BW => {
+            [Some(at(PassKind::F, pass.stage)), (next.0 < num_stages).then(|| backward_of(next))]
+        }
+        PassKind::W => [Some(at(PassKind::B, pass.stage)), None],
+    };
+    deps.into_iter().flatten()
 }
 
 /// `F(mb 3, stage 1)`: how diagnostics name a pass.

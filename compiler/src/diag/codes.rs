@@ -44,6 +44,18 @@ pub enum Code {
     Coverage,
     /// Passes of one (stage, microbatch) run in the wrong order on their rank.
     LocalOrder,
+    /// Ops wait for each other in a cycle: the schedule deadlocks whatever the runtime.
+    DependencyCycle,
+    /// The lowered program deadlocks under the runtime's send semantics.
+    CommDeadlock,
+    /// A rank's live activation memory exceeds the budget.
+    MemoryBudget,
+    /// A bare `W` runs with no deferred weight gradient pending.
+    NothingDeferred,
+    /// More weight gradients are deferred than the schedule allows.
+    DeferredLimit,
+    /// A `check` directive found an instance that `require` admits but that fails.
+    CheckFailed,
     /// A bug in stpc itself.
     Internal,
 }
@@ -61,7 +73,7 @@ pub struct CodeInfo {
 
 impl Code {
     /// Every code, in numeric order.
-    pub const ALL: [Code; 20] = [
+    pub const ALL: [Code; 26] = [
         Code::Syntax,
         Code::UnknownName,
         Code::TypeMismatch,
@@ -81,6 +93,12 @@ impl Code {
         Code::OpArgs,
         Code::Coverage,
         Code::LocalOrder,
+        Code::DependencyCycle,
+        Code::CommDeadlock,
+        Code::MemoryBudget,
+        Code::NothingDeferred,
+        Code::DeferredLimit,
+        Code::CheckFailed,
         Code::Internal,
     ];
 
@@ -121,6 +139,12 @@ impl Code {
             Code::OpArgs => ("E0017", "malformed op", "An op's arguments are malformed: a named argument other than `mb` and `stage`, an argument given twice, a positional argument after a named one, more than two arguments, or more than two passes braided with `&`."),
             Code::Coverage => ("E0018", "missing or repeated pass", "Every (stage, microbatch) needs exactly one F and either one BW or one B and one W; a braided op counts as each of its passes. The report names the pass that is missing or repeated."),
             Code::LocalOrder => ("E0019", "passes out of order", "On the rank that owns a stage, F(mb, s) must come before its backward, B before W, and a pass must come after the pass of the neighbouring stage it consumes when that stage lives on the same rank."),
+            Code::DependencyCycle => ("E0020", "dependency cycle (deadlock)", "Every pass waits for the passes whose output it consumes (F(i, s) for F(i, s-1); the backward of (i, s) for the backward of (i, s+1)), and every rank runs its ops in program order. When these waits form a cycle, the schedule deadlocks on any runtime. The report shows the shortest cycle as a chain of ops, each with its rank, line and loop iteration."),
+            Code::CommDeadlock => ("E0021", "deadlock under rendezvous sends", "The lowered program deadlocks when a send completes only together with its receive, as NCCL point-to-point sends do (and as PyTorch and Megatron meet them, as hangs). The report shows where every rank is blocked and on which transfer. Typical causes: a rank sends before its peer can post the receive while the peer is itself sending, or two logical streams share a link and the receiver needs the later message first. Reorder the ops so each rank's sends meet posted receives; use --comm buffered only if your runtime really buffers sends."),
+            Code::MemoryBudget => ("E0022", "memory over budget", "A rank's live activation memory, under the schedule's memory model (memory { ... } block or --mem), exceeds its budget. The report shows the op that crosses the budget and what is live at that moment. Run fewer forwards ahead, or raise the budget if the hardware allows it."),
+            Code::NothingDeferred => ("E0023", "no deferred weight gradient", "A bare `W` runs the oldest deferred weight-gradient pass (deferred with `B(...) defer`), but none is pending on this rank at that point."),
+            Code::DeferredLimit => ("E0024", "too many deferred weight gradients", "More weight-gradient passes are deferred at once than the schedule's `max_deferred` bound allows. Each one keeps its stash alive; run a `W` earlier, or raise the bound."),
+            Code::CheckFailed => ("E0025", "check directive failed", "A `check` directive (or `stpc check --sweep`) evaluated the schedule over a family of parameters and found an instance that every `require` admits but that fails to compile. Either the schedule is wrong there or its `require` clauses are too weak; the report names the instance and shows its error."),
             Code::Internal => ("E0999", "internal compiler error", "stpc produced an invalid program from a schedule it had checked. This is a bug in stpc, not in the schedule; please report it with the schedule and the parameters."),
         }
     }

@@ -3,9 +3,9 @@
 //!
 //! A send follows the op that produces a buffer another rank consumes. The
 //! consumer posts receives before the op that needs the buffer, in the
-//! order the producer sends on that link: messages on a link match in
-//! posting order, so when an op needs a buffer that was sent after others
-//! on the same link, those others are received first and held.
+//! order the producer sends on that link: messages on a link match in posting order,
+//! so when an op needs a buffer that was sent after others on the same link,
+//! those others are received first and held.
 
 use crate::elab::ComputeSchedule;
 use std::collections::{HashMap, VecDeque};
@@ -20,16 +20,17 @@ pub(super) fn run(s: &ComputeSchedule) -> Program {
     let ranks = (0..s.num_ranks)
         .map(|r| {
             let rank = Rank(r);
-            let mut instrs = Vec::with_capacity(s.ranks[r as usize].len() * 2);
+            let ops = &s.ranks[r as usize];
             received.reset();
-            for op in &s.ranks[r as usize] {
+            let mut instrs = Vec::with_capacity(ops.len() * 3);
+            for op in ops {
                 for buffer in remote_inputs(&op.compute, s.num_stages, rank, &route) {
                     receive_through(buffer, rank, &route, &mut link_order, &mut received, &mut instrs);
                 }
                 instrs.push(Instr::Compute(op.compute.clone()));
                 for buffer in op.compute.passes.iter().flat_map(|p| p.writes()) {
                     if let Some(to) = route.consumer(buffer).filter(|to| *to != rank) {
-                        instrs.push(Instr::Send { buffer, to });
+                        instrs.push(Instr::send(buffer, to));
                     }
                 }
             }
@@ -119,7 +120,7 @@ fn receive_through(
     let Some(queue) = link_order.get_mut(&(from, rank)) else { return };
     while !received.get(buffer) {
         let Some(next) = queue.pop_front() else { return };
-        instrs.push(Instr::Recv { buffer: next, from });
+        instrs.push(Instr::recv(next, from));
         received.set(next, true);
     }
 }

@@ -3,16 +3,27 @@
 //! 1. `insert_transfers`: compute ops become instructions, with a send after
 //!    each op whose output another rank consumes and receives before each op
 //!    that consumes another rank's output, posted in each link's send order.
-//! 2. `insert_frees`: a free after each buffer's last use on its rank.
+//! 2. `group_transfers`: consecutive transfers become one group, posted
+//!    together, so a rank that sends one tensor and receives another does
+//!    not wait for the send before posting the receive (which deadlocks
+//!    under NCCL's rendezvous sends: 1F1B's steady state needs this).
+//! 3. `hoist_receives` (rendezvous runtimes): runs the program and, where a
+//!    rank waits on a send whose receive its blocked peer would post only
+//!    later, moves that receive into the peer's current group, as
+//!    Megatron's combined send/receive calls do by hand
+//!    ([`stp_ir::simulate::hoist_receives`]). Interleaved 1F1B needs this.
+//! 4. `insert_frees`: a free after each buffer's last use on its rank.
 //!
 //! The result is verified with [`stp_ir::verify`] after the last pass, or
 //! after every pass with [`LowerOptions::verify_each`]. A verification
 //! failure here is a compiler bug, reported as such.
 
+mod group_transfers;
 mod insert_frees;
 mod insert_transfers;
 
 use crate::check::CheckedSchedule;
+use stp_ir::simulate::{find_deadlock, hoist_receives, Deadlock, Semantics};
 use stp_ir::{verify, Program, VerifyError};
 
 /// Knobs for lowering.
@@ -43,17 +54,44 @@ impl std::fmt::Display for LowerError {
 
 impl std::error::Error for LowerError {}
 
-/// Lowers a checked schedule to rank programs.
-pub fn lower(checked: &CheckedSchedule, options: LowerOptions) -> Result<Program, LowerError> {
+/// What lowering produced.
+#[derive(Debug, Clone)]
+pub struct Lowered {
+    /// The verified program.
+    pub program: Program,
+    /// How many receives `hoist_receives` moved into earlier groups.
+    pub hoisted: usize,
+    /// Set when the program deadlocks under the requested semantics even
+    /// after regrouping: the checker reports it.
+    pub deadlock: Option<Deadlock>,
+}
+
+/// Lowers a checked schedule to rank programs for a runtime with the given
+/// send semantics.
+pub fn lower(checked: &CheckedSchedule, options: LowerOptions, semantics: Semantics) -> Result<Lowered, LowerError> {
     let schedule = checked.schedule();
     let mut program = insert_transfers::run(schedule);
     if options.verify_each {
         // Buffers are not freed yet, so only leaks may be reported here.
         verify_ignoring_leaks(&program, "insert_transfers")?;
     }
+    group_transfers::run(&mut program);
+    if options.verify_each {
+        verify_ignoring_leaks(&program, "group_transfers")?;
+    }
+    let (hoisted, deadlock) = match semantics {
+        Semantics::Rendezvous => match hoist_receives(&mut program) {
+            Ok(moved) => (moved, None),
+            Err(deadlock) => (0, Some(deadlock)),
+        },
+        Semantics::Buffered => (0, find_deadlock(&program, semantics).err()),
+    };
+    if options.verify_each {
+        verify_ignoring_leaks(&program, "hoist_receives")?;
+    }
     insert_frees::run(&mut program);
     verify(&program).map_err(|errors| LowerError { pass: "insert_frees", errors })?;
-    Ok(program)
+    Ok(Lowered { program, hoisted, deadlock })
 }
 
 fn verify_ignoring_leaks(program: &Program, pass: &'static str) -> Result<(), LowerError> {

@@ -1,0 +1,462 @@
+//! Executes rank programs without timing to find deadlocks, under buffered
+//! or rendezvous point-to-point semantics.
+//!
+//! Compute and frees complete at once. A [`Instr::Comm`] posts all its
+//! transfers and completes when each has: under [`Semantics::Buffered`] a
+//! send completes when posted and a receive when its message has been sent;
+//! under [`Semantics::Rendezvous`] a send and its receive complete together,
+//! once both are posted. On every link messages complete in order. Running
+//! ranks as far as they can go and stopping when none can is exact for this
+//! model: completing one transfer never prevents another.
+
+use crate::ids::Rank;
+use crate::program::{Direction, Instr, Program, Transfer};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+
+/// How a send behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Semantics {
+    /// A send completes as soon as it is posted (unbounded buffering).
+    Buffered,
+    /// A send completes only together with its matching receive, once both
+    /// are posted: NCCL's point-to-point behaviour.
+    Rendezvous,
+}
+
+impl fmt::Display for Semantics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Semantics::Buffered => "buffered",
+            Semantics::Rendezvous => "rendezvous",
+        })
+    }
+}
+
+/// Why a posted transfer has not completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The peer has not posted the matching transfer.
+    PeerNotPosted,
+    /// An earlier message on the same link has not completed.
+    EarlierMessage,
+}
+
+/// A transfer a blocked rank is waiting on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pending {
+    /// The transfer.
+    pub transfer: Transfer,
+    /// Why it has not completed.
+    pub wait: Wait,
+}
+
+/// One rank that cannot proceed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    /// The rank.
+    pub rank: Rank,
+    /// Index of the instruction it is blocked in.
+    pub instr: usize,
+    /// Its transfers that have not completed.
+    pub pending: Vec<Pending>,
+}
+
+/// A state in which some ranks have instructions left and none can proceed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deadlock {
+    /// The semantics under which it happens.
+    pub semantics: Semantics,
+    /// Every rank that has not finished, in rank order.
+    pub blocked: Vec<Blocked>,
+}
+
+impl fmt::Display for Deadlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "deadlock under {} sends:", self.semantics)?;
+        for b in &self.blocked {
+            let pending: Vec<String> = b.pending.iter().map(|p| p.transfer.to_string()).collect();
+            writeln!(f, "  {} blocked in instruction {}: {}", b.rank, b.instr, pending.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
+type Link = (Rank, Rank);
+
+/// A posted, incomplete transfer: the rank and its slot in the rank's current group.
+#[derive(Debug, Clone, Copy)]
+struct Posted {
+    rank: Rank,
+    slot: usize,
+}
+
+#[derive(Default)]
+struct LinkState {
+    sends_done: u32,
+    recvs_done: u32,
+    /// Posted, incomplete sends and receives by sequence number on the link.
+    waiting_sends: HashMap<u32, Posted>,
+    waiting_recvs: HashMap<u32, Posted>,
+}
+
+/// A transfer of the current group, with its sequence number on its link.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    transfer: Transfer,
+    seq: u32,
+    done: bool,
+}
+
+#[derive(Default)]
+struct RankState {
+    pc: usize,
+    /// The current communication instruction's transfers, once posted.
+    group: Vec<Entry>,
+    posted: bool,
+}
+
+/// Where a transfer sits in a rank's program: instruction and slot.
+type Site = (usize, usize);
+
+/// Runs `program` under `semantics`; returns the deadlock if it does not finish.
+pub fn find_deadlock(program: &Program, semantics: Semantics) -> Result<(), Deadlock> {
+    let mut sim = Sim::new(program, semantics);
+    sim.run(false);
+    sim.deadlock()
+}
+
+/// Moves receives earlier so that `program` runs to completion under
+/// rendezvous semantics, where that is possible by regrouping alone.
+///
+/// The program runs until every rank is blocked. Whenever a rank is
+/// blocked on a send whose receive the peer posts only in a later group
+/// while the peer is itself blocked, the receive joins the peer's current
+/// group (the send is already waiting, so it completes at once), and the
+/// run continues. Sends never move, so no data dependency changes; FIFO
+/// order on every link is kept because every earlier message on the link
+/// has completed. Returns how many receives moved, or the deadlock that
+/// regrouping cannot remove (a cycle of data dependencies through the ranks).
+pub fn hoist_receives(program: &mut Program) -> Result<usize, Deadlock> {
+    let mut sim = Sim::new(program, Semantics::Rendezvous);
+    sim.run(true);
+    let stuck = sim.deadlock().is_err();
+    let moves = std::mem::take(&mut sim.moves);
+    apply_moves(program, &moves);
+    if stuck {
+        // Report against the regrouped program, whose indices the caller sees.
+        find_deadlock(program, Semantics::Rendezvous)?;
+    }
+    Ok(moves.len())
+}
+
+/// One receive moved: rank, from where, into which instruction.
+#[derive(Debug, Clone, Copy)]
+struct Move {
+    rank: usize,
+    from: Site,
+    to_instr: usize,
+}
+
+fn apply_moves(program: &mut Program, moves: &[Move]) {
+    let mut removed: HashSet<(usize, Site)> = HashSet::new();
+    let mut added: HashMap<(usize, usize), Vec<Transfer>> = HashMap::new();
+    for m in moves {
+        let t = program.ranks[m.rank].instrs[m.from.0].transfers()[m.from.1];
+        removed.insert((m.rank, m.from));
+        added.entry((m.rank, m.to_instr)).or_default().push(t);
+    }
+    for (r, rank) in program.ranks.iter_mut().enumerate() {
+        let old = std::mem::take(&mut rank.instrs);
+        for (i, instr) in old.into_iter().enumerate() {
+            match instr {
+                Instr::Comm(ops) => {
+                    let mut kept: Vec<Transfer> = ops
+                        .into_iter()
+                        .enumerate()
+                        .filter(|(slot, _)| !removed.contains(&(r, (i, *slot))))
+                        .map(|(_, t)| t)
+                        .collect();
+                    kept.extend(added.remove(&(r, i)).unwrap_or_default());
+                    if !kept.is_empty() {
+                        rank.instrs.push(Instr::Comm(kept));
+                    }
+                }
+                other => rank.instrs.push(other),
+            }
+        }
+    }
+}
+
+struct Sim<'a> {
+    program: &'a Program,
+    semantics: Semantics,
+    /// `seqs[rank][instr][slot]`: the transfer's sequence number on its link.
+    seqs: Vec<Vec<Vec<u32>>>,
+    ranks: Vec<RankState>,
+    links: HashMap<Link, LinkState>,
+    /// Receives by (link, sequence number): where they sit in the receiver's program.
+    recv_sites: HashMap<(Link, u32), Site>,
+    /// Receives moved into an earlier group (when hoisting).
+    moves: Vec<Move>,
+    moved_away: HashSet<(usize, Site)>,
+}
+
+impl<'a> Sim<'a> {
+    fn new(program: &'a Program, semantics: Semantics) -> Sim<'a> {
+        let mut counters: HashMap<(Link, Direction), u32> = HashMap::new();
+        let mut recv_sites = HashMap::new();
+        let seqs = program
+            .ranks
+            .iter()
+            .map(|rp| {
+                rp.instrs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, instr)| {
+                        instr
+                            .transfers()
+                            .iter()
+                            .enumerate()
+                            .map(|(slot, t)| {
+                                let link = t.link(rp.rank);
+                                let counter = counters.entry((link, t.dir)).or_default();
+                                let seq = *counter;
+                                *counter += 1;
+                                if t.dir == Direction::Recv {
+                                    recv_sites.insert((link, seq), (i, slot));
+                                }
+                                seq
+                            })
+                            .collect()
+                    })
+                    .collect()
+            })
+            .collect();
+        Sim {
+            program,
+            semantics,
+            seqs,
+            ranks: (0..program.ranks.len()).map(|_| RankState::default()).collect(),
+            links: HashMap::new(),
+            recv_sites,
+            moves: Vec::new(),
+            moved_away: HashSet::new(),
+        }
+    }
+
+    /// Runs every rank as far as it goes; with `hoist`, moves receives
+    /// earlier whenever that unblocks a rank, and goes on.
+    fn run(&mut self, hoist: bool) {
+        let n = self.program.ranks.len();
+        let mut work: VecDeque<usize> = (0..n).collect();
+        let mut queued = vec![true; n];
+        loop {
+            while let Some(r) = work.pop_front() {
+                queued[r] = false;
+                for woken in self.run_rank(r) {
+                    if !queued[woken] {
+                        queued[woken] = true;
+                        work.push_back(woken);
+                    }
+                }
+            }
+            if !hoist {
+                return;
+            }
+            match self.hoist_one() {
+                Some((a, b)) => {
+                    for r in [a, b] {
+                        if !queued[r] {
+                            queued[r] = true;
+                            work.push_back(r);
+                        }
+                    }
+                }
+                None => return,
+            }
+        }
+    }
+
+    fn deadlock(&self) -> Result<(), Deadlock> {
+        let blocked: Vec<Blocked> = (0..self.program.ranks.len()).filter_map(|r| self.blocked(r)).collect();
+        if blocked.is_empty() {
+            Ok(())
+        } else {
+            Err(Deadlock { semantics: self.semantics, blocked })
+        }
+    }
+
+    /// Runs rank `r` until it finishes or blocks; returns the ranks whose
+    /// transfers it completed (they may now proceed).
+    fn run_rank(&mut self, r: usize) -> Vec<usize> {
+        let rank = Rank(r as u32);
+        let instrs = &self.program.ranks[r].instrs;
+        let mut woken = Vec::new();
+        while self.ranks[r].pc < instrs.len() {
+            if !matches!(instrs[self.ranks[r].pc], Instr::Comm(_)) {
+                self.ranks[r].pc += 1;
+                continue;
+            }
+            if !self.ranks[r].posted {
+                self.post(rank);
+            }
+            for slot in 0..self.ranks[r].group.len() {
+                let entry = self.ranks[r].group[slot];
+                if !entry.done {
+                    if let Some(peer) = self.try_complete(rank, slot, entry) {
+                        woken.push(peer);
+                    }
+                }
+            }
+            if self.ranks[r].group.iter().all(|e| e.done) {
+                let state = &mut self.ranks[r];
+                state.pc += 1;
+                state.posted = false;
+                state.group.clear();
+            } else {
+                break;
+            }
+        }
+        woken
+    }
+
+    /// Posts the transfers of `rank`'s current instruction (less any moved away).
+    fn post(&mut self, rank: Rank) {
+        let r = rank.index();
+        let pc = self.ranks[r].pc;
+        let ops = self.program.ranks[r].instrs[pc].transfers();
+        let mut group = Vec::with_capacity(ops.len());
+        for (slot, t) in ops.iter().enumerate() {
+            if !self.moved_away.contains(&(r, (pc, slot))) {
+                group.push(Entry { transfer: *t, seq: self.seqs[r][pc][slot], done: false });
+            }
+        }
+        self.ranks[r].group.clear();
+        for entry in group {
+            self.register(rank, entry);
+        }
+        self.ranks[r].posted = true;
+    }
+
+    /// Adds `entry` to `rank`'s current group and to its link's waiting list.
+    fn register(&mut self, rank: Rank, entry: Entry) {
+        let slot = self.ranks[rank.index()].group.len();
+        let link = self.links.entry(entry.transfer.link(rank)).or_default();
+        let waiting = match entry.transfer.dir {
+            Direction::Send => &mut link.waiting_sends,
+            Direction::Recv => &mut link.waiting_recvs,
+        };
+        waiting.insert(entry.seq, Posted { rank, slot });
+        self.ranks[rank.index()].group.push(entry);
+    }
+
+    /// Completes the transfer in `slot` of `rank`'s current group if it can;
+    /// returns a peer that may proceed now (its transfer completed with this
+    /// one, or it may be waiting for the message just sent).
+    fn try_complete(&mut self, rank: Rank, slot: usize, entry: Entry) -> Option<usize> {
+        let (t, seq) = (entry.transfer, entry.seq);
+        let link = self.links.get_mut(&t.link(rank))?;
+        let in_order = match t.dir {
+            Direction::Send => link.sends_done == seq,
+            Direction::Recv => link.recvs_done == seq,
+        };
+        if !in_order {
+            return None;
+        }
+        let wake = match (self.semantics, t.dir) {
+            (Semantics::Buffered, Direction::Send) => {
+                link.sends_done += 1;
+                link.waiting_sends.remove(&seq);
+                // The receiver may be waiting for this message.
+                Some(t.peer.index())
+            }
+            (Semantics::Buffered, Direction::Recv) => {
+                if link.sends_done <= seq {
+                    return None;
+                }
+                link.recvs_done += 1;
+                link.waiting_recvs.remove(&seq);
+                None
+            }
+            (Semantics::Rendezvous, dir) => {
+                if link.sends_done != seq || link.recvs_done != seq {
+                    return None;
+                }
+                let (mine, theirs) = match dir {
+                    Direction::Send => (&mut link.waiting_sends, &mut link.waiting_recvs),
+                    Direction::Recv => (&mut link.waiting_recvs, &mut link.waiting_sends),
+                };
+                let other = *theirs.get(&seq)?;
+                theirs.remove(&seq);
+                mine.remove(&seq);
+                link.sends_done += 1;
+                link.recvs_done += 1;
+                self.ranks[other.rank.index()].group[other.slot].done = true;
+                Some(other.rank.index())
+            }
+        };
+        self.ranks[rank.index()].group[slot].done = true;
+        wake
+    }
+
+    /// Finds a blocked send whose receive the (blocked) peer posts only
+    /// later, and moves that receive into the peer's current group.
+    /// Returns the two ranks to run again.
+    fn hoist_one(&mut self) -> Option<(usize, usize)> {
+        for a in 0..self.ranks.len() {
+            let rank = Rank(a as u32);
+            for entry in self.ranks[a].group.clone() {
+                let t = entry.transfer;
+                if entry.done || t.dir != Direction::Send {
+                    continue;
+                }
+                let link_id = t.link(rank);
+                let ready = self.links.get(&link_id).is_some_and(|l| {
+                    l.sends_done == entry.seq && l.recvs_done == entry.seq && !l.waiting_recvs.contains_key(&entry.seq)
+                });
+                let b = t.peer.index();
+                let peer_blocked = self.ranks[b].posted;
+                let Some(&(instr, slot)) = self.recv_sites.get(&(link_id, entry.seq)) else { continue };
+                if !ready || !peer_blocked || instr <= self.ranks[b].pc {
+                    continue;
+                }
+                let to_instr = self.ranks[b].pc;
+                self.moved_away.insert((b, (instr, slot)));
+                self.moves.push(Move { rank: b, from: (instr, slot), to_instr });
+                let recv = Entry {
+                    transfer: self.program.ranks[b].instrs[instr].transfers()[slot],
+                    seq: entry.seq,
+                    done: false,
+                };
+                self.register(t.peer, recv);
+                return Some((a, b));
+            }
+        }
+        None
+    }
+
+    fn blocked(&self, r: usize) -> Option<Blocked> {
+        let state = &self.ranks[r];
+        let instrs = &self.program.ranks[r].instrs;
+        if state.pc >= instrs.len() {
+            return None;
+        }
+        let rank = Rank(r as u32);
+        let pending = state
+            .group
+            .iter()
+            .filter(|e| !e.done)
+            .map(|e| {
+                let t = e.transfer;
+                let link = self.links.get(&t.link(rank));
+                let earlier = link.is_some_and(|l| match t.dir {
+                    Direction::Send => l.sends_done < e.seq,
+                    Direction::Recv => l.recvs_done < e.seq,
+                });
+                Pending { transfer: t, wait: if earlier { Wait::EarlierMessage } else { Wait::PeerNotPosted } }
+            })
+            .collect();
+        Some(Blocked { rank, instr: state.pc, pending })
+    }
+}
