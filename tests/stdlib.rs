@@ -13,7 +13,7 @@ fn compile(name: &str, p: i64, m: i64, v: Option<i64>) -> Program {
     let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no stdlib schedule {name}"));
     let file = SourceFile::new(s.path(), s.source);
     let request = Request {
-        params: ParamArgs { ranks: Some(p), microbatches: Some(m), chunks: v, named: Vec::new() },
+        params: ParamArgs { ranks: Some(p), microbatches: Some(m), chunks: v, ..ParamArgs::default() },
         ..Request::default()
     };
     pipeline::compile(&file, &request)

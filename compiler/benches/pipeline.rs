@@ -22,7 +22,7 @@ fn source() -> SourceFile {
 
 fn request(m: i64) -> Request {
     Request {
-        params: ParamArgs { ranks: Some(32), microbatches: Some(m), chunks: Some(2), named: Vec::new() },
+        params: ParamArgs { ranks: Some(32), microbatches: Some(m), chunks: Some(2), ..ParamArgs::default() },
         ..Request::default()
     }
 }

@@ -70,6 +70,10 @@ struct Target {
     /// Any parameter by name; repeatable.
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
     params: Vec<(String, i64)>,
+    /// Override a memory setting (activation, weight_stash, budget,
+    /// max_deferred); repeatable.
+    #[arg(long = "mem", value_name = "SETTING=VALUE", value_parser = parse_param)]
+    memory: Vec<(String, i64)>,
     /// Which schedule of the file, when it defines several.
     #[arg(long = "schedule", value_name = "NAME")]
     schedule_name: Option<String>,
@@ -159,6 +163,9 @@ fn check(target: &Target) -> Result<(), Reported> {
         s.num_microbatches,
         s.num_ops()
     );
+    let peaks: Vec<String> = build.checked.peaks().iter().map(|p| p.units.to_string()).collect();
+    let budget = s.memory.budget.map_or(String::new(), |b| format!(" (budget {b})"));
+    println!("peak activation memory per rank, in units: {}{budget}", peaks.join(" "));
     Ok(())
 }
 
@@ -220,6 +227,7 @@ fn request(target: &Target, verify_each: bool) -> Request {
             microbatches: target.microbatches,
             chunks: target.chunks,
             named: target.params.clone(),
+            memory: target.memory.clone(),
         },
         limits: Limits { max_ops: target.max_ops, ..Limits::default() },
         lower: LowerOptions { verify_each },

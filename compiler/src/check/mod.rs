@@ -19,6 +19,12 @@
 //!    the backward of `(i, s)` needs `F(i, s)` and the backward of
 //!    `(i, s+1)`; `W` needs `B`) form an acyclic graph. Otherwise the
 //!    shortest cycle is reported as a chain of waits.
+//! 5. **Memory** (`memory.rs`): under the memory model (`F` holds
+//!    `activation` units per (stage, microbatch); `B` releases all but
+//!    `weight_stash`, which `W` releases; `BW` releases all), no rank's live
+//!    units exceed `budget`. Every rank's peak is recorded. The bound on
+//!    deferred weight gradients (`max_deferred`) and a bare `W` with none
+//!    deferred are enforced during elaboration, where the queue lives.
 //!
 //! Checked on the lowered program, after lowering (`comm_deadlock.rs`):
 //!
@@ -32,21 +38,31 @@ mod coverage;
 mod cycle;
 pub mod grid;
 mod local_order;
+mod memory;
+
+pub use memory::RankPeak;
 
 use crate::diag::Diagnostic;
 use crate::elab::ComputeSchedule;
 use stp_ir::{Microbatch, Pass, PassKind, Rank, Stage};
 
-/// A schedule with the invariants in the module docs proven.
+/// A schedule with the invariants in the module docs proven, and the
+/// facts the proofs computed.
 #[derive(Debug, Clone)]
 pub struct CheckedSchedule {
     schedule: ComputeSchedule,
+    peaks: Vec<RankPeak>,
 }
 
 impl CheckedSchedule {
     /// The schedule that was checked.
     pub fn schedule(&self) -> &ComputeSchedule {
         &self.schedule
+    }
+
+    /// Every rank's peak activation memory under the schedule's memory model.
+    pub fn peaks(&self) -> &[RankPeak] {
+        &self.peaks
     }
 }
 
@@ -60,8 +76,10 @@ pub fn check(schedule: ComputeSchedule) -> Result<CheckedSchedule, Vec<Diagnosti
     if errors.is_empty() {
         errors.extend(cycle::check(&schedule, &index));
     }
+    let (peaks, memory_errors) = memory::check(&schedule);
+    errors.extend(memory_errors);
     if errors.is_empty() {
-        Ok(CheckedSchedule { schedule })
+        Ok(CheckedSchedule { schedule, peaks })
     } else {
         Err(errors)
     }

@@ -2,12 +2,12 @@
 //! concrete parameters with checked 64-bit arithmetic.
 
 use super::params::BoundParam;
-use super::{ComputeSchedule, Limits, Origin, ScheduledOp};
+use super::{ComputeSchedule, Limits, MemoryModel, Origin, ScheduledOp};
 use crate::diag::{Code, Diagnostic};
 use crate::sema::Module;
 use crate::syntax::ast::*;
 use crate::syntax::span::Span;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use stp_ir::{Compute, Microbatch, Param, Pass, PassKind, Rank, Stage};
 
@@ -44,15 +44,48 @@ struct Eval<'m> {
     ops: usize,
     /// By symbol: the shared name of an iteration variable, so origins share them.
     names: Vec<Option<Arc<str>>>,
+    /// The rank being elaborated: implicit microbatches and deferred `W`s.
+    rank_state: RankState,
+    /// Most deferred `W`s pending at once (`memory { max_deferred = ... }`).
+    max_deferred: Option<i64>,
+}
+
+/// Per-rank state of the implicit forms.
+#[derive(Default)]
+struct RankState {
+    /// Next microbatch per (pass class, stage) for ops that omit it; `B` and
+    /// `BW` share the backward class.
+    next_mb: HashMap<(u8, u32), i64>,
+    /// Deferred weight gradients, oldest first, with the op that deferred each.
+    deferred: VecDeque<(Pass, Span)>,
+}
+
+fn implicit_class(kind: PassKind) -> u8 {
+    match kind {
+        PassKind::F => 0,
+        PassKind::B | PassKind::BW => 1,
+        PassKind::W => 2,
+    }
 }
 
 pub(super) fn run(
     module: &Module,
     schedule: &Schedule,
     params: Vec<BoundParam>,
+    args_memory: Vec<(String, i64)>,
     limits: Limits,
 ) -> Result<ComputeSchedule, Vec<Diagnostic>> {
-    let mut ev = Eval { module, env: Vec::new(), frame: 0, limits, steps: 0, ops: 0, names: Vec::new() };
+    let mut ev = Eval {
+        module,
+        env: Vec::new(),
+        frame: 0,
+        limits,
+        steps: 0,
+        ops: 0,
+        names: Vec::new(),
+        rank_state: RankState::default(),
+        max_deferred: None,
+    };
     for (decl, p) in schedule.params.iter().zip(&params) {
         ev.env.push(Binding { name: &decl.name.name, sym: decl.name.sym, value: p.value, kind: BindKind::Param });
     }
@@ -74,6 +107,8 @@ pub(super) fn run(
         return Err(errors);
     }
 
+    let memory = ev.memory(schedule, &args_memory).map_err(|e| vec![*e])?;
+    ev.max_deferred = memory.max_deferred;
     let num_stages = ev.stages(schedule).map_err(|e| vec![*e])?;
     let placement = ev.placement(schedule, num_stages, num_ranks).map_err(|e| vec![*e])?;
     let Some((var, body, body_span)) = schedule.decls.iter().find_map(|d| match d {
@@ -89,7 +124,9 @@ pub(super) fn run(
     for r in 0..num_ranks {
         let mut ops = Vec::new();
         ev.env.push(Binding { name: &var.name, sym: var.sym, value: i64::from(r), kind: BindKind::Iteration });
+        ev.rank_state = RankState::default();
         let result = ev.exec_block(body, Rank(r), &shape, &mut ops);
+        let result = result.and_then(|()| ev.leftover_deferred(Rank(r)).map_or(Ok(()), Err));
         ev.env.truncate(params.len());
         match result {
             Ok(()) => {}
@@ -121,6 +158,7 @@ pub(super) fn run(
         placement,
         ranks,
         body_span,
+        memory,
     })
 }
 
@@ -166,6 +204,52 @@ impl<'m> Eval<'m> {
         } else {
             d.with_note(format!("where {}", values.join(", ")))
         }
+    }
+
+    /// The memory model: defaults, then the `memory` block, then `overrides`.
+    fn memory(&mut self, schedule: &'m Schedule, overrides: &[(String, i64)]) -> Result<MemoryModel, Fail> {
+        let mut model = MemoryModel::default();
+        let mut spans: HashMap<&str, Span> = HashMap::new();
+        for decl in &schedule.decls {
+            let Decl::Memory { fields, .. } = decl else { continue };
+            for (name, value) in fields {
+                let v = self.eval(value)?;
+                spans.insert(name.name.as_str(), value.span);
+                set_memory_field(&mut model, &name.name, v);
+            }
+        }
+        for (name, v) in overrides {
+            if !crate::sema::MEMORY_FIELDS.contains(&name.as_str()) {
+                return Err(Box::new(
+                    Diagnostic::new(Code::ParamValue, format!("`--mem {name}=...`: `{name}` is not a memory setting"))
+                        .with_label(schedule.name.span, "for this schedule")
+                        .with_help(format!("the settings are {}", crate::sema::MEMORY_FIELDS.join(", "))),
+                ));
+            }
+            spans.remove(name.as_str());
+            set_memory_field(&mut model, name, *v);
+        }
+        model.budget_span = spans.get("budget").copied();
+        let bad = [
+            ("activation", model.activation < 0, "must not be negative"),
+            (
+                "weight_stash",
+                model.weight_stash < 0 || model.weight_stash > model.activation,
+                "must be between 0 and `activation`",
+            ),
+            ("budget", model.budget.is_some_and(|b| b < 0), "must not be negative"),
+            ("max_deferred", model.max_deferred.is_some_and(|b| b < 0), "must not be negative"),
+        ];
+        if let Some((name, _, rule)) = bad.iter().find(|(_, wrong, _)| *wrong) {
+            let span = spans.get(name).copied().unwrap_or(schedule.name.span);
+            return Err(self.fail(
+                Code::ParamValue,
+                format!("memory setting `{name}` {rule}"),
+                span,
+                format!("activation = {}, weight_stash = {}", model.activation, model.weight_stash),
+            ));
+        }
+        Ok(model)
     }
 
     fn stages(&mut self, schedule: &'m Schedule) -> Result<u32, Fail> {
@@ -248,6 +332,13 @@ impl<'m> Eval<'m> {
                     result?;
                 }
             }
+            StmtKind::Repeat { count, body } => {
+                let count = self.eval(count)?;
+                for _ in 0..count {
+                    self.step(stmt.span)?;
+                    self.exec_block(body, rank, shape, out)?;
+                }
+            }
             StmtKind::If { cond, then, otherwise } => {
                 let branch = if self.eval(cond)? != 0 { then } else { otherwise };
                 self.exec_block(branch, rank, shape, out)?;
@@ -295,9 +386,10 @@ impl<'m> Eval<'m> {
 
     fn pass(&mut self, call: &'m OpCall, rank: Rank, shape: &Shape) -> Result<Pass, Fail> {
         let kind = PassKind::from_name(&call.name.name).unwrap_or(PassKind::F);
+        let Some(args) = &call.args else { return self.pop_deferred(call) };
         let mut mb = None;
         let mut stage = None;
-        for (i, arg) in call.args.iter().enumerate() {
+        for (i, arg) in args.iter().enumerate() {
             let value = self.eval(&arg.value)?;
             let slot = arg.name.as_ref().map_or(if i == 0 { "mb" } else { "stage" }, |n| n.name.as_str());
             if slot == "mb" {
@@ -310,18 +402,93 @@ impl<'m> Eval<'m> {
             Some((s, span)) => self.check_stage(s, span, rank, shape, call)?,
             None => self.implicit_stage(rank, shape, call)?,
         };
-        let Some((mb, mb_span)) = mb else {
-            return Err(self.fail(Code::OpArgs, format!("op `{kind}` has no microbatch"), call.span, "here".into()));
+        let (mb, mb_span) = match mb {
+            Some(given) => given,
+            None => {
+                let next = self.rank_state.next_mb.entry((implicit_class(kind), stage.0)).or_insert(0);
+                *next += 1;
+                (*next - 1, call.span)
+            }
         };
         if !(0..i64::from(shape.num_microbatches)).contains(&mb) {
+            let what = if args.iter().any(|a| a.name.as_ref().is_none_or(|n| n.name == "mb")) {
+                format!("this is {mb}; microbatches are 0..{}", shape.num_microbatches)
+            } else {
+                format!(
+                    "this is the {}th `{kind}` of stage {} on this rank, but there are {} microbatches",
+                    mb + 1,
+                    stage.0,
+                    shape.num_microbatches
+                )
+            };
             return Err(self.fail(
                 Code::MicrobatchRange,
                 format!("microbatch {mb} is out of range: there are {} microbatches", shape.num_microbatches),
                 mb_span,
-                format!("this is {mb}; microbatches are 0..{}", shape.num_microbatches),
+                what,
             ));
         }
-        Ok(Pass { kind, stage, mb: Microbatch(mb as u32) })
+        let pass = Pass { kind, stage, mb: Microbatch(mb as u32) };
+        if call.defer {
+            self.defer(pass, call.span)?;
+        }
+        Ok(pass)
+    }
+
+    /// Queues the `W` of `B` pass `b`, within the `max_deferred` bound.
+    fn defer(&mut self, b: Pass, span: Span) -> Result<(), Fail> {
+        self.rank_state.deferred.push_back((Pass { kind: PassKind::W, ..b }, span));
+        let pending = self.rank_state.deferred.len() as i64;
+        match self.max_deferred {
+            Some(bound) if pending > bound => Err(self
+                .fail(
+                    Code::DeferredLimit,
+                    format!("{pending} weight gradients are deferred at once, but at most {bound} may be"),
+                    span,
+                    format!("this defers W(mb {}, stage {})", b.mb.0, b.stage.0),
+                )
+                .map_note(format!("pending: {}", self.describe_deferred()))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The oldest deferred `W`, for a bare `W`.
+    fn pop_deferred(&mut self, call: &OpCall) -> Result<Pass, Fail> {
+        match self.rank_state.deferred.pop_front() {
+            Some((w, _)) => Ok(w),
+            None => Err(self
+                .fail(
+                    Code::NothingDeferred,
+                    "`W` runs with no deferred weight gradient pending".into(),
+                    call.span,
+                    "nothing is deferred on this rank here".into(),
+                )
+                .map_help("defer one first with `B(...) defer`, or name the pass: `W(mb, stage)`")),
+        }
+    }
+
+    fn describe_deferred(&self) -> String {
+        let items: Vec<String> =
+            self.rank_state.deferred.iter().map(|(w, _)| format!("W(mb {}, stage {})", w.mb.0, w.stage.0)).collect();
+        items.join(", ")
+    }
+
+    /// A rank ended with deferred weight gradients that never ran.
+    fn leftover_deferred(&self, rank: Rank) -> Option<Fail> {
+        let (first, span) = *self.rank_state.deferred.front()?;
+        Some(Box::new(
+            Diagnostic::new(
+                Code::Coverage,
+                format!(
+                    "rank {} ends with {} deferred weight gradients that never run",
+                    rank.0,
+                    self.rank_state.deferred.len()
+                ),
+            )
+            .with_label(span, format!("W(mb {}, stage {}) is deferred here but never run", first.mb.0, first.stage.0))
+            .with_note(format!("still pending: {}", self.describe_deferred()))
+            .with_help("run each deferred gradient with a bare `W`"),
+        ))
     }
 
     fn check_stage(&self, s: i64, span: Span, rank: Rank, shape: &Shape, call: &OpCall) -> Result<Stage, Fail> {
@@ -469,6 +636,16 @@ impl<'m> Eval<'m> {
         let result = self.eval(&f.body);
         self.frame = caller;
         result
+    }
+}
+
+fn set_memory_field(model: &mut MemoryModel, name: &str, value: i64) {
+    match name {
+        "activation" => model.activation = value,
+        "weight_stash" => model.weight_stash = value,
+        "budget" => model.budget = Some(value),
+        "max_deferred" => model.max_deferred = Some(value),
+        _ => {}
     }
 }
 

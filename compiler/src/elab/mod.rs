@@ -49,6 +49,31 @@ pub struct ComputeSchedule {
     pub ranks: Vec<Vec<ScheduledOp>>,
     /// The `rank` declaration, for errors about ops that never ran.
     pub body_span: Span,
+    /// The memory model the checker applies.
+    pub memory: MemoryModel,
+}
+
+/// How much activation memory each pass holds, in units, and the bounds a
+/// rank must stay within (`memory { ... }` block, `--mem` overrides).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryModel {
+    /// Units `F(mb, s)` allocates (`activation`, default 1).
+    pub activation: i64,
+    /// Of those, units kept after `B` until `W` runs (`weight_stash`,
+    /// default 0): `B` releases the rest, `W` this part, `BW` all.
+    pub weight_stash: i64,
+    /// Most units live on one rank at once (`budget`), if bounded.
+    pub budget: Option<i64>,
+    /// Where the budget was declared, for diagnostics.
+    pub budget_span: Option<Span>,
+    /// Most weight gradients deferred at once on one rank (`max_deferred`), if bounded.
+    pub max_deferred: Option<i64>,
+}
+
+impl Default for MemoryModel {
+    fn default() -> MemoryModel {
+        MemoryModel { activation: 1, weight_stash: 0, budget: None, budget_span: None, max_deferred: None }
+    }
 }
 
 impl ComputeSchedule {
@@ -124,5 +149,5 @@ pub fn elaborate(
     limits: Limits,
 ) -> Result<ComputeSchedule, Vec<Diagnostic>> {
     let bound = params::bind(schedule, args)?;
-    eval::run(module, schedule, bound, limits)
+    eval::run(module, schedule, bound, args.memory.clone(), limits)
 }

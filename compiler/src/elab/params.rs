@@ -14,6 +14,8 @@ pub struct ParamArgs {
     pub chunks: Option<i64>,
     /// `--param name=value`, for any parameter.
     pub named: Vec<(String, i64)>,
+    /// `--mem setting=value`: overrides of the `memory { ... }` block.
+    pub memory: Vec<(String, i64)>,
 }
 
 /// A parameter with its value, in declaration order.

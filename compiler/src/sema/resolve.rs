@@ -12,6 +12,9 @@ pub const BUILTINS: [&str; 2] = ["min", "max"];
 /// The op names a rank body may call.
 pub const OPS: [&str; 4] = ["F", "B", "W", "BW"];
 
+/// The settings of a `memory { ... }` block.
+pub const MEMORY_FIELDS: [&str; 4] = ["activation", "weight_stash", "budget", "max_deferred"];
+
 /// Checks a whole file and returns every error found.
 pub fn check_file(file: &File) -> Vec<Diagnostic> {
     let mut functions: HashMap<&str, &Function> = HashMap::new();
@@ -197,10 +200,56 @@ impl Checker<'_> {
                 c.expect(rank, Type::Int, "a rank");
             }),
             Decl::Require { cond, .. } => self.expect(cond, Type::Bool, "a requirement"),
+            Decl::Memory { fields, .. } => self.check_memory(fields),
+            Decl::Check { axes, .. } => self.check_axes(axes),
             Decl::Rank { var, body, .. } => self.with_scope(|c| {
                 c.bind(var, Type::Int);
                 c.check_block(body);
             }),
+        }
+    }
+
+    fn check_memory(&mut self, fields: &[(Ident, Expr)]) {
+        let mut seen: HashMap<&str, Span> = HashMap::new();
+        for (name, value) in fields {
+            if !MEMORY_FIELDS.contains(&name.name.as_str()) {
+                let d = Diagnostic::new(Code::UnknownName, format!("`{}` is not a memory setting", name.name))
+                    .with_label(name.span, "unknown setting");
+                let d = match suggest(&name.name, &MEMORY_FIELDS) {
+                    Some(s) => d.with_help(format!("did you mean `{s}`?")),
+                    None => d.with_help(format!("the settings are {}", MEMORY_FIELDS.join(", "))),
+                };
+                self.errors.push(d);
+            } else if let Some(first) = seen.insert(name.name.as_str(), name.span) {
+                self.errors.push(duplicate("memory setting", &name.name, name.span, first));
+            }
+            self.expect(value, Type::Int, "a memory setting");
+        }
+    }
+
+    fn check_axes(&mut self, axes: &[CheckAxis]) {
+        let mut seen: HashMap<&str, Span> = HashMap::new();
+        for axis in axes {
+            match self.lookup(&axis.name.name) {
+                Some(b) if b.ty == Type::Int => {}
+                _ => self.errors.push(
+                    Diagnostic::new(
+                        Code::UnknownName,
+                        format!("`{}` is not a parameter of this schedule", axis.name.name),
+                    )
+                    .with_label(axis.name.span, "a check directive ranges over the schedule's parameters"),
+                ),
+            }
+            if let Some(first) = seen.insert(axis.name.name.as_str(), axis.name.span) {
+                self.errors.push(duplicate("check axis", &axis.name.name, axis.name.span, first));
+            }
+            match &axis.values {
+                CheckValues::Range { start, end, .. } => {
+                    self.expect(start, Type::Int, "a range bound");
+                    self.expect(end, Type::Int, "a range bound");
+                }
+                CheckValues::List(items) => items.iter().for_each(|e| self.expect(e, Type::Int, "a parameter value")),
+            }
         }
     }
 
@@ -225,6 +274,10 @@ impl Checker<'_> {
                     c.bind(var, Type::Int);
                     c.check_block(body);
                 });
+            }
+            StmtKind::Repeat { count, body } => {
+                self.expect(count, Type::Int, "a repeat count");
+                self.check_block(body);
             }
             StmtKind::If { cond, then, otherwise } => {
                 self.expect(cond, Type::Bool, "a condition");
@@ -264,9 +317,28 @@ impl Checker<'_> {
             };
             self.errors.push(d);
         }
+        if call.defer && name != "B" {
+            self.errors.push(
+                Diagnostic::new(Code::OpArgs, format!("only `B` can defer its weight gradient, not `{name}`"))
+                    .with_label(call.span, "`defer` here")
+                    .with_help("`B(...) defer` queues its `W`; a bare `W` runs the oldest queued one"),
+            );
+        }
+        let Some(args) = &call.args else {
+            if name != "W" && OPS.contains(&name) {
+                self.errors.push(
+                    Diagnostic::new(Code::OpArgs, format!("`{name}` needs parentheses"))
+                        .with_label(call.span, format!("write `{name}(mb)`, `{name}(mb, stage)` or `{name}(stage: s)`"))
+                        .with_note(
+                            "only `W` may stand alone: it runs the oldest weight gradient deferred with `B(...) defer`",
+                        ),
+                );
+            }
+            return;
+        };
         let mut seen_named = false;
         let mut given: HashMap<&str, Span> = HashMap::new();
-        for (i, arg) in call.args.iter().enumerate() {
+        for (i, arg) in args.iter().enumerate() {
             self.expect(&arg.value, Type::Int, "an op argument");
             let slot = match &arg.name {
                 Some(n) => {
@@ -294,7 +366,7 @@ impl Checker<'_> {
                     self.errors.push(
                         Diagnostic::new(
                             Code::Arity,
-                            format!("op `{name}` takes at most 2 arguments, found {}", call.args.len()),
+                            format!("op `{name}` takes at most 2 arguments, found {}", args.len()),
                         )
                         .with_label(arg.value.span, "extra argument")
                         .with_help(format!("write `{name}(mb)` or `{name}(mb, stage)`")),
@@ -309,13 +381,6 @@ impl Checker<'_> {
                         .with_label(first, "first given here"),
                 );
             }
-        }
-        if !given.contains_key("mb") && given.len() == call.args.len() {
-            self.errors.push(
-                Diagnostic::new(Code::Arity, format!("op `{name}` needs a microbatch"))
-                    .with_label(call.span, "no microbatch given")
-                    .with_help(format!("write `{name}(mb)` or `{name}(mb, stage)`")),
-            );
         }
     }
 
@@ -462,9 +527,12 @@ impl Checker<'_> {
 
 fn decl_span(d: &Decl) -> Span {
     match d {
-        Decl::Stages { span, .. } | Decl::Place { span, .. } | Decl::Require { span, .. } | Decl::Rank { span, .. } => {
-            *span
-        }
+        Decl::Stages { span, .. }
+        | Decl::Place { span, .. }
+        | Decl::Require { span, .. }
+        | Decl::Memory { span, .. }
+        | Decl::Check { span, .. }
+        | Decl::Rank { span, .. } => *span,
     }
 }
 

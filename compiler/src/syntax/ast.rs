@@ -149,6 +149,21 @@ pub enum Decl {
         /// The whole declaration.
         span: Span,
     },
+    /// `memory { name = EXPR; ... }`: the memory model and its bounds.
+    Memory {
+        /// The settings, in source order.
+        fields: Vec<(Ident, Expr)>,
+        /// The whole declaration.
+        span: Span,
+    },
+    /// `check p in 2..=8, m in [p, 2 * p];`: a family of instances the
+    /// schedule must compile for (run by `stpc check --sweep`).
+    Check {
+        /// Each parameter and the values it takes, outermost first.
+        axes: Vec<CheckAxis>,
+        /// The whole declaration.
+        span: Span,
+    },
     /// `rank r { ... }`: the program of every rank, in terms of `r`.
     Rank {
         /// The rank variable.
@@ -158,6 +173,32 @@ pub enum Decl {
         /// The whole declaration.
         span: Span,
     },
+}
+
+/// One parameter of a `check` directive and its values.
+#[derive(Debug, Clone)]
+pub struct CheckAxis {
+    /// The parameter.
+    pub name: Ident,
+    /// Its values.
+    pub values: CheckValues,
+}
+
+/// The values a `check` directive gives a parameter; they may use the
+/// parameters of earlier axes.
+#[derive(Debug, Clone)]
+pub enum CheckValues {
+    /// `a..b` or `a..=b`.
+    Range {
+        /// First value.
+        start: Expr,
+        /// Bound.
+        end: Expr,
+        /// Whether `end` is included.
+        inclusive: bool,
+    },
+    /// `[e, e, ...]`.
+    List(Vec<Expr>),
 }
 
 /// A sequence of statements.
@@ -190,6 +231,13 @@ pub enum StmtKind {
         /// The body.
         body: Block,
     },
+    /// `repeat count { body }`: the body `count` times, without a variable.
+    Repeat {
+        /// How many times.
+        count: Expr,
+        /// The body.
+        body: Block,
+    },
     /// `if cond { then } else { otherwise }`
     If {
         /// The condition.
@@ -205,13 +253,17 @@ pub enum StmtKind {
     Error,
 }
 
-/// A call of an op like `F(i, s)` or `B(mb: i)`.
+/// A call of an op like `F(i, s)`, `B(stage: b) defer` or a bare `W`.
 #[derive(Debug, Clone)]
 pub struct OpCall {
     /// The op's name as written (`F`, `B`, `W`, `BW`, or a mistake).
     pub name: Ident,
-    /// Its arguments.
-    pub args: Vec<Arg>,
+    /// Its arguments; `None` for a bare op without parentheses (only `W`,
+    /// which runs the oldest deferred weight gradient).
+    pub args: Option<Vec<Arg>>,
+    /// `defer` after a `B`: its `W` joins the rank's queue of deferred
+    /// weight gradients, for a bare `W` to run later.
+    pub defer: bool,
     /// The whole call.
     pub span: Span,
 }

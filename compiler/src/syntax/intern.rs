@@ -49,6 +49,24 @@ impl Table {
                 self.expr(rank);
             }
             Decl::Require { cond, .. } => self.expr(cond),
+            Decl::Memory { fields, .. } => {
+                for (name, value) in fields {
+                    self.ident(name);
+                    self.expr(value);
+                }
+            }
+            Decl::Check { axes, .. } => {
+                for axis in axes {
+                    self.ident(&mut axis.name);
+                    match &mut axis.values {
+                        CheckValues::Range { start, end, .. } => {
+                            self.expr(start);
+                            self.expr(end);
+                        }
+                        CheckValues::List(items) => items.iter_mut().for_each(|e| self.expr(e)),
+                    }
+                }
+            }
             Decl::Rank { var, body, .. } => {
                 self.ident(var);
                 self.block(body);
@@ -69,6 +87,10 @@ impl Table {
                     self.expr(end);
                     self.block(body);
                 }
+                StmtKind::Repeat { count, body } => {
+                    self.expr(count);
+                    self.block(body);
+                }
                 StmtKind::If { cond, then, otherwise } => {
                     self.expr(cond);
                     self.block(then);
@@ -77,7 +99,7 @@ impl Table {
                 StmtKind::Op(calls) => {
                     for call in calls {
                         self.ident(&mut call.name);
-                        for arg in &mut call.args {
+                        for arg in call.args.iter_mut().flatten() {
                             if let Some(n) = &mut arg.name {
                                 self.ident(n);
                             }

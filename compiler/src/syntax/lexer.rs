@@ -38,6 +38,14 @@ pub enum Keyword {
     True,
     /// `false`
     False,
+    /// `repeat`
+    Repeat,
+    /// `defer`
+    Defer,
+    /// `memory`
+    Memory,
+    /// `check`
+    Check,
 }
 
 impl Keyword {
@@ -56,6 +64,10 @@ impl Keyword {
             "else" => Keyword::Else,
             "true" => Keyword::True,
             "false" => Keyword::False,
+            "repeat" => Keyword::Repeat,
+            "defer" => Keyword::Defer,
+            "memory" => Keyword::Memory,
+            "check" => Keyword::Check,
             _ => return None,
         })
     }
@@ -75,6 +87,10 @@ impl Keyword {
             Keyword::Else => "else",
             Keyword::True => "true",
             Keyword::False => "false",
+            Keyword::Repeat => "repeat",
+            Keyword::Defer => "defer",
+            Keyword::Memory => "memory",
+            Keyword::Check => "check",
         }
     }
 }
@@ -94,7 +110,7 @@ pub enum Token<'src> {
     Kw(Keyword),
     /// An operator: `+ - * / % == != < <= > >= && || ! = -> .. ..= & :`.
     Op(&'static str),
-    /// A delimiter: `( ) { } , ;`.
+    /// A delimiter: `( ) { } [ ] , ;`.
     Ctrl(char),
 }
 
@@ -134,7 +150,7 @@ pub fn lexer<'src>() -> impl Parser<'src, &'src str, Vec<Spanned<Token<'src>>>, 
 
     let op = choice(OPERATORS.map(|o| just(o).to(Token::Op(o))));
 
-    let ctrl = one_of("(){},;").map(Token::Ctrl);
+    let ctrl = one_of("(){}[],;").map(Token::Ctrl);
 
     let word = text::ascii::ident().map(|w: &str| Keyword::from_word(w).map_or(Token::Ident(w), Token::Kw));
 

@@ -208,12 +208,24 @@ where
 
         let arg = ident().then_ignore(op(":")).or_not().then(expr()).map(|(name, value)| Arg { name, value });
         let op_call = ident()
-            .then(arg.separated_by(ctrl(',')).allow_trailing().collect::<Vec<_>>().delimited_by(ctrl('('), ctrl(')')))
-            .map_with(|(name, args), e| OpCall { name, args, span: sp(e.span()) })
+            .then(
+                arg.separated_by(ctrl(','))
+                    .allow_trailing()
+                    .collect::<Vec<_>>()
+                    .delimited_by(ctrl('('), ctrl(')'))
+                    .or_not(),
+            )
+            .then(kw(Keyword::Defer).or_not().map(|d| d.is_some()))
+            .map_with(|((name, args), defer), e| OpCall { name, args, defer, span: sp(e.span()) })
             .labelled("op");
         let op_stmt = op_call.separated_by(op("&")).at_least(1).collect::<Vec<_>>().map(StmtKind::Op);
 
-        choice((let_stmt, for_stmt, if_stmt, op_stmt))
+        let repeat_stmt = kw(Keyword::Repeat)
+            .ignore_then(expr())
+            .then(body.clone())
+            .map(|(count, body)| StmtKind::Repeat { count, body });
+
+        choice((let_stmt, for_stmt, repeat_stmt, if_stmt, op_stmt))
             .map_with(|kind, e| Stmt { kind, span: sp(e.span()) })
             .then_ignore(semi())
             .labelled("statement")
@@ -245,10 +257,34 @@ where
         span: sp(e.span()),
     });
 
-    choice((stages, place, require, rank))
+    let field = ident().then_ignore(op("=")).then(expr()).then_ignore(semi());
+    let memory = kw(Keyword::Memory)
+        .ignore_then(field.repeated().collect::<Vec<_>>().delimited_by(ctrl('{'), ctrl('}')))
+        .map_with(|fields, e| Decl::Memory { fields, span: sp(e.span()) });
+    let range_op = choice((op("..=").to(true), op("..").to(false)));
+    let values = choice((
+        expr().then(range_op).then(expr()).map(|((start, inclusive), end)| CheckValues::Range {
+            start,
+            end,
+            inclusive,
+        }),
+        expr()
+            .separated_by(ctrl(','))
+            .allow_trailing()
+            .at_least(1)
+            .collect::<Vec<_>>()
+            .delimited_by(ctrl('['), ctrl(']'))
+            .map(CheckValues::List),
+    ));
+    let axis = ident().then_ignore(kw(Keyword::In)).then(values).map(|(name, values)| CheckAxis { name, values });
+    let check = kw(Keyword::Check)
+        .ignore_then(axis.separated_by(ctrl(',')).at_least(1).collect::<Vec<_>>())
+        .map_with(|axes, e| Decl::Check { axes, span: sp(e.span()) });
+
+    choice((stages, place, require, memory, check, rank))
         .then_ignore(semi())
         .map(Some)
-        .labelled("declaration (stages, place, require or rank)")
+        .labelled("declaration (stages, place, require, memory, check or rank)")
         .recover_with(via_parser(skip_to_terminator().to(None)))
 }
 
