@@ -4,9 +4,8 @@
 //! `UPDATE_BOOK=1 cargo test -p stp-tests --test book` to regenerate.
 
 use std::path::{Path, PathBuf};
-use stp_tests::{expected_errors, request_from_header};
+use stp_tests::{expected_errors, run_fixture};
 use stpc::diag::{render::render, Code};
-use stpc::pipeline;
 use stpc::syntax::span::SourceFile;
 
 fn root() -> PathBuf {
@@ -35,9 +34,8 @@ fn page(code: Code) -> String {
         let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
         let text = std::fs::read_to_string(&path).expect("fixture readable");
         let file = SourceFile::new(name.clone(), text.clone());
-        let request = request_from_header(&text);
         let args = text.lines().next().unwrap_or_default().trim_start_matches("// args:").trim().to_string();
-        let diagnostics = pipeline::compile(&file, &request).err().unwrap_or_default();
+        let diagnostics = run_fixture(&file).err().unwrap_or_default();
         out.push_str(&format!(
             "\n## Example\n\n`tests/sched/err/{name}`, checked with `stpc check {name} {args}`:\n\n```\n{text}```\n\n```text\n{}```\n",
             render(&diagnostics, &file, false)

@@ -3,7 +3,7 @@
 //! the diagnostics its `// error: CODE` comments announce, on those lines
 //! (snapshot: the source and the rendered, colourless diagnostics).
 
-use stp_tests::{expected_errors, request_from_header};
+use stp_tests::{expected_errors, request_from_header, run_fixture};
 use stpc::diag::render::render;
 use stpc::pipeline;
 use stpc::syntax::span::SourceFile;
@@ -30,9 +30,8 @@ fn ok_fixtures_compile_to_verified_ir() {
 fn err_fixtures_report_the_announced_errors_on_their_lines() {
     insta::glob!("sched/err/*.sched", |path| {
         let file = load(path);
-        let request = request_from_header(&file.text);
-        let diagnostics = match pipeline::compile(&file, &request) {
-            Ok(_) => panic!("{} compiled, but it is an error fixture", file.name),
+        let diagnostics = match run_fixture(&file) {
+            Ok(()) => panic!("{} compiled, but it is an error fixture", file.name),
             Err(d) => d,
         };
         let found: Vec<(usize, String)> = diagnostics

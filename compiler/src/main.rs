@@ -30,7 +30,14 @@ enum Command {
     /// List the standard schedules with a one-line description each.
     List,
     /// Parse, type-check, elaborate and check a schedule; write nothing.
-    Check(Target),
+    Check {
+        #[command(flatten)]
+        target: Target,
+        /// Check every instance of the schedule's `check` directives
+        /// instead of one instance.
+        #[arg(long)]
+        sweep: bool,
+    },
     /// Compile a schedule to per-rank instruction streams (the stp IR).
     Compile {
         #[command(flatten)]
@@ -84,6 +91,11 @@ struct Target {
     /// under: rendezvous (a send waits for its receive, as NCCL) or buffered.
     #[arg(long, value_enum, default_value = "rendezvous")]
     comm: CommArg,
+    /// Post every receive right before the op that needs it (as PyTorch's
+    /// schedule runtime does) instead of moving receives earlier where
+    /// that avoids a deadlock.
+    #[arg(long)]
+    no_hoist: bool,
     /// When to colour diagnostics.
     #[arg(long, value_enum, default_value = "auto")]
     color: ColorArg,
@@ -125,7 +137,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::List => list(),
-        Command::Check(target) => check(&target),
+        Command::Check { target, sweep: false } => check(&target),
+        Command::Check { target, sweep: true } => sweep(&target),
         Command::Compile { target, emit, out_dir, verify_each } => {
             compile(&target, &emit, out_dir.as_deref(), verify_each)
         }
@@ -166,6 +179,16 @@ fn check(target: &Target) -> Result<(), Reported> {
     let peaks: Vec<String> = build.checked.peaks().iter().map(|p| p.units.to_string()).collect();
     let budget = s.memory.budget.map_or(String::new(), |b| format!(" (budget {b})"));
     println!("peak activation memory per rank, in units: {}{budget}", peaks.join(" "));
+    Ok(())
+}
+
+fn sweep(target: &Target) -> Result<(), Reported> {
+    let file = load(target)?;
+    let done = pipeline::sweep(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
+    println!(
+        "ok: {} instances from {} check directive(s) compile ({} outside the require clauses skipped)",
+        done.passed, done.directives, done.skipped
+    );
     Ok(())
 }
 
@@ -230,7 +253,7 @@ fn request(target: &Target, verify_each: bool) -> Request {
             memory: target.memory.clone(),
         },
         limits: Limits { max_ops: target.max_ops, ..Limits::default() },
-        lower: LowerOptions { verify_each },
+        lower: LowerOptions { verify_each, hoist: !target.no_hoist },
         comm: match target.comm {
             CommArg::Rendezvous => Semantics::Rendezvous,
             CommArg::Buffered => Semantics::Buffered,

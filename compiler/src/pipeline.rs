@@ -47,14 +47,21 @@ pub fn analyze(file: &SourceFile) -> Result<Module, Vec<Diagnostic>> {
 
 /// Parses, analyzes and elaborates the requested schedule.
 pub fn elaborate(file: &SourceFile, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
-    let module = analyze(file)?;
-    let schedule = elab::select_schedule(&module, request.schedule.as_deref()).map_err(|d| vec![d])?;
-    elab::elaborate(&module, schedule, &request.params, request.limits)
+    elaborate_module(&analyze(file)?, request)
+}
+
+fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
+    let schedule = elab::select_schedule(module, request.schedule.as_deref()).map_err(|d| vec![d])?;
+    elab::elaborate(module, schedule, &request.params, request.limits)
 }
 
 /// Everything up to and including the safety checks.
 pub fn check(file: &SourceFile, request: &Request) -> Result<CheckedSchedule, Vec<Diagnostic>> {
-    check::check(elaborate(file, request)?).map_err(diag::collapse_repeats)
+    check_module(&analyze(file)?, request)
+}
+
+fn check_module(module: &Module, request: &Request) -> Result<CheckedSchedule, Vec<Diagnostic>> {
+    check::check(elaborate_module(module, request)?).map_err(diag::collapse_repeats)
 }
 
 /// A compiled schedule: what was checked and the program it lowered to.
@@ -69,10 +76,19 @@ pub struct Build {
 /// The whole path: source to a verified program that runs to completion
 /// under the requested send semantics.
 pub fn build(file: &SourceFile, request: &Request) -> Result<Build, Vec<Diagnostic>> {
-    let checked = check(file, request)?;
+    build_module(&analyze(file)?, request)
+}
+
+fn build_module(module: &Module, request: &Request) -> Result<Build, Vec<Diagnostic>> {
+    let checked = check_module(module, request)?;
     let lowered = lower::lower(&checked, request.lower, request.comm).map_err(|e| vec![internal_error(&e)])?;
     if let Some(deadlock) = &lowered.deadlock {
-        return Err(vec![check::comm_deadlock::report_deadlock(&lowered.program, checked.schedule(), deadlock)]);
+        return Err(vec![check::comm_deadlock::report_deadlock(
+            &lowered.program,
+            checked.schedule(),
+            deadlock,
+            request.lower.hoist,
+        )]);
     }
     Ok(Build { checked, program: lowered.program })
 }
@@ -86,4 +102,66 @@ fn internal_error(e: &lower::LowerError) -> Diagnostic {
     Diagnostic::new(Code::Internal, format!("internal compiler error: lowering pass `{}` produced invalid IR", e.pass))
         .with_note(e.errors.iter().take(5).map(|e| e.to_string()).collect::<Vec<_>>().join("\n"))
         .with_help("this is a bug in stpc; please report it with the schedule and parameters")
+}
+
+/// What a sweep over `check` directives found.
+#[derive(Debug, Clone, Default)]
+pub struct Sweep {
+    /// Instances compiled successfully.
+    pub passed: usize,
+    /// Instances outside the schedule's `require` clauses (not compiled).
+    pub skipped: usize,
+    /// The `check` directives run.
+    pub directives: usize,
+}
+
+/// Compiles every instance of every `check` directive of the requested
+/// schedule. Instances a `require` refuses are skipped; the first instance
+/// of a directive that fails otherwise is reported (E0025) with its errors.
+pub fn sweep(file: &SourceFile, request: &Request) -> Result<Sweep, Vec<Diagnostic>> {
+    let module = analyze(file)?;
+    let schedule = elab::select_schedule(&module, request.schedule.as_deref()).map_err(|d| vec![d])?;
+    let families = elab::check_families(schedule, &request.params).map_err(|d| vec![d])?;
+    if families.is_empty() {
+        return Err(vec![Diagnostic::new(
+            Code::CheckFailed,
+            format!("schedule `{}` has no check directives", schedule.name.name),
+        )
+        .with_label(schedule.name.span, "nothing to sweep")
+        .with_help("add one, e.g. `check p in 2..=8, m in [p, 2 * p, 4 * p];`")]);
+    }
+    let mut sweep = Sweep { directives: families.len(), ..Sweep::default() };
+    let mut errors = Vec::new();
+    for family in &families {
+        for values in &family.instances {
+            let mut instance = request.clone();
+            instance.params =
+                ParamArgs { named: values.clone(), memory: request.params.memory.clone(), ..ParamArgs::default() };
+            match build_module(&module, &instance) {
+                Ok(_) => sweep.passed += 1,
+                Err(d) if d.iter().all(|d| matches!(d.code, Code::RequireFailed | Code::ParamValue)) => {
+                    sweep.skipped += 1
+                }
+                Err(d) => {
+                    let shown: Vec<String> = values.iter().map(|(n, v)| format!("{n} = {v}")).collect();
+                    errors.push(
+                        Diagnostic::new(
+                            Code::CheckFailed,
+                            format!("the schedule fails at {}, which its `require` clauses admit", shown.join(", ")),
+                        )
+                        .with_label(family.span, format!("this directive includes {}", shown.join(", ")))
+                        .with_note(format!("first error there: [{}] {}", d[0].code, d[0].message))
+                        .with_help("fix the schedule there, or tighten its `require` clauses to exclude it"),
+                    );
+                    errors.extend(d);
+                    break;
+                }
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(sweep)
+    } else {
+        Err(errors)
+    }
 }

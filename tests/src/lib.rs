@@ -5,7 +5,8 @@ use stpc::elab::{Limits, ParamArgs};
 use stpc::pipeline::Request;
 
 /// The request a fixture asks for in its first line, e.g.
-/// `// args: -p 4 -m 8 -v 2 --param k=3 --max-ops 100 --schedule NAME`.
+/// `// args: -p 4 -m 8 -v 2 --param k=3 --mem budget=4 --max-ops 100
+/// --schedule NAME --no-hoist --buffered`.
 ///
 /// # Panics
 /// When the header is missing or malformed: a fixture bug.
@@ -17,6 +18,18 @@ pub fn request_from_header(source: &str) -> Request {
     let mut params = ParamArgs::default();
     let mut limits = Limits::default();
     while let Some(flag) = words.next() {
+        match flag {
+            "--no-hoist" => {
+                request.lower.hoist = false;
+                continue;
+            }
+            "--sweep" => continue,
+            "--buffered" => {
+                request.comm = stp_ir::simulate::Semantics::Buffered;
+                continue;
+            }
+            _ => {}
+        }
         let value = words.next().unwrap_or_else(|| panic!("flag {flag} needs a value"));
         let int = || value.parse::<i64>().unwrap_or_else(|_| panic!("{flag} {value}: not an integer"));
         match flag {
@@ -24,6 +37,10 @@ pub fn request_from_header(source: &str) -> Request {
             "-m" => params.microbatches = Some(int()),
             "-v" => params.chunks = Some(int()),
             "--max-ops" => limits.max_ops = int() as usize,
+            "--mem" => {
+                let (name, v) = value.split_once('=').unwrap_or_else(|| panic!("--mem {value}: expected NAME=VALUE"));
+                params.memory.push((name.to_string(), v.parse().unwrap_or_else(|_| panic!("--mem {value}"))));
+            }
             "--schedule" => request.schedule = Some(value.to_string()),
             "--param" => {
                 let (name, v) = value.split_once('=').unwrap_or_else(|| panic!("--param {value}: expected NAME=VALUE"));
@@ -47,4 +64,19 @@ pub fn expected_errors(source: &str) -> Vec<(usize, String)> {
             Some((i + 1, after.split_whitespace().next()?.to_string()))
         })
         .collect()
+}
+
+/// Whether the fixture asks for `stpc check --sweep` (all `check` directives).
+pub fn is_sweep(source: &str) -> bool {
+    source.lines().next().is_some_and(|l| l.split_whitespace().any(|w| w == "--sweep"))
+}
+
+/// Runs a fixture the way its header asks: a sweep, or one compile.
+pub fn run_fixture(file: &stpc::syntax::span::SourceFile) -> Result<(), Vec<stpc::diag::Diagnostic>> {
+    let request = request_from_header(&file.text);
+    if is_sweep(&file.text) {
+        stpc::pipeline::sweep(file, &request).map(|_| ())
+    } else {
+        stpc::pipeline::compile(file, &request).map(|_| ())
+    }
 }

@@ -9,10 +9,22 @@ use stp_ir::{Direction, Instr, Program, Rank};
 
 /// Reports `deadlock`, found running `program` (lowered from `schedule`),
 /// at the ops where every rank is stuck.
-pub fn report_deadlock(program: &Program, schedule: &ComputeSchedule, deadlock: &Deadlock) -> Diagnostic {
+pub fn report_deadlock(
+    program: &Program,
+    schedule: &ComputeSchedule,
+    deadlock: &Deadlock,
+    hoisted: bool,
+) -> Diagnostic {
     let buffered_ok =
         deadlock.semantics == Semantics::Rendezvous && find_deadlock(program, Semantics::Buffered).is_ok();
-    report(program, schedule, deadlock, buffered_ok)
+    let d = report(program, schedule, deadlock, buffered_ok);
+    if hoisted || !buffered_ok {
+        d
+    } else {
+        d.with_help(
+            "drop --no-hoist: stpc then posts the receives these sends wait for earlier, grouped with the sends (as Megatron does)",
+        )
+    }
 }
 
 /// The index of the compute op that follows instruction `instr` on its

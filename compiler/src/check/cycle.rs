@@ -99,6 +99,10 @@ fn nodes_on_or_after_cycles(g: &Graph) -> Option<Vec<bool>> {
     (done < n).then(|| indegree.iter().map(|d| *d > 0).collect())
 }
 
+/// The passes of a data wait (producer, consumer); `None` for the wait on
+/// the previous op of the same rank.
+type DataEdge = Option<(Pass, Pass)>;
+
 /// One wait in a cycle: `waiter` needs `needs` (from `producer` at node `from`).
 #[derive(Debug, Clone, Copy)]
 struct Wait {
@@ -122,12 +126,12 @@ fn shortest_cycle(g: &Graph, stuck: &[bool]) -> Option<Vec<Wait>> {
     // the previous op on the same rank costs 0.
     let n = g.len();
     let mut dist = vec![(usize::MAX, usize::MAX); n];
-    let mut via: Vec<Option<(usize, Option<(Pass, Pass)>)>> = vec![None; n];
+    let mut via: Vec<Option<(usize, DataEdge)>> = vec![None; n];
     for &start in &starts {
         dist.iter_mut().for_each(|d| *d = (usize::MAX, usize::MAX));
         via.iter_mut().for_each(|v| *v = None);
         let mut deque: VecDeque<usize> = VecDeque::new();
-        let mut found: Option<(usize, usize, usize, Option<(Pass, Pass)>)> = None;
+        let mut found: Option<(usize, usize, usize, DataEdge)> = None;
         dist[start] = (0, 0);
         deque.push_back(start);
         while let Some(v) = deque.pop_front() {

@@ -415,8 +415,8 @@ impl<'m> Eval<'m> {
                 format!("this is {mb}; microbatches are 0..{}", shape.num_microbatches)
             } else {
                 format!(
-                    "this is the {}th `{kind}` of stage {} on this rank, but there are {} microbatches",
-                    mb + 1,
+                    "this is the {} `{kind}` of stage {} on this rank, but there are {} microbatches",
+                    ordinal(mb + 1),
                     stage.0,
                     shape.num_microbatches
                 )
@@ -637,6 +637,18 @@ impl<'m> Eval<'m> {
         self.frame = caller;
         result
     }
+}
+
+/// `1st`, `2nd`, `3rd`, `4th`, ..., `11th`, `21st`
+fn ordinal(n: i64) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
 }
 
 fn set_memory_field(model: &mut MemoryModel, name: &str, value: i64) {

@@ -3,6 +3,7 @@
 //! remembering the source line and loop iteration that produced it.
 
 mod eval;
+mod instances;
 mod params;
 
 use crate::diag::{Code, Diagnostic};
@@ -13,6 +14,7 @@ use std::fmt;
 use std::sync::Arc;
 use stp_ir::{Compute, Param, Rank};
 
+pub use instances::{check_families, CheckFamily, MAX_INSTANCES};
 pub use params::ParamArgs;
 
 /// Bounds that keep a runaway schedule from exhausting time or memory.

@@ -27,10 +27,20 @@ use stp_ir::simulate::{find_deadlock, hoist_receives, Deadlock, Semantics};
 use stp_ir::{verify, Program, VerifyError};
 
 /// Knobs for lowering.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct LowerOptions {
     /// Verify the IR after every pass, not only after the last.
     pub verify_each: bool,
+    /// Run `hoist_receives` (on by default). Without it every receive is
+    /// posted right before the op that needs it, as PyTorch's schedule
+    /// runtime does, and programs that then deadlock are refused.
+    pub hoist: bool,
+}
+
+impl Default for LowerOptions {
+    fn default() -> LowerOptions {
+        LowerOptions { verify_each: false, hoist: true }
+    }
 }
 
 /// A lowering pass produced IR that fails verification: a compiler bug.
@@ -80,11 +90,11 @@ pub fn lower(checked: &CheckedSchedule, options: LowerOptions, semantics: Semant
         verify_ignoring_leaks(&program, "group_transfers")?;
     }
     let (hoisted, deadlock) = match semantics {
-        Semantics::Rendezvous => match hoist_receives(&mut program) {
+        Semantics::Rendezvous if options.hoist => match hoist_receives(&mut program) {
             Ok(moved) => (moved, None),
             Err(deadlock) => (0, Some(deadlock)),
         },
-        Semantics::Buffered => (0, find_deadlock(&program, semantics).err()),
+        _ => (0, find_deadlock(&program, semantics).err()),
     };
     if options.verify_each {
         verify_ignoring_leaks(&program, "hoist_receives")?;
