@@ -168,3 +168,63 @@ fn ir_round_trips_through_text_and_json() {
         assert_eq!(stp_ir::load_json(&json).ok().as_ref(), Some(&program), "{name} p={p} m={m}: JSON round trip");
     }
 }
+
+#[test]
+fn every_standard_schedule_passes_its_check_directives_over_50_instances() {
+    for s in stp_stdlib::ALL {
+        let file = SourceFile::new(s.path(), s.source);
+        let sweep = pipeline::sweep(&file, &Request::default())
+            .unwrap_or_else(|d| panic!("{}:\n{}", s.name, render(&d, &file, false)));
+        assert!(sweep.passed >= 50, "{}: only {} instances", s.name, sweep.passed);
+    }
+}
+
+fn peaks(name: &str, p: i64, m: i64, v: Option<i64>) -> Vec<i64> {
+    let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no stdlib schedule {name}"));
+    let file = SourceFile::new(s.path(), s.source);
+    let request = Request {
+        params: ParamArgs { ranks: Some(p), microbatches: Some(m), chunks: v, ..ParamArgs::default() },
+        ..Request::default()
+    };
+    let checked = pipeline::check(&file, &request).unwrap_or_else(|d| panic!("{}", render(&d, &file, false)));
+    checked.peaks().iter().map(|peak| peak.units).collect()
+}
+
+/// Peak activations from the reference table: GPipe holds all m; 1F1B
+/// holds min(p - r, m) on rank r (p on rank 0); interleaved 1F1B holds
+/// (v-1)p + 2(p-1) + 1 chunk activations on rank 0, i.e. p + (p-1)/v whole
+/// ranks' worth (Narayanan et al., SC'21).
+#[test]
+fn peak_memory_matches_the_formulas() {
+    for p in [2i64, 4, 8] {
+        for m in [p, 2 * p, 4 * p] {
+            assert_eq!(peaks("gpipe", p, m, None), vec![m; p as usize], "gpipe p={p} m={m}");
+            let expected: Vec<i64> = (0..p).map(|r| (p - r).min(m)).collect();
+            assert_eq!(peaks("1f1b", p, m, None), expected, "1f1b p={p} m={m}");
+            for v in [2i64, 3] {
+                let rank0 = peaks("interleaved-1f1b", p, m, Some(v))[0];
+                let expected = if m == p { v * p } else { (v - 1) * p + 2 * (p - 1) + 1 };
+                assert_eq!(rank0, expected, "interleaved p={p} m={m} v={v}");
+            }
+        }
+    }
+}
+
+/// The budgets the standard schedules declare are tight: one unit less fails.
+#[test]
+fn declared_budgets_are_tight() {
+    for (name, p, m, v) in [("1f1b", 4, 8, None), ("interleaved-1f1b", 4, 8, Some(2))] {
+        let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no {name}"));
+        let file = SourceFile::new(s.path(), s.source);
+        let mut request = Request {
+            params: ParamArgs { ranks: Some(p), microbatches: Some(m), chunks: v, ..ParamArgs::default() },
+            ..Request::default()
+        };
+        let checked = pipeline::check(&file, &request).unwrap_or_else(|d| panic!("{}", render(&d, &file, false)));
+        let budget = checked.schedule().memory.budget.unwrap_or_else(|| panic!("{name} declares a budget"));
+        assert_eq!(checked.peaks().iter().map(|p| p.units).max(), Some(budget), "{name}");
+        request.params.memory.push(("budget".into(), budget - 1));
+        let errors = pipeline::check(&file, &request).err().unwrap_or_default();
+        assert!(errors.iter().any(|d| d.code == stpc::diag::Code::MemoryBudget), "{name} with budget {}", budget - 1);
+    }
+}
