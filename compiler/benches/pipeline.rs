@@ -3,6 +3,10 @@
 //! phase on its own. m = 256 gives 32,768 compute ops; m = 2560 gives ten
 //! times that, so the ratio of the two shows whether cost grows linearly.
 //!
+//! `check_1m_ops` times the safety checks alone (coverage, order, cycle,
+//! memory, then lowering with the rendezvous deadlock run) at m = 8192:
+//! 1,048,576 compute ops.
+//!
 //! Run with `cargo bench -p stpc --bench pipeline`.
 
 use divan::Bencher;
@@ -64,6 +68,20 @@ fn check_and_lower(bencher: Bencher, m: i64) {
     bencher.with_inputs(|| schedule.clone()).bench_values(|schedule| {
         let checked = stpc::check::check(schedule).expect("checks");
         let lowered = stpc::lower::lower(&checked, Default::default(), Semantics::Rendezvous).expect("lowers");
+        lowered.program.ranks.len()
+    });
+}
+
+#[divan::bench(args = [8192], sample_count = 5)]
+fn check_1m_ops(bencher: Bencher, m: i64) {
+    let file = source();
+    let request = request(m);
+    let schedule = pipeline::elaborate(&file, &request).expect("elaborates");
+    assert_eq!(schedule.num_ops(), 1 << 20);
+    bencher.with_inputs(|| schedule.clone()).bench_values(|schedule| {
+        let checked = stpc::check::check(schedule).expect("checks");
+        let lowered = stpc::lower::lower(&checked, Default::default(), Semantics::Rendezvous).expect("lowers");
+        assert!(lowered.deadlock.is_none());
         lowered.program.ranks.len()
     });
 }

@@ -141,7 +141,33 @@ impl fmt::Display for Buffer {
 
 impl Serialize for Buffer {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        // Programs hold hundreds of thousands of buffers: spell the name on
+        // the stack instead of through the formatting machinery.
+        let mut text = [0u8; 40];
+        let mut len = 0;
+        let mut push = |bytes: &[u8]| {
+            text[len..len + bytes.len()].copy_from_slice(bytes);
+            len += bytes.len();
+        };
+        push(self.kind.as_str().as_bytes());
+        push(b".s");
+        push(decimal(self.stage.0, &mut [0u8; 10]));
+        push(b".mb");
+        push(decimal(self.mb.0, &mut [0u8; 10]));
+        serializer.serialize_str(std::str::from_utf8(&text[..len]).unwrap_or_default())
+    }
+}
+
+/// `n` in decimal, written into the end of `digits`.
+fn decimal(mut n: u32, digits: &mut [u8; 10]) -> &[u8] {
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &digits[at..];
+        }
     }
 }
 

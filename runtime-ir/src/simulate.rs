@@ -95,17 +95,35 @@ struct Posted {
 struct LinkState {
     sends_done: u32,
     recvs_done: u32,
-    /// Posted, incomplete sends and receives by sequence number on the link.
-    waiting_sends: HashMap<u32, Posted>,
-    waiting_recvs: HashMap<u32, Posted>,
+    /// Posted, incomplete sends and receives, with their sequence numbers
+    /// on the link (a handful at most: messages complete in order).
+    waiting_sends: Vec<(u32, Posted)>,
+    waiting_recvs: Vec<(u32, Posted)>,
+    /// Where each receive on the link sits: (rank-local transfer index), by sequence number.
+    recv_sites: Vec<usize>,
 }
 
-/// A transfer of the current group, with its sequence number on its link.
+fn take_waiting(list: &mut Vec<(u32, Posted)>, seq: u32) -> Option<Posted> {
+    let i = list.iter().position(|(s, _)| *s == seq)?;
+    Some(list.swap_remove(i).1)
+}
+
+/// A transfer of the current group.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     transfer: Transfer,
+    link: u32,
     seq: u32,
     done: bool,
+}
+
+/// What is known about each transfer of a rank's program before the run.
+#[derive(Debug, Clone, Copy)]
+struct TransferInfo {
+    link: u32,
+    seq: u32,
+    /// Moved into an earlier group by hoisting: skip it where it was.
+    moved: bool,
 }
 
 #[derive(Default)]
@@ -115,9 +133,6 @@ struct RankState {
     group: Vec<Entry>,
     posted: bool,
 }
-
-/// Where a transfer sits in a rank's program: instruction and slot.
-type Site = (usize, usize);
 
 /// Runs `program` under `semantics`; returns the deadlock if it does not finish.
 pub fn find_deadlock(program: &Program, semantics: Semantics) -> Result<(), Deadlock> {
@@ -150,20 +165,25 @@ pub fn hoist_receives(program: &mut Program) -> Result<usize, Deadlock> {
     Ok(moves.len())
 }
 
-/// One receive moved: rank, from where, into which instruction.
+/// One receive moved: rank, its instruction and slot there, and the
+/// instruction whose group it joins.
 #[derive(Debug, Clone, Copy)]
 struct Move {
     rank: usize,
-    from: Site,
+    from_instr: usize,
+    from_slot: usize,
     to_instr: usize,
 }
 
 fn apply_moves(program: &mut Program, moves: &[Move]) {
-    let mut removed: HashSet<(usize, Site)> = HashSet::new();
+    if moves.is_empty() {
+        return;
+    }
+    let mut removed: HashSet<(usize, usize, usize)> = HashSet::new();
     let mut added: HashMap<(usize, usize), Vec<Transfer>> = HashMap::new();
     for m in moves {
-        let t = program.ranks[m.rank].instrs[m.from.0].transfers()[m.from.1];
-        removed.insert((m.rank, m.from));
+        let t = program.ranks[m.rank].instrs[m.from_instr].transfers()[m.from_slot];
+        removed.insert((m.rank, m.from_instr, m.from_slot));
         added.entry((m.rank, m.to_instr)).or_default().push(t);
     }
     for (r, rank) in program.ranks.iter_mut().enumerate() {
@@ -174,7 +194,7 @@ fn apply_moves(program: &mut Program, moves: &[Move]) {
                     let mut kept: Vec<Transfer> = ops
                         .into_iter()
                         .enumerate()
-                        .filter(|(slot, _)| !removed.contains(&(r, (i, *slot))))
+                        .filter(|(slot, _)| !removed.contains(&(r, i, *slot)))
                         .map(|(_, t)| t)
                         .collect();
                     kept.extend(added.remove(&(r, i)).unwrap_or_default());
@@ -191,57 +211,62 @@ fn apply_moves(program: &mut Program, moves: &[Move]) {
 struct Sim<'a> {
     program: &'a Program,
     semantics: Semantics,
-    /// `seqs[rank][instr][slot]`: the transfer's sequence number on its link.
-    seqs: Vec<Vec<Vec<u32>>>,
+    /// Per rank, its transfers in program order.
+    infos: Vec<Vec<TransferInfo>>,
+    /// Per rank, index into `infos` of each instruction's first transfer
+    /// (one more entry than instructions).
+    starts: Vec<Vec<usize>>,
     ranks: Vec<RankState>,
-    links: HashMap<Link, LinkState>,
-    /// Receives by (link, sequence number): where they sit in the receiver's program.
-    recv_sites: HashMap<(Link, u32), Site>,
+    links: Vec<LinkState>,
     /// Receives moved into an earlier group (when hoisting).
     moves: Vec<Move>,
-    moved_away: HashSet<(usize, Site)>,
 }
 
 impl<'a> Sim<'a> {
     fn new(program: &'a Program, semantics: Semantics) -> Sim<'a> {
-        let mut counters: HashMap<(Link, Direction), u32> = HashMap::new();
-        let mut recv_sites = HashMap::new();
-        let seqs = program
-            .ranks
-            .iter()
-            .map(|rp| {
-                rp.instrs
-                    .iter()
-                    .enumerate()
-                    .map(|(i, instr)| {
-                        instr
-                            .transfers()
-                            .iter()
-                            .enumerate()
-                            .map(|(slot, t)| {
-                                let link = t.link(rp.rank);
-                                let counter = counters.entry((link, t.dir)).or_default();
-                                let seq = *counter;
-                                *counter += 1;
-                                if t.dir == Direction::Recv {
-                                    recv_sites.insert((link, seq), (i, slot));
-                                }
-                                seq
-                            })
-                            .collect()
-                    })
-                    .collect()
-            })
-            .collect();
+        let mut link_ids: HashMap<Link, u32> = HashMap::new();
+        let mut links: Vec<LinkState> = Vec::new();
+        let mut sent: Vec<u32> = Vec::new();
+        let mut infos = Vec::with_capacity(program.ranks.len());
+        let mut starts = Vec::with_capacity(program.ranks.len());
+        for rp in &program.ranks {
+            let mut rank_infos = Vec::new();
+            let mut rank_starts = Vec::with_capacity(rp.instrs.len() + 1);
+            for instr in &rp.instrs {
+                rank_starts.push(rank_infos.len());
+                for t in instr.transfers() {
+                    let next = link_ids.len() as u32;
+                    let link = *link_ids.entry(t.link(rp.rank)).or_insert(next);
+                    if link as usize == links.len() {
+                        links.push(LinkState::default());
+                        sent.push(0);
+                    }
+                    let state = &mut links[link as usize];
+                    let seq = match t.dir {
+                        Direction::Send => {
+                            sent[link as usize] += 1;
+                            sent[link as usize] - 1
+                        }
+                        Direction::Recv => {
+                            state.recv_sites.push(rank_infos.len());
+                            state.recv_sites.len() as u32 - 1
+                        }
+                    };
+                    rank_infos.push(TransferInfo { link, seq, moved: false });
+                }
+            }
+            rank_starts.push(rank_infos.len());
+            infos.push(rank_infos);
+            starts.push(rank_starts);
+        }
         Sim {
             program,
             semantics,
-            seqs,
+            infos,
+            starts,
             ranks: (0..program.ranks.len()).map(|_| RankState::default()).collect(),
-            links: HashMap::new(),
-            recv_sites,
+            links,
             moves: Vec::new(),
-            moved_away: HashSet::new(),
         }
     }
 
@@ -287,8 +312,8 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Runs rank `r` until it finishes or blocks; returns the ranks whose
-    /// transfers it completed (they may now proceed).
+    /// Runs rank `r` until it finishes or blocks; returns the ranks that
+    /// may proceed because of what it completed.
     fn run_rank(&mut self, r: usize) -> Vec<usize> {
         let rank = Rank(r as u32);
         let instrs = &self.program.ranks[r].instrs;
@@ -326,15 +351,13 @@ impl<'a> Sim<'a> {
         let r = rank.index();
         let pc = self.ranks[r].pc;
         let ops = self.program.ranks[r].instrs[pc].transfers();
-        let mut group = Vec::with_capacity(ops.len());
-        for (slot, t) in ops.iter().enumerate() {
-            if !self.moved_away.contains(&(r, (pc, slot))) {
-                group.push(Entry { transfer: *t, seq: self.seqs[r][pc][slot], done: false });
-            }
-        }
+        let first = self.starts[r][pc];
         self.ranks[r].group.clear();
-        for entry in group {
-            self.register(rank, entry);
+        for (k, t) in ops.iter().enumerate() {
+            let info = self.infos[r][first + k];
+            if !info.moved {
+                self.register(rank, Entry { transfer: *t, link: info.link, seq: info.seq, done: false });
+            }
         }
         self.ranks[r].posted = true;
     }
@@ -342,12 +365,12 @@ impl<'a> Sim<'a> {
     /// Adds `entry` to `rank`'s current group and to its link's waiting list.
     fn register(&mut self, rank: Rank, entry: Entry) {
         let slot = self.ranks[rank.index()].group.len();
-        let link = self.links.entry(entry.transfer.link(rank)).or_default();
+        let link = &mut self.links[entry.link as usize];
         let waiting = match entry.transfer.dir {
             Direction::Send => &mut link.waiting_sends,
             Direction::Recv => &mut link.waiting_recvs,
         };
-        waiting.insert(entry.seq, Posted { rank, slot });
+        waiting.push((entry.seq, Posted { rank, slot }));
         self.ranks[rank.index()].group.push(entry);
     }
 
@@ -356,7 +379,7 @@ impl<'a> Sim<'a> {
     /// one, or it may be waiting for the message just sent).
     fn try_complete(&mut self, rank: Rank, slot: usize, entry: Entry) -> Option<usize> {
         let (t, seq) = (entry.transfer, entry.seq);
-        let link = self.links.get_mut(&t.link(rank))?;
+        let link = &mut self.links[entry.link as usize];
         let in_order = match t.dir {
             Direction::Send => link.sends_done == seq,
             Direction::Recv => link.recvs_done == seq,
@@ -367,7 +390,7 @@ impl<'a> Sim<'a> {
         let wake = match (self.semantics, t.dir) {
             (Semantics::Buffered, Direction::Send) => {
                 link.sends_done += 1;
-                link.waiting_sends.remove(&seq);
+                take_waiting(&mut link.waiting_sends, seq);
                 // The receiver may be waiting for this message.
                 Some(t.peer.index())
             }
@@ -376,7 +399,7 @@ impl<'a> Sim<'a> {
                     return None;
                 }
                 link.recvs_done += 1;
-                link.waiting_recvs.remove(&seq);
+                take_waiting(&mut link.waiting_recvs, seq);
                 None
             }
             (Semantics::Rendezvous, dir) => {
@@ -387,9 +410,8 @@ impl<'a> Sim<'a> {
                     Direction::Send => (&mut link.waiting_sends, &mut link.waiting_recvs),
                     Direction::Recv => (&mut link.waiting_recvs, &mut link.waiting_sends),
                 };
-                let other = *theirs.get(&seq)?;
-                theirs.remove(&seq);
-                mine.remove(&seq);
+                let other = take_waiting(theirs, seq)?;
+                take_waiting(mine, seq);
                 link.sends_done += 1;
                 link.recvs_done += 1;
                 self.ranks[other.rank.index()].group[other.slot].done = true;
@@ -405,31 +427,27 @@ impl<'a> Sim<'a> {
     /// Returns the two ranks to run again.
     fn hoist_one(&mut self) -> Option<(usize, usize)> {
         for a in 0..self.ranks.len() {
-            let rank = Rank(a as u32);
-            for entry in self.ranks[a].group.clone() {
-                let t = entry.transfer;
-                if entry.done || t.dir != Direction::Send {
+            for k in 0..self.ranks[a].group.len() {
+                let entry = self.ranks[a].group[k];
+                if entry.done || entry.transfer.dir != Direction::Send {
                     continue;
                 }
-                let link_id = t.link(rank);
-                let ready = self.links.get(&link_id).is_some_and(|l| {
-                    l.sends_done == entry.seq && l.recvs_done == entry.seq && !l.waiting_recvs.contains_key(&entry.seq)
-                });
-                let b = t.peer.index();
-                let peer_blocked = self.ranks[b].posted;
-                let Some(&(instr, slot)) = self.recv_sites.get(&(link_id, entry.seq)) else { continue };
-                if !ready || !peer_blocked || instr <= self.ranks[b].pc {
-                    continue;
-                }
+                let link = &self.links[entry.link as usize];
+                let ready = link.sends_done == entry.seq
+                    && link.recvs_done == entry.seq
+                    && !link.waiting_recvs.iter().any(|(s, _)| *s == entry.seq);
+                let b = entry.transfer.peer.index();
+                let Some(&flat) = link.recv_sites.get(entry.seq as usize) else { continue };
                 let to_instr = self.ranks[b].pc;
-                self.moved_away.insert((b, (instr, slot)));
-                self.moves.push(Move { rank: b, from: (instr, slot), to_instr });
-                let recv = Entry {
-                    transfer: self.program.ranks[b].instrs[instr].transfers()[slot],
-                    seq: entry.seq,
-                    done: false,
-                };
-                self.register(t.peer, recv);
+                if !ready || !self.ranks[b].posted || flat < self.starts[b][to_instr + 1] {
+                    continue;
+                }
+                let from_instr = self.starts[b].partition_point(|&s| s <= flat) - 1;
+                let from_slot = flat - self.starts[b][from_instr];
+                self.infos[b][flat].moved = true;
+                self.moves.push(Move { rank: b, from_instr, from_slot, to_instr });
+                let transfer = self.program.ranks[b].instrs[from_instr].transfers()[from_slot];
+                self.register(Rank(b as u32), Entry { transfer, link: entry.link, seq: entry.seq, done: false });
                 return Some((a, b));
             }
         }
@@ -448,13 +466,12 @@ impl<'a> Sim<'a> {
             .iter()
             .filter(|e| !e.done)
             .map(|e| {
-                let t = e.transfer;
-                let link = self.links.get(&t.link(rank));
-                let earlier = link.is_some_and(|l| match t.dir {
-                    Direction::Send => l.sends_done < e.seq,
-                    Direction::Recv => l.recvs_done < e.seq,
-                });
-                Pending { transfer: t, wait: if earlier { Wait::EarlierMessage } else { Wait::PeerNotPosted } }
+                let link = &self.links[e.link as usize];
+                let earlier = match e.transfer.dir {
+                    Direction::Send => link.sends_done < e.seq,
+                    Direction::Recv => link.recvs_done < e.seq,
+                };
+                Pending { transfer: e.transfer, wait: if earlier { Wait::EarlierMessage } else { Wait::PeerNotPosted } }
             })
             .collect();
         Some(Blocked { rank, instr: state.pc, pending })

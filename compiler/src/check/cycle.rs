@@ -12,12 +12,15 @@ use stp_ir::{Pass, Rank};
 /// huge schedules the shortest among those searched is reported.
 const MAX_SEARCHES: usize = 256;
 
-/// Dense node ids: ops numbered rank by rank.
+/// Dense node ids: ops numbered rank by rank. Data-dependency
+/// predecessors are stored flat (CSR): node v's are
+/// `preds[pred_start[v]..pred_start[v + 1]]`.
 struct Graph {
-    /// First node id of each rank.
+    /// First node id of each rank, and the total at the end.
     offsets: Vec<usize>,
-    /// Per node, the data-dependency predecessors (producer node, producer pass, consumer pass).
-    data_preds: Vec<Vec<(usize, Pass, Pass)>>,
+    pred_start: Vec<usize>,
+    /// (producer node, producer pass, consumer pass).
+    preds: Vec<(usize, Pass, Pass)>,
 }
 
 impl Graph {
@@ -29,20 +32,26 @@ impl Graph {
             total += ops.len();
         }
         offsets.push(total);
-        let mut data_preds = vec![Vec::new(); total];
-        for (r, ops) in s.ranks.iter().enumerate() {
-            for (i, op) in ops.iter().enumerate() {
+        let mut pred_start = Vec::with_capacity(total + 1);
+        let mut preds = Vec::with_capacity(total * 2);
+        for ops in &s.ranks {
+            for op in ops {
+                pred_start.push(preds.len());
                 for &pass in &op.compute.passes {
                     for producer in producers(pass, s.num_stages, index) {
                         if let Some(at) = index.first(producer) {
-                            let from = offsets[at.rank.index()] + at.index;
-                            data_preds[offsets[r] + i].push((from, producer, pass));
+                            preds.push((offsets[at.rank.index()] + at.index, producer, pass));
                         }
                     }
                 }
             }
         }
-        Graph { offsets, data_preds }
+        pred_start.push(preds.len());
+        Graph { offsets, pred_start, preds }
+    }
+
+    fn data_preds(&self, v: usize) -> &[(usize, Pass, Pass)] {
+        &self.preds[self.pred_start[v]..self.pred_start[v + 1]]
     }
 
     fn position(&self, node: usize) -> Position {
@@ -50,14 +59,13 @@ impl Graph {
         Position { rank: Rank(r as u32), index: node - self.offsets[r] }
     }
 
-    /// The node after `node` on its rank, if any.
-    fn next_on_rank(&self, node: usize) -> Option<usize> {
-        let r = self.position(node).rank.index();
-        (node + 1 < self.offsets[r + 1]).then_some(node + 1)
-    }
-
     fn len(&self) -> usize {
         *self.offsets.last().unwrap_or(&0)
+    }
+
+    /// Whether `node` is the first op of its rank.
+    fn first_on_rank(&self, node: usize) -> bool {
+        self.offsets.binary_search(&node).is_ok()
     }
 }
 
@@ -73,23 +81,33 @@ pub(super) fn check(s: &ComputeSchedule, index: &PassIndex) -> Vec<Diagnostic> {
 /// Kahn's algorithm; the nodes never freed sit on a cycle or wait for one.
 fn nodes_on_or_after_cycles(g: &Graph) -> Option<Vec<bool>> {
     let n = g.len();
-    let mut succs: Vec<Vec<usize>> = vec![Vec::new(); n];
+    // Successors in CSR form: data successors, plus the next op on the rank.
     let mut indegree = vec![0usize; n];
+    let mut succ_count = vec![0usize; n + 1];
+    for &(u, _, _) in &g.preds {
+        succ_count[u] += 1;
+    }
+    for (v, deg) in indegree.iter_mut().enumerate() {
+        *deg = g.data_preds(v).len() + usize::from(!g.first_on_rank(v));
+    }
+    let mut succ_start = vec![0usize; n + 1];
     for v in 0..n {
-        for &(u, _, _) in &g.data_preds[v] {
-            succs[u].push(v);
-            indegree[v] += 1;
-        }
-        if let Some(w) = g.next_on_rank(v) {
-            succs[v].push(w);
-            indegree[w] += 1;
+        succ_start[v + 1] = succ_start[v] + succ_count[v];
+    }
+    let mut fill = succ_start.clone();
+    let mut succs = vec![0usize; g.preds.len()];
+    for v in 0..n {
+        for &(u, _, _) in g.data_preds(v) {
+            succs[fill[u]] = v;
+            fill[u] += 1;
         }
     }
     let mut queue: VecDeque<usize> = (0..n).filter(|v| indegree[*v] == 0).collect();
     let mut done = 0;
     while let Some(v) = queue.pop_front() {
         done += 1;
-        for &w in &succs[v] {
+        let next_on_rank = (v + 1 < n && !g.first_on_rank(v + 1)).then_some(v + 1);
+        for w in succs[succ_start[v]..succ_start[v + 1]].iter().copied().chain(next_on_rank) {
             indegree[w] -= 1;
             if indegree[w] == 0 {
                 queue.push_back(w);
@@ -117,7 +135,7 @@ struct Wait {
 fn shortest_cycle(g: &Graph, stuck: &[bool]) -> Option<Vec<Wait>> {
     let starts: Vec<usize> = (0..g.len())
         .filter(|&v| {
-            stuck[v] && g.data_preds[v].iter().any(|&(u, _, _)| stuck[u] && g.position(u).rank != g.position(v).rank)
+            stuck[v] && g.data_preds(v).iter().any(|&(u, _, _)| stuck[u] && g.position(u).rank != g.position(v).rank)
         })
         .take(MAX_SEARCHES)
         .collect();
@@ -140,7 +158,8 @@ fn shortest_cycle(g: &Graph, stuck: &[bool]) -> Option<Vec<Wait>> {
                 break;
             }
             let prev_on_rank = (v > g.offsets[g.position(v).rank.index()]).then(|| v - 1);
-            let edges = g.data_preds[v]
+            let edges = g
+                .data_preds(v)
                 .iter()
                 .map(|&(u, prod, cons)| (u, 1, Some((prod, cons))))
                 .chain(prev_on_rank.map(|u| (u, 0, None)));

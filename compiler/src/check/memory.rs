@@ -34,16 +34,12 @@ pub(super) fn check(s: &ComputeSchedule) -> (Vec<RankPeak>, Vec<Diagnostic>) {
     let mut errors = Vec::new();
     for (r, ops) in s.ranks.iter().enumerate() {
         let mut live_units = 0i64;
-        let mut live: BTreeMap<(u32, u32), i64> = BTreeMap::new();
         let mut peak = RankPeak { units: 0, at: None };
         let mut crossed = false;
         for (i, op) in ops.iter().enumerate() {
             // Allocations of a braided pair land before its releases.
             let allocated: i64 = op.compute.passes.iter().map(|p| delta(model, *p).max(0)).sum();
             let released: i64 = op.compute.passes.iter().map(|p| delta(model, *p).min(0)).sum();
-            for p in &op.compute.passes {
-                *live.entry((p.stage.0, p.mb.0)).or_default() += delta(model, *p);
-            }
             let high = live_units + allocated;
             if high > peak.units {
                 peak = RankPeak { units: high, at: Some(i) };
@@ -51,25 +47,34 @@ pub(super) fn check(s: &ComputeSchedule) -> (Vec<RankPeak>, Vec<Diagnostic>) {
             if let Some(budget) = model.budget {
                 if high > budget && !crossed {
                     crossed = true;
-                    errors.push(over_budget(s, Rank(r as u32), i, high, budget, &live));
+                    errors.push(over_budget(s, Rank(r as u32), i, high, budget));
                 }
             }
             live_units = high + released;
-            live.retain(|_, units| *units > 0);
         }
         peaks.push(peak);
     }
     (peaks, errors)
 }
 
-fn over_budget(
-    s: &ComputeSchedule,
-    rank: Rank,
-    at: usize,
-    units: i64,
-    budget: i64,
-    live: &BTreeMap<(u32, u32), i64>,
-) -> Diagnostic {
+/// What is live on `rank` while op `at` runs: (stage, microbatch) -> units.
+fn live_at(s: &ComputeSchedule, rank: Rank, at: usize) -> BTreeMap<(u32, u32), i64> {
+    let mut live: BTreeMap<(u32, u32), i64> = BTreeMap::new();
+    for (i, op) in s.ranks[rank.index()].iter().enumerate().take(at + 1) {
+        for p in &op.compute.passes {
+            let d = delta(&s.memory, *p);
+            // The op being run has allocated but not yet released.
+            if i < at || d > 0 {
+                *live.entry((p.stage.0, p.mb.0)).or_default() += d;
+            }
+        }
+    }
+    live.retain(|_, units| *units > 0);
+    live
+}
+
+fn over_budget(s: &ComputeSchedule, rank: Rank, at: usize, units: i64, budget: i64) -> Diagnostic {
+    let live = live_at(s, rank, at);
     let op = &s.ranks[rank.index()][at];
     let passes: Vec<String> = op.compute.passes.iter().map(|p| describe(*p)).collect();
     let mut d = Diagnostic::new(
@@ -83,7 +88,7 @@ fn over_budget(
     if let Some(span) = s.memory.budget_span {
         d = d.with_label(span, format!("the budget: {budget} units"));
     }
-    d.notes.push(format!("live on rank {} at that moment: {}", rank.0, describe_live(live)));
+    d.notes.push(format!("live on rank {} at that moment: {}", rank.0, describe_live(&live)));
     d.notes.push(format!(
         "memory model: F holds {} unit(s) per (stage, microbatch); B releases all but {}, which W releases",
         s.memory.activation, s.memory.weight_stash
