@@ -228,3 +228,38 @@ fn declared_budgets_are_tight() {
         assert!(errors.iter().any(|d| d.code == stpc::diag::Code::MemoryBudget), "{name} with budget {}", budget - 1);
     }
 }
+
+/// In a V placement a link carries two logical streams (rank 1 sends both
+/// chunk 1's activations and chunk 0's gradients to rank 0). Lowering
+/// receives them in the order they are sent; receiving them in the order
+/// they are needed instead would hand one stream's tensor to the other, and
+/// `verify` refuses that program.
+#[test]
+fn v_shape_links_carry_two_streams_received_in_send_order() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/v_shape.sched");
+    let text = std::fs::read_to_string(&path).expect("examples/v_shape.sched");
+    let file = SourceFile::new("v_shape.sched", text);
+    let request = Request {
+        params: ParamArgs { ranks: Some(2), microbatches: Some(2), ..ParamArgs::default() },
+        ..Request::default()
+    };
+    let mut program = pipeline::compile(&file, &request).unwrap_or_else(|d| panic!("{}", render(&d, &file, false)));
+    let (r0, r1) = (stp_ir::Rank(0), stp_ir::Rank(1));
+    let recvs: Vec<(usize, stp_ir::Buffer)> = program.ranks[0]
+        .instrs
+        .iter()
+        .enumerate()
+        .flat_map(|(i, instr)| instr.transfers().iter().map(move |t| (i, *t)))
+        .filter(|(_, t)| t.dir == stp_ir::Direction::Recv && t.link(r0) == (r1, r0))
+        .map(|(i, t)| (i, t.buffer))
+        .collect();
+    let kinds: std::collections::HashSet<stp_ir::BufferKind> = recvs.iter().map(|(_, b)| b.kind).collect();
+    assert_eq!(kinds.len(), 2, "the link r1 -> r0 carries activations and gradients: {recvs:?}");
+    // Swap the first activation and the first gradient received on the link.
+    let act = recvs.iter().find(|(_, b)| b.kind == stp_ir::BufferKind::Act).map(|r| r.0);
+    let grad = recvs.iter().find(|(_, b)| b.kind == stp_ir::BufferKind::Grad).map(|r| r.0);
+    let (Some(a), Some(g)) = (act, grad) else { panic!("both streams present") };
+    program.ranks[0].instrs.swap(a, g);
+    let errors = stp_ir::verify(&program).expect_err("out-of-order receives must be refused");
+    assert!(errors.iter().any(|e| e.message.contains("must be posted in the same order")), "{errors:?}");
+}
