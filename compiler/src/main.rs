@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use stp_ir::simulate::Semantics;
+use stp_ir::simulate::{CostModel, Semantics};
 use stpc::diag::{self, Code, Diagnostic};
 use stpc::elab::{Limits, ParamArgs};
 use stpc::emit::{self, Emit};
@@ -52,6 +52,17 @@ enum Command {
         /// Verify the IR after every lowering pass, not only after the last.
         #[arg(long)]
         verify_each: bool,
+    },
+    /// Run the compiled program under a cost model and report makespan,
+    /// per-rank busy and idle time, bubble, exposed communication and memory.
+    Simulate {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        cost: CostArgs,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Explain an error code, e.g. `stpc explain E0011`.
     Explain {
@@ -109,6 +120,31 @@ enum CommArg {
     Buffered,
 }
 
+/// The cost model, from a file and/or flags (flags win).
+#[derive(Args)]
+struct CostArgs {
+    /// A cost model as JSON: {"forward": 1, "backward_input": 1,
+    /// "backward_weight": 1, "tp_collective": 0, "p2p": 0}; missing fields
+    /// keep their defaults.
+    #[arg(long, value_name = "FILE")]
+    cost: Option<PathBuf>,
+    /// Time of one forward (T_F).
+    #[arg(long, value_name = "T")]
+    t_f: Option<f64>,
+    /// Time of one input-gradient backward (T_B).
+    #[arg(long, value_name = "T")]
+    t_b: Option<f64>,
+    /// Time of one weight-gradient backward (T_W).
+    #[arg(long, value_name = "T")]
+    t_w: Option<f64>,
+    /// Exposed time of one pass's tensor-parallel collective (T_AR).
+    #[arg(long, value_name = "T")]
+    t_ar: Option<f64>,
+    /// Time of one point-to-point transfer.
+    #[arg(long, value_name = "T")]
+    t_p2p: Option<f64>,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum EmitArg {
     /// The IR as JSON (program.json).
@@ -142,6 +178,7 @@ fn main() -> ExitCode {
         Command::Compile { target, emit, out_dir, verify_each } => {
             compile(&target, &emit, out_dir.as_deref(), verify_each)
         }
+        Command::Simulate { target, cost, json } => simulate(&target, &cost, json),
         Command::Explain { code } => explain(code.as_deref()),
     };
     match result {
@@ -222,6 +259,96 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
                 eprintln!("wrote {}", path.display());
             }
         }
+    }
+    Ok(())
+}
+
+fn cost_model(args: &CostArgs) -> Result<CostModel, Reported> {
+    let mut cost = match &args.cost {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| io_error(&format!("cannot read {}", path.display()), &e))?;
+            serde_json::from_str(&text).map_err(|e| {
+                eprintln!("error: {} is not a cost model: {e}", path.display());
+                Reported
+            })?
+        }
+        None => CostModel::default(),
+    };
+    let set = |field: &mut f64, value: Option<f64>| {
+        if let Some(v) = value {
+            *field = v;
+        }
+    };
+    set(&mut cost.forward, args.t_f);
+    set(&mut cost.backward_input, args.t_b);
+    set(&mut cost.backward_weight, args.t_w);
+    set(&mut cost.tp_collective, args.t_ar);
+    set(&mut cost.p2p, args.t_p2p);
+    let fields = [cost.forward, cost.backward_input, cost.backward_weight, cost.tp_collective, cost.p2p];
+    if fields.iter().any(|v| !v.is_finite() || *v < 0.0) {
+        eprintln!("error: every time in the cost model must be a finite number >= 0");
+        return Err(Reported);
+    }
+    Ok(cost)
+}
+
+fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported> {
+    let cost = cost_model(args)?;
+    let file = load(target)?;
+    let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
+    let timeline = stp_ir::simulate::simulate(&build.program, &cost).map_err(|d| {
+        eprintln!("internal error: a checked program deadlocked in the timed simulation:\n{d}");
+        Reported
+    })?;
+    let peaks: Vec<i64> = build.checked.peaks().iter().map(|p| p.units).collect();
+    let s = build.checked.schedule();
+    if json {
+        let report = serde_json::json!({
+            "schedule": s.name,
+            "params": s.params.iter().map(|p| (p.name.clone(), p.value)).collect::<std::collections::BTreeMap<_, _>>(),
+            "cost": cost,
+            "makespan": timeline.makespan,
+            "bubble_ratio": timeline.bubble_ratio(),
+            "throughput_microbatches_per_time": f64::from(s.num_microbatches) / timeline.makespan,
+            "ranks": timeline.ranks.iter().zip(&peaks).map(|(r, peak)| serde_json::json!({
+                "rank": r.rank.0,
+                "busy": r.busy,
+                "idle": timeline.makespan - r.busy,
+                "bubble": r.bubble,
+                "exposed_comm": r.exposed_comm,
+                "peak_memory": peak,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        return Ok(());
+    }
+    let params: Vec<String> = s.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
+    println!("{} ({})", s.name, params.join(" "));
+    println!(
+        "cost: T_F={} T_B={} T_W={} T_AR={} p2p={}",
+        cost.forward, cost.backward_input, cost.backward_weight, cost.tp_collective, cost.p2p
+    );
+    println!(
+        "makespan {:.3}   bubble ratio {:.4}   throughput {:.4} microbatches per time unit",
+        timeline.makespan,
+        timeline.bubble_ratio(),
+        f64::from(s.num_microbatches) / timeline.makespan
+    );
+    println!(
+        "{:<6} {:>10} {:>10} {:>10} {:>13} {:>12}",
+        "rank", "busy", "idle", "bubble", "exposed comm", "peak memory"
+    );
+    for (r, peak) in timeline.ranks.iter().zip(&peaks) {
+        println!(
+            "{:<6} {:>10.3} {:>10.3} {:>10.3} {:>13.3} {:>12}",
+            r.rank.0,
+            r.busy,
+            timeline.makespan - r.busy,
+            r.bubble,
+            r.exposed_comm,
+            peak
+        );
     }
     Ok(())
 }

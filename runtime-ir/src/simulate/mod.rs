@@ -1,5 +1,6 @@
-//! Executes rank programs without timing to find deadlocks, under buffered
-//! or rendezvous point-to-point semantics.
+//! Executes rank programs: without timing to find deadlocks, under buffered
+//! or rendezvous point-to-point semantics (this file), and with timing
+//! under a cost model ([`timed`]).
 //!
 //! Compute and frees complete at once. A [`Instr::Comm`] posts all its
 //! transfers and completes when each has: under [`Semantics::Buffered`] a
@@ -8,6 +9,10 @@
 //! once both are posted. On every link messages complete in order. Running
 //! ranks as far as they can go and stopping when none can is exact for this
 //! model: completing one transfer never prevents another.
+
+mod timed;
+
+pub use timed::{simulate, CostModel, RankTimeline, Span, Stream, Timeline};
 
 use crate::ids::Rank;
 use crate::program::{Direction, Instr, Program, Transfer};
@@ -222,10 +227,21 @@ struct Sim<'a> {
     moves: Vec<Move>,
 }
 
-impl<'a> Sim<'a> {
-    fn new(program: &'a Program, semantics: Semantics) -> Sim<'a> {
+/// Every transfer of a program numbered by link and position on its link.
+struct TransferIndex {
+    /// Per rank, its transfers in program order.
+    infos: Vec<Vec<TransferInfo>>,
+    /// Per rank, index into `infos` of each instruction's first transfer
+    /// (one more entry than instructions).
+    starts: Vec<Vec<usize>>,
+    /// Per link: where each receive sits (rank-local transfer index), by sequence number.
+    recv_sites: Vec<Vec<usize>>,
+}
+
+impl TransferIndex {
+    fn new(program: &Program) -> TransferIndex {
         let mut link_ids: HashMap<Link, u32> = HashMap::new();
-        let mut links: Vec<LinkState> = Vec::new();
+        let mut recv_sites: Vec<Vec<usize>> = Vec::new();
         let mut sent: Vec<u32> = Vec::new();
         let mut infos = Vec::with_capacity(program.ranks.len());
         let mut starts = Vec::with_capacity(program.ranks.len());
@@ -237,19 +253,18 @@ impl<'a> Sim<'a> {
                 for t in instr.transfers() {
                     let next = link_ids.len() as u32;
                     let link = *link_ids.entry(t.link(rp.rank)).or_insert(next);
-                    if link as usize == links.len() {
-                        links.push(LinkState::default());
+                    if link as usize == recv_sites.len() {
+                        recv_sites.push(Vec::new());
                         sent.push(0);
                     }
-                    let state = &mut links[link as usize];
                     let seq = match t.dir {
                         Direction::Send => {
                             sent[link as usize] += 1;
                             sent[link as usize] - 1
                         }
                         Direction::Recv => {
-                            state.recv_sites.push(rank_infos.len());
-                            state.recv_sites.len() as u32 - 1
+                            recv_sites[link as usize].push(rank_infos.len());
+                            recv_sites[link as usize].len() as u32 - 1
                         }
                     };
                     rank_infos.push(TransferInfo { link, seq, moved: false });
@@ -259,6 +274,18 @@ impl<'a> Sim<'a> {
             infos.push(rank_infos);
             starts.push(rank_starts);
         }
+        TransferIndex { infos, starts, recv_sites }
+    }
+
+    fn num_links(&self) -> usize {
+        self.recv_sites.len()
+    }
+}
+
+impl<'a> Sim<'a> {
+    fn new(program: &'a Program, semantics: Semantics) -> Sim<'a> {
+        let TransferIndex { infos, starts, recv_sites } = TransferIndex::new(program);
+        let links = recv_sites.into_iter().map(|recv_sites| LinkState { recv_sites, ..LinkState::default() }).collect();
         Sim {
             program,
             semantics,

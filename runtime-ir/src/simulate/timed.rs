@@ -1,0 +1,409 @@
+//! Timed execution of rank programs under a cost model: a compute stream
+//! per rank, a communication stream per pair of ranks (as PyTorch's NCCL
+//! process groups run point-to-point operations), rendezvous sends.
+//!
+//! A compute starts when the rank's compute stream is free and every
+//! buffer it reads is ready, and takes its passes' time plus whatever of
+//! their tensor-parallel collectives is exposed (see [`CostModel`]). A
+//! transfer is posted when the stream to its peer is free and, for a send,
+//! the buffer is ready; it completes `p2p` after both sides have posted it
+//! (and after the previous message on its link), and a received buffer is
+//! ready then. Groups only fix the posting order. Frees take no time.
+
+use super::{Blocked, Deadlock, Pending, Semantics, TransferIndex, Wait};
+use crate::ids::Rank;
+use crate::program::{Direction, Instr, Pass, PassKind, Program};
+use crate::slots::BufferSlots;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// Times of the passes and transfers, in any unit (the default is "one
+/// forward = 1").
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CostModel {
+    /// One forward of one stage for one microbatch (`T_F`).
+    pub forward: f64,
+    /// One input-gradient backward (`T_B`).
+    pub backward_input: f64,
+    /// One weight-gradient backward (`T_W`); a full backward takes `T_B + T_W`.
+    pub backward_weight: f64,
+    /// The tensor-parallel collective of one forward or input-gradient pass
+    /// (`T_AR`), exposed unless other compute hides it: a standalone `F`
+    /// or `B` exposes all of it; a full `BW` hides it behind its own weight
+    /// gradient; in a braided pair each pass's collective hides behind the
+    /// other pass's compute. `W` has none. 0 without tensor parallelism.
+    pub tp_collective: f64,
+    /// One point-to-point transfer, once both sides have posted it.
+    pub p2p: f64,
+}
+
+impl Default for CostModel {
+    fn default() -> CostModel {
+        CostModel { forward: 1.0, backward_input: 1.0, backward_weight: 1.0, tp_collective: 0.0, p2p: 0.0 }
+    }
+}
+
+impl CostModel {
+    /// Pure compute time of one pass.
+    pub fn compute(&self, pass: Pass) -> f64 {
+        match pass.kind {
+            PassKind::F => self.forward,
+            PassKind::B => self.backward_input,
+            PassKind::W => self.backward_weight,
+            PassKind::BW => self.backward_input + self.backward_weight,
+        }
+    }
+
+    /// The collective a pass issues (none for `W`).
+    fn collective(&self, pass: Pass) -> f64 {
+        match pass.kind {
+            PassKind::W => 0.0,
+            _ => self.tp_collective,
+        }
+    }
+
+    /// (compute, exposed collective time) of one compute instruction.
+    pub fn time(&self, passes: &[Pass]) -> (f64, f64) {
+        let compute: f64 = passes.iter().map(|p| self.compute(*p)).sum();
+        let exposed = match passes {
+            [one] if one.kind == PassKind::BW => (self.collective(*one) - self.backward_weight).max(0.0),
+            [one] => self.collective(*one),
+            [a, b] => {
+                (self.collective(*a) - self.compute(*b)).max(0.0) + (self.collective(*b) - self.compute(*a)).max(0.0)
+            }
+            _ => passes.iter().map(|p| self.collective(*p)).sum(),
+        };
+        (compute, exposed)
+    }
+}
+
+/// Which stream an interval ran on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// The compute stream.
+    Compute,
+    /// The communication stream.
+    Comm,
+}
+
+/// One instruction's interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Span {
+    /// Index of the instruction in its rank's program.
+    pub instr: usize,
+    /// Its stream.
+    pub stream: Stream,
+    /// Start time.
+    pub start: f64,
+    /// End time.
+    pub end: f64,
+    /// Of the compute span, the time spent on exposed collectives.
+    pub exposed: f64,
+}
+
+/// What one rank did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankTimeline {
+    /// The rank.
+    pub rank: Rank,
+    /// Time its compute stream was busy (compute plus exposed collectives).
+    pub busy: f64,
+    /// Of that, exposed tensor-parallel collectives.
+    pub exposed_comm: f64,
+    /// Idle time of the compute stream between its first start and last end.
+    pub bubble: f64,
+    /// Intervals of every compute and communication instruction.
+    pub spans: Vec<Span>,
+}
+
+/// A timed run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timeline {
+    /// When the last instruction of any rank ends.
+    pub makespan: f64,
+    /// Per rank, in rank order.
+    pub ranks: Vec<RankTimeline>,
+}
+
+impl Timeline {
+    /// Idle share of all ranks' compute streams over the makespan.
+    pub fn bubble_ratio(&self) -> f64 {
+        let capacity = self.makespan * self.ranks.len() as f64;
+        if capacity == 0.0 {
+            return 0.0;
+        }
+        1.0 - self.ranks.iter().map(|r| r.busy).sum::<f64>() / capacity
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Posted {
+    rank: usize,
+    slot: usize,
+    at: f64,
+}
+
+#[derive(Default)]
+struct LinkState {
+    done: u32,
+    last_end: f64,
+    waiting_sends: Vec<(u32, Posted)>,
+    waiting_recvs: Vec<(u32, Posted)>,
+}
+
+#[derive(Default)]
+struct RankState {
+    pc: usize,
+    compute_free: f64,
+    /// When the stream to each peer is free.
+    comm_free: Vec<f64>,
+    /// End time of every compute run so far (by instruction index).
+    ends: Vec<f64>,
+    /// Completion time of every transfer (by rank-local transfer index).
+    transfer_ends: Vec<f64>,
+    /// The current group: (link, seq, direction, posted at, completion time once done).
+    group: Vec<(u32, u32, Direction, f64, Option<f64>)>,
+    posted: bool,
+    spans: Vec<Span>,
+    busy: f64,
+    exposed: f64,
+}
+
+/// Where a buffer an instruction reads was made: by a compute (instruction
+/// index) or by a receive (rank-local transfer index).
+#[derive(Debug, Clone, Copy)]
+enum Dep {
+    Instr(usize),
+    Transfer(usize),
+}
+
+/// Runs `program` under `cost` with rendezvous sends. The program should
+/// be verified; a deadlock is returned as such.
+pub fn simulate(program: &Program, cost: &CostModel) -> Result<Timeline, Deadlock> {
+    let index = TransferIndex::new(program);
+    let deps = writers(program, &index);
+    let n = program.ranks.len();
+    let mut ranks: Vec<RankState> = (0..n)
+        .map(|r| RankState {
+            comm_free: vec![0.0; n],
+            transfer_ends: vec![0.0; index.infos[r].len()],
+            ..RankState::default()
+        })
+        .collect();
+    let mut links: Vec<LinkState> = (0..index.num_links()).map(|_| LinkState::default()).collect();
+    let mut work: VecDeque<usize> = (0..n).collect();
+    let mut queued = vec![true; n];
+    while let Some(r) = work.pop_front() {
+        queued[r] = false;
+        let woken = run_rank(program, cost, &index, &deps, r, &mut ranks, &mut links);
+        for w in woken {
+            if !queued[w] {
+                queued[w] = true;
+                work.push_back(w);
+            }
+        }
+    }
+    let blocked: Vec<Blocked> = (0..n)
+        .filter(|&r| ranks[r].pc < program.ranks[r].instrs.len())
+        .map(|r| Blocked {
+            rank: Rank(r as u32),
+            instr: ranks[r].pc,
+            pending: program.ranks[r].instrs[ranks[r].pc]
+                .transfers()
+                .iter()
+                .map(|t| Pending { transfer: *t, wait: Wait::PeerNotPosted })
+                .collect(),
+        })
+        .collect();
+    if !blocked.is_empty() {
+        return Err(Deadlock { semantics: Semantics::Rendezvous, blocked });
+    }
+    let makespan = ranks.iter().flat_map(|r| r.spans.iter().map(|s| s.end)).fold(0.0, f64::max);
+    let ranks = ranks
+        .into_iter()
+        .enumerate()
+        .map(|(r, s)| {
+            let computes = s.spans.iter().filter(|sp| sp.stream == Stream::Compute);
+            let first = computes.clone().map(|sp| sp.start).fold(f64::INFINITY, f64::min);
+            let last = computes.map(|sp| sp.end).fold(0.0, f64::max);
+            let bubble = if first.is_finite() { (last - first - s.busy).max(0.0) } else { 0.0 };
+            RankTimeline { rank: Rank(r as u32), busy: s.busy, exposed_comm: s.exposed, bubble, spans: s.spans }
+        })
+        .collect();
+    Ok(Timeline { makespan, ranks })
+}
+
+/// Per rank, per instruction: where the buffers it reads were made (for a
+/// communication group: those it sends).
+fn writers(program: &Program, index: &TransferIndex) -> Vec<Vec<Vec<Dep>>> {
+    let meta = &program.schedule;
+    // 0: never written; otherwise 1 + (instruction index * 2) for computes
+    // and 1 + (transfer index * 2 + 1) for receives.
+    let mut writer: BufferSlots<u64> = BufferSlots::new(meta.num_stages, meta.num_microbatches);
+    let decode = |w: u64| {
+        let w = (w - 1) as usize;
+        if w % 2 == 0 {
+            Dep::Instr(w / 2)
+        } else {
+            Dep::Transfer(w / 2)
+        }
+    };
+    program
+        .ranks
+        .iter()
+        .enumerate()
+        .map(|(r, rp)| {
+            writer.reset();
+            rp.instrs
+                .iter()
+                .enumerate()
+                .map(|(i, instr)| {
+                    let deps: Vec<Dep> =
+                        instr.reads(meta.num_stages).map(|b| writer.get(b)).filter(|w| *w > 0).map(decode).collect();
+                    match instr {
+                        Instr::Comm(ops) => {
+                            for (slot, t) in ops.iter().enumerate() {
+                                if t.dir == Direction::Recv {
+                                    let flat = index.starts[r][i] + slot;
+                                    writer.set(t.buffer, 1 + (flat as u64) * 2 + 1);
+                                }
+                            }
+                        }
+                        _ => {
+                            for b in instr.writes() {
+                                writer.set(b, 1 + (i as u64) * 2);
+                            }
+                        }
+                    }
+                    deps
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn run_rank(
+    program: &Program,
+    cost: &CostModel,
+    index: &TransferIndex,
+    deps: &[Vec<Vec<Dep>>],
+    r: usize,
+    ranks: &mut [RankState],
+    links: &mut [LinkState],
+) -> Vec<usize> {
+    let instrs = &program.ranks[r].instrs;
+    let mut woken = Vec::new();
+    while ranks[r].pc < instrs.len() {
+        let pc = ranks[r].pc;
+        let ready_of = |state: &RankState, d: &Dep| match *d {
+            Dep::Instr(i) => state.ends[i],
+            Dep::Transfer(t) => state.transfer_ends[t],
+        };
+        match &instrs[pc] {
+            Instr::Compute(c) => {
+                let state = &mut ranks[r];
+                let ready = deps[r][pc].iter().map(|d| ready_of(state, d)).fold(0.0, f64::max);
+                let (compute, exposed) = cost.time(&c.passes);
+                let start = state.compute_free.max(ready);
+                let end = start + compute + exposed;
+                state.spans.push(Span { instr: pc, stream: Stream::Compute, start, end, exposed });
+                state.busy += compute + exposed;
+                state.exposed += exposed;
+                state.compute_free = end;
+                state.ends.push(end);
+                state.pc += 1;
+            }
+            Instr::Free { .. } => {
+                ranks[r].ends.push(0.0);
+                ranks[r].pc += 1;
+            }
+            Instr::Comm(ops) => {
+                if !ranks[r].posted {
+                    let first = index.starts[r][pc];
+                    let state = &mut ranks[r];
+                    state.group.clear();
+                    for (slot, t) in ops.iter().enumerate() {
+                        let info = index.infos[r][first + slot];
+                        let ready = match t.dir {
+                            Direction::Send => deps[r][pc]
+                                .iter()
+                                .filter(|d| matches!(d, Dep::Instr(i) if instrs[*i].writes().any(|b| b == t.buffer)))
+                                .map(|d| ready_of(state, d))
+                                .fold(0.0, f64::max),
+                            Direction::Recv => 0.0,
+                        };
+                        let at = state.comm_free[t.peer.index()].max(ready);
+                        state.group.push((info.link, info.seq, t.dir, at, None));
+                        let link = &mut links[info.link as usize];
+                        let waiting = match t.dir {
+                            Direction::Send => &mut link.waiting_sends,
+                            Direction::Recv => &mut link.waiting_recvs,
+                        };
+                        waiting.push((info.seq, Posted { rank: r, slot, at }));
+                    }
+                    state.posted = true;
+                }
+                // Complete every transfer whose partner is posted, in link order.
+                let mut progress = true;
+                while progress {
+                    progress = false;
+                    for slot in 0..ranks[r].group.len() {
+                        let (link_id, seq, dir, at, done) = ranks[r].group[slot];
+                        if done.is_some() {
+                            continue;
+                        }
+                        let link = &mut links[link_id as usize];
+                        if link.done != seq {
+                            continue;
+                        }
+                        let theirs = match dir {
+                            Direction::Send => &mut link.waiting_recvs,
+                            Direction::Recv => &mut link.waiting_sends,
+                        };
+                        let Some(i) = theirs.iter().position(|(s, _)| *s == seq) else { continue };
+                        let other = theirs.swap_remove(i).1;
+                        let mine = match dir {
+                            Direction::Send => &mut link.waiting_sends,
+                            Direction::Recv => &mut link.waiting_recvs,
+                        };
+                        if let Some(j) = mine.iter().position(|(s, _)| *s == seq) {
+                            mine.swap_remove(j);
+                        }
+                        let end = at.max(other.at).max(link.last_end) + cost.p2p;
+                        link.last_end = end;
+                        link.done += 1;
+                        complete(ranks, index, program, r, slot, end);
+                        complete(ranks, index, program, other.rank, other.slot, end);
+                        if other.rank != r {
+                            woken.push(other.rank);
+                        }
+                        progress = true;
+                    }
+                }
+                let state = &mut ranks[r];
+                if state.group.iter().any(|g| g.4.is_none()) {
+                    break;
+                }
+                let start = state.group.iter().map(|g| g.3).fold(f64::INFINITY, f64::min);
+                let end = state.group.iter().filter_map(|g| g.4).fold(start, f64::max);
+                state.spans.push(Span { instr: pc, stream: Stream::Comm, start, end, exposed: 0.0 });
+                state.ends.push(end);
+                state.posted = false;
+                state.pc += 1;
+            }
+        }
+    }
+    woken
+}
+
+/// Marks slot `slot` of rank `r`'s current group complete at `end`.
+fn complete(ranks: &mut [RankState], index: &TransferIndex, program: &Program, r: usize, slot: usize, end: f64) {
+    let state = &mut ranks[r];
+    state.group[slot].4 = Some(end);
+    let flat = index.starts[r][state.pc] + slot;
+    state.transfer_ends[flat] = end;
+    let peer = program.ranks[r].instrs[state.pc].transfers()[slot].peer;
+    state.comm_free[peer.index()] = end;
+}
