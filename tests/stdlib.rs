@@ -33,6 +33,12 @@ fn instances() -> Vec<(&'static str, i64, i64, Option<i64>)> {
                 out.push(("interleaved-1f1b", p, m, Some(v)));
             }
         }
+        for m in [1, p, 2 * p, 4 * p] {
+            out.push(("zb-h1", p, m, None));
+        }
+        for m in [3 * p - 1, 3 * p, 5 * p] {
+            out.push(("stp", p, m, None));
+        }
     }
     out
 }
@@ -57,10 +63,13 @@ fn every_pass_runs_exactly_once_on_its_owner() {
             for mb in 0..meta.num_microbatches {
                 let count = |k| seen.get(&(k, stage, mb)).copied().unwrap_or(0);
                 assert_eq!(count(PassKind::F), 1, "{name} p={p} m={m}: F s{stage} mb{mb}");
-                assert_eq!(count(PassKind::BW), 1, "{name} p={p} m={m}: BW s{stage} mb{mb}");
+                let backward = (count(PassKind::BW), count(PassKind::B), count(PassKind::W));
+                assert!(
+                    backward == (1, 0, 0) || backward == (0, 1, 1),
+                    "{name} p={p} m={m}: backward of s{stage} mb{mb}"
+                );
             }
         }
-        assert_eq!(seen.len() as u32, 2 * meta.num_stages * meta.num_microbatches, "{name}: unexpected passes");
         stp_ir::verify(&program).unwrap_or_else(|e| panic!("{name} p={p} m={m}: {e:?}"));
     }
 }
@@ -143,13 +152,16 @@ fn interleaved_warmup_matches_megatron() {
 
 #[test]
 fn ir_snapshots() {
-    let cases: [(&str, i64, i64, Option<i64>); 6] = [
+    let cases: [(&str, i64, i64, Option<i64>); 9] = [
         ("gpipe", 2, 3, None),
         ("gpipe", 4, 4, None),
         ("1f1b", 2, 3, None),
         ("1f1b", 4, 6, None),
         ("interleaved-1f1b", 2, 4, Some(2)),
         ("interleaved-1f1b", 4, 8, Some(2)),
+        ("zb-h1", 3, 4, None),
+        ("stp", 2, 5, None),
+        ("stp", 3, 8, None),
     ];
     for (name, p, m, v) in cases {
         let program = compile(name, p, m, v);

@@ -135,3 +135,33 @@ fn explain_describes_every_code() {
     }
     assert_eq!(stpc(&["explain", "E9999"]).status.code(), Some(1));
 }
+
+#[test]
+fn simulate_reports_the_makespan_and_per_rank_numbers() {
+    let out = stpc(&["simulate", "stp", "-p", "4", "-m", "11"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // 6m + p - 1 at unit costs.
+    assert!(stdout(&out).contains("makespan 69.000"), "{}", stdout(&out));
+    let json = stpc(&["simulate", "1f1b", "-p", "4", "-m", "8", "--t-b", "2", "--json"]);
+    assert!(json.status.success(), "{}", stderr(&json));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&json)).expect("--json prints JSON");
+    // (m + p - 1)(T_F + T_B + T_W) with T_B = 2.
+    assert_eq!(report["makespan"].as_f64(), Some(44.0));
+    assert_eq!(report["ranks"].as_array().map(Vec::len), Some(4));
+    assert_eq!(report["ranks"][0]["peak_memory"].as_i64(), Some(4));
+}
+
+#[test]
+fn simulate_reads_a_cost_file_and_refuses_a_bad_one() {
+    let dir = scratch("cost");
+    let good = write(&dir, "cost.json", r#"{"forward": 2, "backward_input": 2, "backward_weight": 2}"#);
+    let out = stpc(&["simulate", "gpipe", "-p", "2", "-m", "2", "--cost", &good]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("makespan 18.000"), "{}", stdout(&out));
+    let bad = write(&dir, "bad.json", r#"{"forward": "fast"}"#);
+    let out = stpc(&["simulate", "gpipe", "-p", "2", "-m", "2", "--cost", &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is not a cost model"), "{}", stderr(&out));
+    let negative = stpc(&["simulate", "gpipe", "-p", "2", "-m", "2", "--t-f=-1"]);
+    assert_eq!(negative.status.code(), Some(1));
+}

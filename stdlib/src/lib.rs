@@ -26,6 +26,8 @@ pub const ALL: &[StdSchedule] = &[
     StdSchedule { name: "gpipe", source: include_str!("../gpipe.sched") },
     StdSchedule { name: "1f1b", source: include_str!("../1f1b.sched") },
     StdSchedule { name: "interleaved-1f1b", source: include_str!("../interleaved-1f1b.sched") },
+    StdSchedule { name: "zb-h1", source: include_str!("../zb-h1.sched") },
+    StdSchedule { name: "stp", source: include_str!("../stp.sched") },
 ];
 
 /// The standard schedule called `name`.

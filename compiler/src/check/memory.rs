@@ -37,10 +37,11 @@ pub(super) fn check(s: &ComputeSchedule) -> (Vec<RankPeak>, Vec<Diagnostic>) {
         let mut peak = RankPeak { units: 0, at: None };
         let mut crossed = false;
         for (i, op) in ops.iter().enumerate() {
-            // Allocations of a braided pair land before its releases.
-            let allocated: i64 = op.compute.passes.iter().map(|p| delta(model, *p).max(0)).sum();
-            let released: i64 = op.compute.passes.iter().map(|p| delta(model, *p).min(0)).sum();
-            let high = live_units + allocated;
+            // Live memory is counted between ops, as the papers count it:
+            // inside a braided F & B the forward's activations grow while the
+            // backward's shrink.
+            let change: i64 = op.compute.passes.iter().map(|p| delta(model, *p)).sum();
+            let high = live_units + change.max(0);
             if high > peak.units {
                 peak = RankPeak { units: high, at: Some(i) };
             }
@@ -50,23 +51,19 @@ pub(super) fn check(s: &ComputeSchedule) -> (Vec<RankPeak>, Vec<Diagnostic>) {
                     errors.push(over_budget(s, Rank(r as u32), i, high, budget));
                 }
             }
-            live_units = high + released;
+            live_units += change;
         }
         peaks.push(peak);
     }
     (peaks, errors)
 }
 
-/// What is live on `rank` while op `at` runs: (stage, microbatch) -> units.
+/// What is live on `rank` after op `at`: (stage, microbatch) -> units.
 fn live_at(s: &ComputeSchedule, rank: Rank, at: usize) -> BTreeMap<(u32, u32), i64> {
     let mut live: BTreeMap<(u32, u32), i64> = BTreeMap::new();
-    for (i, op) in s.ranks[rank.index()].iter().enumerate().take(at + 1) {
+    for op in s.ranks[rank.index()].iter().take(at + 1) {
         for p in &op.compute.passes {
-            let d = delta(&s.memory, *p);
-            // The op being run has allocated but not yet released.
-            if i < at || d > 0 {
-                *live.entry((p.stage.0, p.mb.0)).or_default() += d;
-            }
+            *live.entry((p.stage.0, p.mb.0)).or_default() += delta(&s.memory, *p);
         }
     }
     live.retain(|_, units| *units > 0);

@@ -1,0 +1,125 @@
+//! Golden tests against ../shared/reference/schedules.md: the simulated
+//! bubbles, makespans, exposed TP time and peak memory of the standard
+//! schedules equal the published formulas.
+
+use stp_ir::simulate::{simulate, CostModel, Timeline};
+use stpc::diag::render::render;
+use stpc::elab::ParamArgs;
+use stpc::pipeline::{self, Build, Request};
+use stpc::syntax::span::SourceFile;
+
+fn build(name: &str, p: i64, m: i64, v: Option<i64>) -> Build {
+    let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no stdlib schedule {name}"));
+    let file = SourceFile::new(s.path(), s.source);
+    let request = Request {
+        params: ParamArgs { ranks: Some(p), microbatches: Some(m), chunks: v, ..ParamArgs::default() },
+        ..Request::default()
+    };
+    pipeline::build(&file, &request).unwrap_or_else(|d| panic!("{name} p={p} m={m}:\n{}", render(&d, &file, false)))
+}
+
+fn run(b: &Build, cost: &CostModel) -> Timeline {
+    simulate(&b.program, cost).unwrap_or_else(|d| panic!("checked program deadlocked: {d}"))
+}
+
+fn unit() -> CostModel {
+    CostModel::default()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-9
+}
+
+/// The pipeline bubble as the table states it: idle time within the
+/// makespan on the busiest-waiting rank (rank 0 for these schedules).
+fn max_bubble(t: &Timeline) -> f64 {
+    t.ranks.iter().map(|r| r.bubble).fold(0.0, f64::max)
+}
+
+const PS: [i64; 3] = [2, 4, 8];
+
+#[test]
+fn one_f_one_b_bubble_is_p_minus_1_times_a_full_microbatch() {
+    for cost in [unit(), CostModel { forward: 1.0, backward_input: 2.0, backward_weight: 1.5, ..unit() }] {
+        let per_mb = cost.forward + cost.backward_input + cost.backward_weight;
+        for p in PS {
+            for m in [p, 2 * p, 3 * p, 4 * p] {
+                let t = run(&build("1f1b", p, m, None), &cost);
+                let expected = (p - 1) as f64 * per_mb;
+                assert!(close(max_bubble(&t), expected), "p={p} m={m}: bubble {} != {expected}", max_bubble(&t));
+                assert!(close(t.makespan, m as f64 * per_mb + expected), "p={p} m={m}: makespan {}", t.makespan);
+                for r in &t.ranks {
+                    assert!(close(t.makespan - r.busy, expected), "p={p} m={m} rank {}: idle", r.rank);
+                }
+                // Bubble ratio (p-1)/(m+p-1), independent of the costs.
+                assert!(close(t.bubble_ratio(), (p - 1) as f64 / (m + p - 1) as f64), "p={p} m={m}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gpipe_bubble_is_p_minus_1_times_a_full_microbatch() {
+    for p in PS {
+        for m in [p, 2 * p, 4 * p, 4 * p + 1] {
+            let t = run(&build("gpipe", p, m, None), &unit());
+            assert!(close(t.makespan, 3.0 * m as f64 + 3.0 * (p - 1) as f64), "p={p} m={m}: {}", t.makespan);
+        }
+    }
+}
+
+#[test]
+fn zb_h1_bubble_is_p_minus_1_times_f_plus_b_minus_w() {
+    for p in PS {
+        for m in [p, 2 * p, 3 * p, 4 * p] {
+            let b = build("zb-h1", p, m, None);
+            let t = run(&b, &unit());
+            let expected = (p - 1) as f64 * (1.0 + 1.0 - 1.0);
+            assert!(close(max_bubble(&t), expected), "p={p} m={m}: bubble {}", max_bubble(&t));
+            assert!(close(t.makespan, 3.0 * m as f64 + expected), "p={p} m={m}: makespan {}", t.makespan);
+            // Same peak memory as 1F1B: p microbatches on rank 0.
+            assert_eq!(b.checked.peaks()[0].units, p.min(m), "p={p} m={m}");
+        }
+    }
+}
+
+#[test]
+fn stp_makespan_is_6m_plus_p_minus_1_and_peak_is_3p() {
+    for p in PS {
+        for m in [3 * p - 1, 3 * p, 4 * p, 6 * p] {
+            let b = build("stp", p, m, None);
+            let t = run(&b, &unit());
+            assert!(close(t.makespan, (6 * m + p - 1) as f64), "p={p} m={m}: makespan {}", t.makespan);
+            assert!(b.checked.peaks().iter().all(|peak| peak.units == 3 * p), "p={p} m={m}: {:?}", b.checked.peaks());
+        }
+    }
+}
+
+/// TP accounting at v = 2 with a collective shorter than any pass, so a
+/// braid hides it completely: interleaved 1F1B exposes one collective per
+/// forward (Megatron overlaps the backward's with its weight gradient):
+/// 2m·T_AR per rank; STP exposes only its unbraided passes: (2p+1)·T_AR on
+/// the ranks with a standalone forward in phase 3 (even r), 2p·T_AR on the
+/// others.
+#[test]
+fn exposed_tensor_parallel_time_matches_the_stp_paper() {
+    let t_ar = 0.125;
+    let cost = CostModel { tp_collective: t_ar, ..unit() };
+    for p in PS {
+        for m in [p, 2 * p, 4 * p] {
+            let t = run(&build("interleaved-1f1b", p, m, Some(2)), &cost);
+            for r in &t.ranks {
+                assert!(close(r.exposed_comm, 2.0 * m as f64 * t_ar), "interleaved p={p} m={m} rank {}", r.rank);
+            }
+        }
+        for m in [3 * p - 1, 4 * p] {
+            let t = run(&build("stp", p, m, None), &cost);
+            for r in &t.ranks {
+                let expected = if r.rank.0 % 2 == 0 { 2 * p + 1 } else { 2 * p } as f64 * t_ar;
+                assert!(close(r.exposed_comm, expected), "stp p={p} m={m} rank {}: {}", r.rank, r.exposed_comm);
+            }
+            let worst = t.ranks.iter().map(|r| r.exposed_comm).fold(0.0, f64::max);
+            assert!(close(worst, (2 * p + 1) as f64 * t_ar), "stp p={p} m={m}");
+        }
+    }
+}
