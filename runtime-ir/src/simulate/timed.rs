@@ -171,6 +171,15 @@ struct RankState {
     exposed: f64,
 }
 
+/// What last made a buffer live on a rank, while the dependencies are collected.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Writer {
+    #[default]
+    None,
+    Instr(u32),
+    Transfer(u32),
+}
+
 /// Where a buffer an instruction reads was made: by a compute (instruction
 /// index) or by a receive (rank-local transfer index).
 #[derive(Debug, Clone, Copy)]
@@ -239,17 +248,7 @@ pub fn simulate(program: &Program, cost: &CostModel) -> Result<Timeline, Deadloc
 /// communication group: those it sends).
 fn writers(program: &Program, index: &TransferIndex) -> Vec<Vec<Vec<Dep>>> {
     let meta = &program.schedule;
-    // 0: never written; otherwise 1 + (instruction index * 2) for computes
-    // and 1 + (transfer index * 2 + 1) for receives.
-    let mut writer: BufferSlots<u64> = BufferSlots::new(meta.num_stages, meta.num_microbatches);
-    let decode = |w: u64| {
-        let w = (w - 1) as usize;
-        if w % 2 == 0 {
-            Dep::Instr(w / 2)
-        } else {
-            Dep::Transfer(w / 2)
-        }
-    };
+    let mut writer: BufferSlots<Writer> = BufferSlots::new(meta.num_stages, meta.num_microbatches);
     program
         .ranks
         .iter()
@@ -260,20 +259,26 @@ fn writers(program: &Program, index: &TransferIndex) -> Vec<Vec<Vec<Dep>>> {
                 .iter()
                 .enumerate()
                 .map(|(i, instr)| {
-                    let deps: Vec<Dep> =
-                        instr.reads(meta.num_stages).map(|b| writer.get(b)).filter(|w| *w > 0).map(decode).collect();
+                    let deps: Vec<Dep> = instr
+                        .reads(meta.num_stages)
+                        .filter_map(|b| match writer.get(b) {
+                            Writer::None => None,
+                            Writer::Instr(i) => Some(Dep::Instr(i as usize)),
+                            Writer::Transfer(t) => Some(Dep::Transfer(t as usize)),
+                        })
+                        .collect();
                     match instr {
                         Instr::Comm(ops) => {
                             for (slot, t) in ops.iter().enumerate() {
                                 if t.dir == Direction::Recv {
                                     let flat = index.starts[r][i] + slot;
-                                    writer.set(t.buffer, 1 + (flat as u64) * 2 + 1);
+                                    writer.set(t.buffer, Writer::Transfer(flat as u32));
                                 }
                             }
                         }
                         _ => {
                             for b in instr.writes() {
-                                writer.set(b, 1 + (i as u64) * 2);
+                                writer.set(b, Writer::Instr(i as u32));
                             }
                         }
                     }
