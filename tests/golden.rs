@@ -123,3 +123,28 @@ fn exposed_tensor_parallel_time_matches_the_stp_paper() {
         }
     }
 }
+
+/// ZB-V at T_F = T_B = T_W: no idle time between any rank's first and
+/// last op, 2p chunk activations at the peak (1F1B's memory), and with TP
+/// every forward and input-gradient pass exposes its collective: 4m·T_AR.
+#[test]
+fn zb_v_has_zero_bubble_2p_memory_and_exposes_4m_collectives() {
+    let t_ar = 0.125;
+    for p in PS {
+        for m in [2 * p - 1, 2 * p, 3 * p, 4 * p] {
+            let b = build("zb-v", p, m, None);
+            let t = run(&b, &unit());
+            assert!(close(max_bubble(&t), 0.0), "p={p} m={m}: bubble {}", max_bubble(&t));
+            assert!(b.checked.peaks().iter().all(|peak| peak.units == 2 * p), "p={p} m={m}: {:?}", b.checked.peaks());
+            let t = run(&b, &CostModel { tp_collective: t_ar, ..unit() });
+            for r in &t.ranks {
+                assert!(
+                    close(r.exposed_comm, 4.0 * m as f64 * t_ar),
+                    "p={p} m={m} rank {}: {}",
+                    r.rank,
+                    r.exposed_comm
+                );
+            }
+        }
+    }
+}

@@ -39,6 +39,9 @@ fn instances() -> Vec<(&'static str, i64, i64, Option<i64>)> {
         for m in [3 * p - 1, 3 * p, 5 * p] {
             out.push(("stp", p, m, None));
         }
+        for m in [2 * p - 1, 2 * p, 4 * p] {
+            out.push(("zb-v", p, m, None));
+        }
     }
     out
 }
@@ -152,7 +155,7 @@ fn interleaved_warmup_matches_megatron() {
 
 #[test]
 fn ir_snapshots() {
-    let cases: [(&str, i64, i64, Option<i64>); 9] = [
+    let cases: [(&str, i64, i64, Option<i64>); 10] = [
         ("gpipe", 2, 3, None),
         ("gpipe", 4, 4, None),
         ("1f1b", 2, 3, None),
@@ -162,6 +165,7 @@ fn ir_snapshots() {
         ("zb-h1", 3, 4, None),
         ("stp", 2, 5, None),
         ("stp", 3, 8, None),
+        ("zb-v", 2, 3, None),
     ];
     for (name, p, m, v) in cases {
         let program = compile(name, p, m, v);
