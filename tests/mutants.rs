@@ -124,8 +124,8 @@ fn reference_is_safe(s: &ComputeSchedule) -> bool {
         }
     }
     let n = |k, st, mb| count.get(&(k, st, mb)).copied().unwrap_or(0);
-    for st in 0..s.num_stages {
-        for mb in 0..s.num_microbatches {
+    for st in 0..s.meta.num_stages {
+        for mb in 0..s.meta.num_microbatches {
             let split = n(PassKind::B, st, mb) == 1 && n(PassKind::W, st, mb) == 1 && n(PassKind::BW, st, mb) == 0;
             let full = n(PassKind::BW, st, mb) == 1 && n(PassKind::B, st, mb) == 0 && n(PassKind::W, st, mb) == 0;
             if n(PassKind::F, st, mb) != 1 || !(split || full) {
@@ -142,7 +142,7 @@ fn reference_is_safe(s: &ComputeSchedule) -> bool {
             PassKind::F => vec![],
             PassKind::B | PassKind::BW => {
                 let mut v = vec![(PassKind::F, st, mb)];
-                if st + 1 < s.num_stages {
+                if st + 1 < s.meta.num_stages {
                     v.push((backward(st + 1), st + 1, mb));
                 }
                 v
@@ -190,8 +190,8 @@ fn stpc_accepts(s: ComputeSchedule) -> bool {
 #[test]
 fn the_unmutated_bases_are_safe_and_accepted() {
     for base in bases() {
-        assert!(reference_is_safe(base), "{}", base.name);
-        assert!(stpc_accepts(base.clone()), "{}", base.name);
+        assert!(reference_is_safe(base), "{}", base.meta.name);
+        assert!(stpc_accepts(base.clone()), "{}", base.meta.name);
     }
 }
 

@@ -203,14 +203,14 @@ fn check(target: &Target) -> Result<(), Reported> {
     let file = load(target)?;
     let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
     let s = build.checked.schedule();
-    let params: Vec<String> = s.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
+    let params: Vec<String> = s.meta.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
     println!(
         "ok: {} ({}): {} ranks, {} stages, {} microbatches, {} ops",
-        s.name,
+        s.meta.name,
         params.join(" "),
-        s.num_ranks,
-        s.num_stages,
-        s.num_microbatches,
+        s.meta.num_ranks,
+        s.meta.num_stages,
+        s.meta.num_microbatches,
         s.num_ops()
     );
     let peaks: Vec<String> = build.checked.peaks().iter().map(|p| p.units.to_string()).collect();
@@ -305,12 +305,12 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
     let s = build.checked.schedule();
     if json {
         let report = serde_json::json!({
-            "schedule": s.name,
-            "params": s.params.iter().map(|p| (p.name.clone(), p.value)).collect::<std::collections::BTreeMap<_, _>>(),
+            "schedule": s.meta.name,
+            "params": s.meta.params.iter().map(|p| (p.name.clone(), p.value)).collect::<std::collections::BTreeMap<_, _>>(),
             "cost": cost,
             "makespan": timeline.makespan,
             "bubble_ratio": timeline.bubble_ratio(),
-            "throughput_microbatches_per_time": f64::from(s.num_microbatches) / timeline.makespan,
+            "throughput_microbatches_per_time": f64::from(s.meta.num_microbatches) / timeline.makespan,
             "ranks": timeline.ranks.iter().zip(&peaks).map(|(r, peak)| serde_json::json!({
                 "rank": r.rank.0,
                 "busy": r.busy,
@@ -323,8 +323,8 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
         println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
         return Ok(());
     }
-    let params: Vec<String> = s.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
-    println!("{} ({})", s.name, params.join(" "));
+    let params: Vec<String> = s.meta.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
+    println!("{} ({})", s.meta.name, params.join(" "));
     println!(
         "cost: T_F={} T_B={} T_W={} T_AR={} p2p={}",
         cost.forward, cost.backward_input, cost.backward_weight, cost.tp_collective, cost.p2p
@@ -333,7 +333,7 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
         "makespan {:.3}   bubble ratio {:.4}   throughput {:.4} microbatches per time unit",
         timeline.makespan,
         timeline.bubble_ratio(),
-        f64::from(s.num_microbatches) / timeline.makespan
+        f64::from(s.meta.num_microbatches) / timeline.makespan
     );
     println!(
         "{:<6} {:>10} {:>10} {:>10} {:>13} {:>12}",

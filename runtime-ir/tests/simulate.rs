@@ -5,51 +5,7 @@ use stp_ir::simulate::{find_deadlock, hoist_receives, Semantics, Wait};
 use stp_ir::{parse_text, verify, Direction, Program};
 
 /// 1F1B, p = 2, m = 2, every transfer posted on its own.
-const UNGROUPED: &str = "\
-stp-ir 1
-schedule \"one_f_one_b\"
-ranks 2
-stages 2
-microbatches 2
-place r0 r1
-
-rank r0 {
-  F s0 mb0
-  send act.s0.mb0 -> r1
-  free act.s0.mb0
-  F s0 mb1
-  send act.s0.mb1 -> r1
-  free act.s0.mb1
-  recv grad.s1.mb0 <- r1
-  BW s0 mb0
-  free grad.s1.mb0
-  free stash.s0.mb0
-  recv grad.s1.mb1 <- r1
-  BW s0 mb1
-  free grad.s1.mb1
-  free stash.s0.mb1
-}
-
-rank r1 {
-  recv act.s0.mb0 <- r0
-  F s1 mb0
-  free act.s0.mb0
-  BW s1 mb0
-  free act.s1.mb0
-  free stash.s1.mb0
-  send grad.s1.mb0 -> r0
-  free grad.s1.mb0
-  recv act.s0.mb1 <- r0
-  F s1 mb1
-  free act.s0.mb1
-  BW s1 mb1
-  free act.s1.mb1
-  free stash.s1.mb1
-  send grad.s1.mb1 -> r0
-  free grad.s1.mb1
-}
-";
-
+const UNGROUPED: &str = include_str!("programs/one_f_one_b_p2_m2.txt");
 fn program(text: &str) -> Program {
     let p = parse_text(text).expect("parses");
     verify(&p).expect("verifies");

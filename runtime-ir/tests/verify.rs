@@ -4,53 +4,8 @@
 
 use stp_ir::{load_json, parse_text, print_text, to_json, verify, Buffer, Instr, Microbatch, Program, Rank, Stage};
 
-const VALID: &str = "\
-stp-ir 1
-schedule \"one_f_one_b\"
-param p 2
-param m 2
-ranks 2
-stages 2
-microbatches 2
-place r0 r1
-
-rank r0 {
-  F s0 mb0
-  send act.s0.mb0 -> r1
-  free act.s0.mb0
-  F s0 mb1
-  send act.s0.mb1 -> r1
-  free act.s0.mb1
-  recv grad.s1.mb0 <- r1
-  BW s0 mb0
-  free grad.s1.mb0
-  free stash.s0.mb0
-  recv grad.s1.mb1 <- r1
-  BW s0 mb1
-  free grad.s1.mb1
-  free stash.s0.mb1
-}
-
-rank r1 {
-  recv act.s0.mb0 <- r0
-  F s1 mb0
-  free act.s0.mb0
-  BW s1 mb0
-  free act.s1.mb0
-  free stash.s1.mb0
-  send grad.s1.mb0 -> r0
-  free grad.s1.mb0
-  recv act.s0.mb1 <- r0
-  F s1 mb1
-  free act.s0.mb1
-  BW s1 mb1
-  free act.s1.mb1
-  free stash.s1.mb1
-  send grad.s1.mb1 -> r0
-  free grad.s1.mb1
-}
-";
-
+/// 1F1B at p = 2, m = 2, every transfer posted on its own.
+const VALID: &str = include_str!("programs/one_f_one_b_p2_m2.txt");
 fn valid() -> Program {
     parse_text(VALID).expect("the valid program parses")
 }

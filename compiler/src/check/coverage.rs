@@ -7,8 +7,8 @@ use stp_ir::{Microbatch, Pass, PassKind, Stage};
 
 pub(super) fn check(s: &ComputeSchedule, index: &PassIndex) -> Vec<Diagnostic> {
     let mut errors = Vec::new();
-    for stage in (0..s.num_stages).map(Stage) {
-        for mb in (0..s.num_microbatches).map(Microbatch) {
+    for stage in (0..s.meta.num_stages).map(Stage) {
+        for mb in (0..s.meta.num_microbatches).map(Microbatch) {
             let pass = |kind| Pass { kind, stage, mb };
             for kind in PassKind::ALL {
                 if let (Some(first), Some(second)) = (index.first(pass(kind)), index.second(pass(kind))) {
@@ -16,7 +16,7 @@ pub(super) fn check(s: &ComputeSchedule, index: &PassIndex) -> Vec<Diagnostic> {
                 }
             }
             let has = |kind| index.first(pass(kind));
-            let owner = s.placement[stage.index()];
+            let owner = s.meta.placement[stage.index()];
             let missing = |what: String, why: &str| {
                 Diagnostic::new(Code::Coverage, format!("{what} never runs"))
                     .with_label(s.body_span, format!("rank {} owns stage {} but never runs {what}", owner.0, stage.0))

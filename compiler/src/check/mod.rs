@@ -102,9 +102,9 @@ pub(crate) struct PassIndex {
 
 impl PassIndex {
     fn build(s: &ComputeSchedule) -> PassIndex {
-        let n = s.num_stages as usize * s.num_microbatches as usize;
+        let n = s.meta.num_stages as usize * s.meta.num_microbatches as usize;
         let slots = std::array::from_fn(|_| vec![[None, None]; n]);
-        let mut index = PassIndex { num_microbatches: s.num_microbatches, slots };
+        let mut index = PassIndex { num_microbatches: s.meta.num_microbatches, slots };
         for (r, ops) in s.ranks.iter().enumerate() {
             for (i, op) in ops.iter().enumerate() {
                 for pass in &op.compute.passes {

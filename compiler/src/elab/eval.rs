@@ -9,7 +9,7 @@ use crate::syntax::ast::*;
 use crate::syntax::span::Span;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use stp_ir::{Compute, Microbatch, Param, Pass, PassKind, Rank, Stage};
+use stp_ir::{Compute, Microbatch, Param, Pass, PassKind, Rank, ScheduleMeta, Stage};
 
 /// How a name came to be bound; decides whether it is part of an op's origin.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -150,12 +150,14 @@ pub(super) fn run(
         return Err(errors);
     }
     Ok(ComputeSchedule {
-        name: schedule.name.name.clone(),
-        params: params.iter().map(|p| Param { name: p.name.clone(), value: p.value }).collect(),
-        num_ranks,
-        num_stages,
-        num_microbatches,
-        placement,
+        meta: ScheduleMeta {
+            name: schedule.name.name.clone(),
+            params: params.iter().map(|p| Param { name: p.name.clone(), value: p.value }).collect(),
+            num_ranks,
+            num_stages,
+            num_microbatches,
+            placement,
+        },
         ranks,
         body_span,
         memory,

@@ -12,7 +12,7 @@ use crate::syntax::ast::Schedule;
 use crate::syntax::span::Span;
 use std::fmt;
 use std::sync::Arc;
-use stp_ir::{Compute, Param, Rank};
+use stp_ir::{Compute, Rank, ScheduleMeta};
 
 pub use instances::{check_families, CheckFamily, MAX_INSTANCES};
 pub use params::ParamArgs;
@@ -35,18 +35,8 @@ impl Default for Limits {
 /// A schedule evaluated at concrete parameters.
 #[derive(Debug, Clone)]
 pub struct ComputeSchedule {
-    /// The schedule's name.
-    pub name: String,
-    /// Parameter values in declaration order.
-    pub params: Vec<Param>,
-    /// Number of pipeline ranks (`p`).
-    pub num_ranks: u32,
-    /// Number of stages.
-    pub num_stages: u32,
-    /// Number of microbatches (`m`).
-    pub num_microbatches: u32,
-    /// `placement[s]` owns stage `s`.
-    pub placement: Vec<Rank>,
+    /// The pipeline's shape and parameters, as the IR will carry them.
+    pub meta: ScheduleMeta,
     /// `ranks[r]`: the ops of rank `r` in program order.
     pub ranks: Vec<Vec<ScheduledOp>>,
     /// The `rank` declaration, for errors about ops that never ran.
@@ -86,7 +76,7 @@ impl ComputeSchedule {
 
     /// The stages rank `r` owns, in increasing order.
     pub fn stages_of(&self, rank: Rank) -> Vec<stp_ir::Stage> {
-        (0..self.num_stages).map(stp_ir::Stage).filter(|s| self.placement[s.index()] == rank).collect()
+        (0..self.meta.num_stages).map(stp_ir::Stage).filter(|s| self.meta.placement[s.index()] == rank).collect()
     }
 }
 

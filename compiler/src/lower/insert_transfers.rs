@@ -16,15 +16,15 @@ use stp_ir::{
 pub(super) fn run(s: &ComputeSchedule) -> Program {
     let route = Route { s };
     let mut link_order = send_order(s, &route);
-    let mut received: BufferSlots<bool> = BufferSlots::new(s.num_stages, s.num_microbatches);
-    let ranks = (0..s.num_ranks)
+    let mut received: BufferSlots<bool> = BufferSlots::new(s.meta.num_stages, s.meta.num_microbatches);
+    let ranks = (0..s.meta.num_ranks)
         .map(|r| {
             let rank = Rank(r);
             let ops = &s.ranks[r as usize];
             received.reset();
             let mut instrs = Vec::with_capacity(ops.len() * 3);
             for op in ops {
-                for buffer in remote_inputs(&op.compute, s.num_stages, rank, &route) {
+                for buffer in remote_inputs(&op.compute, s.meta.num_stages, rank, &route) {
                     receive_through(buffer, rank, &route, &mut link_order, &mut received, &mut instrs);
                 }
                 instrs.push(Instr::Compute(op.compute.clone()));
@@ -37,18 +37,7 @@ pub(super) fn run(s: &ComputeSchedule) -> Program {
             RankProgram { rank, instrs }
         })
         .collect();
-    Program {
-        version: FORMAT_VERSION,
-        schedule: ScheduleMeta {
-            name: s.name.clone(),
-            params: s.params.clone(),
-            num_ranks: s.num_ranks,
-            num_stages: s.num_stages,
-            num_microbatches: s.num_microbatches,
-            placement: s.placement.clone(),
-        },
-        ranks,
-    }
+    Program { version: FORMAT_VERSION, schedule: s.meta.clone(), ranks }
 }
 
 /// Where buffers are produced and consumed.
@@ -58,7 +47,7 @@ struct Route<'a> {
 
 impl Route<'_> {
     fn owner(&self, stage: u32) -> Rank {
-        self.s.placement[stage as usize]
+        self.s.meta.placement[stage as usize]
     }
 
     /// The rank that produces `buffer`: the owner of its stage.
@@ -73,7 +62,7 @@ impl Route<'_> {
             BufferKind::Grad => buffer.stage.0.checked_sub(1)?,
             BufferKind::Stash => return None,
         };
-        (stage < self.s.num_stages).then(|| self.owner(stage))
+        (stage < self.s.meta.num_stages).then(|| self.owner(stage))
     }
 }
 
