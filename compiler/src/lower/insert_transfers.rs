@@ -9,9 +9,7 @@
 
 use crate::elab::ComputeSchedule;
 use std::collections::{HashMap, VecDeque};
-use stp_ir::{
-    Buffer, BufferKind, BufferSlots, Compute, Instr, Program, Rank, RankProgram, ScheduleMeta, FORMAT_VERSION,
-};
+use stp_ir::{Buffer, BufferKind, BufferSlots, Compute, Instr, Program, Rank, RankProgram, FORMAT_VERSION};
 
 pub(super) fn run(s: &ComputeSchedule) -> Program {
     let route = Route { s };
