@@ -10,6 +10,7 @@
 //! chains the phases. Library code never prints.
 
 pub mod check;
+pub mod cost;
 pub mod diag;
 pub mod elab;
 pub mod emit;

@@ -1,5 +1,4 @@
 //! The `stpc` command line: the only code in stpc that prints.
-#![allow(clippy::print_stdout)]
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::IsTerminal;
@@ -143,6 +142,27 @@ struct CostArgs {
     /// Time of one point-to-point transfer.
     #[arg(long, value_name = "T")]
     t_p2p: Option<f64>,
+    /// Derive the times from model and hardware dimensions, in seconds:
+    /// {"model": {"hidden", "ffn", "layers", "seq_len", "micro_batch"},
+    /// "hardware": {...} (default: A800-like), "tp": N}.
+    #[arg(long, value_name = "FILE", conflicts_with = "cost")]
+    model: Option<PathBuf>,
+    /// Tensor-parallel size for --model (overrides the file's "tp").
+    #[arg(long, value_name = "N", requires = "model")]
+    tp: Option<u32>,
+}
+
+/// The `--model` file.
+#[derive(serde::Deserialize)]
+struct ModelFile {
+    model: stpc::cost::ModelShape,
+    hardware: Option<stpc::cost::Hardware>,
+    #[serde(default = "one")]
+    tp: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -164,6 +184,27 @@ fn parse_param(s: &str) -> Result<(String, i64), String> {
     let (name, value) = s.split_once('=').ok_or_else(|| format!("expected NAME=VALUE, found `{s}`"))?;
     let value = value.trim().parse().map_err(|_| format!("`{value}` is not an integer"))?;
     Ok((name.trim().to_string(), value))
+}
+
+/// `println!` that ends the program quietly when standard output is closed
+/// (`stpc ... | head`) instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
+/// `print!` with the same behaviour as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if write!(std::io::stdout(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
 }
 
 /// A failure that has already been explained to the user.
@@ -194,7 +235,7 @@ fn list() -> Result<(), Reported> {
             .ok()
             .and_then(|m| m.schedules().next().and_then(|s| s.doc.first().cloned()))
             .unwrap_or_default();
-        println!("{:<18} {summary}", s.name);
+        outln!("{:<18} {summary}", s.name);
     }
     Ok(())
 }
@@ -204,7 +245,7 @@ fn check(target: &Target) -> Result<(), Reported> {
     let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
     let s = build.checked.schedule();
     let params: Vec<String> = s.meta.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
-    println!(
+    outln!(
         "ok: {} ({}): {} ranks, {} stages, {} microbatches, {} ops",
         s.meta.name,
         params.join(" "),
@@ -215,16 +256,18 @@ fn check(target: &Target) -> Result<(), Reported> {
     );
     let peaks: Vec<String> = build.checked.peaks().iter().map(|p| p.units.to_string()).collect();
     let budget = s.memory.budget.map_or(String::new(), |b| format!(" (budget {b})"));
-    println!("peak activation memory per rank, in units: {}{budget}", peaks.join(" "));
+    outln!("peak activation memory per rank, in units: {}{budget}", peaks.join(" "));
     Ok(())
 }
 
 fn sweep(target: &Target) -> Result<(), Reported> {
     let file = load(target)?;
     let done = pipeline::sweep(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
-    println!(
+    outln!(
         "ok: {} instances from {} check directive(s) compile ({} outside the require clauses skipped)",
-        done.passed, done.directives, done.skipped
+        done.passed,
+        done.directives,
+        done.skipped
     );
     Ok(())
 }
@@ -246,7 +289,7 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
     match out_dir {
         None => {
             for (_, text) in rendered {
-                print!("{text}");
+                out!("{text}");
             }
         }
         Some(dir) => {
@@ -263,8 +306,22 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
     Ok(())
 }
 
-fn cost_model(args: &CostArgs) -> Result<CostModel, Reported> {
-    let mut cost = match &args.cost {
+/// The cost model the flags describe, for a pipeline of `pp` ranks with
+/// `chunks` stages each.
+fn cost_model(args: &CostArgs, pp: u32, chunks: u32) -> Result<CostModel, Reported> {
+    if let Some(path) = &args.model {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| io_error(&format!("cannot read {}", path.display()), &e))?;
+        let file: ModelFile = serde_json::from_str(&text).map_err(|e| {
+            eprintln!("error: {} is not a model description: {e}", path.display());
+            Reported
+        })?;
+        let tp = args.tp.unwrap_or(file.tp);
+        let hw = file.hardware.unwrap_or_else(stpc::cost::Hardware::a800);
+        let derived = stpc::cost::model::cost_model(&file.model, &hw, &stpc::cost::Parallelism { tp, pp, chunks });
+        return override_times(derived, args);
+    }
+    let cost = match &args.cost {
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).map_err(|e| io_error(&format!("cannot read {}", path.display()), &e))?;
@@ -275,6 +332,10 @@ fn cost_model(args: &CostArgs) -> Result<CostModel, Reported> {
         }
         None => CostModel::default(),
     };
+    override_times(cost, args)
+}
+
+fn override_times(mut cost: CostModel, args: &CostArgs) -> Result<CostModel, Reported> {
     let set = |field: &mut f64, value: Option<f64>| {
         if let Some(v) = value {
             *field = v;
@@ -294,9 +355,10 @@ fn cost_model(args: &CostArgs) -> Result<CostModel, Reported> {
 }
 
 fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported> {
-    let cost = cost_model(args)?;
     let file = load(target)?;
     let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
+    let meta = &build.checked.schedule().meta;
+    let cost = cost_model(args, meta.num_ranks, meta.num_stages / meta.num_ranks.max(1))?;
     let timeline = stp_ir::simulate::simulate(&build.program, &cost).map_err(|d| {
         eprintln!("internal error: a checked program deadlocked in the timed simulation:\n{d}");
         Reported
@@ -320,27 +382,28 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
                 "peak_memory": peak,
             })).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        outln!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
         return Ok(());
     }
     let params: Vec<String> = s.meta.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
-    println!("{} ({})", s.meta.name, params.join(" "));
-    println!(
+    outln!("{} ({})", s.meta.name, params.join(" "));
+    outln!(
         "cost: T_F={} T_B={} T_W={} T_AR={} p2p={}",
-        cost.forward, cost.backward_input, cost.backward_weight, cost.tp_collective, cost.p2p
+        cost.forward,
+        cost.backward_input,
+        cost.backward_weight,
+        cost.tp_collective,
+        cost.p2p
     );
-    println!(
+    outln!(
         "makespan {:.3}   bubble ratio {:.4}   throughput {:.4} microbatches per time unit",
         timeline.makespan,
         timeline.bubble_ratio(),
         f64::from(s.meta.num_microbatches) / timeline.makespan
     );
-    println!(
-        "{:<6} {:>10} {:>10} {:>10} {:>13} {:>12}",
-        "rank", "busy", "idle", "bubble", "exposed comm", "peak memory"
-    );
+    outln!("{:<6} {:>10} {:>10} {:>10} {:>13} {:>12}", "rank", "busy", "idle", "bubble", "exposed comm", "peak memory");
     for (r, peak) in timeline.ranks.iter().zip(&peaks) {
-        println!(
+        outln!(
             "{:<6} {:>10.3} {:>10.3} {:>10.3} {:>13.3} {:>12}",
             r.rank.0,
             r.busy,
@@ -356,7 +419,7 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
 fn explain(code: Option<&str>) -> Result<(), Reported> {
     let Some(code) = code else {
         for c in Code::ALL {
-            println!("{c}  {}", c.describe().title);
+            outln!("{c}  {}", c.describe().title);
         }
         return Ok(());
     };
@@ -365,7 +428,7 @@ fn explain(code: Option<&str>) -> Result<(), Reported> {
         return Err(Reported);
     };
     let info = c.describe();
-    println!("{c}: {}\n\n{}", info.title, info.explanation);
+    outln!("{c}: {}\n\n{}", info.title, info.explanation);
     Ok(())
 }
 

@@ -165,3 +165,40 @@ fn simulate_reads_a_cost_file_and_refuses_a_bad_one() {
     let negative = stpc(&["simulate", "gpipe", "-p", "2", "-m", "2", "--t-f=-1"]);
     assert_eq!(negative.status.code(), Some(1));
 }
+
+#[test]
+fn a_closed_standard_output_ends_quietly_instead_of_panicking() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_stpc"))
+        .args(["compile", "1f1b", "-p", "8", "-m", "256", "--emit", "text"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("stpc starts");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("stpc ends");
+    assert!(!stderr(&out).contains("panicked"), "{}", stderr(&out));
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn simulate_derives_times_from_model_dimensions() {
+    let dir = scratch("model");
+    let model = write(
+        &dir,
+        "model.json",
+        r#"{"model": {"hidden": 4096, "ffn": 22016, "layers": 32, "seq_len": 4096, "micro_batch": 1}, "tp": 4}"#,
+    );
+    let out = stpc(&["simulate", "stp", "-p", "4", "-m", "12", "--model", &model, "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
+    let cost = &report["cost"];
+    // 4 layers per chunk (32 layers, 4 ranks, 2 chunks), TP 4: forward
+    // 4·(2·4096·P + 4·4096²·4096) / (312e12 · 0.5 · 4) with P = 4h² + 3hf.
+    let p = 4.0 * 4096.0f64.powi(2) + 3.0 * 4096.0 * 22016.0;
+    let forward = 4.0 * (2.0 * 4096.0 * p + 4.0 * 4096.0f64.powi(3)) / (312e12 * 0.5 * 4.0);
+    let got = cost["forward"].as_f64().unwrap_or_default();
+    assert!((got - forward).abs() < 1e-12, "{got} vs {forward}");
+    let no_model = stpc(&["simulate", "stp", "-p", "4", "-m", "12", "--tp", "4"]);
+    assert_eq!(no_model.status.code(), Some(2), "--tp needs --model");
+}
