@@ -3,19 +3,11 @@
 //! schedules equal the published formulas.
 
 use stp_ir::simulate::{simulate, CostModel, Timeline};
-use stpc::diag::render::render;
-use stpc::elab::ParamArgs;
-use stpc::pipeline::{self, Build, Request};
-use stpc::syntax::span::SourceFile;
+use stp_tests::build_std;
+use stpc::pipeline::Build;
 
 fn build(name: &str, p: i64, m: i64, v: Option<i64>) -> Build {
-    let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no stdlib schedule {name}"));
-    let file = SourceFile::new(s.path(), s.source);
-    let request = Request {
-        params: ParamArgs { ranks: Some(p), microbatches: Some(m), chunks: v, ..ParamArgs::default() },
-        ..Request::default()
-    };
-    pipeline::build(&file, &request).unwrap_or_else(|d| panic!("{name} p={p} m={m}:\n{}", render(&d, &file, false)))
+    build_std(name, p, m, v)
 }
 
 fn run(b: &Build, cost: &CostModel) -> Timeline {

@@ -10,14 +10,7 @@ use stpc::pipeline::{self, Request};
 use stpc::syntax::span::SourceFile;
 
 fn compile(name: &str, p: i64, m: i64, v: Option<i64>) -> Program {
-    let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no stdlib schedule {name}"));
-    let file = SourceFile::new(s.path(), s.source);
-    let request = Request {
-        params: ParamArgs { ranks: Some(p), microbatches: Some(m), chunks: v, ..ParamArgs::default() },
-        ..Request::default()
-    };
-    pipeline::compile(&file, &request)
-        .unwrap_or_else(|d| panic!("{name} p={p} m={m} v={v:?}:\n{}", render(&d, &file, false)))
+    stp_tests::build_std(name, p, m, v).program
 }
 
 /// Parameter sets each schedule must accept.

@@ -674,25 +674,13 @@ fn list_stages(shape: &Shape, rank: Rank) -> String {
 }
 
 fn collect_vars<'a>(e: &'a Expr, out: &mut Vec<&'a Ident>) {
-    match &e.kind {
-        ExprKind::Var(n) => {
+    e.walk(&mut |e| {
+        if let ExprKind::Var(n) = &e.kind {
             if !out.iter().any(|o| o.sym == n.sym) {
                 out.push(n);
             }
         }
-        ExprKind::Unary(_, a) => collect_vars(a, out),
-        ExprKind::Binary(_, a, b) => {
-            collect_vars(a, out);
-            collect_vars(b, out);
-        }
-        ExprKind::If(c, a, b) => {
-            collect_vars(c, out);
-            collect_vars(a, out);
-            collect_vars(b, out);
-        }
-        ExprKind::Call(_, args) => args.iter().for_each(|a| collect_vars(a, out)),
-        ExprKind::Int(_) | ExprKind::Bool(_) | ExprKind::Error => {}
-    }
+    });
 }
 
 /// Builder-style tweaks on a boxed diagnostic.

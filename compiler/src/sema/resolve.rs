@@ -645,21 +645,9 @@ fn visit<'a>(
 }
 
 fn collect_calls(e: &Expr, out: &mut Vec<(String, Span)>) {
-    match &e.kind {
-        ExprKind::Call(name, args) => {
+    e.walk(&mut |e| {
+        if let ExprKind::Call(name, _) = &e.kind {
             out.push((name.name.clone(), name.span));
-            args.iter().for_each(|a| collect_calls(a, out));
         }
-        ExprKind::Unary(_, a) => collect_calls(a, out),
-        ExprKind::Binary(_, a, b) => {
-            collect_calls(a, out);
-            collect_calls(b, out);
-        }
-        ExprKind::If(c, a, b) => {
-            collect_calls(c, out);
-            collect_calls(a, out);
-            collect_calls(b, out);
-        }
-        ExprKind::Int(_) | ExprKind::Bool(_) | ExprKind::Var(_) | ExprKind::Error => {}
-    }
+    });
 }
