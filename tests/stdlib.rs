@@ -35,6 +35,9 @@ fn instances() -> Vec<(&'static str, i64, i64, Option<i64>)> {
         for m in [2 * p - 1, 2 * p, 4 * p] {
             out.push(("zb-v", p, m, None));
         }
+        for m in [2 * p, 2 * p + 1, 4 * p] {
+            out.push(("dualpipe-v", p, m, None));
+        }
     }
     out
 }
