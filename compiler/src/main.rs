@@ -306,9 +306,9 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
     Ok(())
 }
 
-/// The cost model the flags describe, for a pipeline of `pp` ranks with
-/// `chunks` stages each.
-fn cost_model(args: &CostArgs, pp: u32, chunks: u32) -> Result<CostModel, Reported> {
+/// The cost model the flags describe, starting from the schedule's own
+/// (`declared`), for a pipeline of `pp` ranks with `chunks` stages each.
+fn cost_model(args: &CostArgs, declared: CostModel, pp: u32, chunks: u32) -> Result<CostModel, Reported> {
     if let Some(path) = &args.model {
         let text =
             std::fs::read_to_string(path).map_err(|e| io_error(&format!("cannot read {}", path.display()), &e))?;
@@ -330,7 +330,7 @@ fn cost_model(args: &CostArgs, pp: u32, chunks: u32) -> Result<CostModel, Report
                 Reported
             })?
         }
-        None => CostModel::default(),
+        None => declared,
     };
     override_times(cost, args)
 }
@@ -357,8 +357,9 @@ fn override_times(mut cost: CostModel, args: &CostArgs) -> Result<CostModel, Rep
 fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported> {
     let file = load(target)?;
     let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
-    let meta = &build.checked.schedule().meta;
-    let cost = cost_model(args, meta.num_ranks, meta.num_stages / meta.num_ranks.max(1))?;
+    let schedule = build.checked.schedule();
+    let meta = &schedule.meta;
+    let cost = cost_model(args, schedule.cost, meta.num_ranks, meta.num_stages / meta.num_ranks.max(1))?;
     let timeline = stp_ir::simulate::simulate(&build.program, &cost).map_err(|d| {
         eprintln!("internal error: a checked program deadlocked in the timed simulation:\n{d}");
         Reported

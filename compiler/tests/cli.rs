@@ -202,3 +202,19 @@ fn simulate_derives_times_from_model_dimensions() {
     let no_model = stpc(&["simulate", "stp", "-p", "4", "-m", "12", "--tp", "4"]);
     assert_eq!(no_model.status.code(), Some(2), "--tp needs --model");
 }
+
+#[test]
+fn simulate_starts_from_the_schedules_cost_block() {
+    let dir = scratch("costblock");
+    let file = write(
+        &dir,
+        "costed.sched",
+        "schedule s(p: ranks, m: microbatches) {\n  stages p;\n  place s -> s;\n  cost { forward = 2; backward_input = 3; backward_weight = 1; }\n  rank r {\n    let w = min(p - 1 - r, m);\n    for i in 0..w { F(i) }\n    for i in 0..m - w { F(i + w); BW(i) }\n    for i in m - w..m { BW(i) }\n  }\n}\n",
+    );
+    // 1F1B: (m + p - 1)(T_F + T_B + T_W) = 3 · 6.
+    let out = stpc(&["simulate", &file, "-p", "2", "-m", "2"]);
+    assert!(stdout(&out).contains("makespan 18.000"), "{}{}", stdout(&out), stderr(&out));
+    // Flags override the block: 3 · (2 + 1 + 1).
+    let out = stpc(&["simulate", &file, "-p", "2", "-m", "2", "--t-b", "1"]);
+    assert!(stdout(&out).contains("makespan 12.000"), "{}{}", stdout(&out), stderr(&out));
+}

@@ -9,6 +9,7 @@ use crate::syntax::ast::*;
 use crate::syntax::span::Span;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use stp_ir::simulate::CostModel;
 use stp_ir::{Compute, Microbatch, Param, Pass, PassKind, Rank, ScheduleMeta, Stage};
 
 /// How a name came to be bound; decides whether it is part of an op's origin.
@@ -108,6 +109,7 @@ pub(super) fn run(
     }
 
     let memory = ev.memory(schedule, &args_memory).map_err(|e| vec![*e])?;
+    let cost = ev.cost(schedule).map_err(|e| vec![*e])?;
     ev.max_deferred = memory.max_deferred;
     let num_stages = ev.stages(schedule).map_err(|e| vec![*e])?;
     let placement = ev.placement(schedule, num_stages, num_ranks).map_err(|e| vec![*e])?;
@@ -161,6 +163,7 @@ pub(super) fn run(
         ranks,
         body_span,
         memory,
+        cost,
     })
 }
 
@@ -252,6 +255,34 @@ impl<'m> Eval<'m> {
             ));
         }
         Ok(model)
+    }
+
+    /// The cost model: unit costs, then the `cost` block's settings.
+    fn cost(&mut self, schedule: &'m Schedule) -> Result<CostModel, Fail> {
+        let mut cost = CostModel::default();
+        for decl in &schedule.decls {
+            let Decl::Cost { fields, .. } = decl else { continue };
+            for (name, value) in fields {
+                let v = self.eval(value)?;
+                if v < 0 {
+                    return Err(self.fail(
+                        Code::ParamValue,
+                        format!("cost setting `{}` must not be negative", name.name),
+                        value.span,
+                        format!("this is {v}"),
+                    ));
+                }
+                let field = match name.name.as_str() {
+                    "forward" => &mut cost.forward,
+                    "backward_input" => &mut cost.backward_input,
+                    "backward_weight" => &mut cost.backward_weight,
+                    "tp_collective" => &mut cost.tp_collective,
+                    _ => &mut cost.p2p,
+                };
+                *field = v as f64;
+            }
+        }
+        Ok(cost)
     }
 
     fn stages(&mut self, schedule: &'m Schedule) -> Result<u32, Fail> {

@@ -43,6 +43,9 @@ pub struct ComputeSchedule {
     pub body_span: Span,
     /// The memory model the checker applies.
     pub memory: MemoryModel,
+    /// The cost model the schedule declares (`cost { ... }`; unit costs
+    /// otherwise), the simulator's starting point.
+    pub cost: stp_ir::simulate::CostModel,
 }
 
 /// How much activation memory each pass holds, in units, and the bounds a

@@ -7,7 +7,7 @@ mod resolve;
 use crate::diag::Diagnostic;
 use crate::syntax::ast::{File, Function, Item, Schedule, Symbol};
 
-pub use resolve::{BUILTINS, MEMORY_FIELDS, OPS};
+pub use resolve::{BUILTINS, COST_FIELDS, MEMORY_FIELDS, OPS};
 
 /// A file whose names and types are known to be right.
 #[derive(Debug, Clone)]

@@ -15,6 +15,9 @@ pub const OPS: [&str; 4] = ["F", "B", "W", "BW"];
 /// The settings of a `memory { ... }` block.
 pub const MEMORY_FIELDS: [&str; 4] = ["activation", "weight_stash", "budget", "max_deferred"];
 
+/// The settings of a `cost { ... }` block (the simulator's cost model).
+pub const COST_FIELDS: [&str; 5] = ["forward", "backward_input", "backward_weight", "tp_collective", "p2p"];
+
 /// Checks a whole file and returns every error found.
 pub fn check_file(file: &File) -> Vec<Diagnostic> {
     let mut functions: HashMap<&str, &Function> = HashMap::new();
@@ -200,7 +203,8 @@ impl Checker<'_> {
                 c.expect(rank, Type::Int, "a rank");
             }),
             Decl::Require { cond, .. } => self.expect(cond, Type::Bool, "a requirement"),
-            Decl::Memory { fields, .. } => self.check_memory(fields),
+            Decl::Memory { fields, .. } => self.check_settings(fields, &MEMORY_FIELDS, "memory setting"),
+            Decl::Cost { fields, .. } => self.check_settings(fields, &COST_FIELDS, "cost setting"),
             Decl::Check { axes, .. } => self.check_axes(axes),
             Decl::Rank { var, body, .. } => self.with_scope(|c| {
                 c.bind(var, Type::Int);
@@ -209,21 +213,22 @@ impl Checker<'_> {
         }
     }
 
-    fn check_memory(&mut self, fields: &[(Ident, Expr)]) {
+    /// A `memory { ... }` or `cost { ... }` block: known names, once each, int values.
+    fn check_settings(&mut self, fields: &[(Ident, Expr)], allowed: &[&str], what: &str) {
         let mut seen: HashMap<&str, Span> = HashMap::new();
         for (name, value) in fields {
-            if !MEMORY_FIELDS.contains(&name.name.as_str()) {
-                let d = Diagnostic::new(Code::UnknownName, format!("`{}` is not a memory setting", name.name))
+            if !allowed.contains(&name.name.as_str()) {
+                let d = Diagnostic::new(Code::UnknownName, format!("`{}` is not a {what}", name.name))
                     .with_label(name.span, "unknown setting");
-                let d = match suggest(&name.name, &MEMORY_FIELDS) {
+                let d = match suggest(&name.name, allowed) {
                     Some(s) => d.with_help(format!("did you mean `{s}`?")),
-                    None => d.with_help(format!("the settings are {}", MEMORY_FIELDS.join(", "))),
+                    None => d.with_help(format!("the settings are {}", allowed.join(", "))),
                 };
                 self.errors.push(d);
             } else if let Some(first) = seen.insert(name.name.as_str(), name.span) {
-                self.errors.push(duplicate("memory setting", &name.name, name.span, first));
+                self.errors.push(duplicate(what, &name.name, name.span, first));
             }
-            self.expect(value, Type::Int, "a memory setting");
+            self.expect(value, Type::Int, &format!("a {what}"));
         }
     }
 
@@ -531,6 +536,7 @@ fn decl_span(d: &Decl) -> Span {
         | Decl::Place { span, .. }
         | Decl::Require { span, .. }
         | Decl::Memory { span, .. }
+        | Decl::Cost { span, .. }
         | Decl::Check { span, .. }
         | Decl::Rank { span, .. } => *span,
     }

@@ -156,6 +156,14 @@ pub enum Decl {
         /// The whole declaration.
         span: Span,
     },
+    /// `cost { name = EXPR; ... }`: the pass and transfer times `stpc
+    /// simulate` starts from, in integer time units.
+    Cost {
+        /// The settings, in source order.
+        fields: Vec<(Ident, Expr)>,
+        /// The whole declaration.
+        span: Span,
+    },
     /// `check p in 2..=8, m in [p, 2 * p];`: a family of instances the
     /// schedule must compile for (run by `stpc check --sweep`).
     Check {

@@ -46,6 +46,8 @@ pub enum Keyword {
     Memory,
     /// `check`
     Check,
+    /// `cost`
+    Cost,
 }
 
 impl Keyword {
@@ -68,6 +70,7 @@ impl Keyword {
             "defer" => Keyword::Defer,
             "memory" => Keyword::Memory,
             "check" => Keyword::Check,
+            "cost" => Keyword::Cost,
             _ => return None,
         })
     }
@@ -91,6 +94,7 @@ impl Keyword {
             Keyword::Defer => "defer",
             Keyword::Memory => "memory",
             Keyword::Check => "check",
+            Keyword::Cost => "cost",
         }
     }
 }

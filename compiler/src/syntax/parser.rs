@@ -258,9 +258,11 @@ where
     });
 
     let field = ident().then_ignore(op("=")).then(expr()).then_ignore(semi());
+    let fields = field.repeated().collect::<Vec<_>>().delimited_by(ctrl('{'), ctrl('}'));
     let memory = kw(Keyword::Memory)
-        .ignore_then(field.repeated().collect::<Vec<_>>().delimited_by(ctrl('{'), ctrl('}')))
+        .ignore_then(fields.clone())
         .map_with(|fields, e| Decl::Memory { fields, span: sp(e.span()) });
+    let cost = kw(Keyword::Cost).ignore_then(fields).map_with(|fields, e| Decl::Cost { fields, span: sp(e.span()) });
     let range_op = choice((op("..=").to(true), op("..").to(false)));
     let values = choice((
         expr().then(range_op).then(expr()).map(|((start, inclusive), end)| CheckValues::Range {
@@ -281,10 +283,10 @@ where
         .ignore_then(axis.separated_by(ctrl(',')).at_least(1).collect::<Vec<_>>())
         .map_with(|axes, e| Decl::Check { axes, span: sp(e.span()) });
 
-    choice((stages, place, require, memory, check, rank))
+    choice((stages, place, require, memory, cost, check, rank))
         .then_ignore(semi())
         .map(Some)
-        .labelled("declaration (stages, place, require, memory, check or rank)")
+        .labelled("declaration (stages, place, require, memory, cost, check or rank)")
         .recover_with(via_parser(skip_to_terminator().to(None)))
 }
 
