@@ -63,6 +63,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a compiled program (JSON or text form) as an executor would:
+    /// format version, structural invariants, and that it runs to
+    /// completion under the given send semantics.
+    Verify {
+        /// A program.json or program.txt.
+        program: PathBuf,
+        /// The send semantics to run it under.
+        #[arg(long, value_enum, default_value = "rendezvous")]
+        comm: CommArg,
+    },
     /// Explain an error code, e.g. `stpc explain E0011`.
     Explain {
         /// The code (E0001...); omit it to list every code.
@@ -220,6 +230,7 @@ fn main() -> ExitCode {
             compile(&target, &emit, out_dir.as_deref(), verify_each)
         }
         Command::Simulate { target, cost, json } => simulate(&target, &cost, json),
+        Command::Verify { program, comm } => verify_program(&program, comm),
         Command::Explain { code } => explain(code.as_deref()),
     };
     match result {
@@ -414,6 +425,52 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
             peak
         );
     }
+    Ok(())
+}
+
+fn verify_program(path: &Path, comm: CommArg) -> Result<(), Reported> {
+    let text = std::fs::read_to_string(path).map_err(|e| io_error(&format!("cannot read {}", path.display()), &e))?;
+    let program = if text.trim_start().starts_with('{') {
+        stp_ir::load_json(&text).map_err(|e| {
+            eprintln!("error: {}: {e}", path.display());
+            Reported
+        })?
+    } else {
+        stp_ir::parse_text(&text).map_err(|e| {
+            eprintln!("error: {}: {e}", path.display());
+            Reported
+        })?
+    };
+    if let Err(errors) = stp_ir::verify(&program) {
+        eprintln!("error: {} is not a valid program:", path.display());
+        for e in errors.iter().take(diag::MAX_REPORTED) {
+            eprintln!("  {e}");
+        }
+        if errors.len() > diag::MAX_REPORTED {
+            eprintln!("  and {} more", errors.len() - diag::MAX_REPORTED);
+        }
+        return Err(Reported);
+    }
+    let semantics = match comm {
+        CommArg::Rendezvous => Semantics::Rendezvous,
+        CommArg::Buffered => Semantics::Buffered,
+    };
+    if let Err(deadlock) = stp_ir::simulate::find_deadlock(&program, semantics) {
+        eprintln!("error: {}: {deadlock}", path.display());
+        for b in &deadlock.blocked {
+            if let Some(instr) = program.ranks[b.rank.index()].instrs.get(b.instr) {
+                eprintln!("  {} is at: {instr}", b.rank);
+            }
+        }
+        return Err(Reported);
+    }
+    let instrs: usize = program.ranks.iter().map(|r| r.instrs.len()).sum();
+    outln!(
+        "ok: {} ({} ranks, {} instructions) is valid and runs to completion with {semantics} sends",
+        path.display(),
+        program.ranks.len(),
+        instrs
+    );
     Ok(())
 }
 

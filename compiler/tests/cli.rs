@@ -218,3 +218,30 @@ fn simulate_starts_from_the_schedules_cost_block() {
     let out = stpc(&["simulate", &file, "-p", "2", "-m", "2", "--t-b", "1"]);
     assert!(stdout(&out).contains("makespan 12.000"), "{}{}", stdout(&out), stderr(&out));
 }
+
+#[test]
+fn verify_accepts_compiled_programs_and_shows_where_a_bad_one_blocks() {
+    let dir = scratch("verify");
+    let out_dir = dir.join("out");
+    let out_dir_str = out_dir.to_str().unwrap_or_default();
+    assert!(stpc(&["compile", "1f1b", "-p", "2", "-m", "2", "-o", out_dir_str, "--emit", "json", "--emit", "text"])
+        .status
+        .success());
+    for name in ["program.json", "program.txt"] {
+        let path = out_dir.join(name);
+        let out = stpc(&["verify", path.to_str().unwrap_or_default()]);
+        assert!(out.status.success(), "{name}: {}", stderr(&out));
+        assert!(stdout(&out).contains("runs to completion with rendezvous sends"), "{}", stdout(&out));
+    }
+    // Undo the grouping of 1F1B's steady state: the classic send/send deadlock.
+    let text = std::fs::read_to_string(out_dir.join("program.txt")).expect("text form");
+    let ungrouped = text.replace("  group {\n", "").replace("    send", "  send").replace("    recv", "  recv");
+    let ungrouped: String =
+        ungrouped.lines().filter(|l| l.trim() != "}" || !l.starts_with("  ")).collect::<Vec<_>>().join("\n");
+    let bad = write(&dir, "ungrouped.txt", &ungrouped);
+    let out = stpc(&["verify", &bad]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("deadlock under rendezvous") && err.contains("r0 is at: send act.s0.mb1 -> r1"), "{err}");
+    assert!(stpc(&["verify", &bad, "--comm", "buffered"]).status.success());
+}
