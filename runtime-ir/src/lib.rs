@@ -49,6 +49,7 @@
 #![deny(missing_docs)]
 
 mod ids;
+mod json;
 mod program;
 pub mod simulate;
 mod slots;
@@ -94,8 +95,7 @@ impl std::error::Error for LoadError {}
 /// Serialize `program` as compact JSON (programs are large; read the text
 /// form, or pipe the JSON through a pretty-printer).
 pub fn to_json(program: &Program) -> String {
-    // Serializing plain data with string keys cannot fail.
-    serde_json::to_string(program).unwrap_or_default()
+    json::to_json(program)
 }
 
 /// Load a JSON program, refusing any format version but [`FORMAT_VERSION`].

@@ -16,7 +16,7 @@ pub use timed::{simulate, CostModel, RankTimeline, Span, Stream, Timeline};
 
 use crate::ids::Rank;
 use crate::program::{Direction, Instr, Program, Transfer};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 
 /// How a send behaves.
@@ -181,34 +181,29 @@ struct Move {
 }
 
 fn apply_moves(program: &mut Program, moves: &[Move]) {
-    if moves.is_empty() {
-        return;
-    }
-    let mut removed: HashSet<(usize, usize, usize)> = HashSet::new();
-    let mut added: HashMap<(usize, usize), Vec<Transfer>> = HashMap::new();
+    // Moved receives join their new groups in the order they moved; then
+    // they leave their old ones (highest slot first, so slots stay valid),
+    // and groups left empty disappear.
+    let mut removals: Vec<(usize, usize, usize)> = Vec::with_capacity(moves.len());
     for m in moves {
-        let t = program.ranks[m.rank].instrs[m.from_instr].transfers()[m.from_slot];
-        removed.insert((m.rank, m.from_instr, m.from_slot));
-        added.entry((m.rank, m.to_instr)).or_default().push(t);
+        let instrs = &mut program.ranks[m.rank].instrs;
+        let t = instrs[m.from_instr].transfers()[m.from_slot];
+        if let Instr::Comm(ops) = &mut instrs[m.to_instr] {
+            ops.push(t);
+        }
+        removals.push((m.rank, m.from_instr, m.from_slot));
     }
-    for (r, rank) in program.ranks.iter_mut().enumerate() {
-        let old = std::mem::take(&mut rank.instrs);
-        for (i, instr) in old.into_iter().enumerate() {
-            match instr {
-                Instr::Comm(ops) => {
-                    let mut kept: Vec<Transfer> = ops
-                        .into_iter()
-                        .enumerate()
-                        .filter(|(slot, _)| !removed.contains(&(r, i, *slot)))
-                        .map(|(_, t)| t)
-                        .collect();
-                    kept.extend(added.remove(&(r, i)).unwrap_or_default());
-                    if !kept.is_empty() {
-                        rank.instrs.push(Instr::Comm(kept));
-                    }
-                }
-                other => rank.instrs.push(other),
-            }
+    removals.sort_unstable_by(|a, b| b.cmp(a));
+    let mut emptied = vec![false; program.ranks.len()];
+    for (rank, instr, slot) in removals {
+        if let Instr::Comm(ops) = &mut program.ranks[rank].instrs[instr] {
+            ops.remove(slot);
+            emptied[rank] |= ops.is_empty();
+        }
+    }
+    for (rank, emptied) in program.ranks.iter_mut().zip(emptied) {
+        if emptied {
+            rank.instrs.retain(|i| !matches!(i, Instr::Comm(ops) if ops.is_empty()));
         }
     }
 }
