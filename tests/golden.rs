@@ -140,3 +140,17 @@ fn zb_v_has_zero_bubble_2p_memory_and_exposes_4m_collectives() {
         }
     }
 }
+
+/// ZB-H2 at T_F = T_B = T_W: no idle time between any rank's first and
+/// last op once m >= 2p - 1, with 2p - 1 microbatches held on rank 0.
+#[test]
+fn zb_h2_has_zero_bubble_and_2p_minus_1_memory() {
+    for p in PS {
+        for m in [2 * p - 1, 2 * p, 3 * p, 4 * p] {
+            let b = build("zb-h2", p, m, None);
+            let t = run(&b, &unit());
+            assert!(close(max_bubble(&t), 0.0), "p={p} m={m}: bubble {}", max_bubble(&t));
+            assert_eq!(b.checked.peaks()[0].units, 2 * p - 1, "p={p} m={m}");
+        }
+    }
+}

@@ -28,6 +28,7 @@ fn instances() -> Vec<(&'static str, i64, i64, Option<i64>)> {
         }
         for m in [1, p, 2 * p, 4 * p] {
             out.push(("zb-h1", p, m, None));
+            out.push(("zb-h2", p, m, None));
         }
         for m in [3 * p - 1, 3 * p, 5 * p] {
             out.push(("stp", p, m, None));

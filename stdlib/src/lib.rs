@@ -27,6 +27,7 @@ pub const ALL: &[StdSchedule] = &[
     StdSchedule { name: "1f1b", source: include_str!("../1f1b.sched") },
     StdSchedule { name: "interleaved-1f1b", source: include_str!("../interleaved-1f1b.sched") },
     StdSchedule { name: "zb-h1", source: include_str!("../zb-h1.sched") },
+    StdSchedule { name: "zb-h2", source: include_str!("../zb-h2.sched") },
     StdSchedule { name: "zb-v", source: include_str!("../zb-v.sched") },
     StdSchedule { name: "dualpipe-v", source: include_str!("../dualpipe-v.sched") },
     StdSchedule { name: "stp", source: include_str!("../stp.sched") },
