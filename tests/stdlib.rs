@@ -276,3 +276,19 @@ fn v_shape_links_carry_two_streams_received_in_send_order() {
     let errors = stp_ir::verify(&program).expect_err("out-of-order receives must be refused");
     assert!(errors.iter().any(|e| e.message.contains("must be posted in the same order")), "{errors:?}");
 }
+
+/// With tensor parallelism every compute lists its units; a braided pair
+/// alternates its passes' units so each all-reduce runs under the other
+/// pass's compute. Pinned as IR text.
+#[test]
+fn tensor_parallel_ir_snapshot() {
+    let s = stp_stdlib::get("stp").unwrap_or_else(|| panic!("stp"));
+    let file = SourceFile::new(s.path(), s.source);
+    let mut request = Request {
+        params: ParamArgs { ranks: Some(2), microbatches: Some(5), ..ParamArgs::default() },
+        ..Request::default()
+    };
+    request.lower.tp = 4;
+    let program = pipeline::compile(&file, &request).unwrap_or_else(|d| panic!("{}", render(&d, &file, false)));
+    insta::assert_snapshot!("stp_p2_m5_tp4", stp_ir::print_text(&program));
+}

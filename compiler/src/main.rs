@@ -111,6 +111,10 @@ struct Target {
     /// under: rendezvous (a send waits for its receive, as NCCL) or buffered.
     #[arg(long, value_enum, default_value = "rendezvous")]
     comm: CommArg,
+    /// Tensor-parallel group size behind each pipeline rank: every compute
+    /// then lists its units and all-reduces (and --model uses it).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    tp: u32,
     /// Post every receive right before the op that needs it (as PyTorch's
     /// schedule runtime does) instead of moving receives earlier where
     /// that avoids a deadlock.
@@ -157,9 +161,6 @@ struct CostArgs {
     /// "hardware": {...} (default: A800-like), "tp": N}.
     #[arg(long, value_name = "FILE", conflicts_with = "cost")]
     model: Option<PathBuf>,
-    /// Tensor-parallel size for --model (overrides the file's "tp").
-    #[arg(long, value_name = "N", requires = "model")]
-    tp: Option<u32>,
 }
 
 /// The `--model` file.
@@ -167,12 +168,6 @@ struct CostArgs {
 struct ModelFile {
     model: stpc::cost::ModelShape,
     hardware: Option<stpc::cost::Hardware>,
-    #[serde(default = "one")]
-    tp: u32,
-}
-
-fn one() -> u32 {
-    1
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -318,8 +313,9 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
 }
 
 /// The cost model the flags describe, starting from the schedule's own
-/// (`declared`), for a pipeline of `pp` ranks with `chunks` stages each.
-fn cost_model(args: &CostArgs, declared: CostModel, pp: u32, chunks: u32) -> Result<CostModel, Reported> {
+/// (`declared`), for a pipeline of `pp` ranks with `chunks` stages each and
+/// `tp`-way tensor parallelism.
+fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, chunks: u32) -> Result<CostModel, Reported> {
     if let Some(path) = &args.model {
         let text =
             std::fs::read_to_string(path).map_err(|e| io_error(&format!("cannot read {}", path.display()), &e))?;
@@ -327,7 +323,6 @@ fn cost_model(args: &CostArgs, declared: CostModel, pp: u32, chunks: u32) -> Res
             eprintln!("error: {} is not a model description: {e}", path.display());
             Reported
         })?;
-        let tp = args.tp.unwrap_or(file.tp);
         let hw = file.hardware.unwrap_or_else(stpc::cost::Hardware::a800);
         let derived = stpc::cost::model::cost_model(&file.model, &hw, &stpc::cost::Parallelism { tp, pp, chunks });
         return override_times(derived, args);
@@ -370,7 +365,7 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
     let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
     let schedule = build.checked.schedule();
     let meta = &schedule.meta;
-    let cost = cost_model(args, schedule.cost, meta.num_ranks, meta.num_stages / meta.num_ranks.max(1))?;
+    let cost = cost_model(args, schedule.cost, target.tp, meta.num_ranks, meta.num_stages / meta.num_ranks.max(1))?;
     let timeline = stp_ir::simulate::simulate(&build.program, &cost).map_err(|d| {
         eprintln!("internal error: a checked program deadlocked in the timed simulation:\n{d}");
         Reported
@@ -501,7 +496,7 @@ fn request(target: &Target, verify_each: bool) -> Request {
             memory: target.memory.clone(),
         },
         limits: Limits { max_ops: target.max_ops, ..Limits::default() },
-        lower: LowerOptions { verify_each, hoist: !target.no_hoist },
+        lower: LowerOptions { verify_each, hoist: !target.no_hoist, tp: target.tp },
         comm: match target.comm {
             CommArg::Rendezvous => Semantics::Rendezvous,
             CommArg::Buffered => Semantics::Buffered,

@@ -187,9 +187,9 @@ fn simulate_derives_times_from_model_dimensions() {
     let model = write(
         &dir,
         "model.json",
-        r#"{"model": {"hidden": 4096, "ffn": 22016, "layers": 32, "seq_len": 4096, "micro_batch": 1}, "tp": 4}"#,
+        r#"{"model": {"hidden": 4096, "ffn": 22016, "layers": 32, "seq_len": 4096, "micro_batch": 1}}"#,
     );
-    let out = stpc(&["simulate", "stp", "-p", "4", "-m", "12", "--model", &model, "--json"]);
+    let out = stpc(&["simulate", "stp", "-p", "4", "-m", "12", "--model", &model, "--tp", "4", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_str(&stdout(&out)).expect("JSON");
     let cost = &report["cost"];
@@ -199,8 +199,23 @@ fn simulate_derives_times_from_model_dimensions() {
     let forward = 4.0 * (2.0 * 4096.0 * p + 4.0 * 4096.0f64.powi(3)) / (312e12 * 0.5 * 4.0);
     let got = cost["forward"].as_f64().unwrap_or_default();
     assert!((got - forward).abs() < 1e-12, "{got} vs {forward}");
-    let no_model = stpc(&["simulate", "stp", "-p", "4", "-m", "12", "--tp", "4"]);
-    assert_eq!(no_model.status.code(), Some(2), "--tp needs --model");
+}
+
+#[test]
+fn tensor_parallel_programs_list_units_with_all_reduces() {
+    let out = stpc(&["compile", "stp", "-p", "2", "-m", "5", "--tp", "4", "--emit", "text"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("\ntp 4\n"), "{text}");
+    // A braided forward and full backward alternate their units.
+    assert!(
+        text.contains("[0.attn ar, 1.mlp-dgrad ar, 0.mlp ar, 1.mlp-wgrad, 1.attn-dgrad ar, 1.attn-wgrad]"),
+        "{text}"
+    );
+    let program = stp_ir::parse_text(&text).expect("round trip");
+    assert_eq!(program.schedule.tp, 4);
+    assert_eq!(stp_ir::parse_text(&stp_ir::print_text(&program)).ok(), Some(program));
+    assert_eq!(stpc(&["compile", "stp", "-p", "2", "-m", "5", "--tp", "0"]).status.code(), Some(2));
 }
 
 #[test]

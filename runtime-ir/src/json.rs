@@ -40,7 +40,12 @@ pub fn to_json(program: &Program) -> String {
         }
         number(&mut out, u64::from(r.0));
     }
-    out.push_str("]},\"ranks\":[");
+    out.push(']');
+    if meta.tp != 1 {
+        out.push_str(",\"tp\":");
+        number(&mut out, u64::from(meta.tp));
+    }
+    out.push_str("},\"ranks\":[");
     for (i, rank) in program.ranks.iter().enumerate() {
         if i > 0 {
             out.push(',');
@@ -70,7 +75,13 @@ fn write_instr(out: &mut String, instr: &Instr) {
                 }
                 write_pass(out, p);
             }
-            out.push_str("]}}");
+            out.push(']');
+            if !c.units.is_empty() {
+                // Only tensor-parallel programs have units; serde's path is fine here.
+                out.push_str(",\"units\":");
+                out.push_str(&serde_json::to_string(&c.units).unwrap_or_default());
+            }
+            out.push_str("}}");
         }
         Instr::Comm(ops) => {
             out.push_str("{\"comm\":[");
@@ -150,12 +161,20 @@ mod tests {
                 num_stages: 12,
                 num_microbatches: 1234,
                 placement: vec![Rank(0), Rank(1)],
+                tp: 4,
             },
             ranks: vec![RankProgram {
                 rank: Rank(0),
                 instrs: vec![
                     Instr::Compute(Compute::single(pass(PassKind::F, 0, 1023))),
-                    Instr::Compute(Compute { passes: vec![pass(PassKind::F, 11, 0), pass(PassKind::BW, 10, 9)] }),
+                    Instr::Compute({
+                        let mut c = Compute {
+                            passes: vec![pass(PassKind::F, 11, 0), pass(PassKind::BW, 10, 9)],
+                            units: Vec::new(),
+                        };
+                        c.units = c.canonical_units();
+                        c
+                    }),
                     Instr::Comm(vec![
                         Transfer::send(Buffer::act(Stage(0), Microbatch(1023)), Rank(1)),
                         Transfer::recv(Buffer::grad(Stage(1), Microbatch(7)), Rank(1)),

@@ -58,7 +58,8 @@ mod verify;
 
 pub use ids::{Buffer, BufferKind, IdParseError, Microbatch, Rank, Stage};
 pub use program::{
-    Compute, Direction, Instr, Param, Pass, PassKind, Program, RankProgram, ScheduleMeta, Transfer, FORMAT_VERSION,
+    units_of, Collective, Compute, Direction, Instr, Param, Part, Pass, PassKind, Program, RankProgram, ScheduleMeta,
+    Transfer, Unit, FORMAT_VERSION,
 };
 pub use slots::BufferSlots;
 pub use text::{parse_text, print_text, TextError};

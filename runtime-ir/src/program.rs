@@ -35,6 +35,19 @@ pub struct ScheduleMeta {
     pub num_microbatches: u32,
     /// `placement[s]` is the rank that owns stage `s`; its length is `num_stages`.
     pub placement: Vec<Rank>,
+    /// Tensor-parallel group size behind every pipeline rank; 1 (the
+    /// default, omitted from both forms) without tensor parallelism. With
+    /// more, every compute lists its [`Unit`]s.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub tp: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 impl ScheduleMeta {
@@ -138,12 +151,114 @@ impl fmt::Display for Transfer {
 pub struct Compute {
     /// One pass, or two for a braided pair; never empty, never more than two.
     pub passes: Vec<Pass>,
+    /// With tensor parallelism: the order in which the passes' units run on
+    /// the compute stream, each followed by the collective it issues on the
+    /// rank's tensor-parallel stream. Each pass's units appear in the order
+    /// [`units_of`] gives; a braided pair interleaves the two passes' units
+    /// so that one pass's collective runs while the other's unit computes.
+    /// Empty without tensor parallelism.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<Unit>,
+}
+
+/// One piece of a pass under tensor parallelism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Unit {
+    /// Index of the pass in [`Compute::passes`].
+    pub pass: u8,
+    /// Which piece.
+    pub part: Part,
+    /// The collective issued when the piece is done, if any.
+    pub collective: Option<Collective>,
+}
+
+/// The pieces of a transformer layer's passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Part {
+    /// Attention, forward.
+    Attention,
+    /// MLP, forward.
+    Mlp,
+    /// MLP, gradient with respect to its input.
+    MlpDgrad,
+    /// Attention, gradient with respect to its input.
+    AttentionDgrad,
+    /// MLP, gradient with respect to its weights.
+    MlpWgrad,
+    /// Attention, gradient with respect to its weights.
+    AttentionWgrad,
+}
+
+impl Part {
+    /// The spelling in the text form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Part::Attention => "attn",
+            Part::Mlp => "mlp",
+            Part::MlpDgrad => "mlp-dgrad",
+            Part::AttentionDgrad => "attn-dgrad",
+            Part::MlpWgrad => "mlp-wgrad",
+            Part::AttentionWgrad => "attn-wgrad",
+        }
+    }
+
+    /// The part spelled `s`.
+    pub fn from_name(s: &str) -> Option<Part> {
+        [Part::Attention, Part::Mlp, Part::MlpDgrad, Part::AttentionDgrad, Part::MlpWgrad, Part::AttentionWgrad]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+}
+
+/// A tensor-parallel collective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Collective {
+    /// All-reduce of the unit's output over the TP group (with sequence
+    /// parallelism an all-gather and a reduce-scatter of the same volume).
+    AllReduce,
+}
+
+/// The units of one pass, in execution order, and whether each issues an
+/// all-reduce (Megatron's tensor-parallel layer: F all-reduces after
+/// attention and after the MLP; the input-gradient pass after each of its
+/// two GEMM groups; weight gradients need none, and a full backward runs
+/// each weight gradient while the preceding all-reduce is in flight).
+pub fn units_of(kind: PassKind) -> &'static [(Part, bool)] {
+    match kind {
+        PassKind::F => &[(Part::Attention, true), (Part::Mlp, true)],
+        PassKind::B => &[(Part::MlpDgrad, true), (Part::AttentionDgrad, true)],
+        PassKind::W => &[(Part::MlpWgrad, false), (Part::AttentionWgrad, false)],
+        PassKind::BW => &[
+            (Part::MlpDgrad, true),
+            (Part::MlpWgrad, false),
+            (Part::AttentionDgrad, true),
+            (Part::AttentionWgrad, false),
+        ],
+    }
 }
 
 impl Compute {
     /// A single, unbraided pass.
     pub fn single(pass: Pass) -> Compute {
-        Compute { passes: vec![pass] }
+        Compute { passes: vec![pass], units: Vec::new() }
+    }
+
+    /// The passes' units in the canonical order: one pass's units in turn,
+    /// a braided pair's alternating.
+    pub fn canonical_units(&self) -> Vec<Unit> {
+        let lists: Vec<&[(Part, bool)]> = self.passes.iter().map(|p| units_of(p.kind)).collect();
+        let longest = lists.iter().map(|l| l.len()).max().unwrap_or(0);
+        let mut units = Vec::new();
+        for k in 0..longest {
+            for (i, list) in lists.iter().enumerate() {
+                if let Some(&(part, reduces)) = list.get(k) {
+                    units.push(Unit { pass: i as u8, part, collective: reduces.then_some(Collective::AllReduce) });
+                }
+            }
+        }
+        units
     }
 
     /// Whether this is a braided pair.
@@ -252,12 +367,27 @@ impl fmt::Display for Pass {
 }
 
 impl fmt::Display for Compute {
+    /// `F s0 mb3 & B s0 mb1`, then with tensor parallelism the units:
+    /// ` [0.attn ar, 1.mlp-dgrad ar, ...]`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, pass) in self.passes.iter().enumerate() {
             if i > 0 {
                 f.write_str(" & ")?;
             }
             write!(f, "{pass}")?;
+        }
+        if !self.units.is_empty() {
+            f.write_str(" [")?;
+            for (i, u) in self.units.iter().enumerate() {
+                if i > 0 {
+                    f.write_str(", ")?;
+                }
+                write!(f, "{}.{}", u.pass, u.part.as_str())?;
+                if u.collective.is_some() {
+                    f.write_str(" ar")?;
+                }
+            }
+            f.write_str("]")?;
         }
         Ok(())
     }

@@ -26,7 +26,8 @@
 
 use crate::ids::Rank;
 use crate::program::{
-    Compute, Instr, Param, Pass, PassKind, Program, RankProgram, ScheduleMeta, Transfer, FORMAT_VERSION,
+    Collective, Compute, Instr, Param, Part, Pass, PassKind, Program, RankProgram, ScheduleMeta, Transfer, Unit,
+    FORMAT_VERSION,
 };
 use std::fmt::{self, Write as _};
 
@@ -65,6 +66,9 @@ fn write_text(program: &Program, out: &mut String) -> fmt::Result {
     writeln!(out, "ranks {}", meta.num_ranks)?;
     writeln!(out, "stages {}", meta.num_stages)?;
     writeln!(out, "microbatches {}", meta.num_microbatches)?;
+    if meta.tp != 1 {
+        writeln!(out, "tp {}", meta.tp)?;
+    }
     write!(out, "place")?;
     for rank in &meta.placement {
         write!(out, " {rank}")?;
@@ -126,6 +130,13 @@ pub fn parse_text(text: &str) -> Result<Program, TextError> {
     let num_stages = parse_number(v, line)?;
     let (line, v) = reader.header(lines.next(), "microbatches")?;
     let num_microbatches = parse_number(v, line)?;
+    let mut tp = 1;
+    if let Some(&(line, l)) = lines.peek() {
+        if let Some(v) = l.strip_prefix("tp ") {
+            lines.next();
+            tp = parse_number(v.trim(), line)?;
+        }
+    }
     let (line, v) = reader.header(lines.next(), "place")?;
     let placement = v.split_whitespace().map(|w| parse_id(w, line)).collect::<Result<_, _>>()?;
 
@@ -157,7 +168,7 @@ pub fn parse_text(text: &str) -> Result<Program, TextError> {
 
     Ok(Program {
         version,
-        schedule: ScheduleMeta { name, params, num_ranks, num_stages, num_microbatches, placement },
+        schedule: ScheduleMeta { name, params, num_ranks, num_stages, num_microbatches, placement, tp },
         ranks,
     })
 }
@@ -240,10 +251,38 @@ fn parse_instr(l: &str, line: usize) -> Result<Instr, TextError> {
     match words.as_slice() {
         ["free", buffer] => Ok(Instr::Free { buffer: parse_id(buffer, line)? }),
         _ => {
-            let passes = l.split('&').map(|p| parse_pass(p.trim(), line)).collect::<Result<_, _>>()?;
-            Ok(Instr::Compute(Compute { passes }))
+            let (passes_text, units) = match l.split_once('[') {
+                Some((passes, units)) => (passes, parse_units(units, line)?),
+                None => (l, Vec::new()),
+            };
+            let passes = passes_text.split('&').map(|p| parse_pass(p.trim(), line)).collect::<Result<_, _>>()?;
+            Ok(Instr::Compute(Compute { passes, units }))
         }
     }
+}
+
+/// `0.attn ar, 1.mlp-dgrad ar, 0.mlp]`: the units after a compute's `[`.
+fn parse_units(text: &str, line: usize) -> Result<Vec<Unit>, TextError> {
+    let inner =
+        text.trim().strip_suffix(']').ok_or_else(|| err(line, "the unit list of a compute must end with `]`"))?;
+    inner
+        .split(',')
+        .map(|u| {
+            let words: Vec<&str> = u.split_whitespace().collect();
+            let (unit, collective) = match words.as_slice() {
+                [unit] => (*unit, None),
+                [unit, "ar"] => (*unit, Some(Collective::AllReduce)),
+                _ => return Err(err(line, format!("expected a unit like `0.attn ar`, found `{}`", u.trim()))),
+            };
+            let bad = || err(line, format!("expected a unit like `0.attn`, found `{unit}`"));
+            let (pass, part) = unit.split_once('.').ok_or_else(bad)?;
+            Ok(Unit {
+                pass: pass.parse().map_err(|_| bad())?,
+                part: Part::from_name(part).ok_or_else(bad)?,
+                collective,
+            })
+        })
+        .collect()
 }
 
 fn parse_pass(text: &str, line: usize) -> Result<Pass, TextError> {

@@ -19,7 +19,7 @@
 //!    and none is live at the end.
 
 use crate::ids::{Buffer, BufferKind, Rank, Stage};
-use crate::program::{Direction, Instr, Program, Transfer};
+use crate::program::{units_of, Compute, Direction, Instr, Part, Program, Transfer};
 use crate::slots::BufferSlots;
 use std::collections::HashMap;
 use std::fmt;
@@ -95,6 +95,9 @@ impl Verifier<'_> {
                 format!("num_ranks is {} but there are {} rank programs", meta.num_ranks, self.program.ranks.len()),
             );
         }
+        if meta.tp == 0 {
+            self.error(None, None, "the tensor-parallel size must be at least 1".into());
+        }
         if meta.num_stages == 0 || meta.num_microbatches == 0 {
             self.error(None, None, "a program needs at least one stage and one microbatch".into());
         }
@@ -166,6 +169,9 @@ impl Verifier<'_> {
                         Some(i),
                         format!("a compute holds one or two passes, not {}", c.passes.len()),
                     );
+                }
+                if let Some(problem) = unit_problem(c, meta.tp) {
+                    self.error(Some(rank), Some(i), format!("`{c}`: {problem}"));
                 }
                 for pass in &c.passes {
                     if !stage_ok(pass.stage) || pass.mb.0 >= meta.num_microbatches {
@@ -303,4 +309,31 @@ impl Verifier<'_> {
             }
         }
     }
+}
+
+/// What is wrong with a compute's unit list, if anything: without tensor
+/// parallelism there is none; with it, every pass's units appear in the
+/// order `units_of` gives, with their collectives, and nothing else does.
+fn unit_problem(c: &Compute, tp: u32) -> Option<String> {
+    if tp <= 1 {
+        return (!c.units.is_empty()).then(|| "units listed, but the program has no tensor parallelism".to_string());
+    }
+    if c.units.is_empty() {
+        return Some(format!("with tensor parallelism (tp = {tp}) a compute lists its units"));
+    }
+    if let Some(u) = c.units.iter().find(|u| u.pass as usize >= c.passes.len()) {
+        return Some(format!("unit of pass {} but there are {} passes", u.pass, c.passes.len()));
+    }
+    for (i, pass) in c.passes.iter().enumerate() {
+        let mine: Vec<(Part, bool)> =
+            c.units.iter().filter(|u| u.pass as usize == i).map(|u| (u.part, u.collective.is_some())).collect();
+        if mine.as_slice() != units_of(pass.kind) {
+            let want: Vec<&str> = units_of(pass.kind).iter().map(|(p, _)| p.as_str()).collect();
+            return Some(format!(
+                "the units of `{pass}` must be {} in that order, each with its all-reduce",
+                want.join(", ")
+            ));
+        }
+    }
+    None
 }

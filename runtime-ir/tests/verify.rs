@@ -127,3 +127,31 @@ fn malformed_text_names_the_line() {
     let unclosed = VALID.trim_end().trim_end_matches('}');
     assert!(parse_text(unclosed).expect_err("unclosed rank").message.contains("not closed"));
 }
+
+#[test]
+fn tensor_parallel_units_follow_the_canonical_order() {
+    let mut program = valid();
+    program.schedule.tp = 2;
+    assert_refused(&program, "with tensor parallelism (tp = 2) a compute lists its units");
+    for rank in &mut program.ranks {
+        for instr in &mut rank.instrs {
+            if let Instr::Compute(c) = instr {
+                c.units = c.canonical_units();
+            }
+        }
+    }
+    assert_eq!(errors_of(&program), Vec::<String>::new());
+    assert_eq!(parse_text(&print_text(&program)).ok().as_ref(), Some(&program));
+    assert_eq!(load_json(&to_json(&program)).ok().as_ref(), Some(&program));
+    // The MLP may not run before the attention of the same forward.
+    if let Instr::Compute(c) = &mut program.ranks[0].instrs[0] {
+        c.units.swap(0, 1);
+    }
+    assert_refused(&program, "must be attn, mlp in that order");
+    // Units without tensor parallelism are refused too.
+    let mut plain = valid();
+    if let Instr::Compute(c) = &mut plain.ranks[0].instrs[0] {
+        c.units = c.canonical_units();
+    }
+    assert_refused(&plain, "units listed, but the program has no tensor parallelism");
+}

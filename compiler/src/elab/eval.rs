@@ -159,6 +159,7 @@ pub(super) fn run(
             num_stages,
             num_microbatches,
             placement,
+            tp: 1,
         },
         ranks,
         body_span,
@@ -393,7 +394,7 @@ impl<'m> Eval<'m> {
                         .map_help("raise the limit with --max-ops N if this size is intended"));
                 }
                 let origin = self.origin(stmt.span);
-                out.push(ScheduledOp { compute: Compute { passes }, origin });
+                out.push(ScheduledOp { compute: Compute { passes, units: Vec::new() }, origin });
             }
             StmtKind::Error => {}
         }

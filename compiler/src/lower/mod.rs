@@ -13,6 +13,8 @@
 //!    Megatron's combined send/receive calls do by hand
 //!    ([`stp_ir::simulate::hoist_receives`]). Interleaved 1F1B needs this.
 //! 4. `insert_frees`: a free after each buffer's last use on its rank.
+//! 5. `split_tp_units` (tensor parallelism, `tp > 1`): every compute lists
+//!    its units and their all-reduces; braided pairs interleave them.
 //!
 //! The result is verified with [`stp_ir::verify`] after the last pass, or
 //! after every pass with [`LowerOptions::verify_each`]. A verification
@@ -21,6 +23,7 @@
 mod group_transfers;
 mod insert_frees;
 mod insert_transfers;
+mod split_tp_units;
 
 use crate::check::CheckedSchedule;
 use stp_ir::simulate::{find_deadlock, hoist_receives, Deadlock, Semantics};
@@ -35,11 +38,13 @@ pub struct LowerOptions {
     /// posted right before the op that needs it, as PyTorch's schedule
     /// runtime does, and programs that then deadlock are refused.
     pub hoist: bool,
+    /// Tensor-parallel group size behind each pipeline rank (1: none).
+    pub tp: u32,
 }
 
 impl Default for LowerOptions {
     fn default() -> LowerOptions {
-        LowerOptions { verify_each: false, hoist: true }
+        LowerOptions { verify_each: false, hoist: true, tp: 1 }
     }
 }
 
@@ -100,7 +105,11 @@ pub fn lower(checked: &CheckedSchedule, options: LowerOptions, semantics: Semant
         verify_ignoring_leaks(&program, "hoist_receives")?;
     }
     insert_frees::run(&mut program);
-    verify(&program).map_err(|errors| LowerError { pass: "insert_frees", errors })?;
+    if options.verify_each {
+        verify(&program).map_err(|errors| LowerError { pass: "insert_frees", errors })?;
+    }
+    split_tp_units::run(&mut program, options.tp);
+    verify(&program).map_err(|errors| LowerError { pass: "split_tp_units", errors })?;
     Ok(Lowered { program, hoisted, deadlock })
 }
 

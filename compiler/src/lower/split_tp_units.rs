@@ -1,0 +1,21 @@
+//! Rank programs without tensor parallelism -> the same programs for a TP
+//! group of `tp` ranks: every compute lists its units (attention and MLP
+//! pieces, each with its all-reduce) in the canonical order, which for a
+//! braided pair alternates the two passes so each one's all-reduce runs
+//! under the other's compute.
+
+use stp_ir::{Instr, Program};
+
+pub(super) fn run(program: &mut Program, tp: u32) {
+    program.schedule.tp = tp;
+    if tp <= 1 {
+        return;
+    }
+    for rank in &mut program.ranks {
+        for instr in &mut rank.instrs {
+            if let Instr::Compute(c) = instr {
+                c.units = c.canonical_units();
+            }
+        }
+    }
+}
