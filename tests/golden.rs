@@ -3,7 +3,7 @@
 //! schedules equal the published formulas.
 
 use stp_ir::simulate::{simulate, CostModel, Timeline};
-use stp_tests::build_std;
+use stp_tests::{build_std, build_std_tp};
 use stpc::pipeline::Build;
 
 fn build(name: &str, p: i64, m: i64, v: Option<i64>) -> Build {
@@ -151,6 +151,30 @@ fn zb_h2_has_zero_bubble_and_2p_minus_1_memory() {
             let t = run(&b, &unit());
             assert!(close(max_bubble(&t), 0.0), "p={p} m={m}: bubble {}", max_bubble(&t));
             assert_eq!(b.checked.peaks()[0].units, 2 * p - 1, "p={p} m={m}");
+        }
+    }
+}
+
+/// Run unit by unit (`--tp`), a pass's first all-reduce stalls the next
+/// unit of the same pass unless the braided partner's unit fills the gap;
+/// its last one overlaps whatever comes next. So within ops 1F1B waits
+/// T_AR/2 per forward (a full backward hides both behind its weight
+/// gradients) and STP waits half of its per-pass exposure: (2p+1)·T_AR/2 on
+/// even ranks.
+#[test]
+fn unit_level_execution_exposes_the_first_all_reduce_of_unbraided_passes() {
+    let t_ar = 0.25;
+    let cost = CostModel { tp_collective: t_ar, ..unit() };
+    for p in PS {
+        let m = 3 * p;
+        let t = run(&build_std_tp("1f1b", p, m, None, 4), &cost);
+        for r in &t.ranks {
+            assert!(close(r.exposed_comm, m as f64 * t_ar / 2.0), "1f1b p={p} rank {}: {}", r.rank, r.exposed_comm);
+        }
+        let t = run(&build_std_tp("stp", p, m, None, 4), &cost);
+        for r in &t.ranks {
+            let passes = if r.rank.0 % 2 == 0 { 2 * p + 1 } else { 2 * p };
+            assert!(close(r.exposed_comm, passes as f64 * t_ar / 2.0), "stp p={p} rank {}: {}", r.rank, r.exposed_comm);
         }
     }
 }

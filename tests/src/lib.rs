@@ -84,12 +84,19 @@ pub fn run_fixture(file: &stpc::syntax::span::SourceFile) -> Result<(), Vec<stpc
 /// Compiles standard schedule `name` at `p` ranks, `m` microbatches and,
 /// when given, `v` chunks, panicking with the rendered diagnostics if it fails.
 pub fn build_std(name: &str, p: i64, m: i64, v: Option<i64>) -> stpc::pipeline::Build {
+    build_std_tp(name, p, m, v, 1)
+}
+
+/// [`build_std`] for a tensor-parallel group of `tp` ranks behind each
+/// pipeline rank (computes list their units).
+pub fn build_std_tp(name: &str, p: i64, m: i64, v: Option<i64>, tp: u32) -> stpc::pipeline::Build {
     let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no stdlib schedule {name}"));
     let file = stpc::syntax::span::SourceFile::new(s.path(), s.source);
-    let request = stpc::pipeline::Request {
+    let mut request = stpc::pipeline::Request {
         params: stpc::elab::ParamArgs { ranks: Some(p), microbatches: Some(m), chunks: v, ..Default::default() },
         ..Default::default()
     };
+    request.lower.tp = tp;
     stpc::pipeline::build(&file, &request)
         .unwrap_or_else(|d| panic!("{name} p={p} m={m} v={v:?}:\n{}", stpc::diag::render::render(&d, &file, false)))
 }

@@ -12,7 +12,7 @@
 
 use super::{Blocked, Deadlock, Pending, Semantics, TransferIndex, Wait};
 use crate::ids::Rank;
-use crate::program::{Direction, Instr, Pass, PassKind, Program};
+use crate::program::{Compute, Direction, Instr, Part, Pass, PassKind, Program};
 use crate::slots::BufferSlots;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
@@ -169,6 +169,55 @@ struct RankState {
     spans: Vec<Span>,
     busy: f64,
     exposed: f64,
+    /// When the rank's tensor-parallel stream is free.
+    tp_free: f64,
+}
+
+/// Runs a compute's units from `start`: each on the compute stream, each
+/// all-reduce on the tensor-parallel stream after its unit. A forward or
+/// input-gradient unit consumes the all-reduced output of its pass's
+/// previous reducing unit and waits for it; a weight-gradient unit only
+/// follows its pass's previous unit. A unit takes its pass's time divided
+/// among the pass's units of its kind (halves), an all-reduce `T_AR / 2`.
+/// Returns (start, when the compute stream is free, when the outputs are
+/// ready, compute time, time the compute stream waited on all-reduces).
+fn run_units(c: &Compute, cost: &CostModel, start: f64, tp_free: &mut f64) -> (f64, f64, f64, f64, f64) {
+    let n = c.passes.len();
+    // Per pass: end of its last unit, end of its last all-reduce.
+    let mut last_unit = vec![start; n];
+    let mut last_reduce = vec![start; n];
+    let mut clock = start;
+    let mut compute = 0.0;
+    let mut waited = 0.0;
+    for u in &c.units {
+        let i = usize::from(u.pass);
+        let Some(pass) = c.passes.get(i) else { continue };
+        let weight_grad = matches!(u.part, Part::MlpWgrad | Part::AttentionWgrad);
+        let input = if weight_grad { last_unit[i] } else { last_reduce[i].max(last_unit[i]) };
+        let begin = clock.max(input);
+        let duration = unit_time(cost, pass.kind, u.part);
+        waited += begin - clock;
+        clock = begin + duration;
+        compute += duration;
+        last_unit[i] = clock;
+        if u.collective.is_some() {
+            let reduce_start = tp_free.max(clock);
+            *tp_free = reduce_start + cost.tp_collective / 2.0;
+            last_reduce[i] = *tp_free;
+        }
+    }
+    let outputs = last_unit.iter().chain(&last_reduce).copied().fold(clock, f64::max);
+    (start, clock, outputs, compute, waited)
+}
+
+/// The compute time of one unit: half of its pass's dgrad (or forward)
+/// time, or half of its weight-gradient time.
+fn unit_time(cost: &CostModel, kind: PassKind, part: Part) -> f64 {
+    match (kind, part) {
+        (_, Part::MlpWgrad | Part::AttentionWgrad) => cost.backward_weight / 2.0,
+        (PassKind::F, _) => cost.forward / 2.0,
+        _ => cost.backward_input / 2.0,
+    }
 }
 
 /// What last made a buffer live on a rank, while the dependencies are collected.
@@ -310,14 +359,19 @@ fn run_rank(
             Instr::Compute(c) => {
                 let state = &mut ranks[r];
                 let ready = deps[r][pc].iter().map(|d| ready_of(state, d)).fold(0.0, f64::max);
-                let (compute, exposed) = cost.time(&c.passes);
-                let start = state.compute_free.max(ready);
-                let end = start + compute + exposed;
-                state.spans.push(Span { instr: pc, stream: Stream::Compute, start, end, exposed });
+                let (start, free, outputs_ready, compute, exposed) = if c.units.is_empty() {
+                    let (compute, exposed) = cost.time(&c.passes);
+                    let start = state.compute_free.max(ready);
+                    let end = start + compute + exposed;
+                    (start, end, end, compute, exposed)
+                } else {
+                    run_units(c, cost, state.compute_free.max(ready), &mut state.tp_free)
+                };
+                state.spans.push(Span { instr: pc, stream: Stream::Compute, start, end: free, exposed });
                 state.busy += compute + exposed;
                 state.exposed += exposed;
-                state.compute_free = end;
-                state.ends.push(end);
+                state.compute_free = free;
+                state.ends.push(outputs_ready);
                 state.pc += 1;
             }
             Instr::Free { .. } => {
