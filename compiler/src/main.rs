@@ -115,6 +115,10 @@ struct Target {
     /// then lists its units and all-reduces (and --model uses it).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
     tp: u32,
+    /// With --tp: sequence parallelism (reduce-scatter and all-gather of
+    /// the same volume instead of all-reduces).
+    #[arg(long)]
+    sequence_parallel: bool,
     /// Post every receive right before the op that needs it (as PyTorch's
     /// schedule runtime does) instead of moving receives earlier where
     /// that avoids a deadlock.
@@ -496,7 +500,12 @@ fn request(target: &Target, verify_each: bool) -> Request {
             memory: target.memory.clone(),
         },
         limits: Limits { max_ops: target.max_ops, ..Limits::default() },
-        lower: LowerOptions { verify_each, hoist: !target.no_hoist, tp: target.tp },
+        lower: LowerOptions {
+            verify_each,
+            hoist: !target.no_hoist,
+            tp: target.tp,
+            sequence_parallel: target.sequence_parallel,
+        },
         comm: match target.comm {
             CommArg::Rendezvous => Semantics::Rendezvous,
             CommArg::Buffered => Semantics::Buffered,

@@ -216,6 +216,12 @@ fn tensor_parallel_programs_list_units_with_all_reduces() {
     assert_eq!(program.schedule.tp, 4);
     assert_eq!(stp_ir::parse_text(&stp_ir::print_text(&program)).ok(), Some(program));
     assert_eq!(stpc(&["compile", "stp", "-p", "2", "-m", "5", "--tp", "0"]).status.code(), Some(2));
+    let sp = stpc(&["compile", "stp", "-p", "2", "-m", "5", "--tp", "2", "--sequence-parallel", "--emit", "text"]);
+    let text = stdout(&sp);
+    assert!(text.contains("[0.attn rs-ag, 1.mlp-wgrad, 0.mlp rs-ag, 1.attn-wgrad]"), "{text}");
+    let program = stp_ir::parse_text(&text).expect("sequence-parallel program parses");
+    stp_ir::verify(&program).expect("and verifies");
+    assert_eq!(stp_ir::load_json(&stp_ir::to_json(&program)).ok(), Some(program));
 }
 
 #[test]

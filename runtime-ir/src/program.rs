@@ -215,9 +215,27 @@ impl Part {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Collective {
-    /// All-reduce of the unit's output over the TP group (with sequence
-    /// parallelism an all-gather and a reduce-scatter of the same volume).
+    /// All-reduce of the unit's output over the TP group. Text form `ar`.
     AllReduce,
+    /// With sequence parallelism: reduce-scatter of the unit's output along
+    /// the sequence, then all-gather of the next unit's input — the same
+    /// volume as an all-reduce, in two halves. Text form `rs-ag`.
+    ReduceScatterAllGather,
+}
+
+impl Collective {
+    /// The spelling in the text form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Collective::AllReduce => "ar",
+            Collective::ReduceScatterAllGather => "rs-ag",
+        }
+    }
+
+    /// The collective spelled `s`.
+    pub fn from_name(s: &str) -> Option<Collective> {
+        [Collective::AllReduce, Collective::ReduceScatterAllGather].into_iter().find(|c| c.as_str() == s)
+    }
 }
 
 /// The units of one pass, in execution order, and whether each issues an
@@ -245,20 +263,25 @@ impl Compute {
         Compute { passes: vec![pass], units: Vec::new() }
     }
 
-    /// The passes' units in the canonical order: one pass's units in turn,
-    /// a braided pair's alternating.
-    pub fn canonical_units(&self) -> Vec<Unit> {
+    /// The passes' units in the canonical order (one pass's units in turn,
+    /// a braided pair's alternating), each reducing one with `collective`.
+    pub fn canonical_units_with(&self, collective: Collective) -> Vec<Unit> {
         let lists: Vec<&[(Part, bool)]> = self.passes.iter().map(|p| units_of(p.kind)).collect();
         let longest = lists.iter().map(|l| l.len()).max().unwrap_or(0);
         let mut units = Vec::new();
         for k in 0..longest {
             for (i, list) in lists.iter().enumerate() {
                 if let Some(&(part, reduces)) = list.get(k) {
-                    units.push(Unit { pass: i as u8, part, collective: reduces.then_some(Collective::AllReduce) });
+                    units.push(Unit { pass: i as u8, part, collective: reduces.then_some(collective) });
                 }
             }
         }
         units
+    }
+
+    /// [`Compute::canonical_units_with`] all-reduces.
+    pub fn canonical_units(&self) -> Vec<Unit> {
+        self.canonical_units_with(Collective::AllReduce)
     }
 
     /// Whether this is a braided pair.
@@ -383,8 +406,8 @@ impl fmt::Display for Compute {
                     f.write_str(", ")?;
                 }
                 write!(f, "{}.{}", u.pass, u.part.as_str())?;
-                if u.collective.is_some() {
-                    f.write_str(" ar")?;
+                if let Some(c) = u.collective {
+                    write!(f, " {}", c.as_str())?;
                 }
             }
             f.write_str("]")?;

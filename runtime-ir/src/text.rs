@@ -271,7 +271,10 @@ fn parse_units(text: &str, line: usize) -> Result<Vec<Unit>, TextError> {
             let words: Vec<&str> = u.split_whitespace().collect();
             let (unit, collective) = match words.as_slice() {
                 [unit] => (*unit, None),
-                [unit, "ar"] => (*unit, Some(Collective::AllReduce)),
+                [unit, collective] => match Collective::from_name(collective) {
+                    Some(c) => (*unit, Some(c)),
+                    None => return Err(err(line, format!("unknown collective `{collective}`; expected ar or rs-ag"))),
+                },
                 _ => return Err(err(line, format!("expected a unit like `0.attn ar`, found `{}`", u.trim()))),
             };
             let bad = || err(line, format!("expected a unit like `0.attn`, found `{unit}`"));

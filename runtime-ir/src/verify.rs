@@ -19,7 +19,7 @@
 //!    and none is live at the end.
 
 use crate::ids::{Buffer, BufferKind, Rank, Stage};
-use crate::program::{units_of, Compute, Direction, Instr, Part, Program, Transfer};
+use crate::program::{units_of, Collective, Compute, Direction, Instr, Part, Program, Transfer};
 use crate::slots::BufferSlots;
 use std::collections::HashMap;
 use std::fmt;
@@ -327,6 +327,10 @@ fn unit_problem(c: &Compute, tp: u32) -> Option<String> {
     for (i, pass) in c.passes.iter().enumerate() {
         let mine: Vec<(Part, bool)> =
             c.units.iter().filter(|u| u.pass as usize == i).map(|u| (u.part, u.collective.is_some())).collect();
+        let kinds: Vec<Collective> = c.units.iter().filter_map(|u| u.collective).collect();
+        if kinds.windows(2).any(|w| w[0] != w[1]) {
+            return Some("all-reduces and sequence-parallel collectives are mixed in one compute".to_string());
+        }
         if mine.as_slice() != units_of(pass.kind) {
             let want: Vec<&str> = units_of(pass.kind).iter().map(|(p, _)| p.as_str()).collect();
             return Some(format!(

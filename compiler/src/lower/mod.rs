@@ -40,11 +40,14 @@ pub struct LowerOptions {
     pub hoist: bool,
     /// Tensor-parallel group size behind each pipeline rank (1: none).
     pub tp: u32,
+    /// With tensor parallelism, use sequence parallelism's reduce-scatter
+    /// and all-gather instead of all-reduces.
+    pub sequence_parallel: bool,
 }
 
 impl Default for LowerOptions {
     fn default() -> LowerOptions {
-        LowerOptions { verify_each: false, hoist: true, tp: 1 }
+        LowerOptions { verify_each: false, hoist: true, tp: 1, sequence_parallel: false }
     }
 }
 
@@ -108,7 +111,7 @@ pub fn lower(checked: &CheckedSchedule, options: LowerOptions, semantics: Semant
     if options.verify_each {
         verify(&program).map_err(|errors| LowerError { pass: "insert_frees", errors })?;
     }
-    split_tp_units::run(&mut program, options.tp);
+    split_tp_units::run(&mut program, options.tp, options.sequence_parallel);
     verify(&program).map_err(|errors| LowerError { pass: "split_tp_units", errors })?;
     Ok(Lowered { program, hoisted, deadlock })
 }
