@@ -16,10 +16,13 @@
 //!    in NCCL, so a different order would deliver the wrong tensor);
 //! 6. buffer lifetime: on each rank every buffer an instruction reads is
 //!    live, no buffer is made live twice, every buffer is freed exactly once
-//!    and none is live at the end.
+//!    and none is live at the end;
+//! 7. coverage: every (stage, microbatch) runs exactly one `F` and either
+//!    one `BW` or one `B` and one `W` — so an executor cannot silently
+//!    leave a gradient out.
 
 use crate::ids::{Buffer, BufferKind, Rank, Stage};
-use crate::program::{units_of, Collective, Compute, Direction, Instr, Part, Program, Transfer};
+use crate::program::{units_of, Collective, Compute, Direction, Instr, Part, Pass, PassKind, Program, Transfer};
 use crate::slots::BufferSlots;
 use std::collections::HashMap;
 use std::fmt;
@@ -59,6 +62,7 @@ pub fn verify(program: &Program) -> Result<(), Vec<VerifyError>> {
             v.check_instructions(rank.rank, &rank.instrs, &mut state);
         }
         v.check_matching();
+        v.check_coverage();
     }
     if v.errors.is_empty() {
         Ok(())
@@ -222,6 +226,45 @@ impl Verifier<'_> {
                 format!("`{t}`: {buffer} travels from {from} to {to}, not from {sender} to {receiver}"),
             ),
             None => self.error(Some(rank), Some(i), format!("`{t}`: {buffer} is never transferred")),
+        }
+    }
+
+    fn check_coverage(&mut self) {
+        let meta = &self.program.schedule;
+        let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
+        let slot = |p: &Pass| {
+            let kind = PassKind::ALL.iter().position(|k| *k == p.kind).unwrap_or(0);
+            (kind * stages + p.stage.index()) * mbs + p.mb.index()
+        };
+        let mut counts = vec![0u32; 4 * stages * mbs];
+        for rank in &self.program.ranks {
+            for instr in &rank.instrs {
+                for p in instr.passes() {
+                    if p.stage.index() < stages && p.mb.index() < mbs {
+                        counts[slot(p)] += 1;
+                    }
+                }
+            }
+        }
+        for s in 0..stages {
+            for m in 0..mbs {
+                let pass = |kind| Pass { kind, stage: crate::Stage(s as u32), mb: crate::Microbatch(m as u32) };
+                let n = |kind| counts[slot(&pass(kind))];
+                let backward = (n(PassKind::BW), n(PassKind::B), n(PassKind::W));
+                if n(PassKind::F) != 1 {
+                    self.error(None, None, format!("`{}` runs {} times, not once", pass(PassKind::F), n(PassKind::F)));
+                }
+                if backward != (1, 0, 0) && backward != (0, 1, 1) {
+                    self.error(
+                        None,
+                        None,
+                        format!(
+                            "s{s} mb{m} runs BW {} times, B {} times and W {} times: it needs one BW, or one B and one W",
+                            backward.0, backward.1, backward.2
+                        ),
+                    );
+                }
+            }
         }
     }
 

@@ -1,0 +1,156 @@
+//! The CPU executor is the semantic reference: every standard schedule,
+//! run with real arithmetic on one thread per rank, produces the weight
+//! gradients of a sequential run bit for bit; broken programs fail loudly.
+
+use stp_exec::cpu::{self, CpuOptions};
+use stp_exec::model::{sequential_gradients, Model};
+use stp_exec::ExecError;
+use stp_ir::simulate::Semantics;
+use stp_ir::{Instr, Program};
+use stp_tests::build_std;
+
+fn model_for(program: &Program) -> Model {
+    Model::new(program.schedule.num_stages as usize, program.schedule.num_microbatches as usize, 8, 4, 42)
+}
+
+fn run(program: &Program) -> Result<cpu::CpuReport, ExecError> {
+    cpu::run(program, &model_for(program), CpuOptions::default())
+}
+
+#[test]
+fn every_standard_schedule_reproduces_the_sequential_gradients_bit_for_bit() {
+    let cases: [(&str, i64, i64, Option<i64>); 14] = [
+        ("gpipe", 3, 4, None),
+        ("1f1b", 2, 3, None),
+        ("1f1b", 4, 8, None),
+        ("interleaved-1f1b", 2, 4, Some(2)),
+        ("interleaved-1f1b", 4, 8, Some(2)),
+        ("interleaved-1f1b", 2, 6, Some(3)),
+        ("zb-h1", 4, 6, None),
+        ("zb-h2", 3, 7, None),
+        ("zb-v", 2, 3, None),
+        ("zb-v", 4, 9, None),
+        ("dualpipe-v", 2, 4, None),
+        ("dualpipe-v", 4, 10, None),
+        ("stp", 2, 5, None),
+        ("stp", 4, 11, None),
+    ];
+    for (name, p, m, v) in cases {
+        let program = build_std(name, p, m, v).program;
+        let model = model_for(&program);
+        let report =
+            cpu::run(&program, &model, CpuOptions::default()).unwrap_or_else(|e| panic!("{name} p={p} m={m}: {e}"));
+        assert_eq!(report.gradients, sequential_gradients(&model), "{name} p={p} m={m}: gradients differ");
+    }
+}
+
+#[test]
+fn the_gradients_are_not_trivially_equal() {
+    // Different data gives different gradients, so the comparison above can fail.
+    let program = build_std("1f1b", 2, 3, None).program;
+    let a = sequential_gradients(&model_for(&program));
+    let b = sequential_gradients(&Model::new(2, 3, 8, 4, 43));
+    assert_ne!(a, b);
+    assert!(a.iter().all(|g| g.data.iter().any(|v| *v != 0.0)));
+}
+
+/// The stashes the executor holds at once equal the checker's peak. A
+/// stash lives until the stage's last backward pass (W, when the backward
+/// is split), so the checker is asked for the model in which W frees all
+/// of it (`weight_stash = activation`); for schedules without a split
+/// backward that is the default model.
+#[test]
+fn live_stashes_equal_the_checkers_peak() {
+    let cases: [(&str, i64, i64, Option<i64>); 7] = [
+        ("1f1b", 4, 8, None),
+        ("gpipe", 3, 5, None),
+        ("interleaved-1f1b", 4, 8, Some(2)),
+        ("zb-h1", 4, 6, None),
+        ("zb-v", 3, 7, None),
+        ("dualpipe-v", 3, 8, None),
+        ("stp", 4, 11, None),
+    ];
+    for (name, p, m, v) in cases {
+        let program = build_std(name, p, m, v).program;
+        let report = run(&program).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("{name}"));
+        let file = stpc::syntax::span::SourceFile::new(s.path(), s.source);
+        let request = stpc::pipeline::Request {
+            params: stpc::elab::ParamArgs {
+                ranks: Some(p),
+                microbatches: Some(m),
+                chunks: v,
+                memory: vec![("weight_stash".into(), 1), ("budget".into(), 1 << 20)],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let checked = stpc::pipeline::check(&file, &request).unwrap_or_else(|_| panic!("{name} checks"));
+        let peaks: Vec<usize> = checked.peaks().iter().map(|p| p.units as usize).collect();
+        assert_eq!(report.peak_stashes, peaks, "{name} p={p} m={m}");
+    }
+}
+
+/// A weight gradient dropped, receives swapped, a buffer freed too early:
+/// each is refused before anything runs, with the reason.
+#[test]
+fn broken_programs_are_refused_before_anything_runs() {
+    let base = build_std("zb-h1", 2, 3, None).program;
+    let position = |p: &Program, r: usize, want: &dyn Fn(&Instr) -> bool| {
+        p.ranks[r].instrs.iter().position(|i| want(i)).unwrap_or_else(|| panic!("instruction not found"))
+    };
+    let mut dropped_w = base.clone();
+    let w = position(&dropped_w, 0, &|i| i.passes().iter().any(|p| p.kind == stp_ir::PassKind::W));
+    dropped_w.ranks[0].instrs.remove(w);
+    let mut swapped = base.clone();
+    let recvs: Vec<usize> = (0..swapped.ranks[1].instrs.len())
+        .filter(|&i| swapped.ranks[1].instrs[i].transfers().iter().any(|t| t.dir == stp_ir::Direction::Recv))
+        .collect();
+    swapped.ranks[1].instrs.swap(recvs[0], recvs[1]);
+    let mut early_free = base.clone();
+    let free =
+        position(&early_free, 0, &|i| matches!(i, Instr::Free { buffer } if buffer.kind == stp_ir::BufferKind::Stash));
+    let instr = early_free.ranks[0].instrs.remove(free);
+    early_free.ranks[0].instrs.insert(1, instr);
+    for (what, program, needle) in [
+        ("a dropped W", dropped_w, "W 0 times"),
+        ("swapped receives", swapped, "same order"),
+        ("an early free", early_free, "already freed"),
+    ] {
+        match run(&program) {
+            Err(ExecError::Invalid(errors)) => {
+                assert!(errors.iter().any(|e| e.to_string().contains(needle)), "{what}: {errors:#?}")
+            }
+            other => panic!("{what}: expected a refusal, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_deadlock_names_the_instruction_every_rank_is_stuck_at() {
+    // Undo the grouping of 1F1B's steady state: both ranks send and wait.
+    let mut program = build_std("1f1b", 2, 2, None).program;
+    for rank in &mut program.ranks {
+        let old = std::mem::take(&mut rank.instrs);
+        for instr in old {
+            match instr {
+                Instr::Comm(ops) => rank.instrs.extend(ops.into_iter().map(|t| Instr::Comm(vec![t]))),
+                other => rank.instrs.push(other),
+            }
+        }
+    }
+    stp_ir::verify(&program).expect("still a valid program");
+    let options = CpuOptions { timeout: std::time::Duration::from_millis(300), ..CpuOptions::default() };
+    match cpu::run(&program, &model_for(&program), options) {
+        Err(ExecError::Deadlock { blocked }) => {
+            let text: Vec<String> = blocked.iter().map(|(r, _, t)| format!("{r}: {t}")).collect();
+            assert_eq!(text, ["r0: send act.s0.mb1 -> r1", "r1: send grad.s1.mb0 -> r0"]);
+        }
+        other => panic!("expected a deadlock, got {other:?}"),
+    }
+    // With buffered sends the same program runs, and still gets the gradients right.
+    let options = CpuOptions { semantics: Semantics::Buffered, ..CpuOptions::default() };
+    let model = model_for(&program);
+    let report = cpu::run(&program, &model, options).expect("buffered run");
+    assert_eq!(report.gradients, sequential_gradients(&model));
+}
