@@ -97,7 +97,7 @@ fn live_stashes_equal_the_checkers_peak() {
 fn broken_programs_are_refused_before_anything_runs() {
     let base = build_std("zb-h1", 2, 3, None).program;
     let position = |p: &Program, r: usize, want: &dyn Fn(&Instr) -> bool| {
-        p.ranks[r].instrs.iter().position(|i| want(i)).unwrap_or_else(|| panic!("instruction not found"))
+        p.ranks[r].instrs.iter().position(want).unwrap_or_else(|| panic!("instruction not found"))
     };
     let mut dropped_w = base.clone();
     let w = position(&dropped_w, 0, &|i| i.passes().iter().any(|p| p.kind == stp_ir::PassKind::W));
