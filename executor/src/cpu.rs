@@ -1,17 +1,18 @@
-//! The CPU backend, the semantic reference: one thread per pipeline rank,
-//! real f32 arithmetic ([`crate::model`]), point-to-point messages over
+//! The CPU backend, the semantic reference: one thread per pipeline rank
+//! and tensor-parallel shard, real f32 arithmetic ([`crate::model`]),
+//! all-reduces across a rank's shard threads, point-to-point messages over
 //! channels with the IR's matching rules, and a watchdog that names the
-//! instruction every rank is stuck at when the program deadlocks.
+//! instruction every thread is stuck at when the program deadlocks.
 
-use crate::model::{self, Model, Tensor};
+use crate::model::{self, Model, ShardGrads, Tensor};
 use crate::ExecError;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use stp_ir::simulate::Semantics;
-use stp_ir::{Buffer, BufferKind, Direction, Instr, Pass, PassKind, Program, Rank};
+use stp_ir::{Buffer, BufferKind, Compute, Direction, Instr, Part, Pass, PassKind, Program, Rank, Transfer};
 
 /// How to run.
 #[derive(Debug, Clone, Copy)]
@@ -19,7 +20,7 @@ pub struct CpuOptions {
     /// Rendezvous (a group completes when its sends have been received, as
     /// NCCL) or buffered sends.
     pub semantics: Semantics,
-    /// How long any rank may wait before the run is declared deadlocked.
+    /// How long any thread may wait before the run is declared deadlocked.
     pub timeout: Duration,
 }
 
@@ -32,28 +33,45 @@ impl Default for CpuOptions {
 /// What a run produced.
 #[derive(Debug, Clone)]
 pub struct CpuReport {
-    /// Per stage, the weight gradient summed over microbatches in microbatch order.
-    pub gradients: Vec<Tensor>,
+    /// Per stage, the weight gradients (`4 · tp` tensors, see
+    /// [`model::accumulate`]) summed over microbatches in microbatch order.
+    pub gradients: Vec<Vec<Tensor>>,
     /// Per rank, the most activation stashes live at once, counted between
     /// compute instructions (after the frees that follow each), as the
     /// checker counts memory.
     pub peak_stashes: Vec<usize>,
-    /// Per rank, (instruction, start, end) in seconds since the run began.
+    /// Per rank (its first shard), (instruction, start, end) in seconds since the run began.
     pub timeline: Vec<Vec<(usize, f64, f64)>>,
 }
 
-/// A live buffer on a rank.
+/// What a forward keeps for its backward, on one shard: its input, its
+/// activations and the attention output; after `B`, what `W` needs.
+#[derive(Debug, Clone)]
+struct Stash {
+    x: Tensor,
+    z1: Tensor,
+    h: Tensor,
+    z2: Tensor,
+    backward: Option<Backward>,
+}
+
+/// What the input-gradient pass leaves for the weight gradients.
+#[derive(Debug, Clone)]
+struct Backward {
+    dy: Tensor,
+    dz2: Tensor,
+    dh: Tensor,
+    dz1: Tensor,
+}
+
+/// A live buffer on a shard thread.
 #[derive(Debug, Clone)]
 enum Value {
     Tensor(Tensor),
-    /// What a forward keeps for its backward: its input and output.
-    Stash {
-        x: Tensor,
-        y: Tensor,
-    },
+    Stash(Box<Stash>),
 }
 
-/// One rank's ends of the channels to every peer.
+/// One thread's ends of the channels to the same shard of every peer rank.
 #[derive(Default)]
 struct Ports {
     data_out: HashMap<Rank, Sender<(Buffer, Tensor)>>,
@@ -62,46 +80,76 @@ struct Ports {
     ack_in: HashMap<Rank, Receiver<Buffer>>,
 }
 
-/// Where every rank is, for the watchdog's report.
+/// Where every thread is, for the watchdog's report; and whether the run
+/// has been declared stuck.
 struct Board {
     at: Mutex<Vec<Option<usize>>>,
     stuck: AtomicBool,
 }
 
-/// Runs `program` on `model`. The program is verified first.
+/// The all-reduce among one rank's shard threads.
+struct Reducer {
+    tp: usize,
+    state: Mutex<Round>,
+    turned: Condvar,
+}
+
+#[derive(Default)]
+struct Round {
+    generation: u64,
+    parts: Vec<Option<Tensor>>,
+    arrived: usize,
+    result: Option<Tensor>,
+}
+
+/// Runs `program` on `model` (which must have the program's TP size). The
+/// program is verified first.
 pub fn run(program: &Program, model: &Model, options: CpuOptions) -> Result<CpuReport, ExecError> {
     stp_ir::verify(program).map_err(ExecError::Invalid)?;
+    let tp = program.schedule.tp as usize;
+    if model.tp != tp {
+        return Err(ExecError::Setup(format!("the program has tp = {tp} but the model {} shards", model.tp)));
+    }
     let n = program.ranks.len();
-    let mut ports: Vec<Ports> = (0..n).map(|_| Ports::default()).collect();
-    for a in 0..n {
-        for b in 0..n {
-            if a == b {
-                continue;
+    let threads = n * tp;
+    let mut ports: Vec<Ports> = (0..threads).map(|_| Ports::default()).collect();
+    for k in 0..tp {
+        for a in 0..n {
+            for b in (0..n).filter(|b| *b != a) {
+                let (data_tx, data_rx) = mpsc::channel();
+                let (ack_tx, ack_rx) = mpsc::channel();
+                ports[a * tp + k].data_out.insert(Rank(b as u32), data_tx);
+                ports[b * tp + k].data_in.insert(Rank(a as u32), data_rx);
+                ports[b * tp + k].ack_out.insert(Rank(a as u32), ack_tx);
+                ports[a * tp + k].ack_in.insert(Rank(b as u32), ack_rx);
             }
-            let (data_tx, data_rx) = mpsc::channel();
-            let (ack_tx, ack_rx) = mpsc::channel();
-            ports[a].data_out.insert(Rank(b as u32), data_tx);
-            ports[b].data_in.insert(Rank(a as u32), data_rx);
-            ports[b].ack_out.insert(Rank(a as u32), ack_tx);
-            ports[a].ack_in.insert(Rank(b as u32), ack_rx);
         }
     }
-    let board = Arc::new(Board { at: Mutex::new(vec![Some(0); n]), stuck: AtomicBool::new(false) });
+    let reducers: Vec<Arc<Reducer>> = (0..n)
+        .map(|_| {
+            let state = Round { parts: vec![None; tp], ..Round::default() };
+            Arc::new(Reducer { tp, state: Mutex::new(state), turned: Condvar::new() })
+        })
+        .collect();
+    let board = Arc::new(Board { at: Mutex::new(vec![Some(0); threads]), stuck: AtomicBool::new(false) });
     let began = Instant::now();
-    let results: Vec<Result<RankResult, ExecError>> = std::thread::scope(|scope| {
+    let results: Vec<Result<ThreadResult, ExecError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = ports
             .into_iter()
             .enumerate()
-            .map(|(r, ports)| {
+            .map(|(t, ports)| {
                 let board = Arc::clone(&board);
+                let reducer = Arc::clone(&reducers[t / tp]);
                 scope.spawn(move || {
                     let mut worker = Worker {
                         program,
                         model,
                         options,
-                        rank: r,
+                        rank: t / tp,
+                        shard: t % tp,
                         ports,
                         board: Arc::clone(&board),
+                        reducer,
                         began,
                         values: HashMap::new(),
                     };
@@ -116,7 +164,7 @@ pub fn run(program: &Program, model: &Model, options: CpuOptions) -> Result<CpuR
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or(Err(ExecError::Panicked))).collect()
     });
-    // A rank that failed outright stopped the others; its error is the news.
+    // A thread that failed outright stopped the others; its error is the news.
     if let Some(i) = results.iter().position(|r| matches!(r, Err(ExecError::Runtime { .. } | ExecError::Panicked))) {
         return Err(results.into_iter().nth(i).and_then(Result::err).unwrap_or(ExecError::Panicked));
     }
@@ -125,34 +173,49 @@ pub fn run(program: &Program, model: &Model, options: CpuOptions) -> Result<CpuR
         let blocked = at
             .iter()
             .enumerate()
-            .filter_map(|(r, i)| {
+            .filter(|(t, _)| t % tp == 0)
+            .filter_map(|(t, i)| {
                 let i = (*i)?;
-                let instr = program.ranks[r].instrs.get(i)?;
-                Some((Rank(r as u32), i, instr.to_string().replace("\n", " ")))
+                let instr = program.ranks[t / tp].instrs.get(i)?;
+                Some((Rank((t / tp) as u32), i, instr.to_string().replace('\n', " ")))
             })
             .collect();
         return Err(ExecError::Deadlock { blocked });
     }
-    let mut per_mb: Vec<Vec<Tensor>> = vec![
-        vec![Tensor::zeros(0, 0); program.schedule.num_stages as usize];
-        program.schedule.num_microbatches as usize
-    ];
-    let mut peak_stashes = Vec::with_capacity(n);
-    let mut timeline = Vec::with_capacity(n);
-    for result in results {
+    let (stages, mbs) = (program.schedule.num_stages as usize, program.schedule.num_microbatches as usize);
+    // grads[mb][stage][shard]
+    let mut grads: Vec<Vec<Vec<ShardGrads>>> = vec![vec![vec![ShardGrads::default(); tp]; stages]; mbs];
+    let mut peak_stashes = vec![0; n];
+    let mut timeline = vec![Vec::new(); n];
+    for (t, result) in results.into_iter().enumerate() {
         let result = result?;
-        for ((stage, mb), grad) in result.grads {
-            per_mb[mb][stage] = grad;
+        for ((stage, mb), g) in result.grads {
+            let slot = &mut grads[mb][stage][t % tp];
+            for (mine, part) in [(&mut slot.a1, g.a1), (&mut slot.b1, g.b1), (&mut slot.a2, g.a2), (&mut slot.b2, g.b2)]
+            {
+                if part.is_some() {
+                    *mine = part;
+                }
+            }
         }
-        peak_stashes.push(result.peak_stashes);
-        timeline.push(result.timeline);
+        if t % tp == 0 {
+            peak_stashes[t / tp] = result.peak_stashes;
+            timeline[t / tp] = result.timeline;
+        }
     }
-    let gradients = model::sum_in_order(&per_mb, program.schedule.num_stages as usize, model.hidden);
+    let mut gradients = model.zero_gradients();
+    for per_stage in &grads {
+        for (s, shards) in per_stage.iter().enumerate() {
+            for (k, g) in shards.iter().enumerate() {
+                model::accumulate(&mut gradients[s], tp, k, g);
+            }
+        }
+    }
     Ok(CpuReport { gradients, peak_stashes, timeline })
 }
 
-struct RankResult {
-    grads: Vec<((usize, usize), Tensor)>,
+struct ThreadResult {
+    grads: Vec<((usize, usize), ShardGrads)>,
     peak_stashes: usize,
     timeline: Vec<(usize, f64, f64)>,
 }
@@ -162,31 +225,41 @@ struct Worker<'a> {
     model: &'a Model,
     options: CpuOptions,
     rank: usize,
+    shard: usize,
     ports: Ports,
     board: Arc<Board>,
+    reducer: Arc<Reducer>,
     began: Instant,
     values: HashMap<Buffer, Value>,
 }
 
+/// The state of one pass between its units, within one compute.
+#[derive(Default)]
+struct Partial {
+    x: Option<Tensor>,
+    z1: Option<Tensor>,
+    h: Option<Tensor>,
+    dy: Option<Tensor>,
+    dz2: Option<Tensor>,
+    dh: Option<Tensor>,
+    grads: ShardGrads,
+}
+
 impl Worker<'_> {
-    fn run(&mut self) -> Result<RankResult, ExecError> {
-        let mut result = RankResult { grads: Vec::new(), peak_stashes: 0, timeline: Vec::new() };
+    fn run(&mut self) -> Result<ThreadResult, ExecError> {
+        let mut result = ThreadResult { grads: Vec::new(), peak_stashes: 0, timeline: Vec::new() };
         let instrs = &self.program.ranks[self.rank].instrs;
+        let thread = self.rank * self.reducer.tp + self.shard;
         for (i, instr) in instrs.iter().enumerate() {
             if let Ok(mut at) = self.board.at.lock() {
-                at[self.rank] = Some(i);
+                at[thread] = Some(i);
             }
             let start = self.began.elapsed().as_secs_f64();
-            if matches!(instr, Instr::Compute(_)) {
-                // Between ops, after the frees that follow the previous one,
-                // as the checker counts.
-                result.peak_stashes = result.peak_stashes.max(self.live_stashes());
-            }
             match instr {
                 Instr::Compute(c) => {
-                    for pass in &c.passes {
-                        self.compute(*pass, i, &mut result.grads)?;
-                    }
+                    // Between ops, after the frees that follow the previous one.
+                    result.peak_stashes = result.peak_stashes.max(self.live_stashes());
+                    self.compute(c, i, &mut result.grads)?;
                 }
                 Instr::Comm(ops) => self.communicate(ops, i)?,
                 Instr::Free { buffer } => {
@@ -199,13 +272,13 @@ impl Worker<'_> {
         }
         result.peak_stashes = result.peak_stashes.max(self.live_stashes());
         if let Ok(mut at) = self.board.at.lock() {
-            at[self.rank] = None;
+            at[thread] = None;
         }
         Ok(result)
     }
 
     fn live_stashes(&self) -> usize {
-        self.values.values().filter(|v| matches!(v, Value::Stash { .. })).count()
+        self.values.values().filter(|v| matches!(v, Value::Stash(_))).count()
     }
 
     fn error(&self, instr: usize, message: String) -> ExecError {
@@ -215,58 +288,153 @@ impl Worker<'_> {
     fn tensor(&self, buffer: Buffer, instr: usize) -> Result<&Tensor, ExecError> {
         match self.values.get(&buffer) {
             Some(Value::Tensor(t)) => Ok(t),
-            Some(Value::Stash { .. }) => Err(self.error(instr, format!("{buffer} holds a stash, not a tensor"))),
+            Some(Value::Stash(_)) => Err(self.error(instr, format!("{buffer} holds a stash, not a tensor"))),
             None => Err(self.error(instr, format!("reads {buffer}, which is not live"))),
         }
     }
 
-    fn stash(&self, pass: Pass, instr: usize) -> Result<(&Tensor, &Tensor), ExecError> {
+    fn stash(&self, pass: Pass, instr: usize) -> Result<&Stash, ExecError> {
         match self.values.get(&Buffer::stash(pass.stage, pass.mb)) {
-            Some(Value::Stash { x, y }) => Ok((x, y)),
+            Some(Value::Stash(s)) => Ok(s),
             _ => Err(self.error(instr, format!("`{pass}` needs the stash of its forward, which is not live"))),
         }
     }
 
+    /// Runs a compute's units in the order the program lists them (the
+    /// canonical order when it lists none).
     fn compute(
         &mut self,
-        pass: Pass,
+        c: &Compute,
         instr: usize,
-        grads: &mut Vec<((usize, usize), Tensor)>,
+        grads: &mut Vec<((usize, usize), ShardGrads)>,
     ) -> Result<(), ExecError> {
-        let weights = &self.model.weights[pass.stage.index()];
-        match pass.kind {
-            PassKind::F => {
+        let units = if c.units.is_empty() { c.canonical_units() } else { c.units.clone() };
+        let mut partials: Vec<Partial> = c.passes.iter().map(|_| Partial::default()).collect();
+        for u in units {
+            let i = usize::from(u.pass);
+            let pass = c.passes[i];
+            self.unit(pass, u.part, &mut partials[i], instr)?;
+        }
+        for (pass, partial) in c.passes.iter().zip(partials) {
+            if matches!(pass.kind, PassKind::W | PassKind::BW) {
+                grads.push(((pass.stage.index(), pass.mb.index()), partial.grads));
+            }
+        }
+        Ok(())
+    }
+
+    fn all_reduce(&self, partial: Tensor) -> Result<Tensor, ExecError> {
+        let r = &self.reducer;
+        let mut round = r.state.lock().map_err(|_| ExecError::Panicked)?;
+        let generation = round.generation;
+        round.parts[self.shard] = Some(partial);
+        round.arrived += 1;
+        if round.arrived == r.tp {
+            let parts: Vec<Tensor> = round.parts.iter_mut().filter_map(Option::take).collect();
+            round.result = Some(model::sum_in_shard_order(&parts));
+            round.arrived = 0;
+            round.generation += 1;
+            r.turned.notify_all();
+            return round.result.clone().ok_or(ExecError::Panicked);
+        }
+        let started = Instant::now();
+        while round.generation == generation {
+            if self.board.stuck.load(Ordering::SeqCst) || started.elapsed() > self.options.timeout {
+                self.board.stuck.store(true, Ordering::SeqCst);
+                return Err(ExecError::Stuck);
+            }
+            round = r.turned.wait_timeout(round, slice()).map_err(|_| ExecError::Panicked)?.0;
+        }
+        round.result.clone().ok_or(ExecError::Panicked)
+    }
+
+    /// One unit of one pass on this shard.
+    fn unit(&mut self, pass: Pass, part: Part, st: &mut Partial, instr: usize) -> Result<(), ExecError> {
+        let model = self.model;
+        let w = &model.stages[pass.stage.index()][self.shard];
+        let missing = |what: &str| ExecError::Runtime {
+            rank: Rank(self.rank as u32),
+            instr,
+            message: format!("`{pass}`: unit {} runs before {what}", part.as_str()),
+        };
+        match (pass.kind, part) {
+            (PassKind::F, Part::Attention) => {
                 let x = match pass.stage.0.checked_sub(1) {
                     Some(prev) => self.tensor(Buffer::act(stp_ir::Stage(prev), pass.mb), instr)?.clone(),
-                    None => self.model.inputs[pass.mb.index()].clone(),
+                    None => model.inputs[pass.mb.index()].clone(),
                 };
-                let y = model::forward(weights, &x);
-                self.values.insert(Buffer::act(pass.stage, pass.mb), Value::Tensor(y.clone()));
-                self.values.insert(Buffer::stash(pass.stage, pass.mb), Value::Stash { x, y });
+                let (z1, p) = model::attn(w, &x);
+                st.h = Some(self.all_reduce(p)?);
+                st.x = Some(x);
+                st.z1 = Some(z1);
             }
-            PassKind::B | PassKind::W | PassKind::BW => {
+            (PassKind::F, Part::Mlp) => {
+                let h = st.h.take().ok_or_else(|| missing("attn"))?;
+                let (z2, p) = model::mlp(w, &h);
+                let y = self.all_reduce(p)?;
+                let stash = Stash {
+                    x: st.x.take().ok_or_else(|| missing("attn"))?,
+                    z1: st.z1.take().ok_or_else(|| missing("attn"))?,
+                    h,
+                    z2,
+                    backward: None,
+                };
+                self.values.insert(Buffer::act(pass.stage, pass.mb), Value::Tensor(y));
+                self.values.insert(Buffer::stash(pass.stage, pass.mb), Value::Stash(Box::new(stash)));
+            }
+            (PassKind::B | PassKind::BW, Part::MlpDgrad) => {
                 let dy_buffer = pass.output_grad(self.program.schedule.num_stages);
                 let dy = match dy_buffer.kind {
                     BufferKind::Act => model::loss_grad(self.tensor(dy_buffer, instr)?),
                     _ => self.tensor(dy_buffer, instr)?.clone(),
                 };
-                let (x, y) = self.stash(pass, instr)?;
-                let (x, y) = (x.clone(), y.clone());
-                if matches!(pass.kind, PassKind::W | PassKind::BW) {
-                    grads.push(((pass.stage.index(), pass.mb.index()), model::weight_grad(&x, &y, &dy)));
-                }
-                if matches!(pass.kind, PassKind::B | PassKind::BW) && pass.stage.0 > 0 {
-                    let dx = model::input_grad(weights, &y, &dy);
+                let (dz2, p) = model::mlp_dgrad(w, &self.stash(pass, instr)?.z2, &dy);
+                st.dh = Some(self.all_reduce(p)?);
+                st.dy = Some(dy);
+                st.dz2 = Some(dz2);
+            }
+            (PassKind::B | PassKind::BW, Part::AttentionDgrad) => {
+                let dh = st.dh.clone().ok_or_else(|| missing("mlp-dgrad"))?;
+                let (dz1, p) = model::attn_dgrad(w, &self.stash(pass, instr)?.z1, &dh);
+                let dx = self.all_reduce(p)?;
+                if pass.stage.0 > 0 {
                     self.values.insert(Buffer::grad(pass.stage, pass.mb), Value::Tensor(dx));
                 }
+                let backward = Backward {
+                    dy: st.dy.clone().ok_or_else(|| missing("mlp-dgrad"))?,
+                    dz2: st.dz2.clone().ok_or_else(|| missing("mlp-dgrad"))?,
+                    dh,
+                    dz1,
+                };
+                if let Some(Value::Stash(s)) = self.values.get_mut(&Buffer::stash(pass.stage, pass.mb)) {
+                    s.backward = Some(backward);
+                }
             }
+            (PassKind::W | PassKind::BW, Part::MlpWgrad) => {
+                let s = self.stash(pass, instr)?;
+                let (a2, b2) = match (&s.backward, &st.dz2, &st.dy) {
+                    (_, Some(dz2), Some(dy)) => model::mlp_wgrad(&s.h, &s.z2, dz2, dy),
+                    (Some(b), _, _) => model::mlp_wgrad(&s.h, &s.z2, &b.dz2, &b.dy),
+                    _ => return Err(missing("mlp-dgrad")),
+                };
+                st.grads.a2 = Some(a2);
+                st.grads.b2 = Some(b2);
+            }
+            (PassKind::W | PassKind::BW, Part::AttentionWgrad) => {
+                let s = self.stash(pass, instr)?;
+                let b = s.backward.as_ref().ok_or_else(|| missing("attn-dgrad"))?;
+                let (a1, b1) = model::attn_wgrad(&s.x, &s.z1, &b.dz1, &b.dh);
+                st.grads.a1 = Some(a1);
+                st.grads.b1 = Some(b1);
+            }
+            _ => return Err(self.error(instr, format!("`{pass}` has no unit {}", part.as_str()))),
         }
         Ok(())
     }
 
     /// Posts a group: every send at once, then every receive in order;
     /// under rendezvous semantics the group ends when its sends have been received.
-    fn communicate(&mut self, ops: &[stp_ir::Transfer], instr: usize) -> Result<(), ExecError> {
+    fn communicate(&mut self, ops: &[Transfer], instr: usize) -> Result<(), ExecError> {
         for t in ops.iter().filter(|t| t.dir == Direction::Send) {
             let tensor = self.tensor(t.buffer, instr)?.clone();
             let port =
@@ -297,16 +465,14 @@ impl Worker<'_> {
     }
 
     /// Waits on `poll` in short slices until it yields, the run is declared
-    /// stuck elsewhere, or this rank has waited past the timeout.
+    /// stuck elsewhere, or this thread has waited past the timeout.
     fn wait<T>(&self, poll: impl Fn(&Self) -> Option<Result<T, RecvTimeoutError>>) -> Result<T, ExecError> {
         let started = Instant::now();
         loop {
             match poll(self) {
                 Some(Ok(value)) => return Ok(value),
                 Some(Err(RecvTimeoutError::Timeout)) => {}
-                Some(Err(RecvTimeoutError::Disconnected)) | None => {
-                    return Err(self.stuck());
-                }
+                Some(Err(RecvTimeoutError::Disconnected)) | None => return Err(self.stuck()),
             }
             if self.board.stuck.load(Ordering::SeqCst) || started.elapsed() > self.options.timeout {
                 return Err(self.stuck());

@@ -3,8 +3,9 @@
 //! Executors consume the IR ([`stp_ir::Program`]) and nothing else. Every
 //! backend verifies a program before running it. The CPU backend
 //! ([`cpu`]) is the semantic reference: it trains a small model
-//! ([`model`]) with real arithmetic, one thread per pipeline rank, and its
-//! weight gradients must equal a sequential run's bit for bit.
+//! ([`model`]) with real arithmetic, one thread per pipeline rank and
+//! tensor-parallel shard, and its weight gradients must equal a sequential
+//! run's bit for bit.
 
 pub mod cpu;
 pub mod model;
@@ -33,6 +34,8 @@ pub enum ExecError {
     },
     /// A rank gave up because the run is stuck (reported as [`ExecError::Deadlock`]).
     Stuck,
+    /// The run cannot be set up (e.g. the model does not fit the program).
+    Setup(String),
     /// A rank's thread panicked (a bug in the executor).
     Panicked,
 }
@@ -56,6 +59,7 @@ impl fmt::Display for ExecError {
             }
             ExecError::Runtime { rank, instr, message } => write!(f, "{rank} instruction {instr}: {message}"),
             ExecError::Stuck => write!(f, "the run is stuck"),
+            ExecError::Setup(message) => f.write_str(message),
             ExecError::Panicked => write!(f, "an executor thread panicked"),
         }
     }

@@ -97,7 +97,14 @@ fn run(
     }
     let program = load(path)?;
     let meta = &program.schedule;
-    let model = Model::new(meta.num_stages as usize, meta.num_microbatches as usize, hidden.max(1), rows.max(1), seed);
+    let model = Model::new(
+        meta.num_stages as usize,
+        meta.num_microbatches as usize,
+        hidden.max(1),
+        rows.max(1),
+        meta.tp as usize,
+        seed,
+    );
     let options = CpuOptions {
         semantics: match comm {
             Comm::Rendezvous => Semantics::Rendezvous,

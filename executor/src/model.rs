@@ -1,8 +1,20 @@
-//! The model the CPU backend trains: one dense layer with a tanh per
-//! stage, `y = tanh(x · A_s)`, and the loss `0.5 · |y|²` after the last
-//! stage. Small, but every pass does real arithmetic: `F` computes `y`;
-//! `B` computes the input gradient `dx = (dy ⊙ (1 - y²)) · A_sᵀ`; `W`
-//! computes the weight gradient `dA_s = xᵀ · (dy ⊙ (1 - y²))`.
+//! The model the CPU backend trains, in Megatron's tensor-parallel form.
+//!
+//! Every stage is two sublayers — "attention" and "MLP" — each a
+//! column-parallel GEMM, a tanh, and a row-parallel GEMM whose partial
+//! results the tensor-parallel shards all-reduce:
+//!
+//! ```text
+//! z1_k = tanh(x · A1_k)   h = Σ_k z1_k · B1_k
+//! z2_k = tanh(h · A2_k)   y = Σ_k z2_k · B2_k
+//! ```
+//!
+//! and the loss after the last stage is `0.5 · |y|²`. Shard k holds the
+//! k-th column block of `A1`, `A2` and the k-th row block of `B1`, `B2`.
+//! Sums over shards run in shard order on every path, so a run with any
+//! schedule (and the sequential run) produce the same floats. The pieces
+//! below are the units of the IR: `attn`, `mlp`, `mlp-dgrad`,
+//! `attn-dgrad`, `mlp-wgrad`, `attn-wgrad`.
 
 /// A row-major matrix of f32.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,10 +65,22 @@ impl Tensor {
 
     /// `self += other`.
     pub fn add_assign(&mut self, other: &Tensor) {
+        if self.data.is_empty() {
+            *self = Tensor::zeros(other.rows, other.cols);
+        }
         for (a, b) in self.data.iter_mut().zip(&other.data) {
             *a += *b;
         }
     }
+}
+
+/// The sum of per-shard partial results, in shard order: the all-reduce.
+pub fn sum_in_shard_order(partials: &[Tensor]) -> Tensor {
+    let mut total = Tensor::zeros(partials[0].rows, partials[0].cols);
+    for p in partials {
+        total.add_assign(p);
+    }
+    total
 }
 
 /// Deterministic pseudo-random values in [-0.5, 0.5) (xorshift64*).
@@ -82,6 +106,19 @@ impl Rng {
     }
 }
 
+/// One tensor-parallel shard's weights of one stage.
+#[derive(Debug, Clone)]
+pub struct ShardWeights {
+    /// Attention input projection, `hidden × ffn/tp` (a column block).
+    pub a1: Tensor,
+    /// Attention output projection, `ffn/tp × hidden` (a row block).
+    pub b1: Tensor,
+    /// MLP input projection.
+    pub a2: Tensor,
+    /// MLP output projection.
+    pub b2: Tensor,
+}
+
 /// The model and data of one training step.
 #[derive(Debug, Clone)]
 pub struct Model {
@@ -89,44 +126,90 @@ pub struct Model {
     pub hidden: usize,
     /// Rows (tokens) per microbatch.
     pub rows: usize,
-    /// Per stage, its weight matrix A_s.
-    pub weights: Vec<Tensor>,
+    /// Tensor-parallel shards.
+    pub tp: usize,
+    /// `stages[s][k]`: shard k's weights of stage s.
+    pub stages: Vec<Vec<ShardWeights>>,
     /// Per microbatch, its input.
     pub inputs: Vec<Tensor>,
 }
 
 impl Model {
-    /// A model of `stages` stages and `microbatches` inputs, initialised from `seed`.
-    pub fn new(stages: usize, microbatches: usize, hidden: usize, rows: usize, seed: u64) -> Model {
+    /// A model of `stages` stages split over `tp` shards (each sublayer's
+    /// inner width is `2 · hidden`, `tp` columns per shard at least), and
+    /// `microbatches` inputs, all from `seed`.
+    pub fn new(stages: usize, microbatches: usize, hidden: usize, rows: usize, tp: usize, seed: u64) -> Model {
+        let tp = tp.max(1);
+        let block = (2 * hidden).div_ceil(tp).max(1);
         let mut rng = Rng::new(seed);
-        let weights = (0..stages).map(|_| rng.tensor(hidden, hidden)).collect();
+        let stages = (0..stages)
+            .map(|_| {
+                (0..tp)
+                    .map(|_| ShardWeights {
+                        a1: rng.tensor(hidden, block),
+                        b1: rng.tensor(block, hidden),
+                        a2: rng.tensor(hidden, block),
+                        b2: rng.tensor(block, hidden),
+                    })
+                    .collect()
+            })
+            .collect();
         let inputs = (0..microbatches).map(|_| rng.tensor(rows, hidden)).collect();
-        Model { hidden, rows, weights, inputs }
+        Model { hidden, rows, tp, stages, inputs }
+    }
+
+    /// Zero gradients in the layout of [`ShardGrads::flatten`]: per stage,
+    /// `4 · tp` tensors.
+    pub fn zero_gradients(&self) -> Vec<Vec<Tensor>> {
+        self.stages.iter().map(|shards| vec![Tensor::zeros(0, 0); 4 * shards.len()]).collect()
     }
 }
 
-/// `F`: the stage's output.
-pub fn forward(weights: &Tensor, x: &Tensor) -> Tensor {
-    x.matmul(weights).map(f32::tanh)
+/// `attn`: shard k's activation and its partial output (all-reduced into `h`).
+pub fn attn(w: &ShardWeights, x: &Tensor) -> (Tensor, Tensor) {
+    let z1 = x.matmul(&w.a1).map(f32::tanh);
+    let partial = z1.matmul(&w.b1);
+    (z1, partial)
 }
 
-/// The gradient at the pre-activation: `dy ⊙ (1 - y²)`.
-pub fn pre_activation_grad(y: &Tensor, dy: &Tensor) -> Tensor {
-    let mut out = dy.clone();
-    for (o, v) in out.data.iter_mut().zip(&y.data) {
-        *o *= 1.0 - v * v;
+/// `mlp`: shard k's activation and its partial output (all-reduced into `y`).
+pub fn mlp(w: &ShardWeights, h: &Tensor) -> (Tensor, Tensor) {
+    let z2 = h.matmul(&w.a2).map(f32::tanh);
+    let partial = z2.matmul(&w.b2);
+    (z2, partial)
+}
+
+/// `dz = (d_out · Bᵀ) ⊙ (1 - z²)`: the gradient at a sublayer's tanh.
+fn tanh_grad(b: &Tensor, z: &Tensor, d_out: &Tensor) -> Tensor {
+    let mut dz = d_out.matmul(&b.t());
+    for (g, v) in dz.data.iter_mut().zip(&z.data) {
+        *g *= 1.0 - v * v;
     }
-    out
+    dz
 }
 
-/// `B`: the input gradient.
-pub fn input_grad(weights: &Tensor, y: &Tensor, dy: &Tensor) -> Tensor {
-    pre_activation_grad(y, dy).matmul(&weights.t())
+/// `mlp-dgrad`: `dz2` and shard k's partial of `dh` (all-reduced).
+pub fn mlp_dgrad(w: &ShardWeights, z2: &Tensor, dy: &Tensor) -> (Tensor, Tensor) {
+    let dz2 = tanh_grad(&w.b2, z2, dy);
+    let partial = dz2.matmul(&w.a2.t());
+    (dz2, partial)
 }
 
-/// `W`: the weight gradient.
-pub fn weight_grad(x: &Tensor, y: &Tensor, dy: &Tensor) -> Tensor {
-    x.t().matmul(&pre_activation_grad(y, dy))
+/// `attn-dgrad`: `dz1` and shard k's partial of `dx` (all-reduced).
+pub fn attn_dgrad(w: &ShardWeights, z1: &Tensor, dh: &Tensor) -> (Tensor, Tensor) {
+    let dz1 = tanh_grad(&w.b1, z1, dh);
+    let partial = dz1.matmul(&w.a1.t());
+    (dz1, partial)
+}
+
+/// `mlp-wgrad`: shard k's `(dA2, dB2)`.
+pub fn mlp_wgrad(h: &Tensor, z2: &Tensor, dz2: &Tensor, dy: &Tensor) -> (Tensor, Tensor) {
+    (h.t().matmul(dz2), z2.t().matmul(dy))
+}
+
+/// `attn-wgrad`: shard k's `(dA1, dB1)`.
+pub fn attn_wgrad(x: &Tensor, z1: &Tensor, dz1: &Tensor, dh: &Tensor) -> (Tensor, Tensor) {
+    (x.t().matmul(dz1), z1.t().matmul(dh))
 }
 
 /// The gradient of the loss `0.5 · |y|²` with respect to the last output.
@@ -134,40 +217,62 @@ pub fn loss_grad(y: &Tensor) -> Tensor {
     y.clone()
 }
 
-/// Weight gradients summed over microbatches in microbatch order, computed
-/// one microbatch at a time through every stage on one thread: what every
-/// schedule must reproduce bit for bit.
-pub fn sequential_gradients(model: &Model) -> Vec<Tensor> {
-    let stages = model.weights.len();
-    let mut per_mb: Vec<Vec<Tensor>> = Vec::new();
-    for x0 in &model.inputs {
-        let mut xs = vec![x0.clone()];
-        let mut ys = Vec::new();
-        for w in &model.weights {
-            let y = forward(w, xs.last().unwrap_or(x0));
-            xs.push(y.clone());
-            ys.push(y);
-        }
-        let mut dy = loss_grad(&ys[stages - 1]);
-        let mut grads = vec![Tensor::zeros(0, 0); stages];
-        for s in (0..stages).rev() {
-            grads[s] = weight_grad(&xs[s], &ys[s], &dy);
-            dy = input_grad(&model.weights[s], &ys[s], &dy);
-        }
-        per_mb.push(grads);
-    }
-    sum_in_order(&per_mb, stages, model.hidden)
+/// One shard's weight gradients of one stage for one microbatch.
+#[derive(Debug, Clone, Default)]
+pub struct ShardGrads {
+    /// dA1, dB1, dA2, dB2.
+    pub a1: Option<Tensor>,
+    /// dB1.
+    pub b1: Option<Tensor>,
+    /// dA2.
+    pub a2: Option<Tensor>,
+    /// dB2.
+    pub b2: Option<Tensor>,
 }
 
-/// Per stage, the sum of `per_mb[i][s]` over i in increasing order.
-pub fn sum_in_order(per_mb: &[Vec<Tensor>], stages: usize, hidden: usize) -> Vec<Tensor> {
-    (0..stages)
-        .map(|s| {
-            let mut total = Tensor::zeros(hidden, hidden);
-            for grads in per_mb {
-                total.add_assign(&grads[s]);
+/// Adds shard `k`'s gradients into a stage's `4 · tp` accumulators
+/// (`[dA1 per shard, dB1 per shard, dA2 per shard, dB2 per shard]`).
+pub fn accumulate(total: &mut [Tensor], tp: usize, k: usize, g: &ShardGrads) {
+    for (slot, part) in [&g.a1, &g.b1, &g.a2, &g.b2].into_iter().enumerate() {
+        if let Some(t) = part {
+            total[slot * tp + k].add_assign(t);
+        }
+    }
+}
+
+/// Weight gradients summed over microbatches in microbatch order, computed
+/// one microbatch at a time through every stage and shard on one thread:
+/// what every schedule must reproduce bit for bit.
+pub fn sequential_gradients(model: &Model) -> Vec<Vec<Tensor>> {
+    let mut totals = model.zero_gradients();
+    for x0 in &model.inputs {
+        // Forward, keeping every shard's activations.
+        let mut saved = Vec::new();
+        let mut x = x0.clone();
+        for shards in &model.stages {
+            let (z1, p1): (Vec<Tensor>, Vec<Tensor>) = shards.iter().map(|w| attn(w, &x)).unzip();
+            let h = sum_in_shard_order(&p1);
+            let (z2, p2): (Vec<Tensor>, Vec<Tensor>) = shards.iter().map(|w| mlp(w, &h)).unzip();
+            let y = sum_in_shard_order(&p2);
+            saved.push((x, z1, h.clone(), z2));
+            x = y;
+        }
+        let mut dy = loss_grad(&x);
+        for (s, shards) in model.stages.iter().enumerate().rev() {
+            let (x, z1, h, z2) = &saved[s];
+            let (dz2, pdh): (Vec<Tensor>, Vec<Tensor>) =
+                shards.iter().zip(z2).map(|(w, z2)| mlp_dgrad(w, z2, &dy)).unzip();
+            let dh = sum_in_shard_order(&pdh);
+            let (dz1, pdx): (Vec<Tensor>, Vec<Tensor>) =
+                shards.iter().zip(z1).map(|(w, z1)| attn_dgrad(w, z1, &dh)).unzip();
+            for k in 0..shards.len() {
+                let (a2, b2) = mlp_wgrad(h, &z2[k], &dz2[k], &dy);
+                let (a1, b1) = attn_wgrad(x, &z1[k], &dz1[k], &dh);
+                let g = ShardGrads { a1: Some(a1), b1: Some(b1), a2: Some(a2), b2: Some(b2) };
+                accumulate(&mut totals[s], shards.len(), k, &g);
             }
-            total
-        })
-        .collect()
+            dy = sum_in_shard_order(&pdx);
+        }
+    }
+    totals
 }
