@@ -8,6 +8,8 @@
 //! run's bit for bit.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod model;
 
 use std::fmt;

@@ -93,7 +93,7 @@ fn run(
     trace: Option<&Path>,
 ) -> Result<(), String> {
     if let Backend::Cuda = backend {
-        return Err("the CUDA backend is not built yet; use --backend cpu".into());
+        return cuda_backend();
     }
     let program = load(path)?;
     let meta = &program.schedule;
@@ -131,6 +131,20 @@ fn run(
         println!("wrote {}", trace.display());
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_backend() -> Result<(), String> {
+    let info = stp_exec::cuda::probe().map_err(|e| e.to_string())?;
+    Err(format!(
+        "found {} CUDA device(s) ({}), but running programs on GPUs is not implemented yet; use --backend cpu",
+        info.devices, info.name
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_backend() -> Result<(), String> {
+    Err("this stp-exec was built without the `cuda` feature (cargo build -p stp-exec --features cuda); use --backend cpu".into())
 }
 
 fn load(path: &Path) -> Result<Program, String> {
