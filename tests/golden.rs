@@ -178,3 +178,64 @@ fn unit_level_execution_exposes_the_first_all_reduce_of_unbraided_passes() {
         }
     }
 }
+
+fn auto_build(source: &str, p: i64, m: i64) -> Build {
+    let file = stpc::syntax::span::SourceFile::new("auto.sched", source);
+    let request = stpc::pipeline::Request {
+        params: stpc::elab::ParamArgs { ranks: Some(p), microbatches: Some(m), ..Default::default() },
+        ..Default::default()
+    };
+    stpc::pipeline::build(&file, &request).unwrap_or_else(|_| panic!("auto p={p} m={m} compiles"))
+}
+
+/// `auto` on ZB-V's placement and memory finds a zero-bubble order at unit
+/// costs (as fast as the hand-written ZB-V); on a looped placement with
+/// 1F1B's memory it is at least as fast as 1F1B. Its schedules are checked,
+/// lowered and simulated like any other.
+#[test]
+fn auto_schedules_match_the_hand_written_orders_at_unit_costs() {
+    let v = "schedule v(p: ranks, m: microbatches) { stages 2 * p; place s -> if s < p { s } else { 2 * p - 1 - s }; memory { budget = 2 * p; } auto; }";
+    let looped = "schedule l(p: ranks, m: microbatches) { stages p; place s -> s; memory { budget = p; } auto; }";
+    for p in PS {
+        for m in [2 * p, 4 * p] {
+            let auto_v = run(&auto_build(v, p, m), &unit());
+            let hand_v = run(&build("zb-v", p, m, None), &unit());
+            assert!(
+                close(auto_v.makespan, hand_v.makespan),
+                "p={p} m={m}: auto {} vs zb-v {}",
+                auto_v.makespan,
+                hand_v.makespan
+            );
+            assert!(close(max_bubble(&auto_v), 0.0), "p={p} m={m}");
+            let auto_l = run(&auto_build(looped, p, m), &unit());
+            let one_f_one_b = run(&build("1f1b", p, m, None), &unit());
+            assert!(
+                auto_l.makespan <= one_f_one_b.makespan + 1e-9,
+                "p={p} m={m}: {} vs 1f1b {}",
+                auto_l.makespan,
+                one_f_one_b.makespan
+            );
+        }
+    }
+}
+
+/// No schedule beats the lower bound.
+#[test]
+fn every_standard_schedule_is_at_or_above_the_lower_bound() {
+    let costs = [unit(), CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit() }];
+    for (name, p, m, v) in [
+        ("1f1b", 4, 8, None),
+        ("zb-h1", 4, 8, None),
+        ("zb-v", 4, 8, None),
+        ("stp", 4, 12, None),
+        ("dualpipe-v", 4, 8, None),
+        ("interleaved-1f1b", 4, 8, Some(2)),
+    ] {
+        let b = build(name, p, m, v);
+        for cost in &costs {
+            let t = run(&b, cost);
+            let bound = stpc::opt::bound::lower_bound(b.checked.schedule(), cost);
+            assert!(t.makespan + 1e-9 >= bound, "{name}: makespan {} below bound {bound}", t.makespan);
+        }
+    }
+}

@@ -15,6 +15,7 @@ pub mod diag;
 pub mod elab;
 pub mod emit;
 pub mod lower;
+pub mod opt;
 pub mod pipeline;
 pub mod sema;
 pub mod syntax;

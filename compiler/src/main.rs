@@ -366,10 +366,14 @@ fn override_times(mut cost: CostModel, args: &CostArgs) -> Result<CostModel, Rep
 
 fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported> {
     let file = load(target)?;
-    let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
-    let schedule = build.checked.schedule();
-    let meta = &schedule.meta;
-    let cost = cost_model(args, schedule.cost, target.tp, meta.num_ranks, meta.num_stages / meta.num_ranks.max(1))?;
+    let mut request = request(target, false);
+    let elaborated = pipeline::elaborate(&file, &request).map_err(|d| report(&d, &file, target.color))?;
+    let meta = &elaborated.meta;
+    let cost = cost_model(args, elaborated.cost, target.tp, meta.num_ranks, meta.num_stages / meta.num_ranks.max(1))?;
+    // An `auto` schedule is planned for the costs it will be simulated with.
+    request.cost = Some(cost);
+    let build = pipeline::build(&file, &request).map_err(|d| report(&d, &file, target.color))?;
+    let bound = stpc::opt::bound::lower_bound(build.checked.schedule(), &cost);
     let timeline = stp_ir::simulate::simulate(&build.program, &cost).map_err(|d| {
         eprintln!("internal error: a checked program deadlocked in the timed simulation:\n{d}");
         Reported
@@ -382,6 +386,7 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
             "params": s.meta.params.iter().map(|p| (p.name.clone(), p.value)).collect::<std::collections::BTreeMap<_, _>>(),
             "cost": cost,
             "makespan": timeline.makespan,
+            "lower_bound": bound,
             "bubble_ratio": timeline.bubble_ratio(),
             "throughput_microbatches_per_time": f64::from(s.meta.num_microbatches) / timeline.makespan,
             "ranks": timeline.ranks.iter().zip(&peaks).map(|(r, peak)| serde_json::json!({
@@ -411,6 +416,11 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
         timeline.makespan,
         timeline.bubble_ratio(),
         f64::from(s.meta.num_microbatches) / timeline.makespan
+    );
+    outln!(
+        "lower bound {:.3} (busiest rank's compute, or one microbatch's round trip): makespan is {:.1}% above it",
+        bound,
+        100.0 * (timeline.makespan / bound - 1.0)
     );
     outln!("{:<6} {:>10} {:>10} {:>10} {:>13} {:>12}", "rank", "busy", "idle", "bubble", "exposed comm", "peak memory");
     for (r, peak) in timeline.ranks.iter().zip(&peaks) {
@@ -506,6 +516,7 @@ fn request(target: &Target, verify_each: bool) -> Request {
             tp: target.tp,
             sequence_parallel: target.sequence_parallel,
         },
+        cost: None,
         comm: match target.comm {
             CommArg::Rendezvous => Semantics::Rendezvous,
             CommArg::Buffered => Semantics::Buffered,

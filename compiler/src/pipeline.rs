@@ -22,6 +22,9 @@ pub struct Request {
     pub lower: LowerOptions,
     /// The send semantics the program must be deadlock-free under.
     pub comm: Semantics,
+    /// The cost model to plan `auto` schedules with, instead of the
+    /// schedule's own `cost { ... }`.
+    pub cost: Option<stp_ir::simulate::CostModel>,
 }
 
 impl Default for Request {
@@ -32,6 +35,7 @@ impl Default for Request {
             limits: Limits::default(),
             lower: LowerOptions::default(),
             comm: Semantics::Rendezvous,
+            cost: None,
         }
     }
 }
@@ -52,7 +56,14 @@ pub fn elaborate(file: &SourceFile, request: &Request) -> Result<ComputeSchedule
 
 fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
     let schedule = elab::select_schedule(module, request.schedule.as_deref()).map_err(|d| vec![d])?;
-    elab::elaborate(module, schedule, &request.params, request.limits)
+    let mut elaborated = elab::elaborate(module, schedule, &request.params, request.limits)?;
+    if let Some(cost) = request.cost {
+        elaborated.cost = cost;
+    }
+    if elaborated.auto {
+        elaborated.ranks = crate::opt::greedy::schedule(&elaborated).map_err(|d| vec![d])?;
+    }
+    Ok(elaborated)
 }
 
 /// Everything up to and including the safety checks.

@@ -113,6 +113,29 @@ pub(super) fn run(
     ev.max_deferred = memory.max_deferred;
     let num_stages = ev.stages(schedule).map_err(|e| vec![*e])?;
     let placement = ev.placement(schedule, num_stages, num_ranks).map_err(|e| vec![*e])?;
+    let meta = |placement| ScheduleMeta {
+        name: schedule.name.name.clone(),
+        params: params.iter().map(|p| Param { name: p.name.clone(), value: p.value }).collect(),
+        num_ranks,
+        num_stages,
+        num_microbatches,
+        placement,
+        tp: 1,
+    };
+    if let Some(span) = schedule.decls.iter().find_map(|d| match d {
+        Decl::Auto { span } => Some(*span),
+        _ => None,
+    }) {
+        // The passes are ordered by the scheduler in `opt/`, not here.
+        return Ok(ComputeSchedule {
+            meta: meta(placement),
+            ranks: vec![Vec::new(); num_ranks as usize],
+            body_span: span,
+            memory,
+            cost,
+            auto: true,
+        });
+    }
     let Some((var, body, body_span)) = schedule.decls.iter().find_map(|d| match d {
         Decl::Rank { var, body, span } => Some((var, body, *span)),
         _ => None,
@@ -151,21 +174,7 @@ pub(super) fn run(
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(ComputeSchedule {
-        meta: ScheduleMeta {
-            name: schedule.name.name.clone(),
-            params: params.iter().map(|p| Param { name: p.name.clone(), value: p.value }).collect(),
-            num_ranks,
-            num_stages,
-            num_microbatches,
-            placement,
-            tp: 1,
-        },
-        ranks,
-        body_span,
-        memory,
-        cost,
-    })
+    Ok(ComputeSchedule { meta: meta(placement), ranks, body_span, memory, cost, auto: false })
 }
 
 struct Shape<'a> {

@@ -46,6 +46,9 @@ pub struct ComputeSchedule {
     /// The cost model the schedule declares (`cost { ... }`; unit costs
     /// otherwise), the simulator's starting point.
     pub cost: stp_ir::simulate::CostModel,
+    /// The schedule says `auto`: `ranks` is empty until the scheduler in
+    /// `opt/` fills it.
+    pub auto: bool,
 }
 
 /// How much activation memory each pass holds, in units, and the bounds a

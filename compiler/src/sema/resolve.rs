@@ -169,7 +169,7 @@ impl Checker<'_> {
         let kinds: [(&str, &str, IsKind); 3] = [
             ("stages", "stages p;", |d| matches!(d, Decl::Stages { .. })),
             ("place", "place s -> s;", |d| matches!(d, Decl::Place { .. })),
-            ("rank", "rank r { ... }", |d| matches!(d, Decl::Rank { .. })),
+            ("rank", "rank r { ... }` or `auto;", |d| matches!(d, Decl::Rank { .. } | Decl::Auto { .. })),
         ];
         for (name, example, is_kind) in kinds {
             let found: Vec<&Decl> = s.decls.iter().filter(|d| is_kind(d)).collect();
@@ -203,6 +203,7 @@ impl Checker<'_> {
                 c.expect(rank, Type::Int, "a rank");
             }),
             Decl::Require { cond, .. } => self.expect(cond, Type::Bool, "a requirement"),
+            Decl::Auto { .. } => {}
             Decl::Memory { fields, .. } => self.check_settings(fields, &MEMORY_FIELDS, "memory setting"),
             Decl::Cost { fields, .. } => self.check_settings(fields, &COST_FIELDS, "cost setting"),
             Decl::Check { axes, .. } => self.check_axes(axes),
@@ -538,6 +539,7 @@ fn decl_span(d: &Decl) -> Span {
         | Decl::Memory { span, .. }
         | Decl::Cost { span, .. }
         | Decl::Check { span, .. }
+        | Decl::Auto { span }
         | Decl::Rank { span, .. } => *span,
     }
 }

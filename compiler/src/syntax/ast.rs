@@ -172,6 +172,12 @@ pub enum Decl {
         /// The whole declaration.
         span: Span,
     },
+    /// `auto;`: instead of `rank r { ... }`, let stpc order the passes
+    /// (the greedy scheduler of `opt/`) within the memory budget.
+    Auto {
+        /// The declaration.
+        span: Span,
+    },
     /// `rank r { ... }`: the program of every rank, in terms of `r`.
     Rank {
         /// The rank variable.

@@ -49,6 +49,7 @@ impl Table {
                 self.expr(rank);
             }
             Decl::Require { cond, .. } => self.expr(cond),
+            Decl::Auto { .. } => {}
             Decl::Memory { fields, .. } | Decl::Cost { fields, .. } => {
                 for (name, value) in fields {
                     self.ident(name);

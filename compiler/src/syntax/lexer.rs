@@ -48,6 +48,8 @@ pub enum Keyword {
     Check,
     /// `cost`
     Cost,
+    /// `auto`
+    Auto,
 }
 
 impl Keyword {
@@ -71,6 +73,7 @@ impl Keyword {
             "memory" => Keyword::Memory,
             "check" => Keyword::Check,
             "cost" => Keyword::Cost,
+            "auto" => Keyword::Auto,
             _ => return None,
         })
     }
@@ -95,6 +98,7 @@ impl Keyword {
             Keyword::Memory => "memory",
             Keyword::Check => "check",
             Keyword::Cost => "cost",
+            Keyword::Auto => "auto",
         }
     }
 }

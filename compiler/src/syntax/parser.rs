@@ -283,10 +283,12 @@ where
         .ignore_then(axis.separated_by(ctrl(',')).at_least(1).collect::<Vec<_>>())
         .map_with(|axes, e| Decl::Check { axes, span: sp(e.span()) });
 
-    choice((stages, place, require, memory, cost, check, rank))
+    let auto = kw(Keyword::Auto).map_with(|_, e| Decl::Auto { span: sp(e.span()) });
+
+    choice((stages, place, require, memory, cost, check, auto, rank))
         .then_ignore(semi())
         .map(Some)
-        .labelled("declaration (stages, place, require, memory, cost, check or rank)")
+        .labelled("declaration (stages, place, require, memory, cost, check, rank or auto)")
         .recover_with(via_parser(skip_to_terminator().to(None)))
 }
 

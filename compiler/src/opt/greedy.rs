@@ -1,0 +1,118 @@
+//! A greedy list scheduler for `auto` schedules: time advances pass by
+//! pass; each step runs, on some rank, the pass that can start earliest
+//! (its inputs have arrived and the rank is free), preferring input
+//! gradients (they are on the critical path), then forwards (deepest stage
+//! first), then weight gradients, which fill the time a rank would
+//! otherwise wait. A forward runs only while the rank's live activations
+//! stay within the memory budget. Passes of a stage run in microbatch
+//! order. It is the baseline the solver must beat, and its schedule is
+//! checked like any other.
+
+use crate::diag::{Code, Diagnostic};
+use crate::elab::{ComputeSchedule, Origin, ScheduledOp};
+use std::collections::VecDeque;
+use stp_ir::{Compute, Microbatch, Pass, PassKind, Stage};
+
+/// Orders every pass of `s` (an `auto` schedule) on its rank.
+pub fn schedule(s: &ComputeSchedule) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic> {
+    let meta = &s.meta;
+    let (stages, mbs, ranks) = (meta.num_stages as usize, meta.num_microbatches as usize, meta.num_ranks as usize);
+    let Some(budget) = s.memory.budget else {
+        return Err(Diagnostic::new(Code::ScheduleShape, "an `auto` schedule needs a memory budget")
+            .with_label(s.body_span, "stpc orders the passes here, trading memory for time")
+            .with_help("add `memory { budget = ...; }`: without one, running every forward first is \"fastest\""));
+    };
+    let cost = &s.cost;
+    let model = &s.memory;
+    let owner = |stage: usize| meta.placement[stage].index();
+    let hop = |from: usize, to: usize| if owner(from) != owner(to) { cost.p2p } else { 0.0 };
+    let mut f_end = vec![None::<f64>; stages * mbs];
+    let mut b_end = vec![None::<f64>; stages * mbs];
+    let mut next_f = vec![0usize; stages];
+    let mut next_b = vec![0usize; stages];
+    let mut deferred: Vec<VecDeque<(usize, usize, f64)>> = vec![VecDeque::new(); ranks];
+    let mut free = vec![0.0f64; ranks];
+    let mut live = vec![0i64; ranks];
+    let mut out: Vec<Vec<ScheduledOp>> = vec![Vec::new(); ranks];
+    let origin = Origin { span: s.body_span, iteration: Vec::new() };
+    let mut remaining = 3 * stages * mbs;
+    while remaining > 0 {
+        // (start, priority, tie-break, rank, pass)
+        let mut best: Option<(f64, u8, i64, usize, Pass)> = None;
+        let mut consider = |start: f64, priority: u8, tie: i64, r: usize, pass: Pass| {
+            let key = (start, priority, tie, r);
+            if best.is_none_or(|b| key < (b.0, b.1, b.2, b.3)) {
+                best = Some((start, priority, tie, r, pass));
+            }
+        };
+        for stage in 0..stages {
+            let r = owner(stage);
+            let pass = |kind, mb: usize| Pass { kind, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };
+            let i = next_b[stage];
+            if i < next_f[stage] && s.memory.max_deferred.is_none_or(|cap| (deferred[r].len() as i64) < cap) {
+                let downstream = if stage + 1 == stages {
+                    f_end[stage * mbs + i]
+                } else {
+                    b_end[(stage + 1) * mbs + i].map(|t| t + hop(stage + 1, stage))
+                };
+                if let (Some(ready), Some(forward)) = (downstream, f_end[stage * mbs + i]) {
+                    consider(free[r].max(ready).max(forward), 0, 0, r, pass(PassKind::B, i));
+                }
+            }
+            let i = next_f[stage];
+            if i < mbs && live[r] + model.activation <= budget {
+                let ready = if stage == 0 {
+                    Some(0.0)
+                } else {
+                    f_end[(stage - 1) * mbs + i].map(|t| t + hop(stage - 1, stage))
+                };
+                if let Some(ready) = ready {
+                    consider(free[r].max(ready), 1, -(stage as i64), r, pass(PassKind::F, i));
+                }
+            }
+        }
+        for (r, queue) in deferred.iter().enumerate() {
+            if let Some(&(stage, mb, ready)) = queue.front() {
+                let w = Pass { kind: PassKind::W, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };
+                consider(free[r].max(ready), 2, 0, r, w);
+            }
+        }
+        let Some((start, _, _, r, pass)) = best else {
+            return Err(Diagnostic::new(
+                Code::MemoryBudget,
+                format!("no order of the passes fits the memory budget of {budget}"),
+            )
+            .with_label(s.body_span, "the scheduler ran out of passes it could start")
+            .with_note(format!(
+                "live activation units per rank when it stopped: {}",
+                live.iter().map(i64::to_string).collect::<Vec<_>>().join(" ")
+            ))
+            .with_help(
+                "raise the budget: every rank must hold at least one forward's activations until its backward",
+            ));
+        };
+        let (stage, mb) = (pass.stage.index(), pass.mb.index());
+        let end = start + cost.compute(pass);
+        match pass.kind {
+            PassKind::F => {
+                f_end[stage * mbs + mb] = Some(end);
+                next_f[stage] += 1;
+                live[r] += model.activation;
+            }
+            PassKind::B => {
+                b_end[stage * mbs + mb] = Some(end);
+                next_b[stage] += 1;
+                live[r] -= model.activation - model.weight_stash;
+                deferred[r].push_back((stage, mb, end));
+            }
+            PassKind::W | PassKind::BW => {
+                deferred[r].pop_front();
+                live[r] -= model.weight_stash;
+            }
+        }
+        free[r] = end;
+        remaining -= 1;
+        out[r].push(ScheduledOp { compute: Compute::single(pass), origin: origin.clone() });
+    }
+    Ok(out)
+}
