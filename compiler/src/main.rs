@@ -9,6 +9,7 @@ use stpc::diag::{self, Code, Diagnostic};
 use stpc::elab::{Limits, ParamArgs};
 use stpc::emit::{self, Emit};
 use stpc::lower::LowerOptions;
+use stpc::opt::Solver;
 use stpc::pipeline::{self, Request};
 use stpc::syntax::span::SourceFile;
 
@@ -124,9 +125,33 @@ struct Target {
     /// that avoids a deadlock.
     #[arg(long)]
     no_hoist: bool,
+    /// How to order the passes of an `auto` schedule: greedy (a list
+    /// scheduler, instant) or smt (greedy, then Z3 searches for a shorter
+    /// order and may prove it optimal).
+    #[arg(long, value_enum, default_value = "greedy")]
+    solver: SolverArg,
+    /// With --solver smt: the most seconds Z3 may search in all; the
+    /// shortest order found by then is kept.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_timeout)]
+    solver_timeout: f64,
     /// When to colour diagnostics.
     #[arg(long, value_enum, default_value = "auto")]
     color: ColorArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SolverArg {
+    /// The greedy list scheduler.
+    Greedy,
+    /// Greedy, then the Z3 scheduler.
+    Smt,
+}
+
+fn parse_timeout(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(t) if t.is_finite() && t > 0.0 && t <= 86_400.0 => Ok(t),
+        _ => Err(format!("`{text}` is not a number of seconds between 0 and 86400")),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -254,6 +279,7 @@ fn check(target: &Target) -> Result<(), Reported> {
     let file = load(target)?;
     let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
     let s = build.checked.schedule();
+    tell_plan(&build);
     let params: Vec<String> = s.meta.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
     outln!(
         "ok: {} ({}): {} ranks, {} stages, {} microbatches, {} ops",
@@ -270,6 +296,13 @@ fn check(target: &Target) -> Result<(), Reported> {
     Ok(())
 }
 
+/// Says on standard error how an `auto` schedule was ordered.
+fn tell_plan(build: &pipeline::Build) {
+    if let Some(plan) = &build.checked.schedule().plan {
+        eprintln!("note: {plan}");
+    }
+}
+
 fn sweep(target: &Target) -> Result<(), Reported> {
     let file = load(target)?;
     let done = pipeline::sweep(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
@@ -284,8 +317,9 @@ fn sweep(target: &Target) -> Result<(), Reported> {
 
 fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_each: bool) -> Result<(), Reported> {
     let file = load(target)?;
-    let program =
-        pipeline::compile(&file, &request(target, verify_each)).map_err(|d| report(&d, &file, target.color))?;
+    let build = pipeline::build(&file, &request(target, verify_each)).map_err(|d| report(&d, &file, target.color))?;
+    tell_plan(&build);
+    let program = build.program;
     let mut formats: Vec<Emit> = emits
         .iter()
         .map(|e| match e {
@@ -367,12 +401,15 @@ fn override_times(mut cost: CostModel, args: &CostArgs) -> Result<CostModel, Rep
 fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported> {
     let file = load(target)?;
     let mut request = request(target, false);
-    let elaborated = pipeline::elaborate(&file, &request).map_err(|d| report(&d, &file, target.color))?;
+    // Only the shape and declared costs are needed here: no solver yet.
+    let shape = Request { solver: Solver::Greedy, ..request.clone() };
+    let elaborated = pipeline::elaborate(&file, &shape).map_err(|d| report(&d, &file, target.color))?;
     let meta = &elaborated.meta;
     let cost = cost_model(args, elaborated.cost, target.tp, meta.num_ranks, meta.num_stages / meta.num_ranks.max(1))?;
     // An `auto` schedule is planned for the costs it will be simulated with.
     request.cost = Some(cost);
     let build = pipeline::build(&file, &request).map_err(|d| report(&d, &file, target.color))?;
+    tell_plan(&build);
     let bound = stpc::opt::bound::lower_bound(build.checked.schedule(), &cost);
     let timeline = stp_ir::simulate::simulate(&build.program, &cost).map_err(|d| {
         eprintln!("internal error: a checked program deadlocked in the timed simulation:\n{d}");
@@ -387,6 +424,13 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
             "cost": cost,
             "makespan": timeline.makespan,
             "lower_bound": bound,
+            "plan": s.plan.as_ref().map(|p| serde_json::json!({
+                "kept": p.kept,
+                "makespan": p.makespan,
+                "greedy_makespan": p.greedy_makespan,
+                "optimal": p.optimal,
+                "fallback": p.fallback,
+            })),
             "bubble_ratio": timeline.bubble_ratio(),
             "throughput_microbatches_per_time": f64::from(s.meta.num_microbatches) / timeline.makespan,
             "ranks": timeline.ranks.iter().zip(&peaks).map(|(r, peak)| serde_json::json!({
@@ -517,6 +561,10 @@ fn request(target: &Target, verify_each: bool) -> Request {
             sequence_parallel: target.sequence_parallel,
         },
         cost: None,
+        solver: match target.solver {
+            SolverArg::Greedy => Solver::Greedy,
+            SolverArg::Smt => Solver::Smt { timeout: std::time::Duration::from_secs_f64(target.solver_timeout) },
+        },
         comm: match target.comm {
             CommArg::Rendezvous => Semantics::Rendezvous,
             CommArg::Buffered => Semantics::Buffered,

@@ -25,6 +25,8 @@ pub struct Request {
     /// The cost model to plan `auto` schedules with, instead of the
     /// schedule's own `cost { ... }`.
     pub cost: Option<stp_ir::simulate::CostModel>,
+    /// Which scheduler orders `auto` schedules.
+    pub solver: crate::opt::Solver,
 }
 
 impl Default for Request {
@@ -36,6 +38,7 @@ impl Default for Request {
             lower: LowerOptions::default(),
             comm: Semantics::Rendezvous,
             cost: None,
+            solver: crate::opt::Solver::default(),
         }
     }
 }
@@ -61,7 +64,9 @@ fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedul
         elaborated.cost = cost;
     }
     if elaborated.auto {
-        elaborated.ranks = crate::opt::greedy::schedule(&elaborated).map_err(|d| vec![d])?;
+        let (ranks, report) = crate::opt::plan(&elaborated, request.solver).map_err(|d| vec![d])?;
+        elaborated.ranks = ranks;
+        elaborated.plan = Some(report);
     }
     Ok(elaborated)
 }

@@ -134,6 +134,7 @@ pub(super) fn run(
             memory,
             cost,
             auto: true,
+            plan: None,
         });
     }
     let Some((var, body, body_span)) = schedule.decls.iter().find_map(|d| match d {
@@ -174,7 +175,7 @@ pub(super) fn run(
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(ComputeSchedule { meta: meta(placement), ranks, body_span, memory, cost, auto: false })
+    Ok(ComputeSchedule { meta: meta(placement), ranks, body_span, memory, cost, auto: false, plan: None })
 }
 
 struct Shape<'a> {

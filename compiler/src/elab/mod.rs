@@ -49,6 +49,8 @@ pub struct ComputeSchedule {
     /// The schedule says `auto`: `ranks` is empty until the scheduler in
     /// `opt/` fills it.
     pub auto: bool,
+    /// For an `auto` schedule, what the scheduler did.
+    pub plan: Option<crate::opt::PlanReport>,
 }
 
 /// How much activation memory each pass holds, in units, and the bounds a

@@ -14,7 +14,28 @@ use std::collections::VecDeque;
 use stp_ir::{Compute, Microbatch, Pass, PassKind, Stage};
 
 /// Orders every pass of `s` (an `auto` schedule) on its rank.
+///
+/// Filling memory with early forwards can strand a rank: every unit held
+/// by microbatches whose backward waits on a forward that no longer fits.
+/// When that happens the scheduler starts over admitting a new microbatch
+/// only while each in-flight one can still hold all its activations on
+/// every rank, which always finishes when any order does.
 pub fn schedule(s: &ComputeSchedule) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic> {
+    schedule_admitting(s, None).or_else(|stuck| {
+        let meta = &s.meta;
+        let most_owned =
+            (0..meta.num_ranks).map(|r| meta.placement.iter().filter(|p| p.0 == r).count() as i64).max().unwrap_or(1);
+        let per_microbatch = most_owned * s.memory.activation.max(1);
+        match s.memory.budget.map(|b| b / per_microbatch) {
+            Some(cap) if cap > 0 => schedule_admitting(s, Some(cap as usize)).map_err(|_| stuck),
+            _ => Err(stuck),
+        }
+    })
+}
+
+/// The list scheduler; `in_flight`, when set, is the most microbatches
+/// whose first forward ran and whose first-stage backward has not.
+fn schedule_admitting(s: &ComputeSchedule, in_flight: Option<usize>) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic> {
     let meta = &s.meta;
     let (stages, mbs, ranks) = (meta.num_stages as usize, meta.num_microbatches as usize, meta.num_ranks as usize);
     let Some(budget) = s.memory.budget else {
@@ -60,7 +81,8 @@ pub fn schedule(s: &ComputeSchedule) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic
                 }
             }
             let i = next_f[stage];
-            if i < mbs && live[r] + model.activation <= budget {
+            let admitted = stage > 0 || in_flight.is_none_or(|cap| next_f[0] - next_b[0] < cap);
+            if i < mbs && admitted && live[r] + model.activation <= budget {
                 let ready = if stage == 0 {
                     Some(0.0)
                 } else {
