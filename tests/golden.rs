@@ -222,9 +222,16 @@ fn auto_schedules_match_the_hand_written_orders_at_unit_costs() {
 /// No schedule beats the lower bound.
 #[test]
 fn every_standard_schedule_is_at_or_above_the_lower_bound() {
-    let costs = [unit(), CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit() }];
+    let costs = [
+        unit(),
+        CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit() },
+        CostModel { forward: 2.0, backward_input: 1.0, backward_weight: 3.0, p2p: 0.75, ..unit() },
+    ];
     for (name, p, m, v) in [
+        ("gpipe", 4, 8, None),
+        ("zb-h2", 4, 8, None),
         ("1f1b", 4, 8, None),
+        ("1f1b", 2, 3, None),
         ("zb-h1", 4, 8, None),
         ("zb-v", 4, 8, None),
         ("stp", 4, 12, None),

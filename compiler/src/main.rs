@@ -296,8 +296,16 @@ fn check(target: &Target) -> Result<(), Reported> {
     Ok(())
 }
 
+/// The solver's status line on a terminal: the best makespan so far.
+fn draw_progress(best: f64, elapsed: std::time::Duration) {
+    eprint!("\r\x1b[2Ksmt: best makespan {best:.3} after {:.1} s", elapsed.as_secs_f64());
+}
+
 /// Says on standard error how an `auto` schedule was ordered.
 fn tell_plan(build: &pipeline::Build) {
+    if std::io::stderr().is_terminal() && matches!(build.checked.schedule().plan, Some(ref p) if p.kept == "smt") {
+        eprint!("\r\x1b[2K");
+    }
     if let Some(plan) = &build.checked.schedule().plan {
         eprintln!("note: {plan}");
     }
@@ -428,6 +436,7 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
                 "kept": p.kept,
                 "makespan": p.makespan,
                 "greedy_makespan": p.greedy_makespan,
+                "lower_bound": p.lower_bound,
                 "optimal": p.optimal,
                 "fallback": p.fallback,
             })),
@@ -563,7 +572,10 @@ fn request(target: &Target, verify_each: bool) -> Request {
         cost: None,
         solver: match target.solver {
             SolverArg::Greedy => Solver::Greedy,
-            SolverArg::Smt => Solver::Smt { timeout: std::time::Duration::from_secs_f64(target.solver_timeout) },
+            SolverArg::Smt => Solver::Smt {
+                timeout: std::time::Duration::from_secs_f64(target.solver_timeout),
+                progress: std::io::stderr().is_terminal().then_some(draw_progress as stpc::opt::Progress),
+            },
         },
         comm: match target.comm {
             CommArg::Rendezvous => Semantics::Rendezvous,

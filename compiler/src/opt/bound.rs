@@ -1,6 +1,7 @@
 //! A lower bound on the makespan: no rank can finish before its own work
 //! is done, and no step before one microbatch has gone down and back up
-//! the pipeline.
+//! the pipeline; sharper, no rank starts before the first of its passes
+//! can start, or stops earlier than the passes after its last must allow.
 
 use crate::elab::ComputeSchedule;
 use stp_ir::simulate::CostModel;
@@ -17,5 +18,97 @@ pub fn lower_bound(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let busiest = work.into_iter().fold(0.0, f64::max);
     let hops = meta.placement.windows(2).filter(|w| w[0] != w[1]).count() as f64;
     let critical = f64::from(meta.num_stages) * (cost.forward + cost.backward_input) + 2.0 * hops * cost.p2p;
-    busiest.max(critical)
+    busiest.max(critical).max(rank_windows(s, cost))
+}
+
+/// Per rank: the earliest any of its passes can start, plus all its work,
+/// plus the least time that must follow any of its passes.
+fn rank_windows(s: &ComputeSchedule, cost: &CostModel) -> f64 {
+    let meta = &s.meta;
+    let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
+    // Integer arithmetic (microunits) keeps the head/tail tables exact.
+    let micro = |t: f64| (t * 1e6).round() as i64;
+    let dur = [micro(cost.forward), micro(cost.backward_input), micro(cost.backward_weight)];
+    let owner = |stage: usize| meta.placement[stage].index();
+    let hop = |a: usize, b: usize| if owner(a) != owner(b) { micro(cost.p2p) } else { 0 };
+    let (heads, tails) = heads_and_tails(stages, mbs, dur, &hop);
+    let (heads, tails) = (&heads, &tails);
+    let mut best = 0i64;
+    for r in 0..meta.num_ranks as usize {
+        let owned: Vec<usize> = (0..stages).filter(|st| owner(*st) == r).collect();
+        let Some(first) = owned.iter().flat_map(|&st| (0..3).map(move |k| heads[k][st][0])).min() else { continue };
+        let last = owned.iter().flat_map(|&st| (0..3).map(move |k| tails[k][st][mbs - 1])).min().unwrap_or(0);
+        let work = owned.len() as i64 * mbs as i64 * dur.iter().sum::<i64>();
+        best = best.max(first + work + last);
+    }
+    best as f64 / 1e6
+}
+
+/// Per pass (`[kind][stage][mb]`, kinds F, B, W): the earliest it can
+/// start, and the least time that must follow its end, from the
+/// dependencies alone.
+pub type PerPass = Vec<Vec<Vec<i64>>>;
+
+// Passes are addressed as (kind, stage, microbatch) in parallel tables.
+#[allow(clippy::needless_range_loop)]
+pub fn heads_and_tails(
+    stages: usize,
+    mbs: usize,
+    dur: [i64; 3],
+    hop: &dyn Fn(usize, usize) -> i64,
+) -> (PerPass, PerPass) {
+    let mut head = vec![vec![vec![0i64; mbs]; stages]; 3];
+    for i in 0..mbs {
+        for st in 0..stages {
+            let mut t = if st > 0 { head[0][st - 1][i] + dur[0] + hop(st - 1, st) } else { 0 };
+            if i > 0 {
+                t = t.max(head[0][st][i - 1] + dur[0]);
+            }
+            head[0][st][i] = t;
+        }
+        for st in (0..stages).rev() {
+            let mut t = head[0][st][i] + dur[0];
+            if st + 1 < stages {
+                t = t.max(head[1][st + 1][i] + dur[1] + hop(st + 1, st));
+            }
+            if i > 0 {
+                t = t.max(head[1][st][i - 1] + dur[1]);
+            }
+            head[1][st][i] = t;
+        }
+        for st in 0..stages {
+            let mut t = head[1][st][i] + dur[1];
+            if i > 0 {
+                t = t.max(head[2][st][i - 1] + dur[2]);
+            }
+            head[2][st][i] = t;
+        }
+    }
+    let mut tail = vec![vec![vec![0i64; mbs]; stages]; 3];
+    for i in (0..mbs).rev() {
+        for st in 0..stages {
+            tail[2][st][i] = if i + 1 < mbs { dur[2] + tail[2][st][i + 1] } else { 0 };
+        }
+        for st in 0..stages {
+            let mut t = dur[2] + tail[2][st][i];
+            if st > 0 {
+                t = t.max(hop(st, st - 1) + dur[1] + tail[1][st - 1][i]);
+            }
+            if i + 1 < mbs {
+                t = t.max(dur[1] + tail[1][st][i + 1]);
+            }
+            tail[1][st][i] = t;
+        }
+        for st in (0..stages).rev() {
+            let mut t = dur[1] + tail[1][st][i];
+            if st + 1 < stages {
+                t = t.max(hop(st, st + 1) + dur[0] + tail[0][st + 1][i]);
+            }
+            if i + 1 < mbs {
+                t = t.max(dur[0] + tail[0][st][i + 1]);
+            }
+            tail[0][st][i] = t;
+        }
+    }
+    (head, tail)
 }

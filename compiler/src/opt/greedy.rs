@@ -13,29 +13,63 @@ use crate::elab::{ComputeSchedule, Origin, ScheduledOp};
 use std::collections::VecDeque;
 use stp_ir::{Compute, Microbatch, Pass, PassKind, Stage};
 
-/// Orders every pass of `s` (an `auto` schedule) on its rank.
+/// How the list scheduler breaks ties and admits microbatches.
+#[derive(Debug, Clone, Copy)]
+struct Policy {
+    /// Rank of B, F and W among passes that could start at the same time
+    /// (lower first).
+    priority: [u8; 3],
+    /// Among forwards, the deepest stage first (else the shallowest).
+    deepest_first: bool,
+    /// The most microbatches whose first forward ran and whose
+    /// first-stage backward has not, if bounded.
+    in_flight: Option<usize>,
+}
+
+/// Orders every pass of `s` (an `auto` schedule) on its rank: the
+/// fastest of a few list-scheduling policies.
 ///
 /// Filling memory with early forwards can strand a rank: every unit held
 /// by microbatches whose backward waits on a forward that no longer fits.
-/// When that happens the scheduler starts over admitting a new microbatch
-/// only while each in-flight one can still hold all its activations on
-/// every rank, which always finishes when any order does.
+/// Policies that admit a new microbatch only while each in-flight one can
+/// still hold all its activations on every rank always finish when any
+/// order does.
 pub fn schedule(s: &ComputeSchedule) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic> {
-    schedule_admitting(s, None).or_else(|stuck| {
-        let meta = &s.meta;
-        let most_owned =
-            (0..meta.num_ranks).map(|r| meta.placement.iter().filter(|p| p.0 == r).count() as i64).max().unwrap_or(1);
-        let per_microbatch = most_owned * s.memory.activation.max(1);
-        match s.memory.budget.map(|b| b / per_microbatch) {
-            Some(cap) if cap > 0 => schedule_admitting(s, Some(cap as usize)).map_err(|_| stuck),
-            _ => Err(stuck),
+    let meta = &s.meta;
+    let most_owned =
+        (0..meta.num_ranks).map(|r| meta.placement.iter().filter(|p| p.0 == r).count() as i64).max().unwrap_or(1);
+    let per_microbatch = most_owned * s.memory.activation.max(1);
+    let safe_cap = s.memory.budget.map(|b| b / per_microbatch).filter(|cap| *cap > 0).map(|cap| cap as usize);
+    let mut best: Option<(f64, Vec<Vec<ScheduledOp>>)> = None;
+    let mut first_error = None;
+    for in_flight in std::iter::once(None).chain(safe_cap.map(Some)) {
+        for priority in [[0, 1, 2], [1, 0, 2], [0, 2, 1]] {
+            for deepest_first in [true, false] {
+                match schedule_with(s, Policy { priority, deepest_first, in_flight }) {
+                    Ok(order) => {
+                        let makespan = super::order_makespan(s, &order);
+                        if best.as_ref().is_none_or(|(t, _)| makespan < *t) {
+                            best = Some((makespan, order));
+                        }
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
         }
-    })
+    }
+    match (best, first_error) {
+        (Some((_, order)), _) => Ok(order),
+        (None, Some(e)) => Err(e),
+        (None, None) => unreachable!("the unbounded policies always run"),
+    }
 }
 
-/// The list scheduler; `in_flight`, when set, is the most microbatches
-/// whose first forward ran and whose first-stage backward has not.
-fn schedule_admitting(s: &ComputeSchedule, in_flight: Option<usize>) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic> {
+/// The list scheduler under one policy.
+fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic> {
+    let in_flight = policy.in_flight;
+    let [b_rank, f_rank, w_rank] = policy.priority;
     let meta = &s.meta;
     let (stages, mbs, ranks) = (meta.num_stages as usize, meta.num_microbatches as usize, meta.num_ranks as usize);
     let Some(budget) = s.memory.budget else {
@@ -77,7 +111,7 @@ fn schedule_admitting(s: &ComputeSchedule, in_flight: Option<usize>) -> Result<V
                     b_end[(stage + 1) * mbs + i].map(|t| t + hop(stage + 1, stage))
                 };
                 if let (Some(ready), Some(forward)) = (downstream, f_end[stage * mbs + i]) {
-                    consider(free[r].max(ready).max(forward), 0, 0, r, pass(PassKind::B, i));
+                    consider(free[r].max(ready).max(forward), b_rank, 0, r, pass(PassKind::B, i));
                 }
             }
             let i = next_f[stage];
@@ -89,14 +123,15 @@ fn schedule_admitting(s: &ComputeSchedule, in_flight: Option<usize>) -> Result<V
                     f_end[(stage - 1) * mbs + i].map(|t| t + hop(stage - 1, stage))
                 };
                 if let Some(ready) = ready {
-                    consider(free[r].max(ready), 1, -(stage as i64), r, pass(PassKind::F, i));
+                    let depth = if policy.deepest_first { -(stage as i64) } else { stage as i64 };
+                    consider(free[r].max(ready), f_rank, depth, r, pass(PassKind::F, i));
                 }
             }
         }
         for (r, queue) in deferred.iter().enumerate() {
             if let Some(&(stage, mb, ready)) = queue.front() {
                 let w = Pass { kind: PassKind::W, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };
-                consider(free[r].max(ready), 2, 0, r, w);
+                consider(free[r].max(ready), w_rank, 0, r, w);
             }
         }
         let Some((start, _, _, r, pass)) = best else {

@@ -15,8 +15,12 @@ use crate::elab::{ComputeSchedule, ScheduledOp};
 use std::time::Duration;
 use stp_ir::{PassKind, Stage};
 
+/// Called with the best makespan found so far and the time spent, each
+/// time the solver finds a shorter order.
+pub type Progress = fn(best: f64, elapsed: Duration);
+
 /// Which scheduler orders an `auto` schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub enum Solver {
     /// The greedy list scheduler: fast, not optimal.
     #[default]
@@ -25,6 +29,8 @@ pub enum Solver {
     Smt {
         /// The most time Z3 may take in all.
         timeout: Duration,
+        /// Told of every improvement (the CLI draws a status line).
+        progress: Option<Progress>,
     },
 }
 
@@ -34,10 +40,13 @@ pub struct PlanReport {
     /// The scheduler whose order was kept.
     pub kept: &'static str,
     /// The greedy order's makespan (per-pass durations: compute plus the
-    /// exposed TP collective; transfers take `p2p`).
-    pub greedy_makespan: f64,
+    /// exposed TP collective; transfers take `p2p`); `None` when the
+    /// greedy scheduler found no order within the budget.
+    pub greedy_makespan: Option<f64>,
     /// The kept order's makespan, in the same units.
     pub makespan: f64,
+    /// No order can be faster than this ([`bound::lower_bound`]).
+    pub lower_bound: f64,
     /// Z3 proved no order is shorter.
     pub optimal: bool,
     /// Why the solver's answer was not used, if it was asked for and not used.
@@ -47,11 +56,16 @@ pub struct PlanReport {
 impl std::fmt::Display for PlanReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "auto: {} order, makespan {:.3}", self.kept, self.makespan)?;
-        if self.kept != "greedy" {
-            write!(f, " (greedy: {:.3})", self.greedy_makespan)?;
+        match self.greedy_makespan {
+            Some(greedy) if self.kept != "greedy" => write!(f, " (greedy: {greedy:.3})")?,
+            None => write!(f, " (greedy found no order within the budget)")?,
+            Some(_) => {}
         }
         if self.optimal {
             write!(f, ", proved optimal")?;
+        } else if self.lower_bound > 0.0 {
+            let gap = 100.0 * (self.makespan / self.lower_bound - 1.0);
+            write!(f, ", at most {gap:.1}% above optimal (lower bound {:.3})", self.lower_bound)?;
         }
         if let Some(why) = &self.fallback {
             write!(f, "; {why}")?;
@@ -62,43 +76,94 @@ impl std::fmt::Display for PlanReport {
 
 /// Orders every pass of `s`, an `auto` schedule, with `solver`.
 pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
-    let greedy = greedy::schedule(s)?;
-    let greedy_makespan = order_makespan(s, &greedy);
-    let report =
-        PlanReport { kept: "greedy", greedy_makespan, makespan: greedy_makespan, optimal: false, fallback: None };
-    match solver {
-        Solver::Greedy => Ok((greedy, report)),
-        Solver::Smt { timeout } => Ok(improve(s, greedy, report, timeout)),
+    let greedy = greedy::schedule(s);
+    let lower_bound = bound::lower_bound(s, &s.cost);
+    match (solver, greedy) {
+        (Solver::Greedy, Err(stuck)) => Err(stuck),
+        (Solver::Greedy, Ok(order)) => {
+            let makespan = order_makespan(s, &order);
+            let report = PlanReport {
+                kept: "greedy",
+                greedy_makespan: Some(makespan),
+                makespan,
+                lower_bound,
+                optimal: false,
+                fallback: None,
+            };
+            Ok((order, report))
+        }
+        (Solver::Smt { timeout, progress }, greedy) => improve(s, greedy, lower_bound, timeout, progress),
     }
 }
 
+/// Runs the solver below the greedy makespan or, when greedy found no
+/// order, below a makespan every feasible order beats (so that "none
+/// found" is a proof that the budget admits no order).
 #[cfg(feature = "smt")]
 fn improve(
     s: &ComputeSchedule,
-    greedy: Vec<Vec<ScheduledOp>>,
-    report: PlanReport,
+    greedy: Result<Vec<Vec<ScheduledOp>>, Diagnostic>,
+    lower_bound: f64,
     timeout: Duration,
-) -> (Vec<Vec<ScheduledOp>>, PlanReport) {
-    let found = smt::solve(s, report.greedy_makespan, timeout);
-    match found.ranks {
-        Some(ranks) => (ranks, PlanReport { kept: "smt", makespan: found.makespan, optimal: found.optimal, ..report }),
-        None if found.optimal => (greedy, PlanReport { optimal: true, ..report }),
-        None => {
+    progress: Option<Progress>,
+) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
+    let greedy_makespan = greedy.as_ref().ok().map(|order| order_makespan(s, order));
+    let upper = greedy_makespan.unwrap_or_else(|| serial_makespan(s) + 1.0);
+    let found = smt::solve(s, upper, timeout, progress);
+    let report = |kept, makespan, optimal, fallback| PlanReport {
+        kept,
+        greedy_makespan,
+        makespan,
+        lower_bound,
+        optimal,
+        fallback,
+    };
+    match (found.ranks, greedy) {
+        (Some(order), _) => Ok((order, report("smt", found.makespan, found.optimal, None))),
+        (None, Ok(order)) if found.optimal => Ok((order, report("greedy", upper, true, None))),
+        (None, Ok(order)) => {
             let why = "Z3 found no shorter order in time (raise --solver-timeout)".to_string();
-            (greedy, PlanReport { fallback: Some(why), ..report })
+            Ok((order, report("greedy", upper, false, Some(why))))
         }
+        (None, Err(stuck)) if found.optimal => {
+            Err(stuck.with_note("Z3 proved that no order of the passes fits this budget"))
+        }
+        (None, Err(stuck)) => Err(stuck.with_note(format!(
+            "Z3 found no order within the budget in {:.1} s either; raise --solver-timeout to let it decide",
+            timeout.as_secs_f64()
+        ))),
     }
 }
 
 #[cfg(not(feature = "smt"))]
 fn improve(
-    _: &ComputeSchedule,
-    greedy: Vec<Vec<ScheduledOp>>,
-    report: PlanReport,
+    s: &ComputeSchedule,
+    greedy: Result<Vec<Vec<ScheduledOp>>, Diagnostic>,
+    lower_bound: f64,
     _: Duration,
-) -> (Vec<Vec<ScheduledOp>>, PlanReport) {
+    _: Option<Progress>,
+) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
+    let order = greedy?;
+    let makespan = order_makespan(s, &order);
     let why = "this stpc was built without the `smt` feature; kept the greedy order".to_string();
-    (greedy, PlanReport { fallback: Some(why), ..report })
+    let report = PlanReport {
+        kept: "greedy",
+        greedy_makespan: Some(makespan),
+        makespan,
+        lower_bound,
+        optimal: false,
+        fallback: Some(why),
+    };
+    Ok((order, report))
+}
+
+/// Every pass of every rank one after another, with every transfer: no
+/// feasible order takes longer.
+#[cfg(feature = "smt")]
+fn serial_makespan(s: &ComputeSchedule) -> f64 {
+    let passes = f64::from(s.meta.num_stages) * f64::from(s.meta.num_microbatches);
+    let per_stage: f64 = [PassKind::F, PassKind::B, PassKind::W].into_iter().map(|k| standalone_duration(s, k)).sum();
+    passes * (per_stage + 2.0 * s.cost.p2p)
 }
 
 /// How long one pass takes when it runs alone: its compute plus its

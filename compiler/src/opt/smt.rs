@@ -43,7 +43,7 @@ fn scaled(t: f64) -> i64 {
 
 /// Searches for the shortest order, starting below `upper` (the greedy
 /// makespan), for at most `budget`.
-pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration) -> SmtPlan {
+pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option<super::Progress>) -> SmtPlan {
     let meta = &s.meta;
     let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
     let kinds = [PassKind::F, PassKind::B, PassKind::W];
@@ -130,7 +130,7 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration) -> SmtPlan {
     // earliest head to its latest tail.
     let dur = [duration(kinds[0]), duration(kinds[1]), duration(kinds[2])];
     let hops = |a: usize, b: usize| hop(a, b);
-    let (heads, tails) = heads_and_tails(stages, mbs, dur, &hops);
+    let (heads, tails) = super::bound::heads_and_tails(stages, mbs, dur, &hops);
     for k in 0..3 {
         for st in 0..stages {
             for i in 0..mbs {
@@ -175,6 +175,9 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration) -> SmtPlan {
             // its starts may leave gaps: re-time the order as early as
             // possible, as the simulator will.
             let found = scaled(super::order_makespan(s, &order));
+            if let Some(tell) = progress {
+                tell(found as f64 / SCALE, started.elapsed());
+            }
             best = Some((found, order));
             bound = found - 1;
         } else {
@@ -187,68 +190,6 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration) -> SmtPlan {
         Some((found, ranks)) => SmtPlan { ranks: Some(ranks), makespan: found as f64 / SCALE, optimal },
         None => SmtPlan { ranks: None, makespan: upper, optimal },
     }
-}
-
-/// Per pass (`[kind][stage][mb]`, kinds F, B, W): the earliest it can
-/// start, and the least time that must follow its end, from the
-/// dependencies alone.
-type PerPass = Vec<Vec<Vec<i64>>>;
-
-fn heads_and_tails(stages: usize, mbs: usize, dur: [i64; 3], hop: &dyn Fn(usize, usize) -> i64) -> (PerPass, PerPass) {
-    let mut head = vec![vec![vec![0i64; mbs]; stages]; 3];
-    for i in 0..mbs {
-        for st in 0..stages {
-            let mut t = if st > 0 { head[0][st - 1][i] + dur[0] + hop(st - 1, st) } else { 0 };
-            if i > 0 {
-                t = t.max(head[0][st][i - 1] + dur[0]);
-            }
-            head[0][st][i] = t;
-        }
-        for st in (0..stages).rev() {
-            let mut t = head[0][st][i] + dur[0];
-            if st + 1 < stages {
-                t = t.max(head[1][st + 1][i] + dur[1] + hop(st + 1, st));
-            }
-            if i > 0 {
-                t = t.max(head[1][st][i - 1] + dur[1]);
-            }
-            head[1][st][i] = t;
-        }
-        for st in 0..stages {
-            let mut t = head[1][st][i] + dur[1];
-            if i > 0 {
-                t = t.max(head[2][st][i - 1] + dur[2]);
-            }
-            head[2][st][i] = t;
-        }
-    }
-    let mut tail = vec![vec![vec![0i64; mbs]; stages]; 3];
-    for i in (0..mbs).rev() {
-        for st in 0..stages {
-            tail[2][st][i] = if i + 1 < mbs { dur[2] + tail[2][st][i + 1] } else { 0 };
-        }
-        for st in 0..stages {
-            let mut t = dur[2] + tail[2][st][i];
-            if st > 0 {
-                t = t.max(hop(st, st - 1) + dur[1] + tail[1][st - 1][i]);
-            }
-            if i + 1 < mbs {
-                t = t.max(dur[1] + tail[1][st][i + 1]);
-            }
-            tail[1][st][i] = t;
-        }
-        for st in (0..stages).rev() {
-            let mut t = dur[1] + tail[1][st][i];
-            if st + 1 < stages {
-                t = t.max(hop(st, st + 1) + dur[0] + tail[0][st + 1][i]);
-            }
-            if i + 1 < mbs {
-                t = t.max(dur[0] + tail[0][st][i + 1]);
-            }
-            tail[0][st][i] = t;
-        }
-    }
-    (head, tail)
 }
 
 /// Per rank, the passes sorted by their start times.

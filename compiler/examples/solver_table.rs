@@ -1,0 +1,63 @@
+//! The scheduler comparison of the book (book/src/solver.md): for each
+//! hand-written standard schedule, the makespan of its own order, of the
+//! greedy and the Z3 order on the same placement within the same memory
+//! (the hand order's peak per rank), and the lower bound, under unit and
+//! skewed costs. The hand order is simulated from its compiled program;
+//! the `auto` orders are timed as the simulator times single passes
+//! (tests/solver.rs holds the two to be equal).
+//!
+//! `cargo run --release -p stpc --example solver_table [-- SECONDS]`
+#![allow(clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+use stp_ir::simulate::{simulate, CostModel};
+use stpc::elab::ParamArgs;
+use stpc::opt::{self, Solver};
+use stpc::pipeline::{self, Request};
+use stpc::syntax::span::SourceFile;
+
+fn main() {
+    let seconds: f64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10.0);
+    let unit = CostModel::default();
+    let skewed = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit };
+    let (p, m) = (4, 12);
+    println!("p={p}, m={m}; Z3 limit {seconds} s; memory budget = the hand order's peak on each rank");
+    println!();
+    println!("| schedule | costs | hand | greedy | smt | lower bound | smt vs hand | smt time | proved |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (name, chunks) in
+        [("1f1b", None), ("zb-h1", None), ("zb-v", None), ("dualpipe-v", None), ("interleaved-1f1b", Some(2))]
+    {
+        for (label, cost) in [("unit", unit), ("T_B=2 T_W=0.5 T_AR=0.25", skewed)] {
+            let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no {name}"));
+            let file = SourceFile::new(s.path(), s.source);
+            let request = Request {
+                params: ParamArgs { ranks: Some(p), microbatches: Some(m), chunks, ..ParamArgs::default() },
+                ..Request::default()
+            };
+            let build = pipeline::build(&file, &request).unwrap_or_else(|_| panic!("{name} compiles"));
+            let hand = simulate(&build.program, &cost).unwrap_or_else(|d| panic!("{d}")).makespan;
+            let mut auto = build.checked.schedule().clone();
+            auto.auto = true;
+            auto.cost = cost;
+            auto.memory.budget = build.checked.peaks().iter().map(|peak| peak.units).max();
+            let bound = opt::bound::lower_bound(&auto, &cost);
+            let greedy = opt::plan(&auto, Solver::Greedy).map(|(_, r)| r.makespan);
+            let started = Instant::now();
+            let smt = opt::plan(&auto, Solver::Smt { timeout: Duration::from_secs_f64(seconds), progress: None });
+            let took = started.elapsed().as_secs_f64();
+            let show = |r: &Result<f64, _>| r.as_ref().map_or("none".to_string(), |t| format!("{t:.2}"));
+            let (smt_time, proved) = match &smt {
+                Ok((_, r)) => (Ok(r.makespan), r.optimal),
+                Err(_) => (Err(()), false),
+            };
+            let versus = smt_time.as_ref().map_or("-".to_string(), |t| format!("{:+.1}%", 100.0 * (t / hand - 1.0)));
+            println!(
+                "| {name} | {label} | {hand:.2} | {} | {} | {bound:.2} | {versus} | {took:.1} s | {} |",
+                show(&greedy.map_err(|_| ())),
+                show(&smt_time),
+                if proved { "yes" } else { "no" }
+            );
+        }
+    }
+}
