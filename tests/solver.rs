@@ -160,3 +160,19 @@ fn smt_proves_a_budget_infeasible() {
         assert_eq!(proved, expected.is_some(), "{:?}", errors[0].notes);
     }
 }
+
+const INTERLEAVED: &str =
+    "schedule i(p: ranks, m: microbatches) { stages 2 * p; place s -> s % p; memory { budget = 3 * p; } auto; }";
+
+/// Large instances: an order that meets the lower bound is proved optimal
+/// without building a model; one that does not, on an instance too large
+/// for the exact model, is kept with the reason.
+#[test]
+fn large_instances_are_proved_by_the_bound_or_left_to_greedy_with_a_reason() {
+    let (_, proved) = planned(INTERLEAVED, 8, 64, CostModel::default(), smt(600));
+    assert!(proved.optimal && proved.kept == "greedy", "{proved:?}");
+    let skewed = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
+    let (_, kept) = planned(INTERLEAVED, 8, 64, skewed, smt(600));
+    assert_eq!(kept.kept, "greedy");
+    assert!(kept.fallback.as_deref().is_some_and(|why| why.contains("too large")), "{kept:?}");
+}

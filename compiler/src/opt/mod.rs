@@ -122,11 +122,16 @@ fn improve(
         (Some(order), _) => Ok((order, report("smt", found.makespan, found.optimal, None))),
         (None, Ok(order)) if found.optimal => Ok((order, report("greedy", upper, true, None))),
         (None, Ok(order)) => {
-            let why = "Z3 found no shorter order in time (raise --solver-timeout)".to_string();
+            let why = found
+                .stopped
+                .unwrap_or_else(|| "Z3 found no shorter order in time (raise --solver-timeout)".to_string());
             Ok((order, report("greedy", upper, false, Some(why))))
         }
         (None, Err(stuck)) if found.optimal => {
             Err(stuck.with_note("Z3 proved that no order of the passes fits this budget"))
+        }
+        (None, Err(stuck)) if found.stopped.is_some() => {
+            Err(stuck.with_note(format!("Z3 was not asked: {}", found.stopped.unwrap_or_default())))
         }
         (None, Err(stuck)) => Err(stuck.with_note(format!(
             "Z3 found no order within the budget in {:.1} s either; raise --solver-timeout to let it decide",

@@ -21,6 +21,11 @@ use stp_ir::{Compute, Microbatch, Pass, PassKind, Stage};
 use z3::ast::{Bool, Int};
 use z3::{Params, SatResult, Solver};
 
+/// The most pairs of passes sharing a rank the model takes: each is a
+/// disjunction, and building and preprocessing them dominates beyond
+/// this (about 150,000 pairs took 90 s here).
+const MAX_PAIRS: usize = 40_000;
+
 /// Times are scaled by this to become integers.
 const SCALE: f64 = 1000.0;
 
@@ -35,6 +40,8 @@ pub struct SmtPlan {
     pub makespan: f64,
     /// Whether Z3 proved that no order is shorter than `makespan`.
     pub optimal: bool,
+    /// Why the search stopped before it began, if it did.
+    pub stopped: Option<String>,
 }
 
 fn scaled(t: f64) -> i64 {
@@ -50,6 +57,35 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
     let duration = |kind: PassKind| scaled(super::standalone_duration(s, kind));
     let owner = |stage: usize| meta.placement[stage].index();
     let hop = |a: usize, b: usize| if owner(a) != owner(b) { scaled(s.cost.p2p) } else { 0 };
+    let started = Instant::now();
+    let dur = [duration(kinds[0]), duration(kinds[1]), duration(kinds[2])];
+    let hops = |a: usize, b: usize| hop(a, b);
+    let (heads, tails) = super::bound::heads_and_tails(stages, mbs, dur, &hops);
+    let owned_by = |r: usize| -> Vec<usize> { (0..stages).filter(|st| owner(*st) == r).collect() };
+    let rank_floor = |r: usize| {
+        let owned = owned_by(r);
+        let all = || owned.iter().flat_map(|&st| (0..3).flat_map(move |k| (0..mbs).map(move |i| (k, st, i))));
+        let first = all().map(|(k, st, i)| heads[k][st][i]).min().unwrap_or(0);
+        let last = all().map(|(k, st, i)| tails[k][st][i]).min().unwrap_or(0);
+        first + all().map(|(k, _, _)| dur[k]).sum::<i64>() + last
+    };
+    let ranks = meta.num_ranks as usize;
+    let floor = (0..ranks).map(rank_floor).max().unwrap_or(0);
+    if scaled(upper) <= floor {
+        // The order in hand already meets a bound no order can beat.
+        return SmtPlan { ranks: None, makespan: upper, optimal: true, stopped: None };
+    }
+    let pairs: usize = (0..ranks).map(|r| 3 * mbs * owned_by(r).len()).map(|n| n * n.saturating_sub(1) / 2).sum();
+    if pairs > MAX_PAIRS {
+        return SmtPlan {
+            ranks: None,
+            makespan: upper,
+            optimal: false,
+            stopped: Some(format!(
+                "too large for the exact model ({pairs} pairs of passes sharing a rank; it takes at most {MAX_PAIRS})"
+            )),
+        };
+    }
     let var = |kind: usize, stage: usize, mb: usize| Int::new_const(format!("t{kind}_{stage}_{mb}"));
     let starts: Vec<Vec<Vec<Int>>> =
         (0..3).map(|k| (0..stages).map(|st| (0..mbs).map(|i| var(k, st, i)).collect()).collect()).collect();
@@ -79,8 +115,15 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
     }
     // Passes of one rank never overlap; forwards respect the memory budget.
     let budget_units = s.memory.budget;
-    for r in 0..meta.num_ranks as usize {
-        let owned: Vec<usize> = (0..stages).filter(|st| owner(*st) == r).collect();
+    for r in 0..ranks {
+        if started.elapsed() >= budget {
+            let why = format!(
+                "building the Z3 model took all of the {:.1} s allowed (raise --solver-timeout)",
+                budget.as_secs_f64()
+            );
+            return SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why) };
+        }
+        let owned = owned_by(r);
         let ops: Vec<(usize, usize, usize)> =
             owned.iter().flat_map(|&st| (0..3).flat_map(move |k| (0..mbs).map(move |i| (k, st, i)))).collect();
         for (x, &(ka, sa, ia)) in ops.iter().enumerate() {
@@ -128,9 +171,6 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
     // starts before its dependencies allow (head) or ends later than the
     // passes after it allow (tail), and a rank works at least from its
     // earliest head to its latest tail.
-    let dur = [duration(kinds[0]), duration(kinds[1]), duration(kinds[2])];
-    let hops = |a: usize, b: usize| hop(a, b);
-    let (heads, tails) = super::bound::heads_and_tails(stages, mbs, dur, &hops);
     for k in 0..3 {
         for st in 0..stages {
             for i in 0..mbs {
@@ -140,18 +180,7 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
             }
         }
     }
-    for r in 0..meta.num_ranks as usize {
-        let owned: Vec<usize> = (0..stages).filter(|st| owner(*st) == r).collect();
-        if owned.is_empty() {
-            continue;
-        }
-        let all = || owned.iter().flat_map(|&st| (0..3).flat_map(move |k| (0..mbs).map(move |i| (k, st, i))));
-        let first = all().map(|(k, st, i)| heads[k][st][i]).min().unwrap_or(0);
-        let last = all().map(|(k, st, i)| tails[k][st][i]).min().unwrap_or(0);
-        let work: i64 = all().map(|(k, _, _)| dur[k]).sum();
-        solver.assert(makespan.ge(int(first + work + last)));
-    }
-    let started = Instant::now();
+    solver.assert(makespan.ge(int(floor)));
     let mut best: Option<(i64, Vec<Vec<ScheduledOp>>)> = None;
     let mut bound = scaled(upper) - 1;
     let mut optimal = false;
@@ -187,8 +216,8 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
         }
     }
     match best {
-        Some((found, ranks)) => SmtPlan { ranks: Some(ranks), makespan: found as f64 / SCALE, optimal },
-        None => SmtPlan { ranks: None, makespan: upper, optimal },
+        Some((found, ranks)) => SmtPlan { ranks: Some(ranks), makespan: found as f64 / SCALE, optimal, stopped: None },
+        None => SmtPlan { ranks: None, makespan: upper, optimal, stopped: None },
     }
 }
 
