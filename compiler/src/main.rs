@@ -150,7 +150,7 @@ enum SolverArg {
 fn parse_timeout(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(t) if t.is_finite() && t > 0.0 && t <= 86_400.0 => Ok(t),
-        _ => Err(format!("`{text}` is not a number of seconds between 0 and 86400")),
+        _ => Err(format!("`{text}` is not a time limit: give seconds above 0, at most 86400")),
     }
 }
 

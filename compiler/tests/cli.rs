@@ -266,3 +266,28 @@ fn verify_accepts_compiled_programs_and_shows_where_a_bad_one_blocks() {
     assert!(err.contains("deadlock under rendezvous") && err.contains("r0 is at: send act.s0.mb1 -> r1"), "{err}");
     assert!(stpc(&["verify", &bad, "--comm", "buffered"]).status.success());
 }
+
+#[test]
+fn the_solver_flags_plan_auto_schedules_and_say_what_was_kept() {
+    let auto = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/auto_looped.sched");
+    let common = ["simulate", auto, "-p", "3", "-m", "6", "--t-b", "2", "--t-p2p", "0.5", "--json"];
+    let greedy = stpc(&common);
+    assert!(greedy.status.success(), "{}", stderr(&greedy));
+    assert!(stderr(&greedy).contains("note: auto: greedy order"), "{}", stderr(&greedy));
+    let smt = stpc(&[&common[..], &["--solver", "smt", "--solver-timeout", "60"]].concat());
+    assert!(smt.status.success(), "{}", stderr(&smt));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&smt)).expect("--json prints JSON");
+    assert_eq!(report["plan"]["kept"], "smt", "{report}");
+    assert_eq!(report["plan"]["optimal"], true);
+    // The solver's claim is what the simulator measured.
+    assert_eq!(report["plan"]["makespan"].as_f64(), report["makespan"].as_f64());
+    assert!(report["makespan"].as_f64() < report["plan"]["greedy_makespan"].as_f64());
+    // A hand-written schedule has no plan.
+    let hand = stpc(&["simulate", "1f1b", "-p", "2", "-m", "4", "--json", "--solver", "smt"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&hand)).expect("--json prints JSON");
+    assert!(report["plan"].is_null());
+    // A nonsensical time limit is a usage error.
+    let bad = stpc(&["check", auto, "--solver", "smt", "--solver-timeout", "0"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("seconds"), "{}", stderr(&bad));
+}

@@ -159,7 +159,7 @@ impl Serialize for Buffer {
 }
 
 /// `n` in decimal, written into the end of `digits`.
-fn decimal(mut n: u32, digits: &mut [u8; 10]) -> &[u8] {
+pub(crate) fn decimal(mut n: u32, digits: &mut [u8; 10]) -> &[u8] {
     let mut at = digits.len();
     loop {
         at -= 1;

@@ -13,7 +13,7 @@ pub fn to_json(program: &Program) -> String {
     let mut out = String::with_capacity(256 + instrs * 64);
     let meta = &program.schedule;
     out.push_str("{\"version\":");
-    number(&mut out, u64::from(program.version));
+    number(&mut out, program.version);
     out.push_str(",\"schedule\":{\"name\":");
     out.push_str(&serde_json::to_string(&meta.name).unwrap_or_default());
     out.push_str(",\"params\":[");
@@ -28,22 +28,22 @@ pub fn to_json(program: &Program) -> String {
         out.push('}');
     }
     out.push_str("],\"num_ranks\":");
-    number(&mut out, u64::from(meta.num_ranks));
+    number(&mut out, meta.num_ranks);
     out.push_str(",\"num_stages\":");
-    number(&mut out, u64::from(meta.num_stages));
+    number(&mut out, meta.num_stages);
     out.push_str(",\"num_microbatches\":");
-    number(&mut out, u64::from(meta.num_microbatches));
+    number(&mut out, meta.num_microbatches);
     out.push_str(",\"placement\":[");
     for (i, r) in meta.placement.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        number(&mut out, u64::from(r.0));
+        number(&mut out, r.0);
     }
     out.push(']');
     if meta.tp != 1 {
         out.push_str(",\"tp\":");
-        number(&mut out, u64::from(meta.tp));
+        number(&mut out, meta.tp);
     }
     out.push_str("},\"ranks\":[");
     for (i, rank) in program.ranks.iter().enumerate() {
@@ -51,7 +51,7 @@ pub fn to_json(program: &Program) -> String {
             out.push(',');
         }
         out.push_str("{\"rank\":");
-        number(&mut out, u64::from(rank.rank.0));
+        number(&mut out, rank.rank.0);
         out.push_str(",\"instrs\":[");
         for (k, instr) in rank.instrs.iter().enumerate() {
             if k > 0 {
@@ -95,7 +95,7 @@ fn write_instr(out: &mut String, instr: &Instr) {
                 });
                 write_buffer(out, t.buffer);
                 out.push_str(",\"peer\":");
-                number(out, u64::from(t.peer.0));
+                number(out, t.peer.0);
                 out.push('}');
             }
             out.push_str("]}");
@@ -112,9 +112,9 @@ fn write_pass(out: &mut String, p: &Pass) {
     out.push_str("{\"kind\":\"");
     out.push_str(p.kind.as_str());
     out.push_str("\",\"stage\":");
-    number(out, u64::from(p.stage.0));
+    number(out, p.stage.0);
     out.push_str(",\"mb\":");
-    number(out, u64::from(p.mb.0));
+    number(out, p.mb.0);
     out.push('}');
 }
 
@@ -122,25 +122,15 @@ fn write_buffer(out: &mut String, b: Buffer) {
     out.push('"');
     out.push_str(b.kind.as_str());
     out.push_str(".s");
-    number(out, u64::from(b.stage.0));
+    number(out, b.stage.0);
     out.push_str(".mb");
-    number(out, u64::from(b.mb.0));
+    number(out, b.mb.0);
     out.push('"');
 }
 
 /// `n` in decimal, without the formatting machinery.
-fn number(out: &mut String, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+fn number(out: &mut String, n: u32) {
+    out.push_str(std::str::from_utf8(crate::ids::decimal(n, &mut [0u8; 10])).unwrap_or_default());
 }
 
 #[cfg(test)]

@@ -53,6 +53,13 @@ pub struct PlanReport {
     pub fallback: Option<String>,
 }
 
+impl PlanReport {
+    /// The greedy order kept, unproved.
+    fn greedy(makespan: f64, lower_bound: f64, fallback: Option<String>) -> PlanReport {
+        PlanReport { kept: "greedy", greedy_makespan: Some(makespan), makespan, lower_bound, optimal: false, fallback }
+    }
+}
+
 impl std::fmt::Display for PlanReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "auto: {} order, makespan {:.3}", self.kept, self.makespan)?;
@@ -81,15 +88,7 @@ pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>
     match (solver, greedy) {
         (Solver::Greedy, Err(stuck)) => Err(stuck),
         (Solver::Greedy, Ok(order)) => {
-            let makespan = order_makespan(s, &order);
-            let report = PlanReport {
-                kept: "greedy",
-                greedy_makespan: Some(makespan),
-                makespan,
-                lower_bound,
-                optimal: false,
-                fallback: None,
-            };
+            let report = PlanReport::greedy(order_makespan(s, &order), lower_bound, None);
             Ok((order, report))
         }
         (Solver::Smt { timeout, progress }, greedy) => improve(s, greedy, lower_bound, timeout, progress),
@@ -149,16 +148,8 @@ fn improve(
     _: Option<Progress>,
 ) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
     let order = greedy?;
-    let makespan = order_makespan(s, &order);
     let why = "this stpc was built without the `smt` feature; kept the greedy order".to_string();
-    let report = PlanReport {
-        kept: "greedy",
-        greedy_makespan: Some(makespan),
-        makespan,
-        lower_bound,
-        optimal: false,
-        fallback: Some(why),
-    };
+    let report = PlanReport::greedy(order_makespan(s, &order), lower_bound, Some(why));
     Ok((order, report))
 }
 
