@@ -85,3 +85,15 @@ fn check_1m_ops(bencher: Bencher, m: i64) {
         lowered.program.ranks.len()
     });
 }
+
+/// An `auto` schedule on the same placement and memory as the hand-written
+/// interleaved 1F1B, ordered by the greedy scheduler (its portfolio of
+/// policies); compare with `elaborate_only`, which produces the
+/// hand-written order of the same size.
+#[divan::bench(args = [256], sample_count = 5)]
+fn plan_auto_greedy(bencher: Bencher, m: i64) {
+    let source = "schedule i(p: ranks, m: microbatches, v: chunks) { stages v * p; place s -> s % p; memory { budget = 3 * p; } auto; }";
+    let file = SourceFile::new("auto.sched", source);
+    let request = request(m);
+    bencher.bench(|| pipeline::elaborate(&file, &request).expect("plans").num_ops());
+}
