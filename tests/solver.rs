@@ -176,3 +176,70 @@ fn large_instances_are_proved_by_the_bound_or_left_to_greedy_with_a_reason() {
     assert_eq!(kept.kept, "greedy");
     assert!(kept.fallback.as_deref().is_some_and(|why| why.contains("too large")), "{kept:?}");
 }
+
+/// 1F1B's order with every weight gradient left to stpc (`defer auto`),
+/// and the same order with every `W` run at the end of the rank.
+fn floating_w_source(at_end: bool) -> String {
+    let defer = if at_end { "defer" } else { "defer auto" };
+    let tail = if at_end { "for i in 0..m { W }" } else { "" };
+    format!(
+        "schedule f(p: ranks, m: microbatches) {{ stages p; place s -> s; memory {{ budget = p; }}
+           rank r {{ let warmup = min(p - 1 - r, m);
+             for i in 0..warmup {{ F(i) }}
+             for i in 0..m - warmup {{ F(i + warmup) B(i) {defer} }}
+             for i in m - warmup..m {{ B(i) {defer} }}
+             {tail} }} }}"
+    )
+}
+
+fn hand_built(source: &str, p: i64, m: i64, cost: CostModel) -> Build {
+    let file = SourceFile::new("floating.sched", source);
+    let request = Request {
+        params: stpc::elab::ParamArgs { ranks: Some(p), microbatches: Some(m), ..Default::default() },
+        cost: Some(cost),
+        ..Default::default()
+    };
+    build(&file, &request).unwrap_or_else(|d| panic!("p={p} m={m} compiles: {d:?}"))
+}
+
+/// At unit costs, placing 1F1B's weight gradients into its idle time
+/// gives ZB-H1's makespan at 1F1B's memory.
+#[test]
+fn floating_weight_gradients_turn_1f1b_into_zb_h1_at_unit_costs() {
+    let unit = CostModel::default();
+    for p in [2, 4, 8] {
+        for m in [p, 2 * p, 4 * p] {
+            let floating = hand_built(&floating_w_source(false), p, m, unit);
+            let zb_h1 = stp_tests::build_std("zb-h1", p, m, None);
+            let one_f_one_b = stp_tests::build_std("1f1b", p, m, None);
+            assert!(close(simulated(&floating, &unit), simulated(&zb_h1, &unit)), "p={p} m={m}");
+            let peaks = |b: &Build| b.checked.peaks().iter().map(|x| x.units).collect::<Vec<_>>();
+            assert_eq!(peaks(&floating), peaks(&one_f_one_b), "p={p} m={m}: 1F1B's memory");
+        }
+    }
+}
+
+/// Placing a `W` never delays anything: the order with floating weight
+/// gradients is never slower than the same order with them all at the end,
+/// and never needs more memory.
+#[test]
+fn floating_weight_gradients_never_lose_to_running_them_last() {
+    let unit = CostModel::default();
+    let costs = [
+        unit,
+        CostModel { backward_input: 2.0, backward_weight: 0.5, ..unit },
+        CostModel { forward: 2.0, backward_input: 1.0, backward_weight: 3.0, ..unit },
+        CostModel { backward_input: 2.0, backward_weight: 0.5, p2p: 0.5, tp_collective: 0.25, ..unit },
+    ];
+    for cost in costs {
+        for (p, m) in [(2, 5), (4, 8), (4, 12)] {
+            let floating = hand_built(&floating_w_source(false), p, m, cost);
+            let last = hand_built(&floating_w_source(true), p, m, cost);
+            let (f, l) = (simulated(&floating, &cost), simulated(&last, &cost));
+            assert!(f <= l + 1e-9, "p={p} m={m} {cost:?}: floating {f} vs at the end {l}");
+            for (a, b) in floating.checked.peaks().iter().zip(last.checked.peaks()) {
+                assert!(a.units <= b.units);
+            }
+        }
+    }
+}

@@ -59,6 +59,8 @@ struct RankState {
     next_mb: HashMap<(u8, u32), i64>,
     /// Deferred weight gradients, oldest first, with the op that deferred each.
     deferred: VecDeque<(Pass, Span)>,
+    /// Weight gradients deferred with `defer auto`, for stpc to place.
+    floating: Vec<(Pass, Origin)>,
 }
 
 fn implicit_class(kind: PassKind) -> u8 {
@@ -135,6 +137,7 @@ pub(super) fn run(
             cost,
             auto: true,
             plan: None,
+            floating: Vec::new(),
         });
     }
     let Some((var, body, body_span)) = schedule.decls.iter().find_map(|d| match d {
@@ -146,6 +149,7 @@ pub(super) fn run(
 
     let shape = Shape { num_stages, num_microbatches, placement: &placement };
     let mut ranks = Vec::with_capacity(num_ranks as usize);
+    let mut floating = Vec::with_capacity(num_ranks as usize);
     let mut seen: HashMap<(Code, Span), usize> = HashMap::new();
     for r in 0..num_ranks {
         let mut ops = Vec::new();
@@ -154,6 +158,7 @@ pub(super) fn run(
         let result = ev.exec_block(body, Rank(r), &shape, &mut ops);
         let result = result.and_then(|()| ev.leftover_deferred(Rank(r)).map_or(Ok(()), Err));
         ev.env.truncate(params.len());
+        floating.push(std::mem::take(&mut ev.rank_state.floating));
         match result {
             Ok(()) => {}
             Err(e) if e.code == Code::Limit => {
@@ -175,7 +180,7 @@ pub(super) fn run(
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(ComputeSchedule { meta: meta(placement), ranks, body_span, memory, cost, auto: false, plan: None })
+    Ok(ComputeSchedule { meta: meta(placement), ranks, body_span, memory, cost, auto: false, plan: None, floating })
 }
 
 struct Shape<'a> {
@@ -473,7 +478,10 @@ impl<'m> Eval<'m> {
             ));
         }
         let pass = Pass { kind, stage, mb: Microbatch(mb as u32) };
-        if call.defer {
+        if call.defer_auto {
+            let origin = self.origin(call.span);
+            self.rank_state.floating.push((Pass { kind: PassKind::W, ..pass }, origin));
+        } else if call.defer {
             self.defer(pass, call.span)?;
         }
         Ok(pass)

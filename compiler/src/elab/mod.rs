@@ -51,6 +51,9 @@ pub struct ComputeSchedule {
     pub auto: bool,
     /// For an `auto` schedule, what the scheduler did.
     pub plan: Option<crate::opt::PlanReport>,
+    /// Per rank, the weight gradients deferred with `B(...) defer auto`
+    /// that stpc still has to place (`opt::place_w` empties it).
+    pub floating: Vec<Vec<(stp_ir::Pass, Origin)>>,
 }
 
 /// How much activation memory each pass holds, in units, and the bounds a

@@ -1,4 +1,5 @@
-//! Deciding what a schedule leaves open. An `auto` schedule's passes are
+//! Deciding what a schedule leaves open. Weight gradients deferred with
+//! `defer auto` are placed into idle time ([`place_w`]). An `auto` schedule's passes are
 //! ordered by a greedy list scheduler ([`greedy`]) and, when asked for and
 //! built in, improved by the Z3 scheduler ([`smt`]); [`bound`] is the lower
 //! bound no order can beat. Whatever these produce goes through the
@@ -7,6 +8,7 @@
 
 pub mod bound;
 pub mod greedy;
+pub mod place_w;
 #[cfg(feature = "smt")]
 pub mod smt;
 
@@ -170,49 +172,67 @@ pub fn standalone_duration(s: &ComputeSchedule, kind: PassKind) -> f64 {
     compute + exposed
 }
 
-/// The makespan of per-rank orders of single passes when every pass starts
-/// as soon as its rank is free and its inputs have arrived.
+/// The makespan of per-rank orders when every op starts as soon as its
+/// rank is free and its inputs have arrived (0 when the orders cannot all
+/// run: a cycle the checker reports).
 pub fn order_makespan(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> f64 {
+    op_times(s, ranks)
+        .map_or(0.0, |times| times.iter().filter_map(|r| r.last().map(|(_, end)| *end)).fold(0.0, f64::max))
+}
+
+/// Per rank, each op's (start, end) when every op starts as soon as its
+/// rank is free and its inputs have arrived; an op lasts its passes'
+/// compute plus their exposed TP collective, as the timed simulator
+/// charges it. `None` when the orders cannot all run.
+pub fn op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Option<Vec<Vec<(f64, f64)>>> {
     let meta = &s.meta;
     let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
     let owner = |stage: usize| meta.placement[stage].index();
     let hop = |a: usize, b: usize| if owner(a) != owner(b) { s.cost.p2p } else { 0.0 };
     let slot = |stage: usize, mb: usize| stage * mbs + mb;
     let (mut f_end, mut b_end) = (vec![None::<f64>; stages * mbs], vec![None::<f64>; stages * mbs]);
-    let mut cursor = vec![0usize; ranks.len()];
+    let ready = |pass: &stp_ir::Pass, f_end: &[Option<f64>], b_end: &[Option<f64>]| -> Option<f64> {
+        let (st, i) = (pass.stage.index(), pass.mb.index());
+        match pass.kind {
+            PassKind::F if st == 0 => Some(0.0),
+            PassKind::F => f_end[slot(st - 1, i)].map(|t| t + hop(st - 1, st)),
+            PassKind::B | PassKind::BW => {
+                let down =
+                    if st + 1 == stages { Some(0.0) } else { b_end[slot(st + 1, i)].map(|t| t + hop(st + 1, st)) };
+                down.zip(f_end[slot(st, i)]).map(|(d, f)| d.max(f))
+            }
+            PassKind::W => b_end[slot(st, i)],
+        }
+    };
+    let mut times: Vec<Vec<(f64, f64)>> = ranks.iter().map(|ops| Vec::with_capacity(ops.len())).collect();
     let mut free = vec![0.0f64; ranks.len()];
     let mut progressed = true;
     while progressed {
         progressed = false;
         for (r, ops) in ranks.iter().enumerate() {
-            while let Some(op) = ops.get(cursor[r]) {
-                let Some(&pass) = op.compute.passes.first() else { break };
-                let (st, i) = (pass.stage.index(), pass.mb.index());
-                let ready = match pass.kind {
-                    PassKind::F if st == 0 => Some(0.0),
-                    PassKind::F => f_end[slot(st - 1, i)].map(|t| t + hop(st - 1, st)),
-                    PassKind::B | PassKind::BW => {
-                        let down = if st + 1 == stages {
-                            Some(0.0)
-                        } else {
-                            b_end[slot(st + 1, i)].map(|t| t + hop(st + 1, st))
-                        };
-                        down.zip(f_end[slot(st, i)]).map(|(d, f)| d.max(f))
-                    }
-                    PassKind::W => b_end[slot(st, i)],
+            while let Some(op) = ops.get(times[r].len()) {
+                let passes = &op.compute.passes;
+                let Some(inputs) =
+                    passes.iter().map(|p| ready(p, &f_end, &b_end)).try_fold(0.0f64, |acc, t| t.map(|t| acc.max(t)))
+                else {
+                    break;
                 };
-                let Some(ready) = ready else { break };
-                let end = free[r].max(ready) + standalone_duration(s, pass.kind);
-                match pass.kind {
-                    PassKind::F => f_end[slot(st, i)] = Some(end),
-                    PassKind::B | PassKind::BW => b_end[slot(st, i)] = Some(end),
-                    PassKind::W => {}
+                let (compute, exposed) = s.cost.time(passes);
+                let start = free[r].max(inputs);
+                let end = start + compute + exposed;
+                for pass in passes {
+                    let at = slot(pass.stage.index(), pass.mb.index());
+                    match pass.kind {
+                        PassKind::F => f_end[at] = Some(end),
+                        PassKind::B | PassKind::BW => b_end[at] = Some(end),
+                        PassKind::W => {}
+                    }
                 }
+                times[r].push((start, end));
                 free[r] = end;
-                cursor[r] += 1;
                 progressed = true;
             }
         }
     }
-    free.into_iter().fold(0.0, f64::max)
+    times.iter().zip(ranks).all(|(t, ops)| t.len() == ops.len()).then_some(times)
 }

@@ -278,6 +278,9 @@ pub struct OpCall {
     /// `defer` after a `B`: its `W` joins the rank's queue of deferred
     /// weight gradients, for a bare `W` to run later.
     pub defer: bool,
+    /// `defer auto` after a `B`: stpc places its `W` (in idle time after
+    /// the `B`, else at the end of the rank).
+    pub defer_auto: bool,
     /// The whole call.
     pub span: Span,
 }

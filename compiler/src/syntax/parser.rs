@@ -215,8 +215,14 @@ where
                     .delimited_by(ctrl('('), ctrl(')'))
                     .or_not(),
             )
-            .then(kw(Keyword::Defer).or_not().map(|d| d.is_some()))
-            .map_with(|((name, args), defer), e| OpCall { name, args, defer, span: sp(e.span()) })
+            .then(kw(Keyword::Defer).ignore_then(kw(Keyword::Auto).or_not()).or_not())
+            .map_with(|((name, args), defer), e| OpCall {
+                name,
+                args,
+                defer: defer.is_some(),
+                defer_auto: defer.is_some_and(|a| a.is_some()),
+                span: sp(e.span()),
+            })
             .labelled("op");
         let op_stmt = op_call.separated_by(op("&")).at_least(1).collect::<Vec<_>>().map(StmtKind::Op);
 
