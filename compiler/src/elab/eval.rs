@@ -506,17 +506,23 @@ impl<'m> Eval<'m> {
 
     /// The oldest deferred `W`, for a bare `W`.
     fn pop_deferred(&mut self, call: &OpCall) -> Result<Pass, Fail> {
-        match self.rank_state.deferred.pop_front() {
-            Some((w, _)) => Ok(w),
-            None => Err(self
-                .fail(
-                    Code::NothingDeferred,
-                    "`W` runs with no deferred weight gradient pending".into(),
-                    call.span,
-                    "nothing is deferred on this rank here".into(),
-                )
-                .map_help("defer one first with `B(...) defer`, or name the pass: `W(mb, stage)`")),
+        if let Some((w, _)) = self.rank_state.deferred.pop_front() {
+            return Ok(w);
         }
+        let error = self
+            .fail(
+                Code::NothingDeferred,
+                "`W` runs with no deferred weight gradient pending".into(),
+                call.span,
+                "nothing is deferred on this rank here".into(),
+            )
+            .map_help("defer one first with `B(...) defer`, or name the pass: `W(mb, stage)`");
+        Err(match self.rank_state.floating.len() {
+            0 => error,
+            n => error.map_note(format!(
+                "{n} weight gradient(s) on this rank were deferred with `defer auto`: stpc places those, a bare `W` never runs them"
+            )),
+        })
     }
 
     fn describe_deferred(&self) -> String {
