@@ -243,3 +243,47 @@ fn floating_weight_gradients_never_lose_to_running_them_last() {
         }
     }
 }
+
+/// STP with every braid written `&?`: stpc keeps a pair braided unless
+/// splitting it shortens the schedule.
+fn stp_with_optional_braids() -> String {
+    let stp = stp_stdlib::get("stp").expect("stdlib has stp");
+    let source = stp.source.replace(" & ", " &? ");
+    assert!(source.contains("&?"), "stp.sched braids with ` & `");
+    source
+}
+
+/// Splitting a pair is kept only when it pays, so the result is never
+/// slower than the all-braided schedule and never needs more memory; at
+/// unit costs nothing is split; with T_B = 2 T_F (where the fixed STP order
+/// loses most against its formula) splitting pays.
+#[test]
+fn optional_braids_are_split_only_when_it_pays() {
+    let source = stp_with_optional_braids();
+    let unit = CostModel::default();
+    let costs = [
+        unit,
+        CostModel { tp_collective: 0.25, ..unit },
+        CostModel { backward_input: 2.0, ..unit },
+        CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit },
+        CostModel { forward: 2.0, backward_input: 1.0, backward_weight: 3.0, p2p: 0.5, ..unit },
+    ];
+    for cost in costs {
+        for (p, m) in [(2, 6), (4, 12)] {
+            let maybe = hand_built(&source, p, m, cost);
+            let braided = stp_tests::build_std("stp", p, m, None);
+            let (t_maybe, t_braided) = (simulated(&maybe, &cost), simulated(&braided, &cost));
+            assert!(t_maybe <= t_braided + 1e-9, "p={p} m={m} {cost:?}: {t_maybe} vs {t_braided}");
+            for (a, b) in maybe.checked.peaks().iter().zip(braided.checked.peaks()) {
+                assert!(a.units <= b.units, "p={p} m={m} {cost:?}: memory");
+            }
+            if cost == unit {
+                assert_eq!(maybe.program, braided.program, "p={p} m={m}: nothing split at unit costs");
+            }
+        }
+    }
+    let skewed = CostModel { backward_input: 2.0, ..unit };
+    let maybe = simulated(&hand_built(&source, 4, 12, skewed), &skewed);
+    let braided = simulated(&stp_tests::build_std("stp", 4, 12, None), &skewed);
+    assert!(maybe < braided - 1e-9, "T_B = 2: {maybe} vs {braided}");
+}

@@ -306,6 +306,9 @@ fn tell_plan(build: &pipeline::Build) {
     if std::io::stderr().is_terminal() && matches!(build.checked.schedule().plan, Some(ref p) if p.kept == "smt") {
         eprint!("\r\x1b[2K");
     }
+    for note in &build.checked.schedule().notes {
+        eprintln!("note: {note}");
+    }
     if let Some(plan) = &build.checked.schedule().plan {
         eprintln!("note: {plan}");
     }

@@ -63,6 +63,7 @@ fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedul
     if let Some(cost) = request.cost {
         elaborated.cost = cost;
     }
+    crate::opt::braid::decide(&mut elaborated);
     crate::opt::place_w::place(&mut elaborated);
     if elaborated.auto {
         let (ranks, report) = crate::opt::plan(&elaborated, request.solver).map_err(|d| vec![d])?;

@@ -61,6 +61,8 @@ struct RankState {
     deferred: VecDeque<(Pass, Span)>,
     /// Weight gradients deferred with `defer auto`, for stpc to place.
     floating: Vec<(Pass, Origin)>,
+    /// Indices (in the rank's program) of pairs joined by `&?`.
+    maybe_braided: Vec<usize>,
 }
 
 fn implicit_class(kind: PassKind) -> u8 {
@@ -138,6 +140,8 @@ pub(super) fn run(
             auto: true,
             plan: None,
             floating: Vec::new(),
+            maybe_braided: Vec::new(),
+            notes: Vec::new(),
         });
     }
     let Some((var, body, body_span)) = schedule.decls.iter().find_map(|d| match d {
@@ -150,6 +154,7 @@ pub(super) fn run(
     let shape = Shape { num_stages, num_microbatches, placement: &placement };
     let mut ranks = Vec::with_capacity(num_ranks as usize);
     let mut floating = Vec::with_capacity(num_ranks as usize);
+    let mut maybe_braided = Vec::with_capacity(num_ranks as usize);
     let mut seen: HashMap<(Code, Span), usize> = HashMap::new();
     for r in 0..num_ranks {
         let mut ops = Vec::new();
@@ -159,6 +164,7 @@ pub(super) fn run(
         let result = result.and_then(|()| ev.leftover_deferred(Rank(r)).map_or(Ok(()), Err));
         ev.env.truncate(params.len());
         floating.push(std::mem::take(&mut ev.rank_state.floating));
+        maybe_braided.push(std::mem::take(&mut ev.rank_state.maybe_braided));
         match result {
             Ok(()) => {}
             Err(e) if e.code == Code::Limit => {
@@ -180,7 +186,18 @@ pub(super) fn run(
     if !errors.is_empty() {
         return Err(errors);
     }
-    Ok(ComputeSchedule { meta: meta(placement), ranks, body_span, memory, cost, auto: false, plan: None, floating })
+    Ok(ComputeSchedule {
+        meta: meta(placement),
+        ranks,
+        body_span,
+        memory,
+        cost,
+        auto: false,
+        plan: None,
+        floating,
+        maybe_braided,
+        notes: Vec::new(),
+    })
 }
 
 struct Shape<'a> {
@@ -409,6 +426,9 @@ impl<'m> Eval<'m> {
                         .map_help("raise the limit with --max-ops N if this size is intended"));
                 }
                 let origin = self.origin(stmt.span);
+                if passes.len() == 2 && calls.iter().any(|c| c.maybe_braided) {
+                    self.rank_state.maybe_braided.push(out.len());
+                }
                 out.push(ScheduledOp { compute: Compute { passes, units: Vec::new() }, origin });
             }
             StmtKind::Error => {}

@@ -54,6 +54,11 @@ pub struct ComputeSchedule {
     /// Per rank, the weight gradients deferred with `B(...) defer auto`
     /// that stpc still has to place (`opt::place_w` empties it).
     pub floating: Vec<Vec<(stp_ir::Pass, Origin)>>,
+    /// Per rank, the indices of the braided ops written with `&?`, which
+    /// `opt::braid` keeps braided or splits.
+    pub maybe_braided: Vec<Vec<usize>>,
+    /// What the optimizer passes decided that the user should hear.
+    pub notes: Vec<String>,
 }
 
 /// How much activation memory each pass holds, in units, and the bounds a

@@ -1,4 +1,5 @@
-//! Deciding what a schedule leaves open. Weight gradients deferred with
+//! Deciding what a schedule leaves open. Pairs written `&?` are braided or
+//! split ([`braid`]); weight gradients deferred with
 //! `defer auto` are placed into idle time ([`place_w`]). An `auto` schedule's passes are
 //! ordered by a greedy list scheduler ([`greedy`]) and, when asked for and
 //! built in, improved by the Z3 scheduler ([`smt`]); [`bound`] is the lower
@@ -7,6 +8,7 @@
 //! answers are never trusted unchecked.
 
 pub mod bound;
+pub mod braid;
 pub mod greedy;
 pub mod place_w;
 #[cfg(feature = "smt")]

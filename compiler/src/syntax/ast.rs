@@ -281,6 +281,9 @@ pub struct OpCall {
     /// `defer auto` after a `B`: stpc places its `W` (in idle time after
     /// the `B`, else at the end of the rank).
     pub defer_auto: bool,
+    /// Joined to its partner by `&?`: stpc braids the pair or runs it as
+    /// two ops, whichever is faster.
+    pub maybe_braided: bool,
     /// The whole call.
     pub span: Span,
 }

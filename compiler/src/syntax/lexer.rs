@@ -136,8 +136,9 @@ impl fmt::Display for Token<'_> {
     }
 }
 
-const OPERATORS: [&str; 20] =
-    ["..=", "==", "!=", "<=", ">=", "&&", "||", "->", "..", "+", "-", "*", "/", "%", "<", ">", "!", "=", "&", ":"];
+const OPERATORS: [&str; 21] = [
+    "..=", "==", "!=", "<=", ">=", "&&", "&?", "||", "->", "..", "+", "-", "*", "/", "%", "<", ">", "!", "=", "&", ":",
+];
 
 /// The lexer: the whole source to a token list, recovering from bad
 /// characters by skipping them.

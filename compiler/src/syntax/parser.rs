@@ -221,10 +221,17 @@ where
                 args,
                 defer: defer.is_some(),
                 defer_auto: defer.is_some_and(|a| a.is_some()),
+                maybe_braided: false,
                 span: sp(e.span()),
             })
             .labelled("op");
-        let op_stmt = op_call.separated_by(op("&")).at_least(1).collect::<Vec<_>>().map(StmtKind::Op);
+        // `&` braids two passes; `&?` lets stpc decide whether braiding pays.
+        let joiner = op("&?").to(true).or(op("&").to(false));
+        let op_stmt = op_call.clone().then(joiner.then(op_call).repeated().collect::<Vec<_>>()).map(|(first, rest)| {
+            let maybe = rest.iter().any(|(maybe, _)| *maybe);
+            let calls = std::iter::once(first).chain(rest.into_iter().map(|(_, call)| call));
+            StmtKind::Op(calls.map(|call| OpCall { maybe_braided: maybe, ..call }).collect())
+        });
 
         let repeat_stmt = kw(Keyword::Repeat)
             .ignore_then(expr())
