@@ -287,3 +287,55 @@ fn optional_braids_are_split_only_when_it_pays() {
     let braided = simulated(&stp_tests::build_std("stp", 4, 12, None), &skewed);
     assert!(maybe < braided - 1e-9, "T_B = 2: {maybe} vs {braided}");
 }
+
+fn reorder_example() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/reorder_region.sched"))
+        .expect("examples/reorder_region.sched exists")
+}
+
+/// 1F1B's steady state written backward-first inside `reorder`: the last
+/// rank's written order cannot run at all; the search repairs it and
+/// recovers 1F1B's makespan within 1F1B's budget.
+#[test]
+fn reorder_repairs_an_unrunnable_order_and_recovers_1f1b() {
+    let source = reorder_example();
+    let unit = CostModel::default();
+    for cost in [unit, CostModel { backward_input: 2.0, ..unit }] {
+        for (p, m) in [(2, 4), (4, 8)] {
+            let reordered = hand_built(&source, p, m, cost);
+            let one_f_one_b = stp_tests::build_std("1f1b", p, m, None);
+            assert!(close(simulated(&reordered, &cost), simulated(&one_f_one_b, &cost)), "p={p} m={m} {cost:?}");
+            let budget = p;
+            assert!(reordered.checked.peaks().iter().all(|peak| peak.units <= budget));
+        }
+    }
+}
+
+/// GPipe's order in one region per rank with 1F1B's budget: as written it
+/// is over budget (the checker would refuse it); the search moves
+/// backwards earlier until every rank fits.
+#[test]
+fn reorder_brings_an_order_within_the_memory_budget() {
+    let source = "schedule g(p: ranks, m: microbatches) { stages p; place s -> s; memory { budget = p; }
+        rank r { reorder { for i in 0..m { F(i) } for i in 0..m { BW(i) } } } }";
+    for (p, m) in [(2, 4), (4, 8)] {
+        let b = hand_built(source, p, m, CostModel::default());
+        assert!(b.checked.peaks().iter().all(|peak| peak.units <= p), "p={p} m={m}");
+    }
+}
+
+/// Around an order that already runs within budget, `reorder` never makes
+/// the schedule slower.
+#[test]
+fn reorder_never_slows_a_valid_order() {
+    let source = "schedule o(p: ranks, m: microbatches) { stages p; place s -> s; memory { budget = p; }
+        rank r { let warmup = min(p - 1 - r, m); for i in 0..warmup { F(i) }
+          for i in 0..m - warmup { reorder { F(i + warmup) BW(i) } }
+          for i in m - warmup..m { BW(i) } } }";
+    let unit = CostModel::default();
+    for cost in [unit, CostModel { forward: 2.0, backward_input: 1.0, backward_weight: 3.0, p2p: 0.5, ..unit }] {
+        let b = hand_built(source, 4, 8, cost);
+        let one_f_one_b = stp_tests::build_std("1f1b", 4, 8, None);
+        assert!(simulated(&b, &cost) <= simulated(&one_f_one_b, &cost) + 1e-9, "{cost:?}");
+    }
+}

@@ -63,6 +63,13 @@ fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedul
     if let Some(cost) = request.cost {
         elaborated.cost = cost;
     }
+    let moved = crate::opt::reorder::improve(&mut elaborated);
+    for (indices, moved) in elaborated.maybe_braided.iter_mut().zip(&moved) {
+        for at in indices.iter_mut() {
+            *at = moved[*at];
+        }
+        indices.sort_unstable();
+    }
     crate::opt::braid::decide(&mut elaborated);
     crate::opt::place_w::place(&mut elaborated);
     if elaborated.auto {

@@ -63,6 +63,8 @@ struct RankState {
     floating: Vec<(Pass, Origin)>,
     /// Indices (in the rank's program) of pairs joined by `&?`.
     maybe_braided: Vec<usize>,
+    /// `reorder { ... }` regions: index ranges of the rank's program.
+    regions: Vec<(usize, usize)>,
 }
 
 fn implicit_class(kind: PassKind) -> u8 {
@@ -141,6 +143,7 @@ pub(super) fn run(
             plan: None,
             floating: Vec::new(),
             maybe_braided: Vec::new(),
+            regions: Vec::new(),
             notes: Vec::new(),
         });
     }
@@ -155,6 +158,7 @@ pub(super) fn run(
     let mut ranks = Vec::with_capacity(num_ranks as usize);
     let mut floating = Vec::with_capacity(num_ranks as usize);
     let mut maybe_braided = Vec::with_capacity(num_ranks as usize);
+    let mut regions = Vec::with_capacity(num_ranks as usize);
     let mut seen: HashMap<(Code, Span), usize> = HashMap::new();
     for r in 0..num_ranks {
         let mut ops = Vec::new();
@@ -165,6 +169,7 @@ pub(super) fn run(
         ev.env.truncate(params.len());
         floating.push(std::mem::take(&mut ev.rank_state.floating));
         maybe_braided.push(std::mem::take(&mut ev.rank_state.maybe_braided));
+        regions.push(std::mem::take(&mut ev.rank_state.regions));
         match result {
             Ok(()) => {}
             Err(e) if e.code == Code::Limit => {
@@ -196,6 +201,7 @@ pub(super) fn run(
         plan: None,
         floating,
         maybe_braided,
+        regions,
         notes: Vec::new(),
     })
 }
@@ -396,6 +402,13 @@ impl<'m> Eval<'m> {
                     let result = self.exec_block(body, rank, shape, out);
                     self.env.pop();
                     result?;
+                }
+            }
+            StmtKind::Reorder(body) => {
+                let first = out.len();
+                self.exec_block(body, rank, shape, out)?;
+                if out.len() - first > 1 {
+                    self.rank_state.regions.push((first, out.len()));
                 }
             }
             StmtKind::Repeat { count, body } => {

@@ -57,6 +57,9 @@ pub struct ComputeSchedule {
     /// Per rank, the indices of the braided ops written with `&?`, which
     /// `opt::braid` keeps braided or splits.
     pub maybe_braided: Vec<Vec<usize>>,
+    /// Per rank, the `reorder { ... }` regions (index ranges of its
+    /// program) whose order `opt::reorder` may change.
+    pub regions: Vec<Vec<(usize, usize)>>,
     /// What the optimizer passes decided that the user should hear.
     pub notes: Vec<String>,
 }

@@ -1,4 +1,5 @@
-//! Deciding what a schedule leaves open. Pairs written `&?` are braided or
+//! Deciding what a schedule leaves open. `reorder { ... }` regions are
+//! reordered ([`reorder`]); pairs written `&?` are braided or
 //! split ([`braid`]); weight gradients deferred with
 //! `defer auto` are placed into idle time ([`place_w`]). An `auto` schedule's passes are
 //! ordered by a greedy list scheduler ([`greedy`]) and, when asked for and
@@ -11,6 +12,7 @@ pub mod bound;
 pub mod braid;
 pub mod greedy;
 pub mod place_w;
+pub mod reorder;
 #[cfg(feature = "smt")]
 pub mod smt;
 
@@ -187,6 +189,13 @@ pub fn order_makespan(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> f64 {
 /// compute plus their exposed TP collective, as the timed simulator
 /// charges it. `None` when the orders cannot all run.
 pub fn op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Option<Vec<Vec<(f64, f64)>>> {
+    let times = partial_op_times(s, ranks);
+    times.iter().zip(ranks).all(|(t, ops)| t.len() == ops.len()).then_some(times)
+}
+
+/// [`op_times`] for the ops that can run: each rank's list stops at its
+/// first op that waits forever.
+pub fn partial_op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Vec<Vec<(f64, f64)>> {
     let meta = &s.meta;
     let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
     let owner = |stage: usize| meta.placement[stage].index();
@@ -236,5 +245,5 @@ pub fn op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Option<Vec<V
             }
         }
     }
-    times.iter().zip(ranks).all(|(t, ops)| t.len() == ops.len()).then_some(times)
+    times
 }

@@ -285,6 +285,7 @@ impl Checker<'_> {
                 self.expect(count, Type::Int, "a repeat count");
                 self.check_block(body);
             }
+            StmtKind::Reorder(body) => self.check_block(body),
             StmtKind::If { cond, then, otherwise } => {
                 self.expect(cond, Type::Bool, "a condition");
                 self.check_block(then);

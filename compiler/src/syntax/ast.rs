@@ -245,6 +245,9 @@ pub enum StmtKind {
         /// The body.
         body: Block,
     },
+    /// `reorder { body }`: the body's ops, in an order stpc may change
+    /// within their dependencies and the rank's memory.
+    Reorder(Block),
     /// `repeat count { body }`: the body `count` times, without a variable.
     Repeat {
         /// How many times.

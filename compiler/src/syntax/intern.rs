@@ -92,6 +92,7 @@ impl Table {
                     self.expr(count);
                     self.block(body);
                 }
+                StmtKind::Reorder(body) => self.block(body),
                 StmtKind::If { cond, then, otherwise } => {
                     self.expr(cond);
                     self.block(then);

@@ -50,6 +50,7 @@ pub enum Keyword {
     Cost,
     /// `auto`
     Auto,
+    Reorder,
 }
 
 impl Keyword {
@@ -74,6 +75,7 @@ impl Keyword {
             "check" => Keyword::Check,
             "cost" => Keyword::Cost,
             "auto" => Keyword::Auto,
+            "reorder" => Keyword::Reorder,
             _ => return None,
         })
     }
@@ -99,6 +101,7 @@ impl Keyword {
             Keyword::Check => "check",
             Keyword::Cost => "cost",
             Keyword::Auto => "auto",
+            Keyword::Reorder => "reorder",
         }
     }
 }

@@ -238,7 +238,9 @@ where
             .then(body.clone())
             .map(|(count, body)| StmtKind::Repeat { count, body });
 
-        choice((let_stmt, for_stmt, repeat_stmt, if_stmt, op_stmt))
+        let reorder_stmt = kw(Keyword::Reorder).ignore_then(body.clone()).map(StmtKind::Reorder);
+
+        choice((let_stmt, for_stmt, repeat_stmt, if_stmt, reorder_stmt, op_stmt))
             .map_with(|kind, e| Stmt { kind, span: sp(e.span()) })
             .then_ignore(semi())
             .labelled("statement")
