@@ -64,6 +64,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Simulate a schedule and write its timeline as a Chrome trace
+    /// (open it in https://ui.perfetto.dev or chrome://tracing).
+    Trace {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        cost: CostArgs,
+        /// Where to write the trace.
+        #[arg(short = 'o', long = "output", value_name = "FILE", default_value = "trace.json")]
+        output: PathBuf,
+    },
     /// Check a compiled program (JSON or text form) as an executor would:
     /// format version, structural invariants, and that it runs to
     /// completion under the given send semantics.
@@ -254,6 +265,7 @@ fn main() -> ExitCode {
             compile(&target, &emit, out_dir.as_deref(), verify_each)
         }
         Command::Simulate { target, cost, json } => simulate(&target, &cost, json),
+        Command::Trace { target, cost, output } => trace(&target, &cost, &output),
         Command::Verify { program, comm } => verify_program(&program, comm),
         Command::Explain { code } => explain(code.as_deref()),
     };
@@ -409,7 +421,12 @@ fn override_times(mut cost: CostModel, args: &CostArgs) -> Result<CostModel, Rep
     Ok(cost)
 }
 
-fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported> {
+/// Builds the schedule for the costs it will be simulated with and runs
+/// the timed simulation.
+fn build_and_simulate(
+    target: &Target,
+    args: &CostArgs,
+) -> Result<(pipeline::Build, CostModel, stp_ir::simulate::Timeline), Reported> {
     let file = load(target)?;
     let mut request = request(target, false);
     // Only the shape and declared costs are needed here: no solver yet.
@@ -421,11 +438,32 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
     request.cost = Some(cost);
     let build = pipeline::build(&file, &request).map_err(|d| report(&d, &file, target.color))?;
     tell_plan(&build);
-    let bound = stpc::opt::bound::lower_bound(build.checked.schedule(), &cost);
     let timeline = stp_ir::simulate::simulate(&build.program, &cost).map_err(|d| {
         eprintln!("internal error: a checked program deadlocked in the timed simulation:\n{d}");
         Reported
     })?;
+    Ok((build, cost, timeline))
+}
+
+fn trace(target: &Target, args: &CostArgs, output: &Path) -> Result<(), Reported> {
+    let (build, _, timeline) = build_and_simulate(target, args)?;
+    let spans: Vec<Vec<(usize, f64, f64)>> =
+        timeline.ranks.iter().map(|r| r.spans.iter().map(|s| (s.instr, s.start, s.end)).collect()).collect();
+    let text = stp_ir::trace::chrome_trace(&build.program, &spans);
+    emit::write_atomic(output, text.as_bytes())
+        .map_err(|e| io_error(&format!("cannot write {}", output.display()), &e))?;
+    outln!(
+        "wrote {} ({} ranks, makespan {:.3}); open it in https://ui.perfetto.dev",
+        output.display(),
+        timeline.ranks.len(),
+        timeline.makespan
+    );
+    Ok(())
+}
+
+fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported> {
+    let (build, cost, timeline) = build_and_simulate(target, args)?;
+    let bound = stpc::opt::bound::lower_bound(build.checked.schedule(), &cost);
     let peaks: Vec<i64> = build.checked.peaks().iter().map(|p| p.units).collect();
     let s = build.checked.schedule();
     if json {

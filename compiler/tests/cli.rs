@@ -291,3 +291,35 @@ fn the_solver_flags_plan_auto_schedules_and_say_what_was_kept() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("seconds"), "{}", stderr(&bad));
 }
+
+#[test]
+fn trace_writes_a_chrome_trace_of_the_simulated_run() {
+    let dir = scratch("trace");
+    let path = dir.join("trace.json");
+    let path = path.to_string_lossy();
+    let out = stpc(&["trace", "1f1b", "-p", "4", "-m", "8", "--t-b", "2", "--t-p2p", "0.5", "-o", &path]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&*path).expect("trace written")).expect("trace is JSON");
+    let events: Vec<&serde_json::Value> =
+        trace["traceEvents"].as_array().expect("traceEvents").iter().filter(|e| e["ph"] == "X").collect();
+    // One process per rank; every compute and transfer group is an event.
+    let pids: std::collections::BTreeSet<i64> = events.iter().filter_map(|e| e["pid"].as_i64()).collect();
+    assert_eq!(pids.len(), 4);
+    let computes = events.iter().filter(|e| e["tid"] == 0).count();
+    assert_eq!(computes, 4 * 8 * 2, "an F and a BW per rank and microbatch");
+    assert!(events.iter().any(|e| e["tid"] == 1), "transfers on the communication thread");
+    // The last event ends at the simulated makespan, (m + p - 1)(T_F + T_B + T_W) plus transfers.
+    let end =
+        events.iter().map(|e| e["ts"].as_f64().unwrap_or(0.0) + e["dur"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max);
+    let simulated = stpc(&["simulate", "1f1b", "-p", "4", "-m", "8", "--t-b", "2", "--t-p2p", "0.5", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&stdout(&simulated)).expect("--json prints JSON");
+    assert!((end / 1e6 - report["makespan"].as_f64().unwrap_or(0.0)).abs() < 1e-6);
+    // Rank 0 holds p activations at its peak, as the checker says.
+    let live = events.iter().filter(|e| e["pid"] == 0).filter_map(|e| e["args"]["live_activations_after"].as_i64());
+    assert_eq!(live.max(), Some(4));
+    // An unwritable path is a clear error, exit 1.
+    let bad = stpc(&["trace", "1f1b", "-p", "2", "-m", "2", "-o", "/nonexistent-dir/t.json"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(stderr(&bad).contains("cannot write"), "{}", stderr(&bad));
+}

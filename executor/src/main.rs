@@ -156,28 +156,10 @@ fn load(path: &Path) -> Result<Program, String> {
     }
 }
 
-/// Chrome trace events: one process per rank, one thread per stream.
+/// The measured timeline as a Chrome trace ([`stp_ir::trace`]), written
+/// through a temporary file so a reader never sees half of it.
 fn write_trace(path: &Path, program: &Program, timeline: &[Vec<(usize, f64, f64)>]) -> Result<(), String> {
-    let mut events = Vec::new();
-    for (r, spans) in timeline.iter().enumerate() {
-        for &(i, start, end) in spans {
-            let instr = &program.ranks[r].instrs[i];
-            let tid = match instr {
-                stp_ir::Instr::Compute(_) => 0,
-                stp_ir::Instr::Comm(_) => 1,
-                stp_ir::Instr::Free { .. } => continue,
-            };
-            events.push(serde_json::json!({
-                "name": instr.to_string().replace('\n', " "),
-                "ph": "X",
-                "pid": r,
-                "tid": tid,
-                "ts": start * 1e6,
-                "dur": (end - start) * 1e6,
-            }));
-        }
-    }
-    let text = serde_json::to_string(&serde_json::json!({ "traceEvents": events })).map_err(|e| e.to_string())?;
+    let text = stp_ir::trace::chrome_trace(program, timeline);
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)
         .and_then(|()| std::fs::rename(&tmp, path))

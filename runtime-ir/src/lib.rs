@@ -54,6 +54,7 @@ mod program;
 pub mod simulate;
 mod slots;
 mod text;
+pub mod trace;
 mod verify;
 
 pub use ids::{Buffer, BufferKind, IdParseError, Microbatch, Rank, Stage};
