@@ -75,6 +75,21 @@ enum Command {
         #[arg(short = 'o', long = "output", value_name = "FILE", default_value = "trace.json")]
         output: PathBuf,
     },
+    /// Write a schedule in another runtime's format: today PyTorch
+    /// pipelining's CSV (one row per rank; `--comms` adds the transfers).
+    Export {
+        #[command(flatten)]
+        target: Target,
+        /// The format.
+        #[arg(long, value_enum, default_value = "torch-csv")]
+        format: ExportFormat,
+        /// Include the sends and receives (PyTorch's compute_comms form).
+        #[arg(long)]
+        comms: bool,
+        /// Write here instead of standard output.
+        #[arg(short = 'o', long = "output", value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
     /// Check a compiled program (JSON or text form) as an executor would:
     /// format version, structural invariants, and that it runs to
     /// completion under the given send semantics.
@@ -148,6 +163,12 @@ struct Target {
     /// When to colour diagnostics.
     #[arg(long, value_enum, default_value = "auto")]
     color: ColorArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ExportFormat {
+    /// torch.distributed.pipelining's schedule CSV.
+    TorchCsv,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -266,6 +287,9 @@ fn main() -> ExitCode {
         }
         Command::Simulate { target, cost, json } => simulate(&target, &cost, json),
         Command::Trace { target, cost, output } => trace(&target, &cost, &output),
+        Command::Export { target, format: ExportFormat::TorchCsv, comms, output } => {
+            export_torch(&target, comms, output.as_deref())
+        }
         Command::Verify { program, comm } => verify_program(&program, comm),
         Command::Explain { code } => explain(code.as_deref()),
     };
@@ -458,6 +482,22 @@ fn trace(target: &Target, args: &CostArgs, output: &Path) -> Result<(), Reported
         timeline.ranks.len(),
         timeline.makespan
     );
+    Ok(())
+}
+
+fn export_torch(target: &Target, comms: bool, output: Option<&Path>) -> Result<(), Reported> {
+    let file = load(target)?;
+    let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
+    tell_plan(&build);
+    let csv = emit::torch::torch_csv(&build.program, comms);
+    for note in &csv.notes {
+        eprintln!("note: {note}");
+    }
+    match output {
+        None => out!("{}", csv.text),
+        Some(path) => emit::write_atomic(path, csv.text.as_bytes())
+            .map_err(|e| io_error(&format!("cannot write {}", path.display()), &e))?,
+    }
     Ok(())
 }
 

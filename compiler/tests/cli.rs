@@ -323,3 +323,31 @@ fn trace_writes_a_chrome_trace_of_the_simulated_run() {
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("cannot write"), "{}", stderr(&bad));
 }
+
+#[test]
+fn export_writes_pytorch_pipelining_csv() {
+    // PyTorch's Schedule1F1B at 2 stages and 2 microbatches, by hand:
+    // rank 0 warms up with both forwards, rank 1 alternates.
+    let out = stpc(&["export", "1f1b", "-p", "2", "-m", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim_end(), "0F0,0F1,0B0,0B1\n1F0,1B0,1F1,1B1");
+    // With transfers: every send has its receive on the next stage, and
+    // split backwards are written I and W.
+    let out = stpc(&["export", "zb-h1", "-p", "4", "-m", "8", "--comms"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let cells: Vec<&str> = text.lines().flat_map(|l| l.split(',')).collect();
+    for cell in &cells {
+        if let Some((stage, mb)) = cell.split_once("SEND_F") {
+            let stage: u32 = stage.parse().expect("stage number");
+            assert!(cells.contains(&format!("{}RECV_F{mb}", stage + 1).as_str()), "{cell} has no receive");
+        }
+    }
+    assert!(cells.iter().any(|c| c.contains('I')) && cells.iter().any(|c| c.contains('W')));
+    // STP's braids become OVERLAP_F_B actions; braids PyTorch cannot
+    // express are written in sequence, and stpc says so.
+    let out = stpc(&["export", "stp", "-p", "2", "-m", "5"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("(3F1;3I0)OVERLAP_F_B"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("consecutive actions"), "{}", stderr(&out));
+}

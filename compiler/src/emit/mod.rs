@@ -1,6 +1,8 @@
 //! Program -> files: the output formats and the atomic writer every
 //! command uses.
 
+pub mod torch;
+
 use std::io::Write;
 use std::path::Path;
 use stp_ir::Program;
