@@ -77,3 +77,139 @@ fn action(p: &Pass) -> String {
     };
     format!("{}{kind}{}", p.stage.0, p.mb.0)
 }
+
+/// A PyTorch schedule CSV that cannot be read, with where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImportError {
+    /// 1-based line (= rank + 1).
+    pub line: usize,
+    /// 1-based cell within the line.
+    pub cell: usize,
+    /// The cell's text.
+    pub text: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl std::fmt::Display for ImportError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}, cell {} (`{}`): {}", self.line, self.cell, self.text, self.message)
+    }
+}
+
+/// One compute action of a CSV cell: (stp op name, stage, microbatch).
+type Op = (&'static str, u32, u32);
+
+/// Turns PyTorch's CSV (one row per rank) into a `.sched` schedule named
+/// `name` for exactly that many ranks, stages and microbatches, whose
+/// rank programs run the rows' compute actions in order, so stpc can check
+/// it. Transfer actions are skipped: stpc derives its own.
+pub fn import_torch_csv(text: &str, name: &str) -> Result<Imported, ImportError> {
+    let mut rows: Vec<Vec<(Vec<Op>, usize)>> = Vec::new();
+    for (line_no, line) in text.lines().enumerate() {
+        let mut row = Vec::new();
+        for (cell_no, cell) in line.split(',').map(str::trim).enumerate().filter(|(_, c)| !c.is_empty()) {
+            let at = |message: &str| ImportError {
+                line: line_no + 1,
+                cell: cell_no + 1,
+                text: cell.to_string(),
+                message: message.to_string(),
+            };
+            if let Some(inner) = cell.strip_prefix('(').and_then(|c| c.strip_suffix(")OVERLAP_F_B")) {
+                let ops: Option<Vec<Op>> = inner.split(';').map(parse_compute).collect();
+                match ops {
+                    Some(ops) if ops.len() == 2 => row.push((ops, cell_no + 1)),
+                    _ => return Err(at("an OVERLAP_F_B holds two compute actions, `(0F1;3B0)OVERLAP_F_B`")),
+                }
+            } else if is_transfer(cell) {
+                continue;
+            } else {
+                let op = parse_compute(cell).ok_or_else(|| {
+                    at("not a PyTorch action: expected {stage}{F|I|W|B}{microbatch}, a transfer, or an OVERLAP_F_B")
+                })?;
+                row.push((vec![op], cell_no + 1));
+            }
+        }
+        rows.push(row);
+    }
+    while rows.last().is_some_and(Vec::is_empty) {
+        rows.pop();
+    }
+    let ops = || rows.iter().flatten().flat_map(|(ops, _)| ops.iter());
+    let stages = ops().map(|o| o.1 + 1).max().unwrap_or(0);
+    let microbatches = ops().map(|o| o.2 + 1).max().unwrap_or(0);
+    let mut owner: Vec<Option<usize>> = vec![None; stages as usize];
+    for (r, row) in rows.iter().enumerate() {
+        for (ops, cell) in row {
+            for op in ops {
+                match owner[op.1 as usize] {
+                    Some(o) if o != r => {
+                        return Err(ImportError {
+                            line: r + 1,
+                            cell: *cell,
+                            text: format!("stage {}", op.1),
+                            message: format!("stage {} also runs on rank {o}: a stage lives on one rank", op.1),
+                        })
+                    }
+                    _ => owner[op.1 as usize] = Some(r),
+                }
+            }
+        }
+    }
+    let place = owner
+        .iter()
+        .enumerate()
+        .rev()
+        .fold(String::from("0"), |rest, (s, o)| format!("if s == {s} {{ {} }} else {{ {rest} }}", o.unwrap_or(0)));
+    let mut out = format!(
+        "/// Imported from a PyTorch pipelining schedule CSV: {} ranks, {stages} stages, {microbatches} microbatches.\n\
+         schedule {name}(p: ranks, m: microbatches) {{\n  require p == {} : \"the CSV has {} rows\";\n  \
+         require m == {microbatches} : \"the CSV runs {microbatches} microbatches\";\n  stages {stages};\n  place s -> {place};\n  rank r {{\n",
+        rows.len(),
+        rows.len(),
+        rows.len()
+    );
+    for (r, row) in rows.iter().enumerate() {
+        out.push_str(&format!("    if r == {r} {{\n"));
+        for (ops, cell) in row {
+            let calls: Vec<String> = ops.iter().map(|(op, s, mb)| format!("{op}({mb}, {s})")).collect();
+            out.push_str(&format!("      {}  // line {}, cell {cell}\n", calls.join(" & "), r + 1));
+        }
+        out.push_str("    }\n");
+    }
+    out.push_str("  }\n}\n");
+    Ok(Imported { source: out, ranks: rows.len() as i64, microbatches: i64::from(microbatches) })
+}
+
+/// A schedule read from PyTorch's CSV.
+#[derive(Debug, Clone)]
+pub struct Imported {
+    /// Its `.sched` source.
+    pub source: String,
+    /// The CSV's rows: the value its `ranks` parameter requires.
+    pub ranks: i64,
+    /// The value its `microbatches` parameter requires.
+    pub microbatches: i64,
+}
+
+fn is_transfer(cell: &str) -> bool {
+    ["SEND_F", "RECV_F", "SEND_B", "RECV_B"].iter().any(|t| cell.contains(t))
+}
+
+fn parse_compute(cell: &str) -> Option<Op> {
+    let kind_at = cell.find(|c: char| !c.is_ascii_digit())?;
+    let (stage, rest) = cell.split_at(kind_at);
+    let mut chars = rest.chars();
+    let op = match chars.next()? {
+        'F' => "F",
+        'I' => "B",
+        'W' => "W",
+        'B' => "BW",
+        _ => return None,
+    };
+    let mb = chars.as_str();
+    if stage.is_empty() || mb.is_empty() || !mb.chars().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    Some((op, stage.parse().ok()?, mb.parse().ok()?))
+}

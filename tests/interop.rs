@@ -1,0 +1,81 @@
+//! PyTorch pipelining's schedule CSV, both ways: what stpc exports,
+//! stpc imports back into the same compute order, and it checks; a CSV
+//! that cannot be read says where.
+
+use stp_ir::Instr;
+use stpc::emit::torch::{import_torch_csv, torch_csv};
+use stpc::pipeline::{build, Request};
+use stpc::syntax::span::SourceFile;
+
+fn compute_order(program: &stp_ir::Program) -> Vec<Vec<String>> {
+    program
+        .ranks
+        .iter()
+        .map(|r| {
+            r.instrs
+                .iter()
+                .filter_map(|i| match i {
+                    Instr::Compute(c) => Some(format!("{:?}", c.passes)),
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn exported_schedules_import_to_the_same_order_and_check() {
+    for (name, p, m, v) in [
+        ("gpipe", 4, 8, None),
+        ("1f1b", 4, 8, None),
+        ("zb-h1", 4, 8, None),
+        ("zb-h2", 4, 8, None),
+        ("zb-v", 4, 8, None),
+        ("dualpipe-v", 4, 8, None),
+        ("interleaved-1f1b", 4, 8, Some(2)),
+    ] {
+        let original = stp_tests::build_std(name, p, m, v);
+        for comms in [false, true] {
+            let csv = torch_csv(&original.program, comms);
+            let imported = import_torch_csv(&csv.text, "imported").unwrap_or_else(|e| panic!("{name}: {e}"));
+            let file = SourceFile::new("imported.sched", imported.source.as_str());
+            let request = Request {
+                params: stpc::elab::ParamArgs {
+                    ranks: Some(imported.ranks),
+                    microbatches: Some(imported.microbatches),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let back = build(&file, &request).unwrap_or_else(|d| panic!("{name} imported does not check: {d:?}"));
+            assert_eq!(compute_order(&back.program), compute_order(&original.program), "{name} comms={comms}");
+        }
+    }
+}
+
+#[test]
+fn a_csv_stpc_cannot_read_is_reported_at_its_cell() {
+    let e = import_torch_csv("0F0,0F1\n1F0,1X0\n", "s").expect_err("1X0 is no action");
+    assert_eq!((e.line, e.cell, e.text.as_str()), (2, 2, "1X0"));
+    let e = import_torch_csv("0F0\n0F1\n", "s").expect_err("stage 0 on two ranks");
+    assert_eq!(e.line, 2);
+    assert!(e.message.contains("also runs on rank 0"), "{e}");
+}
+
+/// A hand-written PyTorch-style CSV with a mistake: rank 1 runs the
+/// backward of microbatch 0 before its forward. stpc refuses it.
+#[test]
+fn an_imported_order_that_cannot_run_is_refused() {
+    let csv = "0F0,0F1,0B0,0B1\n1B0,1F0,1F1,1B1\n";
+    let imported = import_torch_csv(csv, "broken").expect("the CSV parses");
+    let file = SourceFile::new("broken.sched", imported.source.as_str());
+    let request = Request {
+        params: stpc::elab::ParamArgs { ranks: Some(2), microbatches: Some(2), ..Default::default() },
+        ..Default::default()
+    };
+    let errors = build(&file, &request).expect_err("BW of mb 0 before its forward");
+    assert!(
+        errors.iter().any(|d| matches!(d.code, stpc::diag::Code::LocalOrder | stpc::diag::Code::DependencyCycle)),
+        "{errors:?}"
+    );
+}
