@@ -351,3 +351,24 @@ fn export_writes_pytorch_pipelining_csv() {
     assert!(stdout(&out).contains("(3F1;3I0)OVERLAP_F_B"), "{}", stdout(&out));
     assert!(stderr(&out).contains("consecutive actions"), "{}", stderr(&out));
 }
+
+#[test]
+fn import_writes_and_checks_a_schedule_from_a_pytorch_csv() {
+    let dir = scratch("import");
+    let good = write(&dir, "good.csv", "0F0,0F1,0B0,0B1\n1F0,1B0,1F1,1B1\n");
+    let sched = dir.join("good.sched");
+    let out = stpc(&["import", &good, "-o", &sched.to_string_lossy()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("ok:"), "{}", stderr(&out));
+    // The written schedule compiles on its own with the CSV's shape.
+    let again = stpc(&["check", &sched.to_string_lossy(), "-p", "2", "-m", "2"]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    let bad = write(&dir, "bad.csv", "0F0,0F1\n1F0,1X0\n");
+    let out = stpc(&["import", &bad]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("line 2, cell 2"), "{}", stderr(&out));
+    let wrong = write(&dir, "wrong.csv", "0F0,0F1,0B0,0B1\n1B0,1F0,1F1,1B1\n");
+    let out = stpc(&["import", &wrong, "--color", "never"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("E0019") || stderr(&out).contains("E0020"), "{}", stderr(&out));
+}
