@@ -105,6 +105,19 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         color: ColorArg,
     },
+    /// Compare two schedules under one cost model: makespan, bubble,
+    /// throughput, exposed communication and peak memory side by side.
+    Diff {
+        /// The first schedule (a standard name or a .sched path) and its
+        /// parameters; `-v` applies only to schedules with a `chunks`
+        /// parameter.
+        #[command(flatten)]
+        target: Target,
+        /// The second schedule.
+        other: String,
+        #[command(flatten)]
+        cost: CostArgs,
+    },
     /// Check a compiled program (JSON or text form) as an executor would:
     /// format version, structural invariants, and that it runs to
     /// completion under the given send semantics.
@@ -123,7 +136,7 @@ enum Command {
 }
 
 /// Which schedule, with which parameters.
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct Target {
     /// A standard schedule name (see `stpc list`) or a path to a .sched file.
     schedule: String,
@@ -302,6 +315,7 @@ fn main() -> ExitCode {
         }
         Command::Simulate { target, cost, json } => simulate(&target, &cost, json),
         Command::Trace { target, cost, output } => trace(&target, &cost, &output),
+        Command::Diff { target, other, cost } => diff(&target, &other, &cost),
         Command::Import { csv, output, name, color } => import_torch(&csv, output.as_deref(), &name, color),
         Command::Export { target, format: ExportFormat::TorchCsv, comms, output } => {
             export_torch(&target, comms, output.as_deref())
@@ -483,6 +497,68 @@ fn build_and_simulate(
         Reported
     })?;
     Ok((build, cost, timeline))
+}
+
+/// The target with `-v` dropped when its schedule has no `chunks`
+/// parameter, so that one command line can compare, say, interleaved
+/// 1F1B (which takes `-v`) with ZB-V (which does not).
+fn without_foreign_chunks(target: &Target) -> Result<Target, Reported> {
+    let file = load(target)?;
+    let module = pipeline::analyze(&file).map_err(|d| report(&d, &file, target.color))?;
+    let takes_chunks = module
+        .schedules()
+        .find(|s| target.schedule_name.as_deref().is_none_or(|n| s.name.name == n))
+        .is_some_and(|s| s.params.iter().any(|p| p.kind == stpc::syntax::ast::ParamKind::Chunks));
+    let mut t = target.clone();
+    if !takes_chunks {
+        t.chunks = None;
+    }
+    Ok(t)
+}
+
+fn diff(target: &Target, other: &str, args: &CostArgs) -> Result<(), Reported> {
+    let first = without_foreign_chunks(target)?;
+    let second = without_foreign_chunks(&Target { schedule: other.to_string(), ..target.clone() })?;
+    let mut rows: Vec<[f64; 6]> = Vec::new();
+    let mut names = Vec::new();
+    for t in [&first, &second] {
+        let (build, cost, timeline) = build_and_simulate(t, args)?;
+        let s = build.checked.schedule();
+        names.push(s.meta.name.clone());
+        let peak = build.checked.peaks().iter().map(|p| p.units).max().unwrap_or(0);
+        rows.push([
+            timeline.makespan,
+            timeline.bubble_ratio(),
+            f64::from(s.meta.num_microbatches) / timeline.makespan,
+            timeline.ranks.iter().map(|r| r.exposed_comm).sum(),
+            peak as f64,
+            stpc::opt::bound::lower_bound(s, &cost),
+        ]);
+    }
+    let labels = [
+        "makespan",
+        "bubble ratio",
+        "throughput (mb/time)",
+        "exposed comm (all ranks)",
+        "peak memory (units)",
+        "lower bound",
+    ];
+    outln!("{:<26} {:>16} {:>16} {:>10}", "", names[0], names[1], "change");
+    for (i, label) in labels.iter().enumerate() {
+        let (a, b) = (rows[0][i], rows[1][i]);
+        let change = if a == 0.0 { "-".to_string() } else { format!("{:+.1}%", 100.0 * (b / a - 1.0)) };
+        outln!("{label:<26} {a:>16.4} {b:>16.4} {change:>10}");
+    }
+    let (a, b) = (rows[0][0], rows[1][0]);
+    let verdict = if (a - b).abs() < 1e-9 {
+        "equally fast".to_string()
+    } else if a < b {
+        format!("{} is faster by {:.1}%", names[0], 100.0 * (b / a - 1.0))
+    } else {
+        format!("{} is faster by {:.1}%", names[1], 100.0 * (a / b - 1.0))
+    };
+    outln!("{verdict}");
+    Ok(())
 }
 
 fn trace(target: &Target, args: &CostArgs, output: &Path) -> Result<(), Reported> {

@@ -372,3 +372,18 @@ fn import_writes_and_checks_a_schedule_from_a_pytorch_csv() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("E0019") || stderr(&out).contains("E0020"), "{}", stderr(&out));
 }
+
+#[test]
+fn diff_compares_two_schedules_under_one_cost_model() {
+    let out = stpc(&["diff", "1f1b", "zb-h1", "-p", "4", "-m", "8", "--t-b", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    // 1F1B: m(T_F + T_B + T_W) + (p - 1)(T_F + T_B + T_W) = 32 + 12; ZB-H1's
+    // bubble is (p - 1)(T_F + T_B - T_W) = 6: 44 against 38.
+    let makespan = text.lines().find(|l| l.starts_with("makespan")).unwrap_or_default();
+    assert!(makespan.contains("44.0000") && makespan.contains("38.0000"), "{text}");
+    assert!(text.contains("zb_h1 is faster"), "{text}");
+    // -v applies to the schedule that takes it and is dropped for the other.
+    let out = stpc(&["diff", "interleaved-1f1b", "zb-v", "-p", "4", "-m", "8", "-v", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
