@@ -105,6 +105,17 @@ enum Command {
         #[arg(long, value_enum, default_value = "auto")]
         color: ColorArg,
     },
+    /// Draw the simulated timeline as an SVG picture: one row per rank,
+    /// boxes coloured by pass kind, microbatch numbers, gaps for idle time.
+    Viz {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        cost: CostArgs,
+        /// Where to write the picture.
+        #[arg(short = 'o', long = "output", value_name = "FILE", default_value = "schedule.svg")]
+        output: PathBuf,
+    },
     /// Compare two schedules under one cost model: makespan, bubble,
     /// throughput, exposed communication and peak memory side by side.
     Diff {
@@ -315,6 +326,7 @@ fn main() -> ExitCode {
         }
         Command::Simulate { target, cost, json } => simulate(&target, &cost, json),
         Command::Trace { target, cost, output } => trace(&target, &cost, &output),
+        Command::Viz { target, cost, output } => viz(&target, &cost, &output),
         Command::Diff { target, other, cost } => diff(&target, &other, &cost),
         Command::Import { csv, output, name, color } => import_torch(&csv, output.as_deref(), &name, color),
         Command::Export { target, format: ExportFormat::TorchCsv, comms, output } => {
@@ -558,6 +570,24 @@ fn diff(target: &Target, other: &str, args: &CostArgs) -> Result<(), Reported> {
         format!("{} is faster by {:.1}%", names[1], 100.0 * (a / b - 1.0))
     };
     outln!("{verdict}");
+    Ok(())
+}
+
+fn viz(target: &Target, args: &CostArgs, output: &Path) -> Result<(), Reported> {
+    let (build, cost, timeline) = build_and_simulate(target, args)?;
+    let s = build.checked.schedule();
+    let params: Vec<String> = s.meta.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
+    let title = format!("{} ({})", s.meta.name, params.join(" "));
+    let peak = build.checked.peaks().iter().map(|p| p.units).max().unwrap_or(0);
+    let summary = format!(
+        "makespan {:.2}   bubble ratio {:.3}   peak activation memory {peak} units",
+        timeline.makespan,
+        timeline.bubble_ratio()
+    );
+    let svg = emit::svg::timeline_svg(&build.program, &timeline, cost.p2p, &title, &summary);
+    emit::write_atomic(output, svg.as_bytes())
+        .map_err(|e| io_error(&format!("cannot write {}", output.display()), &e))?;
+    outln!("wrote {} ({title}, makespan {:.3})", output.display(), timeline.makespan);
     Ok(())
 }
 

@@ -387,3 +387,25 @@ fn diff_compares_two_schedules_under_one_cost_model() {
     let out = stpc(&["diff", "interleaved-1f1b", "zb-v", "-p", "4", "-m", "8", "-v", "2"]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+#[test]
+fn viz_draws_one_box_per_pass_with_title_and_summary() {
+    let dir = scratch("viz");
+    let path = dir.join("s.svg");
+    let out = stpc(&["viz", "zb-h1", "-p", "4", "-m", "8", "--t-p2p", "0.5", "-o", &path.to_string_lossy()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let svg = std::fs::read_to_string(&path).expect("svg written");
+    assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+    // Every pass is a box with a tooltip: F, B and W for 4 stages x 8 microbatches.
+    assert_eq!(svg.matches("<title>").count(), 3 * 4 * 8);
+    assert!(svg.contains("zb_h1 (p=4 m=8)"));
+    assert!(svg.contains("makespan"));
+    // Transfers take time here, so the transfer lane (7 px high) is drawn;
+    // without transfer time it is not.
+    assert!(svg.contains(r#"height="7""#));
+    let plain = dir.join("plain.svg");
+    let out = stpc(&["viz", "zb-h1", "-p", "4", "-m", "8", "-o", &plain.to_string_lossy()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let svg = std::fs::read_to_string(&plain).expect("svg written");
+    assert!(!svg.contains(r#"height="7""#));
+}

@@ -1,6 +1,7 @@
 //! Program -> files: the output formats and the atomic writer every
 //! command uses.
 
+pub mod svg;
 pub mod torch;
 
 use std::io::Write;

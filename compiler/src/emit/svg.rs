@@ -1,0 +1,131 @@
+//! The timeline as a picture: one row per rank, a box per compute op
+//! coloured by pass kind (a braided op split into two halves), microbatch
+//! numbers in the boxes, a rank's second chunk drawn lighter, a thin lane
+//! under each rank for its transfers when they take time, idle time as
+//! gaps, a legend, a title and a summary line.
+
+use std::fmt::Write;
+use stp_ir::simulate::{Stream, Timeline};
+use stp_ir::{Instr, Pass, PassKind, Program};
+
+const LEFT: f64 = 70.0;
+const WIDTH: f64 = 1000.0;
+const ROW: f64 = 26.0;
+const LANE: f64 = 7.0;
+const GAP: f64 = 6.0;
+const TOP: f64 = 44.0;
+
+fn colour(kind: PassKind) -> &'static str {
+    match kind {
+        PassKind::F => "#4C78A8",
+        PassKind::B => "#F58518",
+        PassKind::W => "#54A24B",
+        PassKind::BW => "#E45756",
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+}
+
+/// The SVG of `timeline`, a timed run of `program` in which a transfer
+/// takes `p2p`. A transfer's span also covers the time it waits for its
+/// peer, so the lane shows only its last `p2p`: the data moving.
+pub fn timeline_svg(program: &Program, timeline: &Timeline, p2p: f64, title: &str, summary: &str) -> String {
+    let makespan = timeline.makespan.max(f64::MIN_POSITIVE);
+    let scale = WIDTH / makespan;
+    let comm_lane = p2p > 0.0 && timeline.ranks.iter().flat_map(|r| &r.spans).any(|s| s.stream == Stream::Comm);
+    let per_rank = ROW + if comm_lane { LANE + 2.0 } else { 0.0 } + GAP;
+    let height = TOP + per_rank * timeline.ranks.len() as f64 + 60.0;
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" viewBox="0 0 {w} {height}" font-family="sans-serif">"#,
+        w = LEFT + WIDTH + 20.0
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(svg, r#"<text x="{LEFT}" y="20" font-size="15" font-weight="bold">{}</text>"#, escape(title));
+    let _ = writeln!(svg, r##"<text x="{LEFT}" y="36" font-size="11" fill="#444">{}</text>"##, escape(summary));
+    for (r, rank) in timeline.ranks.iter().enumerate() {
+        let y = TOP + per_rank * r as f64;
+        let _ = writeln!(svg, r#"<text x="8" y="{}" font-size="12">rank {r}</text>"#, y + ROW * 0.65);
+        let _ = writeln!(svg, r##"<rect x="{LEFT}" y="{y}" width="{WIDTH}" height="{ROW}" fill="#f4f4f4"/>"##);
+        let owned: Vec<u32> = program
+            .schedule
+            .placement
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.index() == r)
+            .map(|(s, _)| s as u32)
+            .collect();
+        for span in &rank.spans {
+            let x = LEFT + span.start * scale;
+            let w = ((span.end - span.start) * scale).max(0.5);
+            match program.ranks[r].instrs.get(span.instr) {
+                Some(Instr::Compute(c)) => draw_compute(&mut svg, &c.passes, &owned, x, y, w),
+                Some(Instr::Comm(_)) if comm_lane => {
+                    let moving = p2p.min(span.end - span.start);
+                    let _ = writeln!(
+                        svg,
+                        r##"<rect x="{:.2}" y="{:.2}" width="{:.2}" height="{LANE}" fill="#888"/>"##,
+                        LEFT + (span.end - moving) * scale,
+                        y + ROW + 2.0,
+                        (moving * scale).max(0.5)
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+    legend(&mut svg, TOP + per_rank * timeline.ranks.len() as f64 + 14.0);
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn draw_compute(svg: &mut String, passes: &[Pass], owned: &[u32], x: f64, y: f64, w: f64) {
+    let h = ROW / passes.len().max(1) as f64;
+    for (i, pass) in passes.iter().enumerate() {
+        let chunk = owned.iter().position(|s| *s == pass.stage.0).unwrap_or(0);
+        let opacity = if chunk == 0 { 1.0 } else { 0.55 };
+        let top = y + h * i as f64;
+        let _ = writeln!(
+            svg,
+            r#"<rect x="{x:.2}" y="{top:.2}" width="{w:.2}" height="{h:.2}" fill="{}" fill-opacity="{opacity}" stroke="white" stroke-width="0.6"><title>{} s{} mb{}</title></rect>"#,
+            colour(pass.kind),
+            pass.kind.as_str(),
+            pass.stage.0,
+            pass.mb.0
+        );
+        if w >= 12.0 && h >= 10.0 {
+            let size = (h * 0.6).min(11.0);
+            let _ = writeln!(
+                svg,
+                r#"<text x="{:.2}" y="{:.2}" font-size="{size:.1}" fill="white" text-anchor="middle">{}</text>"#,
+                x + w / 2.0,
+                top + h / 2.0 + size * 0.35,
+                pass.mb.0
+            );
+        }
+    }
+}
+
+fn legend(svg: &mut String, y: f64) {
+    let items = [
+        (colour(PassKind::F), "F forward"),
+        (colour(PassKind::B), "B input gradient"),
+        (colour(PassKind::W), "W weight gradient"),
+        (colour(PassKind::BW), "BW full backward"),
+        ("#888", "transfer"),
+    ];
+    let mut x = LEFT;
+    for (fill, label) in items {
+        let _ = writeln!(svg, r#"<rect x="{x}" y="{y}" width="12" height="12" fill="{fill}"/>"#);
+        let _ = writeln!(svg, r#"<text x="{}" y="{}" font-size="11">{label}</text>"#, x + 16.0, y + 10.0);
+        x += 150.0;
+    }
+    let _ = writeln!(
+        svg,
+        r##"<text x="{LEFT}" y="{}" font-size="10" fill="#666">numbers are microbatches; a braided op is split into halves; a rank's second chunk is lighter</text>"##,
+        y + 28.0
+    );
+}
