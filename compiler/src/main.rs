@@ -115,6 +115,15 @@ enum Command {
         /// Where to write the picture.
         #[arg(short = 'o', long = "output", value_name = "FILE", default_value = "schedule.svg")]
         output: PathBuf,
+        /// svg, or html: the SVG in a page whose boxes show op details
+        /// when the pointer rests on them.
+        #[arg(long, value_enum, default_value = "svg")]
+        format: VizFormat,
+        /// Unit steps, as the papers draw schedules: every pass takes one
+        /// time unit and transfers none, whatever costs the schedule or
+        /// the flags give.
+        #[arg(long, conflicts_with_all = ["cost", "model", "t_f", "t_b", "t_w", "t_ar", "t_p2p"])]
+        unit: bool,
     },
     /// Compare two schedules under one cost model: makespan, bubble,
     /// throughput, exposed communication and peak memory side by side.
@@ -202,6 +211,14 @@ struct Target {
     /// When to colour diagnostics.
     #[arg(long, value_enum, default_value = "auto")]
     color: ColorArg,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VizFormat {
+    /// A standalone SVG picture.
+    Svg,
+    /// An HTML page holding the SVG, with hover details.
+    Html,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -326,7 +343,7 @@ fn main() -> ExitCode {
         }
         Command::Simulate { target, cost, json } => simulate(&target, &cost, json),
         Command::Trace { target, cost, output } => trace(&target, &cost, &output),
-        Command::Viz { target, cost, output } => viz(&target, &cost, &output),
+        Command::Viz { target, cost, output, format, unit } => viz(&target, &cost, &output, format, unit),
         Command::Diff { target, other, cost } => diff(&target, &other, &cost),
         Command::Import { csv, output, name, color } => import_torch(&csv, output.as_deref(), &name, color),
         Command::Export { target, format: ExportFormat::TorchCsv, comms, output } => {
@@ -573,8 +590,17 @@ fn diff(target: &Target, other: &str, args: &CostArgs) -> Result<(), Reported> {
     Ok(())
 }
 
-fn viz(target: &Target, args: &CostArgs, output: &Path) -> Result<(), Reported> {
-    let (build, cost, timeline) = build_and_simulate(target, args)?;
+fn viz(target: &Target, args: &CostArgs, output: &Path, format: VizFormat, unit: bool) -> Result<(), Reported> {
+    let unit_steps = CostArgs {
+        cost: None,
+        model: None,
+        t_f: Some(1.0),
+        t_b: Some(1.0),
+        t_w: Some(1.0),
+        t_ar: Some(0.0),
+        t_p2p: Some(0.0),
+    };
+    let (build, cost, timeline) = build_and_simulate(target, if unit { &unit_steps } else { args })?;
     let s = build.checked.schedule();
     let params: Vec<String> = s.meta.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
     let title = format!("{} ({})", s.meta.name, params.join(" "));
@@ -585,6 +611,10 @@ fn viz(target: &Target, args: &CostArgs, output: &Path) -> Result<(), Reported> 
         timeline.bubble_ratio()
     );
     let svg = emit::svg::timeline_svg(&build.program, &timeline, cost.p2p, &title, &summary);
+    let svg = match format {
+        VizFormat::Svg => svg,
+        VizFormat::Html => emit::svg::html_page(&title, &svg),
+    };
     emit::write_atomic(output, svg.as_bytes())
         .map_err(|e| io_error(&format!("cannot write {}", output.display()), &e))?;
     outln!("wrote {} ({title}, makespan {:.3})", output.display(), timeline.makespan);

@@ -408,4 +408,20 @@ fn viz_draws_one_box_per_pass_with_title_and_summary() {
     assert!(out.status.success(), "{}", stderr(&out));
     let svg = std::fs::read_to_string(&plain).expect("svg written");
     assert!(!svg.contains(r#"height="7""#));
+    // --unit draws unit steps whatever the schedule declares; --format html
+    // wraps the picture in a page.
+    let dir_path = dir.to_string_lossy().into_owned();
+    let costly = write(
+        &dir,
+        "costly.sched",
+        "schedule c(p: ranks, m: microbatches) { stages p; place s -> s; cost { backward_input = 3; }
+           rank r { for i in 0..m { F(i) } for i in 0..m { BW(i) } } }",
+    );
+    let page = format!("{dir_path}/c.html");
+    let out = stpc(&["viz", &costly, "-p", "2", "-m", "2", "--unit", "--format", "html", "-o", &page]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let html = std::fs::read_to_string(&page).expect("html written");
+    assert!(html.starts_with("<!DOCTYPE html>") && html.contains("<svg"));
+    // GPipe at p = 2, m = 2 in unit steps: (m + p - 1) x 3 = 9.
+    assert!(html.contains("makespan 9.00"), "{html}");
 }

@@ -48,8 +48,8 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, p2p: f64, title: &st
     let _ = writeln!(svg, r##"<text x="{LEFT}" y="36" font-size="11" fill="#444">{}</text>"##, escape(summary));
     for (r, rank) in timeline.ranks.iter().enumerate() {
         let y = TOP + per_rank * r as f64;
-        let _ = writeln!(svg, r#"<text x="8" y="{}" font-size="12">rank {r}</text>"#, y + ROW * 0.65);
-        let _ = writeln!(svg, r##"<rect x="{LEFT}" y="{y}" width="{WIDTH}" height="{ROW}" fill="#f4f4f4"/>"##);
+        let _ = writeln!(svg, r#"<text x="8" y="{:.2}" font-size="12">rank {r}</text>"#, y + ROW * 0.65);
+        let _ = writeln!(svg, r##"<rect x="{LEFT}" y="{y:.2}" width="{WIDTH}" height="{ROW}" fill="#f4f4f4"/>"##);
         let owned: Vec<u32> = program
             .schedule
             .placement
@@ -62,7 +62,7 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, p2p: f64, title: &st
             let x = LEFT + span.start * scale;
             let w = ((span.end - span.start) * scale).max(0.5);
             match program.ranks[r].instrs.get(span.instr) {
-                Some(Instr::Compute(c)) => draw_compute(&mut svg, &c.passes, &owned, x, y, w),
+                Some(Instr::Compute(c)) => draw_compute(&mut svg, &c.passes, &owned, (x, y, w), (span.start, span.end)),
                 Some(Instr::Comm(_)) if comm_lane => {
                     let moving = p2p.min(span.end - span.start);
                     let _ = writeln!(
@@ -82,7 +82,19 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, p2p: f64, title: &st
     svg
 }
 
-fn draw_compute(svg: &mut String, passes: &[Pass], owned: &[u32], x: f64, y: f64, w: f64) {
+/// `svg` in a standalone HTML page: hovering a box highlights it and the
+/// browser shows its `<title>` (pass, stage, microbatch, times).
+pub fn html_page(title: &str, svg: &str) -> String {
+    format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{}</title>\n\
+         <style>body{{font-family:sans-serif;margin:16px}} rect:hover{{stroke:black;stroke-width:1.5}}</style>\n\
+         </head><body>\n{svg}</body></html>\n",
+        escape(title)
+    )
+}
+
+/// One compute op's boxes at `(x, y, width)`, running `times` (start, end).
+fn draw_compute(svg: &mut String, passes: &[Pass], owned: &[u32], (x, y, w): (f64, f64, f64), times: (f64, f64)) {
     let h = ROW / passes.len().max(1) as f64;
     for (i, pass) in passes.iter().enumerate() {
         let chunk = owned.iter().position(|s| *s == pass.stage.0).unwrap_or(0);
@@ -90,11 +102,13 @@ fn draw_compute(svg: &mut String, passes: &[Pass], owned: &[u32], x: f64, y: f64
         let top = y + h * i as f64;
         let _ = writeln!(
             svg,
-            r#"<rect x="{x:.2}" y="{top:.2}" width="{w:.2}" height="{h:.2}" fill="{}" fill-opacity="{opacity}" stroke="white" stroke-width="0.6"><title>{} s{} mb{}</title></rect>"#,
+            r#"<rect x="{x:.2}" y="{top:.2}" width="{w:.2}" height="{h:.2}" fill="{}" fill-opacity="{opacity}" stroke="white" stroke-width="0.6"><title>{} s{} mb{}: {:.3} to {:.3}</title></rect>"#,
             colour(pass.kind),
             pass.kind.as_str(),
             pass.stage.0,
-            pass.mb.0
+            pass.mb.0,
+            times.0,
+            times.1
         );
         if w >= 12.0 && h >= 10.0 {
             let size = (h * 0.6).min(11.0);
@@ -119,13 +133,13 @@ fn legend(svg: &mut String, y: f64) {
     ];
     let mut x = LEFT;
     for (fill, label) in items {
-        let _ = writeln!(svg, r#"<rect x="{x}" y="{y}" width="12" height="12" fill="{fill}"/>"#);
-        let _ = writeln!(svg, r#"<text x="{}" y="{}" font-size="11">{label}</text>"#, x + 16.0, y + 10.0);
+        let _ = writeln!(svg, r#"<rect x="{x}" y="{y:.2}" width="12" height="12" fill="{fill}"/>"#);
+        let _ = writeln!(svg, r#"<text x="{}" y="{:.2}" font-size="11">{label}</text>"#, x + 16.0, y + 10.0);
         x += 150.0;
     }
     let _ = writeln!(
         svg,
-        r##"<text x="{LEFT}" y="{}" font-size="10" fill="#666">numbers are microbatches; a braided op is split into halves; a rank's second chunk is lighter</text>"##,
+        r##"<text x="{LEFT}" y="{:.2}" font-size="10" fill="#666">numbers are microbatches; a braided op is split into halves; a rank's second chunk is lighter</text>"##,
         y + 28.0
     );
 }
