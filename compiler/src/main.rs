@@ -18,7 +18,7 @@ use stpc::syntax::span::SourceFile;
 #[derive(Parser)]
 #[command(name = "stpc", version, about, long_about = None)]
 #[command(
-    after_help = "Examples:\n  stpc list\n  stpc compile 1f1b -p 4 -m 8 -o out/\n  stpc compile my.sched -p 8 -m 32 --emit text\n  stpc check interleaved-1f1b -p 4 -m 8 -v 2\n  stpc check stp --sweep\n  stpc simulate stp -p 4 -m 12 --t-b 2\n  stpc explain E0011\n\nThe book (book/src in the repository) teaches the language and every error."
+    after_help = "Examples:\n  stpc list\n  stpc compile 1f1b -p 4 -m 8 -o out/\n  stpc compile my.sched -p 8 -m 32 --emit text\n  stpc check interleaved-1f1b -p 4 -m 8 -v 2\n  stpc check stp --sweep\n  stpc simulate stp -p 4 -m 12 --t-b 2\n  stpc simulate examples/auto_looped.sched -p 3 -m 6 --t-b 2 --solver smt\n  stpc viz zb-v -p 4 -m 8 -o zbv.svg\n  stpc diff interleaved-1f1b zb-v -p 4 -m 8 -v 2\n  stpc export zb-h1 -p 4 -m 8 --comms > zbh1.csv\n  stpc explain E0011\n\nThe book (book/src in the repository) teaches the language and every error."
 )]
 struct Cli {
     #[command(subcommand)]
