@@ -24,16 +24,11 @@ pub fn torch_csv(program: &Program, comms: bool) -> TorchCsv {
         let mut row: Vec<String> = Vec::new();
         for instr in &rank.instrs {
             match instr {
-                Instr::Compute(c) => match c.passes.as_slice() {
-                    [f, b] if f.kind == PassKind::F && is_backward(b) => {
-                        row.push(format!("({};{})OVERLAP_F_B", action(f), action(b)));
-                    }
-                    [b, f] if f.kind == PassKind::F && is_backward(b) => {
-                        row.push(format!("({};{})OVERLAP_F_B", action(f), action(b)));
-                    }
-                    passes => {
-                        split_braids += usize::from(passes.len() > 1);
-                        row.extend(passes.iter().map(action));
+                Instr::Compute(c) => match forward_and_backward(&c.passes) {
+                    Some((f, b)) => row.push(format!("({};{})OVERLAP_F_B", action(f), action(b))),
+                    None => {
+                        split_braids += usize::from(c.passes.len() > 1);
+                        row.extend(c.passes.iter().map(action));
                     }
                 },
                 Instr::Comm(transfers) if comms => {
@@ -64,8 +59,14 @@ pub fn torch_csv(program: &Program, comms: bool) -> TorchCsv {
     TorchCsv { text, notes }
 }
 
-fn is_backward(p: &Pass) -> bool {
-    matches!(p.kind, PassKind::B | PassKind::BW)
+/// A braided forward and backward, in either order (PyTorch writes the
+/// forward first).
+fn forward_and_backward(passes: &[Pass]) -> Option<(&Pass, &Pass)> {
+    let is_backward = |p: &Pass| matches!(p.kind, PassKind::B | PassKind::BW);
+    match passes {
+        [f, b] | [b, f] if f.kind == PassKind::F && is_backward(b) => Some((f, b)),
+        _ => None,
+    }
 }
 
 fn action(p: &Pass) -> String {

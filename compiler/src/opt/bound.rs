@@ -32,16 +32,29 @@ fn rank_windows(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let owner = |stage: usize| meta.placement[stage].index();
     let hop = |a: usize, b: usize| if owner(a) != owner(b) { micro(cost.p2p) } else { 0 };
     let (heads, tails) = heads_and_tails(stages, mbs, dur, &hop);
-    let (heads, tails) = (&heads, &tails);
-    let mut best = 0i64;
-    for r in 0..meta.num_ranks as usize {
-        let owned: Vec<usize> = (0..stages).filter(|st| owner(*st) == r).collect();
-        let Some(first) = owned.iter().flat_map(|&st| (0..3).map(move |k| heads[k][st][0])).min() else { continue };
-        let last = owned.iter().flat_map(|&st| (0..3).map(move |k| tails[k][st][mbs - 1])).min().unwrap_or(0);
-        let work = owned.len() as i64 * mbs as i64 * dur.iter().sum::<i64>();
-        best = best.max(first + work + last);
+    window_floor(&meta.placement, &heads, &tails, dur) as f64 / 1e6
+}
+
+/// The largest, over ranks, of: the earliest any of the rank's passes can
+/// start, plus all its work (`dur` per F, B and W), plus the least time
+/// that must follow any of its passes.
+pub fn window_floor(placement: &[stp_ir::Rank], heads: &PerPass, tails: &PerPass, dur: [i64; 3]) -> i64 {
+    let mbs = heads.first().and_then(|h| h.first()).map_or(0, Vec::len);
+    if mbs == 0 {
+        return 0;
     }
-    best as f64 / 1e6
+    let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
+    (0..ranks)
+        .filter_map(|r| {
+            let owned: Vec<usize> = (0..placement.len()).filter(|st| placement[*st].index() == r).collect();
+            // Heads grow and tails shrink with the microbatch: the extremes
+            // are at the first and the last one.
+            let first = owned.iter().flat_map(|&st| (0..3).map(move |k| heads[k][st][0])).min()?;
+            let last = owned.iter().flat_map(|&st| (0..3).map(move |k| tails[k][st][mbs - 1])).min().unwrap_or(0);
+            Some(first + owned.len() as i64 * mbs as i64 * dur.iter().sum::<i64>() + last)
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// Per pass (`[kind][stage][mb]`, kinds F, B, W): the earliest it can

@@ -27,14 +27,14 @@ struct Policy {
 }
 
 /// Orders every pass of `s` (an `auto` schedule) on its rank: the
-/// fastest of a few list-scheduling policies.
+/// fastest of a few list-scheduling policies, with its makespan.
 ///
 /// Filling memory with early forwards can strand a rank: every unit held
 /// by microbatches whose backward waits on a forward that no longer fits.
 /// Policies that admit a new microbatch only while each in-flight one can
 /// still hold all its activations on every rank always finish when any
 /// order does.
-pub fn schedule(s: &ComputeSchedule) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic> {
+pub fn schedule(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
     let meta = &s.meta;
     let most_owned =
         (0..meta.num_ranks).map(|r| meta.placement.iter().filter(|p| p.0 == r).count() as i64).max().unwrap_or(1);
@@ -60,7 +60,7 @@ pub fn schedule(s: &ComputeSchedule) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic
         }
     }
     match (best, first_error) {
-        (Some((_, order)), _) => Ok(order),
+        (Some((makespan, order)), _) => Ok((order, makespan)),
         (None, Some(e)) => Err(e),
         (None, None) => unreachable!("the unbounded policies always run"),
     }

@@ -87,16 +87,16 @@ impl std::fmt::Display for PlanReport {
     }
 }
 
+/// Per-rank orders and their makespan ([`order_makespan`]).
+pub type Timed = (Vec<Vec<ScheduledOp>>, f64);
+
 /// Orders every pass of `s`, an `auto` schedule, with `solver`.
 pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
     let greedy = greedy::schedule(s);
     let lower_bound = bound::lower_bound(s, &s.cost);
     match (solver, greedy) {
         (Solver::Greedy, Err(stuck)) => Err(stuck),
-        (Solver::Greedy, Ok(order)) => {
-            let report = PlanReport::greedy(order_makespan(s, &order), lower_bound, None);
-            Ok((order, report))
-        }
+        (Solver::Greedy, Ok((order, makespan))) => Ok((order, PlanReport::greedy(makespan, lower_bound, None))),
         (Solver::Smt { timeout, progress }, greedy) => improve(s, greedy, lower_bound, timeout, progress),
     }
 }
@@ -107,12 +107,12 @@ pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>
 #[cfg(feature = "smt")]
 fn improve(
     s: &ComputeSchedule,
-    greedy: Result<Vec<Vec<ScheduledOp>>, Diagnostic>,
+    greedy: Result<Timed, Diagnostic>,
     lower_bound: f64,
     timeout: Duration,
     progress: Option<Progress>,
 ) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
-    let greedy_makespan = greedy.as_ref().ok().map(|order| order_makespan(s, order));
+    let greedy_makespan = greedy.as_ref().ok().map(|(_, makespan)| *makespan);
     let upper = greedy_makespan.unwrap_or_else(|| serial_makespan(s) + 1.0);
     let found = smt::solve(s, upper, timeout, progress);
     let report = |kept, makespan, optimal, fallback| PlanReport {
@@ -125,8 +125,8 @@ fn improve(
     };
     match (found.ranks, greedy) {
         (Some(order), _) => Ok((order, report("smt", found.makespan, found.optimal, None))),
-        (None, Ok(order)) if found.optimal => Ok((order, report("greedy", upper, true, None))),
-        (None, Ok(order)) => {
+        (None, Ok((order, _))) if found.optimal => Ok((order, report("greedy", upper, true, None))),
+        (None, Ok((order, _))) => {
             let why = found
                 .stopped
                 .unwrap_or_else(|| "Z3 found no shorter order in time (raise --solver-timeout)".to_string());
@@ -147,15 +147,15 @@ fn improve(
 
 #[cfg(not(feature = "smt"))]
 fn improve(
-    s: &ComputeSchedule,
-    greedy: Result<Vec<Vec<ScheduledOp>>, Diagnostic>,
+    _: &ComputeSchedule,
+    greedy: Result<Timed, Diagnostic>,
     lower_bound: f64,
     _: Duration,
     _: Option<Progress>,
 ) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
-    let order = greedy?;
+    let (order, makespan) = greedy?;
     let why = "this stpc was built without the `smt` feature; kept the greedy order".to_string();
-    let report = PlanReport::greedy(order_makespan(s, &order), lower_bound, Some(why));
+    let report = PlanReport::greedy(makespan, lower_bound, Some(why));
     Ok((order, report))
 }
 
@@ -180,8 +180,12 @@ pub fn standalone_duration(s: &ComputeSchedule, kind: PassKind) -> f64 {
 /// rank is free and its inputs have arrived (0 when the orders cannot all
 /// run: a cycle the checker reports).
 pub fn order_makespan(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> f64 {
-    op_times(s, ranks)
-        .map_or(0.0, |times| times.iter().filter_map(|r| r.last().map(|(_, end)| *end)).fold(0.0, f64::max))
+    op_times(s, ranks).map_or(0.0, |times| last_end(&times))
+}
+
+/// When the last of some timed ops ends.
+pub fn last_end(times: &[Vec<(f64, f64)>]) -> f64 {
+    times.iter().filter_map(|r| r.last().map(|(_, end)| *end)).fold(0.0, f64::max)
 }
 
 /// Per rank, each op's (start, end) when every op starts as soon as its

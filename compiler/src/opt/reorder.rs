@@ -40,32 +40,35 @@ pub fn improve(s: &mut ComputeSchedule) -> Vec<Vec<usize>> {
     let score = |s: &ComputeSchedule, r: usize, limit: i64| {
         let times = super::partial_op_times(s, &s.ranks);
         let stuck: usize = s.ranks.iter().zip(&times).map(|(ops, t)| ops.len() - t.len()).sum();
-        let makespan = times.iter().filter_map(|t| t.last().map(|(_, end)| *end)).fold(0.0, f64::max);
+        let makespan = super::last_end(&times);
         // The sum of every op's end breaks ties: it rewards a move that
         // lets work finish earlier even before the makespan shows it.
         let flow: f64 = times.iter().flatten().map(|(_, end)| end).sum();
         ((peak(&s.ranks[r], &s.memory) - limit).max(0), stuck, makespan, flow)
     };
     let limits: Vec<i64> = s.ranks.iter().map(|ops| s.memory.budget.unwrap_or_else(|| peak(ops, &s.memory))).collect();
-    let written = super::op_times(s, &s.ranks).map(|_| super::order_makespan(s, &s.ranks));
+    let runnable_makespan = |s: &ComputeSchedule| super::op_times(s, &s.ranks).map(|t| super::last_end(&t));
+    let written = runnable_makespan(s);
     let mut kept = 0;
     for _ in 0..MAX_ROUNDS {
         let mut improved = false;
         for (r, spans) in regions.iter().enumerate() {
+            // The score of the order as it stands; a refused move restores it.
+            let mut current = score(s, r, limits[r]);
             for &(start, end) in spans {
                 for from in start..end {
                     for to in start..end {
                         if from == to {
                             continue;
                         }
-                        let before = score(s, r, limits[r]);
                         move_op(&mut s.ranks[r], from, to);
                         let after = score(s, r, limits[r]);
-                        let better = (after.0, after.1) < (before.0, before.1)
-                            || ((after.0, after.1) == (before.0, before.1)
-                                && (after.2 < before.2 - EPS
-                                    || (after.2 < before.2 + EPS && after.3 < before.3 - EPS)));
+                        let better = (after.0, after.1) < (current.0, current.1)
+                            || ((after.0, after.1) == (current.0, current.1)
+                                && (after.2 < current.2 - EPS
+                                    || (after.2 < current.2 + EPS && after.3 < current.3 - EPS)));
                         if better {
+                            current = after;
                             move_op(&mut positions[r], from, to);
                             kept += 1;
                             improved = true;
@@ -81,7 +84,7 @@ pub fn improve(s: &mut ComputeSchedule) -> Vec<Vec<usize>> {
         }
     }
     let show = |t: Option<f64>| t.map_or("(cannot run)".to_string(), |t| format!("{t:.3}"));
-    let now = super::op_times(s, &s.ranks).map(|_| super::order_makespan(s, &s.ranks));
+    let now = runnable_makespan(s);
     s.notes.push(format!("`reorder`: {kept} move(s), makespan {} -> {}", show(written), show(now)));
     // `positions[r][new] = old`; invert it.
     positions

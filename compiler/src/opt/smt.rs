@@ -59,18 +59,10 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
     let hop = |a: usize, b: usize| if owner(a) != owner(b) { scaled(s.cost.p2p) } else { 0 };
     let started = Instant::now();
     let dur = [duration(kinds[0]), duration(kinds[1]), duration(kinds[2])];
-    let hops = |a: usize, b: usize| hop(a, b);
-    let (heads, tails) = super::bound::heads_and_tails(stages, mbs, dur, &hops);
+    let (heads, tails) = super::bound::heads_and_tails(stages, mbs, dur, &hop);
     let owned_by = |r: usize| -> Vec<usize> { (0..stages).filter(|st| owner(*st) == r).collect() };
-    let rank_floor = |r: usize| {
-        let owned = owned_by(r);
-        let all = || owned.iter().flat_map(|&st| (0..3).flat_map(move |k| (0..mbs).map(move |i| (k, st, i))));
-        let first = all().map(|(k, st, i)| heads[k][st][i]).min().unwrap_or(0);
-        let last = all().map(|(k, st, i)| tails[k][st][i]).min().unwrap_or(0);
-        first + all().map(|(k, _, _)| dur[k]).sum::<i64>() + last
-    };
     let ranks = meta.num_ranks as usize;
-    let floor = (0..ranks).map(rank_floor).max().unwrap_or(0);
+    let floor = super::bound::window_floor(&meta.placement, &heads, &tails, dur);
     if scaled(upper) <= floor {
         // The order in hand already meets a bound no order can beat.
         return SmtPlan { ranks: None, makespan: upper, optimal: true, stopped: None };
