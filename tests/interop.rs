@@ -79,3 +79,29 @@ fn an_imported_order_that_cannot_run_is_refused() {
         "{errors:?}"
     );
 }
+
+/// A hand-written CSV in PyTorch's compute_comms form, with FSDP actions
+/// and a braided `OVERLAP_F_B`: rank 0 overlaps the forward of
+/// microbatch 2 with the full backward of microbatch 0. stpc reads the
+/// compute order, leaves out transfers and FSDP actions (saying how many)
+/// and checks the result.
+#[test]
+fn a_hand_written_csv_with_fsdp_actions_and_an_overlap_imports_and_checks() {
+    let csv = "0UNSHARD,0F0,0SEND_F0,0F1,0SEND_F1,0RECV_B0,(0F2;0B0)OVERLAP_F_B,0SEND_F2,0RECV_B1,0B1,0RECV_B2,0B2,0RESHARD,0REDUCE_GRAD\n\
+               1UNSHARD,1RECV_F0,1F0,1B0,1SEND_B0,1RECV_F1,1F1,1B1,1SEND_B1,1RECV_F2,1F2,1B2,1SEND_B2,1RESHARD,1REDUCE_GRAD\n";
+    let imported = import_torch_csv(csv, "hand").expect("the CSV parses");
+    assert_eq!(imported.skipped, vec![("REDUCE_GRAD", 2), ("RESHARD", 2), ("UNSHARD", 2)]);
+    assert!(imported.source.contains("F(2, 0) & BW(0, 0)"), "{}", imported.source);
+    let file = SourceFile::new("hand.sched", imported.source.as_str());
+    let request = Request {
+        params: stpc::elab::ParamArgs { ranks: Some(2), microbatches: Some(3), ..Default::default() },
+        ..Default::default()
+    };
+    let built = build(&file, &request).unwrap_or_else(|d| panic!("the hand-written CSV checks: {d:?}"));
+    // Rank 0 runs F0, F1, the braid, BW1, BW2: five compute ops.
+    let computes = built.program.ranks[0].instrs.iter().filter(|i| matches!(i, stp_ir::Instr::Compute(_))).count();
+    assert_eq!(computes, 5);
+    // A misspelled FSDP action is still an error, not silently dropped.
+    let e = import_torch_csv("0F0,0UNSHARDED\n", "s").expect_err("0UNSHARDED is no action");
+    assert_eq!(e.cell, 2);
+}

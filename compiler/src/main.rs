@@ -602,7 +602,10 @@ fn viz(target: &Target, args: &CostArgs, output: &Path, format: VizFormat, unit:
     };
     let (build, cost, timeline) = build_and_simulate(target, if unit { &unit_steps } else { args })?;
     let s = build.checked.schedule();
-    let params: Vec<String> = s.meta.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
+    let mut params: Vec<String> = s.meta.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
+    if target.tp > 1 {
+        params.push(format!("tp={}", target.tp));
+    }
     let title = format!("{} ({})", s.meta.name, params.join(" "));
     let peak = build.checked.peaks().iter().map(|p| p.units).max().unwrap_or(0);
     let summary = format!(
@@ -625,7 +628,9 @@ fn trace(target: &Target, args: &CostArgs, output: &Path) -> Result<(), Reported
     let (build, _, timeline) = build_and_simulate(target, args)?;
     let spans: Vec<Vec<(usize, f64, f64)>> =
         timeline.ranks.iter().map(|r| r.spans.iter().map(|s| (s.instr, s.start, s.end)).collect()).collect();
-    let text = stp_ir::trace::chrome_trace(&build.program, &spans);
+    let collectives: Vec<Vec<(usize, f64, f64)>> =
+        timeline.ranks.iter().map(|r| r.collectives.iter().map(|s| (s.instr, s.start, s.end)).collect()).collect();
+    let text = stp_ir::trace::chrome_trace(&build.program, &spans, &collectives);
     emit::write_atomic(output, text.as_bytes())
         .map_err(|e| io_error(&format!("cannot write {}", output.display()), &e))?;
     outln!(
@@ -650,6 +655,13 @@ fn import_torch(csv: &Path, output: Option<&Path>, name: &str, color: ColorArg) 
         eprintln!("error: {}: {e}", csv.display());
         Reported
     })?;
+    if !imported.skipped.is_empty() {
+        let counts: Vec<String> = imported.skipped.iter().map(|(kind, n)| format!("{n} {kind}")).collect();
+        eprintln!(
+            "note: left out {}: stp schedules do not shard weights, and FSDP actions do not change which order is valid",
+            counts.join(", ")
+        );
+    }
     let shown = output.map_or_else(|| csv.with_extension("sched"), Path::to_path_buf);
     let file = SourceFile::new(shown.to_string_lossy(), &imported.source);
     match output {

@@ -389,6 +389,50 @@ fn diff_compares_two_schedules_under_one_cost_model() {
 }
 
 #[test]
+fn viz_and_trace_show_tensor_parallel_collectives() {
+    let dir = scratch("viz-tp");
+    let svg_path = dir.join("stp.svg");
+    let out =
+        stpc(&["viz", "stp", "-p", "2", "-m", "6", "--tp", "2", "--t-ar", "0.5", "-o", &svg_path.to_string_lossy()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let svg = std::fs::read_to_string(&svg_path).expect("svg written");
+    // Every F and every input-gradient pass all-reduces twice (attention
+    // and MLP): 4 stages x 6 microbatches x 2 passes x 2.
+    assert_eq!(svg.matches("<title>all-reduce:").count(), 4 * 6 * 2 * 2);
+    assert!(svg.contains("TP all-reduce") && svg.contains("stp (p=2 m=6 tp=2)"), "legend and title");
+    let trace_path = dir.join("stp.json");
+    let out = stpc(&[
+        "trace",
+        "stp",
+        "-p",
+        "2",
+        "-m",
+        "6",
+        "--tp",
+        "2",
+        "--t-ar",
+        "0.5",
+        "-o",
+        &trace_path.to_string_lossy(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let trace: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace_path).expect("trace written")).expect("JSON");
+    let collectives =
+        trace["traceEvents"].as_array().expect("events").iter().filter(|e| e["ph"] == "X" && e["tid"] == 2);
+    assert_eq!(collectives.count(), 4 * 6 * 2 * 2, "one event per all-reduce on the tensor-parallel thread");
+    // Without --tp the papers' per-pass accounting applies: a standalone F
+    // exposes all of T_AR (a dark tail on its box), a BW hides it behind
+    // its weight gradient.
+    let plain = dir.join("1f1b.svg");
+    let out = stpc(&["viz", "1f1b", "-p", "2", "-m", "3", "--t-ar", "0.5", "-o", &plain.to_string_lossy()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let svg = std::fs::read_to_string(&plain).expect("svg written");
+    assert_eq!(svg.matches("<title>exposed collective: 0.500</title>").count(), 2 * 3, "one per F");
+    assert!(!svg.contains("TP all-reduce"), "no collective lane without --tp");
+}
+
+#[test]
 fn viz_draws_one_box_per_pass_with_title_and_summary() {
     let dir = scratch("viz");
     let path = dir.join("s.svg");
@@ -396,8 +440,10 @@ fn viz_draws_one_box_per_pass_with_title_and_summary() {
     assert!(out.status.success(), "{}", stderr(&out));
     let svg = std::fs::read_to_string(&path).expect("svg written");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-    // Every pass is a box with a tooltip: F, B and W for 4 stages x 8 microbatches.
+    // Every pass is a box with a tooltip: F, B and W for 4 stages x 8
+    // microbatches, each with the live activations after it.
     assert_eq!(svg.matches("<title>").count(), 3 * 4 * 8);
+    assert_eq!(svg.matches("activations live after</title>").count(), 3 * 4 * 8);
     assert!(svg.contains("zb_h1 (p=4 m=8)"));
     assert!(svg.contains("makespan"));
     // Transfers take time here, so the transfer lane (7 px high) is drawn;

@@ -159,7 +159,7 @@ fn load(path: &Path) -> Result<Program, String> {
 /// The measured timeline as a Chrome trace ([`stp_ir::trace`]), written
 /// through a temporary file so a reader never sees half of it.
 fn write_trace(path: &Path, program: &Program, timeline: &[Vec<(usize, f64, f64)>]) -> Result<(), String> {
-    let text = stp_ir::trace::chrome_trace(program, timeline);
+    let text = stp_ir::trace::chrome_trace(program, timeline, &[]);
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)
         .and_then(|()| std::fs::rename(&tmp, path))

@@ -1,7 +1,9 @@
 //! The timeline as a picture: one row per rank, a box per compute op
 //! coloured by pass kind (a braided op split into two halves), microbatch
 //! numbers in the boxes, a rank's second chunk drawn lighter, a thin lane
-//! under each rank for its transfers when they take time, idle time as
+//! under each rank for its transfers when they take time and one for its
+//! tensor-parallel all-reduces when the program lists them (`--tp`), the
+//! exposed part of a collective as a dark tail of its box, idle time as
 //! gaps, a legend, a title and a summary line.
 
 use std::fmt::Write;
@@ -28,14 +30,41 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
+/// Which thin lanes sit under each rank's row.
+struct Lanes {
+    /// Point-to-point transfers, when they take time.
+    p2p: bool,
+    /// Tensor-parallel collectives, when the program lists them.
+    tp: bool,
+}
+
+impl Lanes {
+    fn of(timeline: &Timeline, p2p: f64) -> Lanes {
+        let spans = || timeline.ranks.iter().flat_map(|r| &r.spans);
+        Lanes {
+            p2p: p2p > 0.0 && spans().any(|s| s.stream == Stream::Comm),
+            tp: timeline.ranks.iter().any(|r| !r.collectives.is_empty()),
+        }
+    }
+
+    fn height(&self) -> f64 {
+        (LANE + 2.0) * (f64::from(u8::from(self.p2p)) + f64::from(u8::from(self.tp)))
+    }
+
+    /// Top of the collective lane below a row at `y`.
+    fn tp_top(&self, y: f64) -> f64 {
+        y + ROW + 2.0 + if self.p2p { LANE + 2.0 } else { 0.0 }
+    }
+}
+
 /// The SVG of `timeline`, a timed run of `program` in which a transfer
 /// takes `p2p`. A transfer's span also covers the time it waits for its
 /// peer, so the lane shows only its last `p2p`: the data moving.
 pub fn timeline_svg(program: &Program, timeline: &Timeline, p2p: f64, title: &str, summary: &str) -> String {
     let makespan = timeline.makespan.max(f64::MIN_POSITIVE);
     let scale = WIDTH / makespan;
-    let comm_lane = p2p > 0.0 && timeline.ranks.iter().flat_map(|r| &r.spans).any(|s| s.stream == Stream::Comm);
-    let per_rank = ROW + if comm_lane { LANE + 2.0 } else { 0.0 } + GAP;
+    let lanes = Lanes::of(timeline, p2p);
+    let per_rank = ROW + lanes.height() + GAP;
     let height = TOP + per_rank * timeline.ranks.len() as f64 + 60.0;
     let mut svg = String::new();
     let _ = writeln!(
@@ -46,6 +75,7 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, p2p: f64, title: &st
     let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(svg, r#"<text x="{LEFT}" y="20" font-size="15" font-weight="bold">{}</text>"#, escape(title));
     let _ = writeln!(svg, r##"<text x="{LEFT}" y="36" font-size="11" fill="#444">{}</text>"##, escape(summary));
+    let mut any_exposed = false;
     for (r, rank) in timeline.ranks.iter().enumerate() {
         let y = TOP + per_rank * r as f64;
         let _ = writeln!(svg, r#"<text x="8" y="{:.2}" font-size="12">rank {r}</text>"#, y + ROW * 0.65);
@@ -58,16 +88,24 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, p2p: f64, title: &st
             .filter(|(_, o)| o.index() == r)
             .map(|(s, _)| s as u32)
             .collect();
+        let live = stp_ir::trace::live_activations(program, r);
         for span in &rank.spans {
             let x = LEFT + span.start * scale;
             let w = ((span.end - span.start) * scale).max(0.5);
             match program.ranks[r].instrs.get(span.instr) {
-                Some(Instr::Compute(c)) => draw_compute(&mut svg, &c.passes, &owned, (x, y, w), (span.start, span.end)),
-                Some(Instr::Comm(_)) if comm_lane => {
+                Some(Instr::Compute(c)) => {
+                    let op = OpBox { passes: &c.passes, owned: &owned, times: (span.start, span.end) };
+                    op.draw(&mut svg, (x, y, w), live.get(span.instr).copied().unwrap_or(0));
+                    if span.exposed > 0.0 && c.units.is_empty() {
+                        any_exposed = true;
+                        exposed_tail(&mut svg, (x + w, y), span.exposed * scale, span.exposed);
+                    }
+                }
+                Some(Instr::Comm(_)) if lanes.p2p => {
                     let moving = p2p.min(span.end - span.start);
                     let _ = writeln!(
                         svg,
-                        r##"<rect x="{:.2}" y="{:.2}" width="{:.2}" height="{LANE}" fill="#888"/>"##,
+                        r##"<rect x="{:.2}" y="{:.2}" width="{:.2}" height="{LANE}" fill="{TRANSFER}"/>"##,
                         LEFT + (span.end - moving) * scale,
                         y + ROW + 2.0,
                         (moving * scale).max(0.5)
@@ -76,10 +114,37 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, p2p: f64, title: &st
                 _ => {}
             }
         }
+        for c in &rank.collectives {
+            let _ = writeln!(
+                svg,
+                r#"<rect x="{:.2}" y="{:.2}" width="{:.2}" height="{LANE}" fill="{COLLECTIVE}"><title>all-reduce: {:.3} to {:.3}</title></rect>"#,
+                LEFT + c.start * scale,
+                lanes.tp_top(y),
+                ((c.end - c.start) * scale).max(0.5),
+                c.start,
+                c.end
+            );
+        }
     }
-    legend(&mut svg, TOP + per_rank * timeline.ranks.len() as f64 + 14.0);
+    let y = TOP + per_rank * timeline.ranks.len() as f64 + 14.0;
+    legend(&mut svg, y, &lanes, any_exposed);
     svg.push_str("</svg>\n");
     svg
+}
+
+const TRANSFER: &str = "#888";
+const COLLECTIVE: &str = "#9467BD";
+const EXPOSED: &str = "#222";
+
+/// The last `width` of a box ending at `(x_end, y)`: time the compute
+/// stream waited on its own tensor-parallel collective.
+fn exposed_tail(svg: &mut String, (x_end, y): (f64, f64), width: f64, time: f64) {
+    let _ = writeln!(
+        svg,
+        r#"<rect x="{:.2}" y="{y:.2}" width="{:.2}" height="{ROW}" fill="{EXPOSED}" fill-opacity="0.35"><title>exposed collective: {time:.3}</title></rect>"#,
+        x_end - width,
+        width.max(0.5)
+    );
 }
 
 /// `svg` in a standalone HTML page: hovering a box highlights it and the
@@ -93,49 +158,68 @@ pub fn html_page(title: &str, svg: &str) -> String {
     )
 }
 
-/// One compute op's boxes at `(x, y, width)`, running `times` (start, end).
-fn draw_compute(svg: &mut String, passes: &[Pass], owned: &[u32], (x, y, w): (f64, f64, f64), times: (f64, f64)) {
-    let h = ROW / passes.len().max(1) as f64;
-    for (i, pass) in passes.iter().enumerate() {
-        let chunk = owned.iter().position(|s| *s == pass.stage.0).unwrap_or(0);
-        let opacity = if chunk == 0 { 1.0 } else { 0.55 };
-        let top = y + h * i as f64;
-        let _ = writeln!(
-            svg,
-            r#"<rect x="{x:.2}" y="{top:.2}" width="{w:.2}" height="{h:.2}" fill="{}" fill-opacity="{opacity}" stroke="white" stroke-width="0.6"><title>{} s{} mb{}: {:.3} to {:.3}</title></rect>"#,
-            colour(pass.kind),
-            pass.kind.as_str(),
-            pass.stage.0,
-            pass.mb.0,
-            times.0,
-            times.1
-        );
-        if w >= 12.0 && h >= 10.0 {
-            let size = (h * 0.6).min(11.0);
+/// One compute op: its passes, the stages its rank owns (for the chunk
+/// shade) and its (start, end).
+struct OpBox<'a> {
+    passes: &'a [Pass],
+    owned: &'a [u32],
+    times: (f64, f64),
+}
+
+impl OpBox<'_> {
+    /// Its boxes at `(x, y, width)`, one horizontal slice per pass; the
+    /// tooltip says what ran when, and how many activations are live after.
+    fn draw(&self, svg: &mut String, (x, y, w): (f64, f64, f64), live_after: i64) {
+        let h = ROW / self.passes.len().max(1) as f64;
+        for (i, pass) in self.passes.iter().enumerate() {
+            let chunk = self.owned.iter().position(|s| *s == pass.stage.0).unwrap_or(0);
+            let opacity = if chunk == 0 { 1.0 } else { 0.55 };
+            let top = y + h * i as f64;
             let _ = writeln!(
                 svg,
-                r#"<text x="{:.2}" y="{:.2}" font-size="{size:.1}" fill="white" text-anchor="middle">{}</text>"#,
-                x + w / 2.0,
-                top + h / 2.0 + size * 0.35,
-                pass.mb.0
+                r#"<rect x="{x:.2}" y="{top:.2}" width="{w:.2}" height="{h:.2}" fill="{}" fill-opacity="{opacity}" stroke="white" stroke-width="0.6"><title>{} s{} mb{}: {:.3} to {:.3}, {live_after} activations live after</title></rect>"#,
+                colour(pass.kind),
+                pass.kind.as_str(),
+                pass.stage.0,
+                pass.mb.0,
+                self.times.0,
+                self.times.1
             );
+            if w >= 12.0 && h >= 10.0 {
+                let size = (h * 0.6).min(11.0);
+                let _ = writeln!(
+                    svg,
+                    r#"<text x="{:.2}" y="{:.2}" font-size="{size:.1}" fill="white" text-anchor="middle">{}</text>"#,
+                    x + w / 2.0,
+                    top + h / 2.0 + size * 0.35,
+                    pass.mb.0
+                );
+            }
         }
     }
 }
 
-fn legend(svg: &mut String, y: f64) {
-    let items = [
+fn legend(svg: &mut String, y: f64, lanes: &Lanes, exposed: bool) {
+    let mut items = vec![
         (colour(PassKind::F), "F forward"),
         (colour(PassKind::B), "B input gradient"),
         (colour(PassKind::W), "W weight gradient"),
         (colour(PassKind::BW), "BW full backward"),
-        ("#888", "transfer"),
     ];
+    if lanes.p2p {
+        items.push((TRANSFER, "transfer"));
+    }
+    if lanes.tp {
+        items.push((COLLECTIVE, "TP all-reduce"));
+    }
+    if exposed {
+        items.push((EXPOSED, "exposed collective"));
+    }
     let mut x = LEFT;
     for (fill, label) in items {
         let _ = writeln!(svg, r#"<rect x="{x}" y="{y:.2}" width="12" height="12" fill="{fill}"/>"#);
         let _ = writeln!(svg, r#"<text x="{}" y="{:.2}" font-size="11">{label}</text>"#, x + 16.0, y + 10.0);
-        x += 150.0;
+        x += 145.0;
     }
     let _ = writeln!(
         svg,

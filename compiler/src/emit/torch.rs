@@ -104,9 +104,11 @@ type Op = (&'static str, u32, u32);
 /// Turns PyTorch's CSV (one row per rank) into a `.sched` schedule named
 /// `name` for exactly that many ranks, stages and microbatches, whose
 /// rank programs run the rows' compute actions in order, so stpc can check
-/// it. Transfer actions are skipped: stpc derives its own.
+/// it. Transfer actions are skipped: stpc derives its own; so are FSDP's
+/// `UNSHARD`, `RESHARD` and `REDUCE_GRAD` (counted in [`Imported::skipped`]).
 pub fn import_torch_csv(text: &str, name: &str) -> Result<Imported, ImportError> {
     let mut rows: Vec<Vec<(Vec<Op>, usize)>> = Vec::new();
+    let mut skipped = std::collections::BTreeMap::new();
     for (line_no, line) in text.lines().enumerate() {
         let mut row = Vec::new();
         for (cell_no, cell) in line.split(',').map(str::trim).enumerate().filter(|(_, c)| !c.is_empty()) {
@@ -124,6 +126,8 @@ pub fn import_torch_csv(text: &str, name: &str) -> Result<Imported, ImportError>
                 }
             } else if is_transfer(cell) {
                 continue;
+            } else if let Some(kind) = fsdp_action(cell) {
+                *skipped.entry(kind).or_insert(0) += 1;
             } else {
                 let op = parse_compute(cell).ok_or_else(|| {
                     at("not a PyTorch action: expected {stage}{F|I|W|B}{microbatch}, a transfer, or an OVERLAP_F_B")
@@ -179,7 +183,12 @@ pub fn import_torch_csv(text: &str, name: &str) -> Result<Imported, ImportError>
         out.push_str("    }\n");
     }
     out.push_str("  }\n}\n");
-    Ok(Imported { source: out, ranks: rows.len() as i64, microbatches: i64::from(microbatches) })
+    Ok(Imported {
+        source: out,
+        ranks: rows.len() as i64,
+        microbatches: i64::from(microbatches),
+        skipped: skipped.into_iter().collect(),
+    })
 }
 
 /// A schedule read from PyTorch's CSV.
@@ -191,10 +200,23 @@ pub struct Imported {
     pub ranks: i64,
     /// The value its `microbatches` parameter requires.
     pub microbatches: i64,
+    /// FSDP actions the import left out (`UNSHARD`, `RESHARD`,
+    /// `REDUCE_GRAD`) and how many of each: stp schedules do not shard
+    /// weights, and these actions do not change which order is valid.
+    pub skipped: Vec<(&'static str, usize)>,
 }
 
 fn is_transfer(cell: &str) -> bool {
     ["SEND_F", "RECV_F", "SEND_B", "RECV_B"].iter().any(|t| cell.contains(t))
+}
+
+/// `UNSHARD`, `RESHARD` or `REDUCE_GRAD` for a cell like `0UNSHARD`.
+fn fsdp_action(cell: &str) -> Option<&'static str> {
+    let rest = cell.trim_start_matches(|c: char| c.is_ascii_digit());
+    if rest.len() == cell.len() {
+        return None;
+    }
+    ["UNSHARD", "RESHARD", "REDUCE_GRAD"].into_iter().find(|a| *a == rest)
 }
 
 fn parse_compute(cell: &str) -> Option<Op> {

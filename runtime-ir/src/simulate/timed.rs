@@ -86,6 +86,8 @@ pub enum Stream {
     Compute,
     /// The communication stream.
     Comm,
+    /// The tensor-parallel stream (a compute's all-reduces, with `--tp`).
+    Collective,
 }
 
 /// One instruction's interval.
@@ -116,6 +118,10 @@ pub struct RankTimeline {
     pub bubble: f64,
     /// Intervals of every compute and communication instruction.
     pub spans: Vec<Span>,
+    /// The tensor-parallel collectives, one interval each, tagged with the
+    /// compute instruction that issued them (programs lowered with `--tp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub collectives: Vec<Span>,
 }
 
 /// A timed run.
@@ -171,6 +177,7 @@ struct RankState {
     exposed: f64,
     /// When the rank's tensor-parallel stream is free.
     tp_free: f64,
+    collectives: Vec<Span>,
 }
 
 /// Runs a compute's units from `start`: each on the compute stream, each
@@ -181,7 +188,7 @@ struct RankState {
 /// among the pass's units of its kind (halves), an all-reduce `T_AR / 2`.
 /// Returns (start, when the compute stream is free, when the outputs are
 /// ready, compute time, time the compute stream waited on all-reduces).
-fn run_units(c: &Compute, cost: &CostModel, start: f64, tp_free: &mut f64) -> (f64, f64, f64, f64, f64) {
+fn run_units(c: &Compute, cost: &CostModel, start: f64, tp: &mut TpStream<'_>) -> (f64, f64, f64, f64, f64) {
     let n = c.passes.len();
     // Per pass: end of its last unit, end of its last all-reduce.
     let mut last_unit = vec![start; n];
@@ -201,13 +208,30 @@ fn run_units(c: &Compute, cost: &CostModel, start: f64, tp_free: &mut f64) -> (f
         compute += duration;
         last_unit[i] = clock;
         if u.collective.is_some() {
-            let reduce_start = tp_free.max(clock);
-            *tp_free = reduce_start + cost.tp_collective / 2.0;
-            last_reduce[i] = *tp_free;
+            let reduce_start = tp.free.max(clock);
+            *tp.free = reduce_start + cost.tp_collective / 2.0;
+            last_reduce[i] = *tp.free;
+            tp.spans.push(Span {
+                instr: tp.instr,
+                stream: Stream::Collective,
+                start: reduce_start,
+                end: *tp.free,
+                exposed: 0.0,
+            });
         }
     }
     let outputs = last_unit.iter().chain(&last_reduce).copied().fold(clock, f64::max);
     (start, clock, outputs, compute, waited)
+}
+
+/// A rank's tensor-parallel stream while one compute's units run.
+struct TpStream<'a> {
+    /// The compute instruction issuing the collectives.
+    instr: usize,
+    /// When the stream is free.
+    free: &'a mut f64,
+    /// The collectives run so far.
+    spans: &'a mut Vec<Span>,
 }
 
 /// The compute time of one unit: half of its pass's dgrad (or forward)
@@ -287,7 +311,14 @@ pub fn simulate(program: &Program, cost: &CostModel) -> Result<Timeline, Deadloc
             let first = computes.clone().map(|sp| sp.start).fold(f64::INFINITY, f64::min);
             let last = computes.map(|sp| sp.end).fold(0.0, f64::max);
             let bubble = if first.is_finite() { (last - first - s.busy).max(0.0) } else { 0.0 };
-            RankTimeline { rank: Rank(r as u32), busy: s.busy, exposed_comm: s.exposed, bubble, spans: s.spans }
+            RankTimeline {
+                rank: Rank(r as u32),
+                busy: s.busy,
+                exposed_comm: s.exposed,
+                bubble,
+                spans: s.spans,
+                collectives: s.collectives,
+            }
         })
         .collect();
     Ok(Timeline { makespan, ranks })
@@ -365,7 +396,8 @@ fn run_rank(
                     let end = start + compute + exposed;
                     (start, end, end, compute, exposed)
                 } else {
-                    run_units(c, cost, state.compute_free.max(ready), &mut state.tp_free)
+                    let mut tp = TpStream { instr: pc, free: &mut state.tp_free, spans: &mut state.collectives };
+                    run_units(c, cost, state.compute_free.max(ready), &mut tp)
                 };
                 state.spans.push(Span { instr: pc, stream: Stream::Compute, start, end: free, exposed });
                 state.busy += compute + exposed;
