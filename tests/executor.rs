@@ -176,3 +176,35 @@ fn a_deadlock_names_the_instruction_every_rank_is_stuck_at() {
     let report = cpu::run(&program, &model, options).expect("buffered run");
     assert_eq!(report.gradients, sequential_gradients(&model));
 }
+
+/// Calibration recovers the pass times of a run whose ops took exactly
+/// their cost and started as early as they could: fed the simulator's own
+/// timeline as if measured, it finds T_F, T_B, T_W again, and the
+/// simulated makespan equals the "measured" one.
+#[test]
+fn calibrated_costs_recover_the_pass_times_of_an_ideal_run() {
+    use stp_exec::measure::{calibrated_costs, compare};
+    use stp_ir::simulate::{simulate, CostModel};
+    let truth = CostModel { forward: 1.0, backward_input: 2.0, backward_weight: 0.5, ..CostModel::default() };
+    for (name, p, m) in [("zb-h1", 4, 8), ("1f1b", 3, 6), ("zb-v", 2, 4)] {
+        let program = build_std(name, p, m, None).program;
+        let timeline = simulate(&program, &truth).expect("simulates");
+        let measured: Vec<Vec<(usize, f64, f64)>> = timeline
+            .ranks
+            .iter()
+            .map(|r| {
+                r.spans
+                    .iter()
+                    .filter(|s| s.stream == stp_ir::simulate::Stream::Compute)
+                    .map(|s| (s.instr, s.start, s.end))
+                    .collect()
+            })
+            .collect();
+        let found = calibrated_costs(&program, &measured);
+        let total = found.backward_input + found.backward_weight;
+        assert!((found.forward - 1.0).abs() < 1e-9, "{name}: {found:?}");
+        assert!((total - 2.5).abs() < 1e-9, "{name}: {found:?}");
+        let c = compare(&program, &measured, None).expect("compares");
+        assert!((c.measured - timeline.makespan).abs() < 1e-9 && (c.ratio() - 1.0).abs() < 1e-9, "{name}: {c:?}");
+    }
+}

@@ -33,14 +33,19 @@ impl Default for CpuOptions {
 /// What a run produced.
 #[derive(Debug, Clone)]
 pub struct CpuReport {
+    /// The ranks this process ran (all of them, unless it is one process
+    /// of a multi-process run); `peak_stashes` and `timeline` follow this
+    /// order.
+    pub ranks: Vec<Rank>,
     /// Per stage, the weight gradients (`4 · tp` tensors, see
     /// [`model::accumulate`]) summed over microbatches in microbatch order.
     pub gradients: Vec<Vec<Tensor>>,
-    /// Per rank, the most activation stashes live at once, counted between
+    /// Per rank run, the most activation stashes live at once, counted between
     /// compute instructions (after the frees that follow each), as the
     /// checker counts memory.
     pub peak_stashes: Vec<usize>,
-    /// Per rank (its first shard), (instruction, start, end) in seconds since the run began.
+    /// Per rank run (its first shard), (instruction, start, end) in
+    /// seconds since the run began.
     pub timeline: Vec<Vec<(usize, f64, f64)>>,
 }
 
@@ -71,13 +76,16 @@ enum Value {
     Stash(Box<Stash>),
 }
 
-/// One thread's ends of the channels to the same shard of every peer rank.
+/// One thread's ends of the channels to the same shard of every peer
+/// rank: in one process, channels straight to the peer's thread; across
+/// processes, channels to the threads that move frames over TCP
+/// ([`crate::launch`]).
 #[derive(Default)]
-struct Ports {
-    data_out: HashMap<Rank, Sender<(Buffer, Tensor)>>,
-    data_in: HashMap<Rank, Receiver<(Buffer, Tensor)>>,
-    ack_out: HashMap<Rank, Sender<Buffer>>,
-    ack_in: HashMap<Rank, Receiver<Buffer>>,
+pub(crate) struct Ports {
+    pub(crate) data_out: HashMap<Rank, Sender<(Buffer, Tensor)>>,
+    pub(crate) data_in: HashMap<Rank, Receiver<(Buffer, Tensor)>>,
+    pub(crate) ack_out: HashMap<Rank, Sender<Buffer>>,
+    pub(crate) ack_in: HashMap<Rank, Receiver<Buffer>>,
 }
 
 /// Where every thread is, for the watchdog's report; and whether the run
@@ -102,17 +110,12 @@ struct Round {
     result: Option<Tensor>,
 }
 
-/// Runs `program` on `model` (which must have the program's TP size). The
-/// program is verified first.
+/// Runs `program` on `model` (which must have the program's TP size), every
+/// rank in this process. The program is verified first.
 pub fn run(program: &Program, model: &Model, options: CpuOptions) -> Result<CpuReport, ExecError> {
-    stp_ir::verify(program).map_err(ExecError::Invalid)?;
-    let tp = program.schedule.tp as usize;
-    if model.tp != tp {
-        return Err(ExecError::Setup(format!("the program has tp = {tp} but the model {} shards", model.tp)));
-    }
-    let n = program.ranks.len();
-    let threads = n * tp;
-    let mut ports: Vec<Ports> = (0..threads).map(|_| Ports::default()).collect();
+    prepare(program, model)?;
+    let (n, tp) = (program.ranks.len(), program.schedule.tp as usize);
+    let mut ports: Vec<Ports> = (0..n * tp).map(|_| Ports::default()).collect();
     for k in 0..tp {
         for a in 0..n {
             for b in (0..n).filter(|b| *b != a) {
@@ -125,7 +128,59 @@ pub fn run(program: &Program, model: &Model, options: CpuOptions) -> Result<CpuR
             }
         }
     }
-    let reducers: Vec<Arc<Reducer>> = (0..n)
+    execute(program, model, options, &(0..n).collect::<Vec<_>>(), ports)
+}
+
+/// Runs only `rank`'s shard threads, whose messages to and from the other
+/// ranks go through `ports` (one per shard): one process of a
+/// multi-process run ([`crate::launch`]). The program is verified first.
+/// The report covers this rank; the gradients of other ranks' stages stay
+/// empty.
+pub(crate) fn run_rank(
+    program: &Program,
+    model: &Model,
+    options: CpuOptions,
+    rank: usize,
+    ports: Vec<Ports>,
+) -> Result<CpuReport, ExecError> {
+    prepare(program, model)?;
+    execute(program, model, options, &[rank], ports)
+}
+
+/// Verifies `program` and that `model` fits it.
+fn prepare(program: &Program, model: &Model) -> Result<(), ExecError> {
+    stp_ir::verify(program).map_err(ExecError::Invalid)?;
+    let tp = program.schedule.tp as usize;
+    if model.tp != tp {
+        return Err(ExecError::Setup(format!("the program has tp = {tp} but the model {} shards", model.tp)));
+    }
+    if model.stages.len() != program.schedule.num_stages as usize
+        || model.inputs.len() != program.schedule.num_microbatches as usize
+    {
+        return Err(ExecError::Setup(format!(
+            "the program has {} stages and {} microbatches but the model {} and {}",
+            program.schedule.num_stages,
+            program.schedule.num_microbatches,
+            model.stages.len(),
+            model.inputs.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs the shard threads of `ranks`, thread `t` being shard `t % tp` of
+/// `ranks[t / tp]` with `ports[t]`.
+fn execute(
+    program: &Program,
+    model: &Model,
+    options: CpuOptions,
+    ranks: &[usize],
+    ports: Vec<Ports>,
+) -> Result<CpuReport, ExecError> {
+    let tp = program.schedule.tp as usize;
+    let threads = ranks.len() * tp;
+    let reducers: Vec<Arc<Reducer>> = ranks
+        .iter()
         .map(|_| {
             let state = Round { parts: vec![None; tp], ..Round::default() };
             Arc::new(Reducer { tp, state: Mutex::new(state), turned: Condvar::new() })
@@ -145,8 +200,9 @@ pub fn run(program: &Program, model: &Model, options: CpuOptions) -> Result<CpuR
                         program,
                         model,
                         options,
-                        rank: t / tp,
+                        rank: ranks[t / tp],
                         shard: t % tp,
+                        thread: t,
                         ports,
                         board: Arc::clone(&board),
                         reducer,
@@ -176,8 +232,9 @@ pub fn run(program: &Program, model: &Model, options: CpuOptions) -> Result<CpuR
             .filter(|(t, _)| t % tp == 0)
             .filter_map(|(t, i)| {
                 let i = (*i)?;
-                let instr = program.ranks[t / tp].instrs.get(i)?;
-                Some((Rank((t / tp) as u32), i, instr.to_string().replace('\n', " ")))
+                let rank = ranks[t / tp];
+                let instr = program.ranks[rank].instrs.get(i)?;
+                Some((Rank(rank as u32), i, instr.to_string().replace('\n', " ")))
             })
             .collect();
         return Err(ExecError::Deadlock { blocked });
@@ -185,8 +242,8 @@ pub fn run(program: &Program, model: &Model, options: CpuOptions) -> Result<CpuR
     let (stages, mbs) = (program.schedule.num_stages as usize, program.schedule.num_microbatches as usize);
     // grads[mb][stage][shard]
     let mut grads: Vec<Vec<Vec<ShardGrads>>> = vec![vec![vec![ShardGrads::default(); tp]; stages]; mbs];
-    let mut peak_stashes = vec![0; n];
-    let mut timeline = vec![Vec::new(); n];
+    let mut peak_stashes = vec![0; ranks.len()];
+    let mut timeline = vec![Vec::new(); ranks.len()];
     for (t, result) in results.into_iter().enumerate() {
         let result = result?;
         for ((stage, mb), g) in result.grads {
@@ -211,7 +268,7 @@ pub fn run(program: &Program, model: &Model, options: CpuOptions) -> Result<CpuR
             }
         }
     }
-    Ok(CpuReport { gradients, peak_stashes, timeline })
+    Ok(CpuReport { ranks: ranks.iter().map(|r| Rank(*r as u32)).collect(), gradients, peak_stashes, timeline })
 }
 
 struct ThreadResult {
@@ -226,6 +283,8 @@ struct Worker<'a> {
     options: CpuOptions,
     rank: usize,
     shard: usize,
+    /// Index of this thread among the process's threads (on the board).
+    thread: usize,
     ports: Ports,
     board: Arc<Board>,
     reducer: Arc<Reducer>,
@@ -249,7 +308,7 @@ impl Worker<'_> {
     fn run(&mut self) -> Result<ThreadResult, ExecError> {
         let mut result = ThreadResult { grads: Vec::new(), peak_stashes: 0, timeline: Vec::new() };
         let instrs = &self.program.ranks[self.rank].instrs;
-        let thread = self.rank * self.reducer.tp + self.shard;
+        let thread = self.thread;
         for (i, instr) in instrs.iter().enumerate() {
             if let Ok(mut at) = self.board.at.lock() {
                 at[thread] = Some(i);

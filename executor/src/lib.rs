@@ -10,6 +10,8 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod launch;
+pub mod measure;
 pub mod model;
 
 use std::fmt;

@@ -1,19 +1,29 @@
 //! `stp-exec`: run a compiled stp program.
 #![allow(clippy::print_stdout)]
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
-use stp_exec::cpu::{self, CpuOptions};
+use stp_exec::cpu::{self, CpuOptions, CpuReport};
+use stp_exec::launch::{self, Env};
+use stp_exec::measure;
 use stp_exec::model::{sequential_gradients, Model};
-use stp_ir::simulate::Semantics;
+use stp_ir::simulate::{CostModel, Semantics};
 use stp_ir::Program;
 
 /// stp-exec: run a compiled stp program (program.json or program.txt from
 /// `stpc compile`). The program is verified before anything runs.
 #[derive(Parser)]
-#[command(name = "stp-exec", version, about)]
+#[command(
+    name = "stp-exec",
+    version,
+    about,
+    after_help = "Examples:\n  \
+        stp-exec run out/program.json --check --trace out/trace.json\n  \
+        stp-exec launch out/program.json --check        (one process per rank, over TCP)\n  \
+        RANK=1 WORLD_SIZE=4 MASTER_ADDR=node0 MASTER_PORT=29500 stp-exec run out/program.json"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,35 +32,64 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run one training step and report the measured per-rank timeline.
-    Run {
-        /// The program (JSON or text form).
-        program: PathBuf,
-        /// Which backend runs it.
-        #[arg(long, value_enum, default_value = "cpu")]
-        backend: Backend,
-        /// Send semantics of the CPU backend's channels.
-        #[arg(long, value_enum, default_value = "rendezvous")]
-        comm: Comm,
-        /// Seconds any rank may wait before the run is declared deadlocked.
-        #[arg(long, default_value_t = 5.0)]
-        timeout: f64,
-        /// Seed of the model's weights and data.
-        #[arg(long, default_value_t = 42)]
-        seed: u64,
-        /// Hidden size of every stage's layer.
-        #[arg(long, default_value_t = 64)]
-        hidden: usize,
-        /// Rows (tokens) per microbatch.
-        #[arg(long, default_value_t = 16)]
-        rows: usize,
-        /// Also run the model sequentially on one thread and require the
-        /// weight gradients to match bit for bit.
+    /// With WORLD_SIZE set (as torchrun and Slurm wrappers set it, with
+    /// RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), run only rank RANK
+    /// and exchange messages with the other processes over TCP.
+    Run(RunArgs),
+    /// Start one `stp-exec run` process per pipeline rank on this machine,
+    /// with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free
+    /// MASTER_PORT set, as torchrun --standalone does; wait for all of them.
+    Launch {
+        /// How many processes (default: the program's pipeline ranks).
         #[arg(long)]
-        check: bool,
-        /// Write the measured timeline as a Chrome/Perfetto trace.
-        #[arg(long, value_name = "FILE")]
-        trace: Option<PathBuf>,
+        nproc: Option<usize>,
+        /// The port rank 0 listens on (default: a free one).
+        #[arg(long)]
+        master_port: Option<u16>,
+        #[command(flatten)]
+        run: RunArgs,
     },
+}
+
+#[derive(Args, Clone)]
+struct RunArgs {
+    /// The program (JSON or text form).
+    program: PathBuf,
+    /// Which backend runs it.
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: Backend,
+    /// Send semantics of the CPU backend's channels.
+    #[arg(long, value_enum, default_value = "rendezvous")]
+    comm: Comm,
+    /// Seconds any rank may wait before the run is declared deadlocked.
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+    /// In a multi-process run: seconds to wait for every process to
+    /// reach the rendezvous.
+    #[arg(long, default_value_t = 60.0)]
+    rendezvous_timeout: f64,
+    /// Seed of the model's weights and data.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Hidden size of every stage's layer.
+    #[arg(long, default_value_t = 64)]
+    hidden: usize,
+    /// Rows (tokens) per microbatch.
+    #[arg(long, default_value_t = 16)]
+    rows: usize,
+    /// Also run the model sequentially on one thread and require the
+    /// weight gradients to match bit for bit (in a multi-process run, of
+    /// the stages this process ran).
+    #[arg(long)]
+    check: bool,
+    /// Compare the measured makespan with the simulator's under this cost
+    /// model (JSON as for `stpc simulate --cost`, times in milliseconds);
+    /// without it, under the pass times measured in this run.
+    #[arg(long, value_name = "FILE")]
+    cost: Option<PathBuf>,
+    /// Write the measured timeline as a Chrome/Perfetto trace.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -70,8 +109,11 @@ enum Comm {
 }
 
 fn main() -> ExitCode {
-    let Command::Run { program, backend, comm, timeout, seed, hidden, rows, check, trace } = Cli::parse().command;
-    match run(&program, backend, comm, timeout, seed, hidden, rows, check, trace.as_deref()) {
+    let result = match Cli::parse().command {
+        Command::Run(args) => run(&args),
+        Command::Launch { nproc, master_port, run } => launch_local(nproc, master_port, &run),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             eprintln!("error: {message}");
@@ -80,57 +122,206 @@ fn main() -> ExitCode {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
-    path: &Path,
-    backend: Backend,
-    comm: Comm,
-    timeout: f64,
-    seed: u64,
-    hidden: usize,
-    rows: usize,
-    check: bool,
-    trace: Option<&Path>,
-) -> Result<(), String> {
-    if let Backend::Cuda = backend {
+fn run(args: &RunArgs) -> Result<(), String> {
+    if let Backend::Cuda = args.backend {
         return cuda_backend();
     }
-    let program = load(path)?;
+    let env = Env::from_vars(|name| std::env::var(name).ok())?;
+    let program = load(&args.program)?;
     let meta = &program.schedule;
     let model = Model::new(
         meta.num_stages as usize,
         meta.num_microbatches as usize,
-        hidden.max(1),
-        rows.max(1),
+        args.hidden.max(1),
+        args.rows.max(1),
         meta.tp as usize,
-        seed,
+        args.seed,
     );
     let options = CpuOptions {
-        semantics: match comm {
+        semantics: match args.comm {
             Comm::Rendezvous => Semantics::Rendezvous,
             Comm::Buffered => Semantics::Buffered,
         },
-        timeout: Duration::from_secs_f64(timeout.max(0.01)),
+        timeout: Duration::from_secs_f64(args.timeout.max(0.01)),
     };
-    let report = cpu::run(&program, &model, options).map_err(|e| e.to_string())?;
-    println!("{} on {} ranks: one step of {} microbatches", meta.name, meta.num_ranks, meta.num_microbatches);
-    println!("{:<6} {:>12} {:>12} {:>14}", "rank", "first (ms)", "last (ms)", "peak stashes");
-    for (r, (spans, peak)) in report.timeline.iter().zip(&report.peak_stashes).enumerate() {
-        let first = spans.first().map_or(0.0, |s| s.1) * 1e3;
-        let last = spans.last().map_or(0.0, |s| s.2) * 1e3;
-        println!("{r:<6} {first:>12.3} {last:>12.3} {peak:>14}");
-    }
-    if check {
-        if report.gradients != sequential_gradients(&model) {
-            return Err("the weight gradients differ from a sequential run of the same model".into());
+    let report = match &env {
+        None => cpu::run(&program, &model, options),
+        Some(env) => {
+            let rendezvous = Duration::from_secs_f64(args.rendezvous_timeout.max(0.1));
+            launch::run_process(&program, &model, options, env, rendezvous)
         }
-        println!("weight gradients equal a sequential run's, bit for bit");
     }
-    if let Some(trace) = trace {
-        write_trace(trace, &program, &report.timeline)?;
-        println!("wrote {}", trace.display());
+    .map_err(|e| match &env {
+        Some(env) => format!("rank {}: {e}", env.rank),
+        None => e.to_string(),
+    })?;
+    let tag = env.as_ref().map_or(String::new(), |e| format!("[rank {}] ", e.rank));
+    print_timeline(&program, &report, &tag);
+    if args.check {
+        check_gradients(&program, &model, &report, &tag)?;
+    }
+    if env.is_none() {
+        print_comparison(&program, &report, args.cost.as_deref())?;
+    }
+    if let Some(trace) = &args.trace {
+        let path = match &env {
+            Some(env) => trace.with_extension(format!("rank{}.json", env.rank)),
+            None => trace.clone(),
+        };
+        let mut spans = vec![Vec::new(); program.ranks.len()];
+        for (rank, timeline) in report.ranks.iter().zip(&report.timeline) {
+            spans[rank.index()] = timeline.clone();
+        }
+        write_trace(&path, &program, &spans)?;
+        println!("{tag}wrote {}", path.display());
     }
     Ok(())
+}
+
+fn print_timeline(program: &Program, report: &CpuReport, tag: &str) {
+    let meta = &program.schedule;
+    println!("{tag}{} on {} ranks: one step of {} microbatches", meta.name, meta.num_ranks, meta.num_microbatches);
+    println!("{tag}{:<6} {:>12} {:>12} {:>14}", "rank", "first (ms)", "last (ms)", "peak stashes");
+    for ((rank, spans), peak) in report.ranks.iter().zip(&report.timeline).zip(&report.peak_stashes) {
+        let first = spans.first().map_or(0.0, |s| s.1) * 1e3;
+        let last = spans.last().map_or(0.0, |s| s.2) * 1e3;
+        println!("{tag}{:<6} {first:>12.3} {last:>12.3} {peak:>14}", rank.index());
+    }
+}
+
+/// Compares the gradients of the stages this process ran with a
+/// sequential run's.
+fn check_gradients(program: &Program, model: &Model, report: &CpuReport, tag: &str) -> Result<(), String> {
+    let expected = sequential_gradients(model);
+    let mine: Vec<usize> = program
+        .schedule
+        .placement
+        .iter()
+        .enumerate()
+        .filter(|(_, owner)| report.ranks.contains(owner))
+        .map(|(s, _)| s)
+        .collect();
+    if let Some(s) = mine.iter().find(|s| report.gradients[**s] != expected[**s]) {
+        return Err(format!("{tag}the weight gradients of stage {s} differ from a sequential run of the same model"));
+    }
+    println!("{tag}weight gradients of stages {mine:?} equal a sequential run's, bit for bit");
+    Ok(())
+}
+
+fn print_comparison(program: &Program, report: &CpuReport, cost: Option<&Path>) -> Result<(), String> {
+    let given = match cost {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let ms: CostModel = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            Some(CostModel {
+                forward: ms.forward / 1e3,
+                backward_input: ms.backward_input / 1e3,
+                backward_weight: ms.backward_weight / 1e3,
+                tp_collective: ms.tp_collective / 1e3,
+                p2p: ms.p2p / 1e3,
+            })
+        }
+        None => None,
+    };
+    let Some(c) = measure::compare(program, &report.timeline, given) else {
+        println!("the simulator cannot run this program under rendezvous sends; no comparison");
+        return Ok(());
+    };
+    let model = if cost.is_some() { "the given cost model" } else { "the pass times measured in this run" };
+    println!(
+        "makespan: measured {:.3} ms, simulated {:.3} ms under {model} (T_F {:.3}, T_B {:.3}, T_W {:.3}, T_AR {:.3}, p2p {:.3} ms); measured/simulated {:.2}",
+        c.measured * 1e3,
+        c.simulated * 1e3,
+        c.cost.forward * 1e3,
+        c.cost.backward_input * 1e3,
+        c.cost.backward_weight * 1e3,
+        c.cost.tp_collective * 1e3,
+        c.cost.p2p * 1e3,
+        c.ratio()
+    );
+    Ok(())
+}
+
+/// Runs one child per rank with the torchrun variables set; fails when any fails.
+fn launch_local(nproc: Option<usize>, master_port: Option<u16>, args: &RunArgs) -> Result<(), String> {
+    if let Backend::Cuda = args.backend {
+        return Err("launch starts CPU-backend processes only; the CUDA backend does not run programs yet".into());
+    }
+    let program = load(&args.program)?;
+    let world = nproc.unwrap_or(program.ranks.len());
+    if world != program.ranks.len() {
+        return Err(format!(
+            "--nproc {world}, but the program has {} pipeline ranks: the CPU backend runs one process per rank",
+            program.ranks.len()
+        ));
+    }
+    let port = match master_port {
+        Some(port) => port,
+        None => std::net::TcpListener::bind(("127.0.0.1", 0))
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("cannot find a free port: {e}"))?
+            .port(),
+    };
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find stp-exec itself: {e}"))?;
+    let mut children = Vec::new();
+    for rank in 0..world {
+        let child = std::process::Command::new(&exe)
+            .arg("run")
+            .args(run_args(args))
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", world.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .map_err(|e| format!("cannot start rank {rank}: {e}"))?;
+        children.push(child);
+    }
+    let failed: Vec<String> = children
+        .into_iter()
+        .enumerate()
+        .filter_map(|(rank, mut child)| match child.wait() {
+            Ok(status) if status.success() => None,
+            Ok(status) => Some(format!("rank {rank} ({status})")),
+            Err(e) => Some(format!("rank {rank} ({e})")),
+        })
+        .collect();
+    if failed.is_empty() {
+        println!("all {world} processes finished");
+        Ok(())
+    } else {
+        Err(format!("{} failed", failed.join(", ")))
+    }
+}
+
+/// `args` as a child's command line.
+fn run_args(args: &RunArgs) -> Vec<String> {
+    let mut out = vec![
+        args.program.display().to_string(),
+        "--comm".into(),
+        match args.comm {
+            Comm::Rendezvous => "rendezvous".into(),
+            Comm::Buffered => "buffered".into(),
+        },
+        "--timeout".into(),
+        args.timeout.to_string(),
+        "--rendezvous-timeout".into(),
+        args.rendezvous_timeout.to_string(),
+        "--seed".into(),
+        args.seed.to_string(),
+        "--hidden".into(),
+        args.hidden.to_string(),
+        "--rows".into(),
+        args.rows.to_string(),
+    ];
+    if args.check {
+        out.push("--check".into());
+    }
+    if let Some(trace) = &args.trace {
+        out.push("--trace".into());
+        out.push(trace.display().to_string());
+    }
+    out
 }
 
 #[cfg(feature = "cuda")]

@@ -1,0 +1,104 @@
+//! The `stp-exec` binary as a user runs it: one process for every rank,
+//! one process per rank through `launch` (torchrun's variables and a TCP
+//! rendezvous), measured against simulated makespan, and clear errors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn stp_exec(args: &[&str], vars: &[(&str, &str)]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_stp-exec"));
+    command.args(args);
+    for var in ["RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"] {
+        command.env_remove(var);
+    }
+    command.envs(vars.iter().copied()).output().expect("stp-exec runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("stp-exec-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir
+}
+
+/// Compiles a standard schedule to `dir/program.json`, as `stpc compile` does.
+fn compile(dir: &Path, name: &str, p: i64, m: i64, tp: u32) -> String {
+    let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no {name}"));
+    let file = stpc::syntax::span::SourceFile::new(s.path(), s.source);
+    let mut request = stpc::pipeline::Request {
+        params: stpc::elab::ParamArgs { ranks: Some(p), microbatches: Some(m), ..Default::default() },
+        ..Default::default()
+    };
+    request.lower.tp = tp;
+    let build = stpc::pipeline::build(&file, &request).unwrap_or_else(|_| panic!("{name} builds"));
+    let path = dir.join("program.json");
+    std::fs::write(&path, stp_ir::to_json(&build.program)).expect("write program");
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn run_checks_gradients_and_compares_with_the_simulator() {
+    let dir = scratch("run");
+    let program = compile(&dir, "zb-h1", 3, 6, 1);
+    let out = stp_exec(&["run", &program, "--check", "--hidden", "8", "--rows", "4"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("weight gradients of stages [0, 1, 2] equal a sequential run's, bit for bit"), "{stdout}");
+    // Measured against simulated, under the pass times of this very run.
+    let line = stdout.lines().find(|l| l.starts_with("makespan: measured")).unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("under the pass times measured in this run"), "{line}");
+    // Under a given cost model (milliseconds), that model is simulated:
+    // ZB-H1 at p=3, m=6 with unit costs: m·3 of work per rank plus a
+    // bubble of (p - 1)(T_F + T_B - T_W): 18 + 2 = 20 units.
+    let cost = dir.join("cost.json");
+    std::fs::write(&cost, r#"{"forward": 1, "backward_input": 1, "backward_weight": 1}"#).expect("write cost");
+    let out = stp_exec(&["run", &program, "--cost", &cost.to_string_lossy(), "--hidden", "8", "--rows", "4"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("simulated 20.000 ms under the given cost model"), "{}", text(&out.stdout));
+}
+
+#[test]
+fn launch_runs_one_process_per_rank_and_each_checks_its_stages() {
+    let dir = scratch("launch");
+    let program = compile(&dir, "stp", 2, 5, 2);
+    let trace = dir.join("trace.json");
+    let out = stp_exec(
+        &["launch", &program, "--check", "--hidden", "8", "--rows", "4", "--trace", &trace.to_string_lossy()],
+        &[],
+    );
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    // STP at p = 2 puts stages 0 and 3 on rank 0, 1 and 2 on rank 1.
+    assert!(stdout.contains("[rank 0] weight gradients of stages [0, 3] equal"), "{stdout}");
+    assert!(stdout.contains("[rank 1] weight gradients of stages [1, 2] equal"), "{stdout}");
+    assert!(stdout.contains("all 2 processes finished"), "{stdout}");
+    for r in 0..2 {
+        assert!(dir.join(format!("trace.rank{r}.json")).exists(), "one trace per process");
+    }
+}
+
+#[test]
+fn torchrun_variables_that_do_not_fit_are_explained() {
+    let dir = scratch("vars");
+    let program = compile(&dir, "1f1b", 2, 2, 1);
+    let out = stp_exec(&["run", &program], &[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("MASTER_PORT must be too"), "{}", text(&out.stderr));
+    let out = stp_exec(
+        &["run", &program],
+        &[("WORLD_SIZE", "3"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("WORLD_SIZE is 3 but the program has 2 pipeline ranks"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = stp_exec(&["launch", &program, "--nproc", "3"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--nproc 3, but the program has 2 pipeline ranks"), "{}", text(&out.stderr));
+}

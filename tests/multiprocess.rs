@@ -1,0 +1,156 @@
+//! Multi-process runs (`stp_exec::launch`): every pipeline rank in its own
+//! "process" (here a thread each, with nothing shared but TCP sockets on
+//! localhost), meeting at MASTER_ADDR:MASTER_PORT. The gradients still
+//! equal a sequential run's bit for bit, and a broken setup is named.
+
+use std::time::Duration;
+use stp_exec::cpu::{self, CpuOptions, CpuReport};
+use stp_exec::launch::{run_process, Env};
+use stp_exec::model::{sequential_gradients, Model};
+use stp_exec::ExecError;
+use stp_ir::{Instr, Program};
+use stp_tests::build_std_tp;
+
+fn model_for(program: &Program) -> Model {
+    let meta = &program.schedule;
+    Model::new(meta.num_stages as usize, meta.num_microbatches as usize, 8, 4, meta.tp as usize, 7)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+fn env(rank: usize, world: usize, port: u16) -> Env {
+    Env { rank, world_size: world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }
+}
+
+/// Runs `programs[r]` as rank r of a world of `world`, each on its own
+/// thread with its own model, meeting over TCP.
+fn run_world(
+    programs: &[Program],
+    world: usize,
+    options: CpuOptions,
+    rendezvous: Duration,
+) -> Vec<Result<CpuReport, ExecError>> {
+    let port = free_port();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = programs
+            .iter()
+            .enumerate()
+            .map(|(r, program)| {
+                s.spawn(move || run_process(program, &model_for(program), options, &env(r, world, port), rendezvous))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(Err(ExecError::Panicked))).collect()
+    })
+}
+
+#[test]
+fn ranks_in_separate_processes_reproduce_the_sequential_gradients() {
+    for (name, p, m, v, tp) in [("1f1b", 4, 8, None, 1), ("stp", 2, 5, None, 2), ("interleaved-1f1b", 2, 4, Some(2), 1)]
+    {
+        let program = build_std_tp(name, p, m, v, tp).program;
+        let expected = sequential_gradients(&model_for(&program));
+        let single = cpu::run(&program, &model_for(&program), CpuOptions::default()).expect("one process");
+        let world = p as usize;
+        let reports = run_world(&vec![program.clone(); world], world, CpuOptions::default(), Duration::from_secs(20));
+        for (r, report) in reports.into_iter().enumerate() {
+            let report = report.unwrap_or_else(|e| panic!("{name} rank {r}: {e}"));
+            assert_eq!(report.ranks, [stp_ir::Rank(r as u32)]);
+            let owned = program.schedule.placement.iter().enumerate().filter(|(_, o)| o.index() == r);
+            for (s, _) in owned {
+                assert_eq!(report.gradients[s], expected[s], "{name} rank {r} stage {s}: gradients differ");
+            }
+            assert_eq!(report.peak_stashes, [single.peak_stashes[r]], "{name} rank {r}: peak stashes");
+        }
+    }
+}
+
+#[test]
+fn processes_running_different_programs_are_stopped_at_the_rendezvous() {
+    let a = build_std_tp("1f1b", 2, 4, None, 1).program;
+    let b = build_std_tp("gpipe", 2, 4, None, 1).program;
+    let reports = run_world(&[a, b], 2, CpuOptions::default(), Duration::from_secs(20));
+    for (r, report) in reports.into_iter().enumerate() {
+        match report {
+            Err(ExecError::Setup(message)) => {
+                assert!(message.contains("rank 1 runs a different program than rank 0"), "rank {r}: {message}")
+            }
+            other => panic!("rank {r}: expected a refused rendezvous, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_process_that_never_comes_is_named() {
+    let program = build_std_tp("1f1b", 3, 4, None, 1).program;
+    // Only ranks 0 and 1 of 3 start.
+    let reports = run_world(&[program.clone(), program], 3, CpuOptions::default(), Duration::from_millis(800));
+    match &reports[0] {
+        Err(ExecError::Setup(message)) => assert!(message.contains("for ranks 2 to connect"), "{message}"),
+        other => panic!("expected rank 0 to give up waiting, got {other:?}"),
+    }
+    assert!(reports[1].is_err(), "rank 1 cannot run without rank 2 either");
+}
+
+#[test]
+fn a_deadlock_across_processes_names_where_each_rank_is_stuck() {
+    // Both ranks send before they receive (1F1B's grouping undone).
+    let mut program = build_std_tp("1f1b", 2, 2, None, 1).program;
+    for rank in &mut program.ranks {
+        let old = std::mem::take(&mut rank.instrs);
+        for instr in old {
+            match instr {
+                Instr::Comm(ops) => rank.instrs.extend(ops.into_iter().map(|t| Instr::Comm(vec![t]))),
+                other => rank.instrs.push(other),
+            }
+        }
+    }
+    let options = CpuOptions { timeout: Duration::from_millis(400), ..CpuOptions::default() };
+    let reports = run_world(&[program.clone(), program], 2, options, Duration::from_secs(20));
+    let blocked: Vec<String> = reports
+        .into_iter()
+        .flat_map(|r| match r {
+            Err(ExecError::Deadlock { blocked }) => {
+                blocked.into_iter().map(|(r, _, t)| format!("{r}: {t}")).collect::<Vec<_>>()
+            }
+            other => panic!("expected a deadlock, got {other:?}"),
+        })
+        .collect();
+    assert_eq!(blocked, ["r0: send act.s0.mb1 -> r1", "r1: send grad.s1.mb0 -> r0"]);
+}
+
+#[test]
+fn the_launch_variables_are_read_as_torchrun_sets_them() {
+    let vars = |pairs: &[(&str, &str)]| {
+        let pairs: Vec<(String, String)> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Env::from_vars(move |name| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()))
+    };
+    assert_eq!(vars(&[]), Ok(None), "no WORLD_SIZE: one process runs every rank");
+    let full = [("RANK", "1"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "node0"), ("MASTER_PORT", "29500")];
+    assert_eq!(
+        vars(&full),
+        Ok(Some(Env { rank: 1, world_size: 4, local_rank: 1, master_addr: "node0".into(), master_port: 29500 }))
+    );
+    let error = |pairs: &[(&str, &str)]| vars(pairs).expect_err("refused");
+    assert!(error(&[("WORLD_SIZE", "4")]).contains("RANK must be too"));
+    assert!(
+        error(&[("RANK", "4"), ("WORLD_SIZE", "4"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "1")]).contains("not below")
+    );
+    assert!(error(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).contains("MASTER_ADDR"));
+    assert!(error(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "a"), ("MASTER_PORT", "x")])
+        .contains("MASTER_PORT=x"));
+    assert!(error(&[("RANK", "one"), ("WORLD_SIZE", "2")]).contains("RANK=one"));
+}
+
+#[test]
+fn a_world_size_that_does_not_match_the_program_is_refused() {
+    let program = build_std_tp("1f1b", 2, 2, None, 1).program;
+    let model = model_for(&program);
+    match run_process(&program, &model, CpuOptions::default(), &env(0, 3, free_port()), Duration::from_secs(1)) {
+        Err(ExecError::Setup(message)) => {
+            assert!(message.contains("WORLD_SIZE is 3 but the program has 2"), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
