@@ -81,7 +81,7 @@ fn smt_beats_greedy_where_greedy_is_not_optimal_and_proves_it() {
     let unit = CostModel::default();
     for (p, m, cost) in [
         (3, 6, CostModel { backward_input: 2.0, p2p: 0.5, ..unit }),
-        (2, 6, CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit }),
+        (3, 6, CostModel { backward_input: 2.0, backward_weight: 0.5, p2p: 0.5, ..unit }),
     ] {
         let (_, greedy) = planned(LOOPED, p, m, cost, Solver::Greedy);
         let (b, found) = planned(LOOPED, p, m, cost, smt(60));
@@ -89,6 +89,32 @@ fn smt_beats_greedy_where_greedy_is_not_optimal_and_proves_it() {
         assert!(found.optimal, "p={p} m={m}: Z3 settles this within a minute");
         assert!(found.makespan < greedy.makespan - 1e-9, "{} vs greedy {}", found.makespan, greedy.makespan);
         assert!(close(simulated(&b, &cost), found.makespan));
+    }
+}
+
+/// With a TP collective to hide, `auto` braids and fuses passes where it
+/// pays: on a V placement (DualPipeV's, budget 2p + 1) the braided order
+/// is faster than the best order of single passes the greedy scheduler
+/// finds. Z3, whose model has no braids, never claims a proof there.
+#[test]
+fn braided_auto_orders_hide_collectives_and_claim_no_proof() {
+    let cost = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
+    for (p, m) in [(2, 6), (4, 8)] {
+        let (b, _) = planned(V_SHAPE, p, m, cost, Solver::Greedy);
+        let s = b.checked.schedule();
+        let mut unbraided = s.clone();
+        unbraided.cost = cost;
+        let (_, single) = stpc::opt::greedy::schedule_single_passes(&unbraided).expect("an order of single passes");
+        let braided = simulated(&b, &cost);
+        assert!(braided < single - 1e-9, "p={p} m={m}: braided {braided} vs single passes {single}");
+        let fused = s.ranks.iter().flatten().filter(|op| {
+            op.compute.passes.len() == 2 || op.compute.passes[0].kind == stp_ir::PassKind::BW
+        });
+        assert!(fused.count() > 0, "p={p} m={m}: the order braids or fuses");
+        let (b, found) = planned(V_SHAPE, p, m, cost, smt(5));
+        assert!(!found.optimal, "p={p} m={m}: no proof is claimed for braided orders: {found:?}");
+        assert!(close(simulated(&b, &cost), found.makespan), "p={p} m={m}: the claim simulates");
+        assert!(found.makespan + 1e-9 >= found.lower_bound);
     }
 }
 
@@ -166,13 +192,19 @@ const INTERLEAVED: &str =
 
 /// Large instances: an order that meets the lower bound is proved optimal
 /// without building a model; one that does not, on an instance too large
-/// for the exact model, is kept with the reason.
+/// for the exact model, is kept with the reason. At p = 8, m = 64, v = 2
+/// with skewed costs the braided greedy order is within 5% of the bound
+/// (the target for this size).
 #[test]
 fn large_instances_are_proved_by_the_bound_or_left_to_greedy_with_a_reason() {
     let (_, proved) = planned(INTERLEAVED, 8, 64, CostModel::default(), smt(600));
     assert!(proved.optimal && proved.kept == "greedy", "{proved:?}");
     let skewed = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
     let (_, kept) = planned(INTERLEAVED, 8, 64, skewed, smt(600));
+    assert_eq!(kept.kept, "greedy");
+    assert!(kept.makespan < 1.05 * kept.lower_bound, "{kept:?}");
+    let slow_links = CostModel { backward_input: 2.0, backward_weight: 0.5, p2p: 0.25, ..CostModel::default() };
+    let (_, kept) = planned(INTERLEAVED, 8, 64, slow_links, smt(600));
     assert_eq!(kept.kept, "greedy");
     assert!(kept.fallback.as_deref().is_some_and(|why| why.contains("too large")), "{kept:?}");
 }

@@ -5,11 +5,16 @@
 //! first), then weight gradients, which fill the time a rank would
 //! otherwise wait. A forward runs only while the rank's live activations
 //! stay within the memory budget. Passes of a stage run in microbatch
-//! order. It is the baseline the solver must beat, and its schedule is
-//! checked like any other.
+//! order. Some policies pair the chosen pass with another its rank could
+//! start at the same moment (a braid: each pass's TP collective hides
+//! behind the other's compute) or fuse an input gradient with its weight
+//! gradient (`BW`: the collective hides behind the weight gradient). It is
+//! the baseline the solver must beat, and its schedule is checked like any
+//! other.
 
 use crate::diag::{Code, Diagnostic};
 use crate::elab::{ComputeSchedule, Origin, ScheduledOp};
+use std::cmp::Ordering;
 use std::collections::VecDeque;
 use stp_ir::{Compute, Microbatch, Pass, PassKind, Stage};
 
@@ -24,6 +29,22 @@ struct Policy {
     /// The most microbatches whose first forward ran and whose
     /// first-stage backward has not, if bounded.
     in_flight: Option<usize>,
+    /// Which passes may be braided with the chosen one.
+    pairing: Pairing,
+    /// Run an input gradient and its weight gradient as one `BW` when no
+    /// other weight gradient waits on the rank.
+    fuse: bool,
+}
+
+/// Which braids the list scheduler forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pairing {
+    /// None: every op is one pass.
+    Never,
+    /// A forward with an input gradient (STP's braid).
+    ForwardBackward,
+    /// Any two passes of different kinds.
+    Any,
 }
 
 /// Orders every pass of `s` (an `auto` schedule) on its rank: the
@@ -35,6 +56,25 @@ struct Policy {
 /// still hold all its activations on every rank always finish when any
 /// order does.
 pub fn schedule(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
+    // Braids and fusions only pay when there is a collective to hide.
+    let pairings: &[(Pairing, bool)] = if s.cost.tp_collective > 0.0 {
+        &[(Pairing::Never, false), (Pairing::ForwardBackward, false), (Pairing::Any, false), (Pairing::Any, true)]
+    } else {
+        &[(Pairing::Never, false)]
+    };
+    portfolio(s, pairings)
+}
+
+/// [`schedule`] restricted to orders of single passes: no braids, no
+/// fused `BW` (what the Z3 model covers; the baseline braids are measured
+/// against).
+pub fn schedule_single_passes(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
+    portfolio(s, &[(Pairing::Never, false)])
+}
+
+/// The fastest order over every tie-break and admission policy, with
+/// each of `pairings`.
+fn portfolio(s: &ComputeSchedule, pairings: &[(Pairing, bool)]) -> Result<super::Timed, Diagnostic> {
     let meta = &s.meta;
     let most_owned =
         (0..meta.num_ranks).map(|r| meta.placement.iter().filter(|p| p.0 == r).count() as i64).max().unwrap_or(1);
@@ -43,17 +83,20 @@ pub fn schedule(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
     let mut best: Option<(f64, Vec<Vec<ScheduledOp>>)> = None;
     let mut first_error = None;
     for in_flight in std::iter::once(None).chain(safe_cap.map(Some)) {
-        for priority in [[0, 1, 2], [1, 0, 2], [0, 2, 1]] {
-            for deepest_first in [true, false] {
-                match schedule_with(s, Policy { priority, deepest_first, in_flight }) {
-                    Ok(order) => {
-                        let makespan = super::order_makespan(s, &order);
-                        if best.as_ref().is_none_or(|(t, _)| makespan < *t) {
-                            best = Some((makespan, order));
+        for &(pairing, fuse) in pairings {
+            for priority in [[0, 1, 2], [1, 0, 2], [0, 2, 1]] {
+                for deepest_first in [true, false] {
+                    let policy = Policy { priority, deepest_first, in_flight, pairing, fuse };
+                    match schedule_with(s, policy) {
+                        Ok(order) => {
+                            let makespan = super::order_makespan(s, &order);
+                            if best.as_ref().is_none_or(|(t, _)| makespan < *t) {
+                                best = Some((makespan, order));
+                            }
                         }
-                    }
-                    Err(e) => {
-                        first_error.get_or_insert(e);
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
                     }
                 }
             }
@@ -93,13 +136,7 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
     let mut remaining = 3 * stages * mbs;
     while remaining > 0 {
         // (start, priority, tie-break, rank, pass)
-        let mut best: Option<(f64, u8, i64, usize, Pass)> = None;
-        let mut consider = |start: f64, priority: u8, tie: i64, r: usize, pass: Pass| {
-            let key = (start, priority, tie, r);
-            if best.is_none_or(|b| key < (b.0, b.1, b.2, b.3)) {
-                best = Some((start, priority, tie, r, pass));
-            }
-        };
+        let mut candidates: Vec<(f64, u8, i64, usize, Pass)> = Vec::new();
         for stage in 0..stages {
             let r = owner(stage);
             let pass = |kind, mb: usize| Pass { kind, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };
@@ -111,7 +148,7 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
                     b_end[(stage + 1) * mbs + i].map(|t| t + hop(stage + 1, stage))
                 };
                 if let (Some(ready), Some(forward)) = (downstream, f_end[stage * mbs + i]) {
-                    consider(free[r].max(ready).max(forward), b_rank, 0, r, pass(PassKind::B, i));
+                    candidates.push((free[r].max(ready).max(forward), b_rank, 0, r, pass(PassKind::B, i)));
                 }
             }
             let i = next_f[stage];
@@ -124,17 +161,19 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
                 };
                 if let Some(ready) = ready {
                     let depth = if policy.deepest_first { -(stage as i64) } else { stage as i64 };
-                    consider(free[r].max(ready), f_rank, depth, r, pass(PassKind::F, i));
+                    candidates.push((free[r].max(ready), f_rank, depth, r, pass(PassKind::F, i)));
                 }
             }
         }
         for (r, queue) in deferred.iter().enumerate() {
             if let Some(&(stage, mb, ready)) = queue.front() {
                 let w = Pass { kind: PassKind::W, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };
-                consider(free[r].max(ready), w_rank, 0, r, w);
+                candidates.push((free[r].max(ready), w_rank, 0, r, w));
             }
         }
-        let Some((start, _, _, r, pass)) = best else {
+        let key = |c: &(f64, u8, i64, usize, Pass)| (c.0, c.1, c.2, c.3);
+        let best = candidates.iter().copied().min_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(Ordering::Equal));
+        let Some((start, _, _, r, chosen)) = best else {
             return Err(Diagnostic::new(
                 Code::MemoryBudget,
                 format!("no order of the passes fits the memory budget of {budget}"),
@@ -148,28 +187,79 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
                 "raise the budget: every rank must hold at least one forward's activations until its backward",
             ));
         };
-        let (stage, mb) = (pass.stage.index(), pass.mb.index());
-        let end = start + cost.compute(pass);
-        match pass.kind {
-            PassKind::F => {
-                f_end[stage * mbs + mb] = Some(end);
-                next_f[stage] += 1;
-                live[r] += model.activation;
+        let partner = partner_of(chosen, policy.pairing, candidates.iter().filter(|c| c.3 == r && c.0 <= start));
+        let mut passes: Vec<Pass> = std::iter::once(chosen).chain(partner).collect();
+        passes.sort_by_key(|p| p.kind as u8);
+        for pass in &mut passes {
+            let stage = pass.stage.index();
+            match pass.kind {
+                PassKind::F => {
+                    next_f[stage] += 1;
+                    live[r] += model.activation;
+                }
+                PassKind::B => {
+                    next_b[stage] += 1;
+                    if policy.fuse && partner.is_none() && deferred[r].is_empty() {
+                        pass.kind = PassKind::BW;
+                        live[r] -= model.activation;
+                        remaining -= 1;
+                    } else {
+                        live[r] -= model.activation - model.weight_stash;
+                    }
+                }
+                PassKind::W | PassKind::BW => {
+                    deferred[r].pop_front();
+                    live[r] -= model.weight_stash;
+                }
             }
-            PassKind::B => {
-                b_end[stage * mbs + mb] = Some(end);
-                next_b[stage] += 1;
-                live[r] -= model.activation - model.weight_stash;
-                deferred[r].push_back((stage, mb, end));
-            }
-            PassKind::W | PassKind::BW => {
-                deferred[r].pop_front();
-                live[r] -= model.weight_stash;
+        }
+        let (compute, exposed) = cost.time(&passes);
+        let end = start + compute + exposed;
+        for pass in &passes {
+            let (stage, mb) = (pass.stage.index(), pass.mb.index());
+            match pass.kind {
+                PassKind::F => f_end[stage * mbs + mb] = Some(end),
+                PassKind::B => {
+                    b_end[stage * mbs + mb] = Some(end);
+                    deferred[r].push_back((stage, mb, end));
+                }
+                PassKind::BW => b_end[stage * mbs + mb] = Some(end),
+                PassKind::W => {}
             }
         }
         free[r] = end;
-        remaining -= 1;
-        out[r].push(ScheduledOp { compute: Compute::single(pass), origin: origin.clone() });
+        remaining -= passes.len();
+        out[r].push(ScheduledOp { compute: Compute { passes, units: Vec::new() }, origin: origin.clone() });
     }
     Ok(out)
+}
+
+/// The pass to braid with `chosen` among `others` (candidates on its rank
+/// that can start when it does): a forward with an input gradient first;
+/// with [`Pairing::Any`], else any pass of another kind.
+fn partner_of<'a>(
+    chosen: Pass,
+    pairing: Pairing,
+    others: impl Iterator<Item = &'a (f64, u8, i64, usize, Pass)> + Clone,
+) -> Option<Pass> {
+    let fits = |kind: PassKind| {
+        others.clone().map(|c| c.4).find(|p| p.kind == kind && (p.stage, p.mb) != (chosen.stage, chosen.mb))
+    };
+    let complement = match chosen.kind {
+        PassKind::F => PassKind::B,
+        PassKind::B => PassKind::F,
+        PassKind::W | PassKind::BW => PassKind::F,
+    };
+    match pairing {
+        Pairing::Never => None,
+        Pairing::ForwardBackward if chosen.kind == PassKind::W => None,
+        Pairing::ForwardBackward => fits(complement),
+        Pairing::Any => fits(complement).or_else(|| {
+            let third = match chosen.kind {
+                PassKind::F | PassKind::B => PassKind::W,
+                PassKind::W | PassKind::BW => PassKind::B,
+            };
+            fits(third)
+        }),
+    }
 }

@@ -97,6 +97,10 @@ pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>
     match (solver, greedy) {
         (Solver::Greedy, Err(stuck)) => Err(stuck),
         (Solver::Greedy, Ok((order, makespan))) => Ok((order, PlanReport::greedy(makespan, lower_bound, None))),
+        // An order that meets the lower bound needs no search.
+        (Solver::Smt { .. }, Ok((order, makespan))) if makespan <= lower_bound + 1e-9 => {
+            Ok((order, PlanReport { optimal: true, ..PlanReport::greedy(makespan, lower_bound, None) }))
+        }
         (Solver::Smt { timeout, progress }, greedy) => improve(s, greedy, lower_bound, timeout, progress),
     }
 }
@@ -123,18 +127,24 @@ fn improve(
         optimal,
         fallback,
     };
+    const SINGLE: &str = "Z3's model has no braids or fused BW, which hide T_AR";
+    let partial = found.single_pass_proof.then(|| format!("Z3 proved no order of single passes shorter; {SINGLE}"));
     match (found.ranks, greedy) {
-        (Some(order), _) => Ok((order, report("smt", found.makespan, found.optimal, None))),
+        (Some(order), _) => Ok((order, report("smt", found.makespan, found.optimal, partial))),
         (None, Ok((order, _))) if found.optimal => Ok((order, report("greedy", upper, true, None))),
         (None, Ok((order, _))) => {
             let why = found
                 .stopped
+                .or(partial)
                 .unwrap_or_else(|| "Z3 found no shorter order in time (raise --solver-timeout)".to_string());
             Ok((order, report("greedy", upper, false, Some(why))))
         }
         (None, Err(stuck)) if found.optimal => {
             Err(stuck.with_note("Z3 proved that no order of the passes fits this budget"))
         }
+        (None, Err(stuck)) if found.single_pass_proof => Err(stuck.with_note(format!(
+            "Z3 proved that no order of single passes fits this budget; braids might ({SINGLE})"
+        ))),
         (None, Err(stuck)) if found.stopped.is_some() => {
             Err(stuck.with_note(format!("Z3 was not asked: {}", found.stopped.unwrap_or_default())))
         }

@@ -9,7 +9,10 @@
 //! that none is shorter or the time runs out. The greedy schedule is the
 //! first upper bound. Durations follow the simulator's per-pass rules
 //! (a standalone F or B exposes its TP collective), so the simulated
-//! makespan of the result equals the claim (a test).
+//! makespan of the result equals the claim (a test). The model orders
+//! single passes: with a TP collective to hide, a braided or fused order
+//! (which the greedy scheduler forms) can be shorter than any it knows,
+//! so its "none shorter" is then not reported as a proof.
 
 // Passes are addressed as (kind, stage, microbatch) across several parallel
 // tables (variables, heads, tails); index loops say that most plainly.
@@ -42,6 +45,10 @@ pub struct SmtPlan {
     pub optimal: bool,
     /// Why the search stopped before it began, if it did.
     pub stopped: Option<String>,
+    /// Z3 proved no order of single passes shorter (or, without an upper
+    /// bound, none within the budget), but braids could be: the model
+    /// has no braids, and a TP collective is there to hide.
+    pub single_pass_proof: bool,
 }
 
 fn scaled(t: f64) -> i64 {
@@ -63,9 +70,12 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
     let owned_by = |r: usize| -> Vec<usize> { (0..stages).filter(|st| owner(*st) == r).collect() };
     let ranks = meta.num_ranks as usize;
     let floor = super::bound::window_floor(&meta.placement, &heads, &tails, dur);
+    // With a TP collective to hide, braids and fused BW ops can beat every
+    // order of single passes: a proof in this model is then no proof.
+    let exact = s.cost.tp_collective <= 0.0;
     if scaled(upper) <= floor {
-        // The order in hand already meets a bound no order can beat.
-        return SmtPlan { ranks: None, makespan: upper, optimal: true, stopped: None };
+        // The order in hand already meets a bound no order of single passes can beat.
+        return SmtPlan { ranks: None, makespan: upper, optimal: exact, stopped: None, single_pass_proof: !exact };
     }
     let pairs: usize = (0..ranks).map(|r| 3 * mbs * owned_by(r).len()).map(|n| n * n.saturating_sub(1) / 2).sum();
     if pairs > MAX_PAIRS {
@@ -76,6 +86,7 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
             stopped: Some(format!(
                 "too large for the exact model ({pairs} pairs of passes sharing a rank; it takes at most {MAX_PAIRS})"
             )),
+            single_pass_proof: false,
         };
     }
     let var = |kind: usize, stage: usize, mb: usize| Int::new_const(format!("t{kind}_{stage}_{mb}"));
@@ -113,7 +124,7 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
                 "building the Z3 model took all of the {:.1} s allowed (raise --solver-timeout)",
                 budget.as_secs_f64()
             );
-            return SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why) };
+            return SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why), single_pass_proof: false };
         }
         let owned = owned_by(r);
         let ops: Vec<(usize, usize, usize)> =
@@ -207,9 +218,13 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
             break;
         }
     }
+    let single_pass_proof = optimal && !exact;
+    let optimal = optimal && exact;
     match best {
-        Some((found, ranks)) => SmtPlan { ranks: Some(ranks), makespan: found as f64 / SCALE, optimal, stopped: None },
-        None => SmtPlan { ranks: None, makespan: upper, optimal, stopped: None },
+        Some((found, ranks)) => {
+            SmtPlan { ranks: Some(ranks), makespan: found as f64 / SCALE, optimal, stopped: None, single_pass_proof }
+        }
+        None => SmtPlan { ranks: None, makespan: upper, optimal, stopped: None, single_pass_proof },
     }
 }
 
