@@ -107,9 +107,11 @@ fn braided_auto_orders_hide_collectives_and_claim_no_proof() {
         let (_, single) = stpc::opt::greedy::schedule_single_passes(&unbraided).expect("an order of single passes");
         let braided = simulated(&b, &cost);
         assert!(braided < single - 1e-9, "p={p} m={m}: braided {braided} vs single passes {single}");
-        let fused = s.ranks.iter().flatten().filter(|op| {
-            op.compute.passes.len() == 2 || op.compute.passes[0].kind == stp_ir::PassKind::BW
-        });
+        let fused = s
+            .ranks
+            .iter()
+            .flatten()
+            .filter(|op| op.compute.passes.len() == 2 || op.compute.passes[0].kind == stp_ir::PassKind::BW);
         assert!(fused.count() > 0, "p={p} m={m}: the order braids or fuses");
         let (b, found) = planned(V_SHAPE, p, m, cost, smt(5));
         assert!(!found.optimal, "p={p} m={m}: no proof is claimed for braided orders: {found:?}");

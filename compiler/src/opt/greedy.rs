@@ -34,6 +34,8 @@ struct Policy {
     /// Run an input gradient and its weight gradient as one `BW` when no
     /// other weight gradient waits on the rank.
     fuse: bool,
+    /// How long the chosen pass may wait for a partner to become ready.
+    slack: f64,
 }
 
 /// Which braids the list scheduler forms.
@@ -57,10 +59,19 @@ enum Pairing {
 /// order does.
 pub fn schedule(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
     // Braids and fusions only pay when there is a collective to hide.
-    let pairings: &[(Pairing, bool)] = if s.cost.tp_collective > 0.0 {
-        &[(Pairing::Never, false), (Pairing::ForwardBackward, false), (Pairing::Any, false), (Pairing::Any, true)]
+    let pairings: &[(Pairing, bool, u8)] = if s.cost.tp_collective > 0.0 {
+        &[
+            (Pairing::Never, false, 0),
+            (Pairing::ForwardBackward, false, 0),
+            (Pairing::ForwardBackward, false, 1),
+            (Pairing::ForwardBackward, false, 2),
+            (Pairing::Any, false, 0),
+            (Pairing::Any, true, 0),
+            (Pairing::Any, true, 1),
+            (Pairing::Any, true, 2),
+        ]
     } else {
-        &[(Pairing::Never, false)]
+        &[(Pairing::Never, false, 0)]
     };
     portfolio(s, pairings)
 }
@@ -69,12 +80,13 @@ pub fn schedule(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
 /// fused `BW` (what the Z3 model covers; the baseline braids are measured
 /// against).
 pub fn schedule_single_passes(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
-    portfolio(s, &[(Pairing::Never, false)])
+    portfolio(s, &[(Pairing::Never, false, 0)])
 }
 
 /// The fastest order over every tie-break and admission policy, with
-/// each of `pairings`.
-fn portfolio(s: &ComputeSchedule, pairings: &[(Pairing, bool)]) -> Result<super::Timed, Diagnostic> {
+/// each of `pairings` (which braids to form, whether to fuse `BW`, whether
+/// how many `T_AR` a pass may wait for a partner).
+fn portfolio(s: &ComputeSchedule, pairings: &[(Pairing, bool, u8)]) -> Result<super::Timed, Diagnostic> {
     let meta = &s.meta;
     let most_owned =
         (0..meta.num_ranks).map(|r| meta.placement.iter().filter(|p| p.0 == r).count() as i64).max().unwrap_or(1);
@@ -83,10 +95,11 @@ fn portfolio(s: &ComputeSchedule, pairings: &[(Pairing, bool)]) -> Result<super:
     let mut best: Option<(f64, Vec<Vec<ScheduledOp>>)> = None;
     let mut first_error = None;
     for in_flight in std::iter::once(None).chain(safe_cap.map(Some)) {
-        for &(pairing, fuse) in pairings {
+        for &(pairing, fuse, wait) in pairings {
             for priority in [[0, 1, 2], [1, 0, 2], [0, 2, 1]] {
                 for deepest_first in [true, false] {
-                    let policy = Policy { priority, deepest_first, in_flight, pairing, fuse };
+                    let slack = f64::from(wait) * s.cost.tp_collective;
+                    let policy = Policy { priority, deepest_first, in_flight, pairing, fuse, slack };
                     match schedule_with(s, policy) {
                         Ok(order) => {
                             let makespan = super::order_makespan(s, &order);
@@ -187,7 +200,11 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
                 "raise the budget: every rank must hold at least one forward's activations until its backward",
             ));
         };
-        let partner = partner_of(chosen, policy.pairing, candidates.iter().filter(|c| c.3 == r && c.0 <= start));
+        let window = start + policy.slack;
+        let partner = partner_of(chosen, policy.pairing, candidates.iter().filter(|c| c.3 == r && c.0 <= window));
+        // Waiting for a partner delays the chosen pass to when both can start.
+        let start =
+            partner.and_then(|p| candidates.iter().find(|c| c.3 == r && c.4 == p)).map_or(start, |c| start.max(c.0));
         let mut passes: Vec<Pass> = std::iter::once(chosen).chain(partner).collect();
         passes.sort_by_key(|p| p.kind as u8);
         for pass in &mut passes {

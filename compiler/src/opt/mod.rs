@@ -59,13 +59,6 @@ pub struct PlanReport {
     pub fallback: Option<String>,
 }
 
-impl PlanReport {
-    /// The greedy order kept, unproved.
-    fn greedy(makespan: f64, lower_bound: f64, fallback: Option<String>) -> PlanReport {
-        PlanReport { kept: "greedy", greedy_makespan: Some(makespan), makespan, lower_bound, optimal: false, fallback }
-    }
-}
-
 impl std::fmt::Display for PlanReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "auto: {} order, makespan {:.3}", self.kept, self.makespan)?;
@@ -90,34 +83,98 @@ impl std::fmt::Display for PlanReport {
 /// Per-rank orders and their makespan ([`order_makespan`]).
 pub type Timed = (Vec<Vec<ScheduledOp>>, f64);
 
-/// Orders every pass of `s`, an `auto` schedule, with `solver`.
-pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
-    let greedy = greedy::schedule(s);
-    let lower_bound = bound::lower_bound(s, &s.cost);
-    match (solver, greedy) {
-        (Solver::Greedy, Err(stuck)) => Err(stuck),
-        (Solver::Greedy, Ok((order, makespan))) => Ok((order, PlanReport::greedy(makespan, lower_bound, None))),
-        // An order that meets the lower bound needs no search.
-        (Solver::Smt { .. }, Ok((order, makespan))) if makespan <= lower_bound + 1e-9 => {
-            Ok((order, PlanReport { optimal: true, ..PlanReport::greedy(makespan, lower_bound, None) }))
+/// How far the local search after the greedy scheduler moves an op.
+const POLISH_WINDOW: usize = 8;
+
+/// How long the local search may take with the greedy solver (with Z3, it
+/// shares the solver's time limit).
+const POLISH_TIME: Duration = Duration::from_millis(1500);
+
+/// The order stpc keeps before any solver: the greedy one, or what the
+/// local search made of it.
+struct Incumbent {
+    order: Vec<Vec<ScheduledOp>>,
+    makespan: f64,
+    /// The greedy order's own makespan.
+    greedy: f64,
+    /// "greedy", or "local search" when the search improved it.
+    kept: &'static str,
+}
+
+impl Incumbent {
+    /// The report when this order is kept.
+    fn report(&self, lower_bound: f64, optimal: bool, fallback: Option<String>) -> PlanReport {
+        PlanReport {
+            kept: self.kept,
+            greedy_makespan: Some(self.greedy),
+            makespan: self.makespan,
+            lower_bound,
+            optimal,
+            fallback,
         }
-        (Solver::Smt { timeout, progress }, greedy) => improve(s, greedy, lower_bound, timeout, progress),
     }
 }
 
-/// Runs the solver below the greedy makespan or, when greedy found no
-/// order, below a makespan every feasible order beats (so that "none
+/// Orders every pass of `s`, an `auto` schedule, with `solver`: the greedy
+/// list scheduler, a local search over its order ([`reorder::polish`]),
+/// then, if asked for, Z3.
+pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
+    let started = std::time::Instant::now();
+    let lower_bound = bound::lower_bound(s, &s.cost);
+    let polish_time = match solver {
+        Solver::Greedy => POLISH_TIME,
+        Solver::Smt { timeout, .. } => timeout / 4,
+    };
+    let incumbent = greedy::schedule(s).map(|(order, makespan)| polished(s, order, makespan, started + polish_time));
+    match (solver, incumbent) {
+        (_, Ok(i)) if i.makespan <= lower_bound + 1e-9 => {
+            // An order that meets the lower bound needs no search.
+            let report = i.report(lower_bound, matches!(solver, Solver::Smt { .. }), None);
+            Ok((i.order, report))
+        }
+        (Solver::Greedy, Ok(i)) => {
+            let report = i.report(lower_bound, false, None);
+            Ok((i.order, report))
+        }
+        (Solver::Greedy, Err(stuck)) => Err(stuck),
+        (Solver::Smt { timeout, progress }, incumbent) => {
+            improve(s, incumbent, lower_bound, timeout.saturating_sub(started.elapsed()), progress)
+        }
+    }
+}
+
+/// `order` after the local search, if that shortened it.
+fn polished(
+    s: &ComputeSchedule,
+    order: Vec<Vec<ScheduledOp>>,
+    makespan: f64,
+    deadline: std::time::Instant,
+) -> Incumbent {
+    let mut trial = ComputeSchedule { ranks: order, ..s.clone() };
+    let unchanged = trial.ranks.clone();
+    reorder::polish(&mut trial, POLISH_WINDOW, deadline);
+    let after = op_times(&trial, &trial.ranks).map(|t| last_end(&t));
+    match after {
+        Some(better) if better < makespan - 1e-9 => {
+            Incumbent { order: trial.ranks, makespan: better, greedy: makespan, kept: "local search" }
+        }
+        _ => Incumbent { order: unchanged, makespan, greedy: makespan, kept: "greedy" },
+    }
+}
+
+/// Runs the solver below the incumbent's makespan or, when greedy found
+/// no order, below a makespan every feasible order beats (so that "none
 /// found" is a proof that the budget admits no order).
 #[cfg(feature = "smt")]
 fn improve(
     s: &ComputeSchedule,
-    greedy: Result<Timed, Diagnostic>,
+    incumbent: Result<Incumbent, Diagnostic>,
     lower_bound: f64,
     timeout: Duration,
     progress: Option<Progress>,
 ) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
-    let greedy_makespan = greedy.as_ref().ok().map(|(_, makespan)| *makespan);
-    let upper = greedy_makespan.unwrap_or_else(|| serial_makespan(s) + 1.0);
+    let greedy_makespan = incumbent.as_ref().ok().map(|i| i.greedy);
+    let upper = incumbent.as_ref().map_or_else(|_| serial_makespan(s) + 1.0, |i| i.makespan);
     let found = smt::solve(s, upper, timeout, progress);
     let report = |kept, makespan, optimal, fallback| PlanReport {
         kept,
@@ -129,22 +186,25 @@ fn improve(
     };
     const SINGLE: &str = "Z3's model has no braids or fused BW, which hide T_AR";
     let partial = found.single_pass_proof.then(|| format!("Z3 proved no order of single passes shorter; {SINGLE}"));
-    match (found.ranks, greedy) {
+    match (found.ranks, incumbent) {
         (Some(order), _) => Ok((order, report("smt", found.makespan, found.optimal, partial))),
-        (None, Ok((order, _))) if found.optimal => Ok((order, report("greedy", upper, true, None))),
-        (None, Ok((order, _))) => {
+        (None, Ok(i)) if found.optimal => {
+            let report = i.report(lower_bound, true, None);
+            Ok((i.order, report))
+        }
+        (None, Ok(i)) => {
             let why = found
                 .stopped
                 .or(partial)
                 .unwrap_or_else(|| "Z3 found no shorter order in time (raise --solver-timeout)".to_string());
-            Ok((order, report("greedy", upper, false, Some(why))))
+            let report = i.report(lower_bound, false, Some(why));
+            Ok((i.order, report))
         }
         (None, Err(stuck)) if found.optimal => {
             Err(stuck.with_note("Z3 proved that no order of the passes fits this budget"))
         }
-        (None, Err(stuck)) if found.single_pass_proof => Err(stuck.with_note(format!(
-            "Z3 proved that no order of single passes fits this budget; braids might ({SINGLE})"
-        ))),
+        (None, Err(stuck)) if found.single_pass_proof => Err(stuck
+            .with_note(format!("Z3 proved that no order of single passes fits this budget; braids might ({SINGLE})"))),
         (None, Err(stuck)) if found.stopped.is_some() => {
             Err(stuck.with_note(format!("Z3 was not asked: {}", found.stopped.unwrap_or_default())))
         }
@@ -158,15 +218,15 @@ fn improve(
 #[cfg(not(feature = "smt"))]
 fn improve(
     _: &ComputeSchedule,
-    greedy: Result<Timed, Diagnostic>,
+    incumbent: Result<Incumbent, Diagnostic>,
     lower_bound: f64,
     _: Duration,
     _: Option<Progress>,
 ) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
-    let (order, makespan) = greedy?;
+    let i = incumbent?;
     let why = "this stpc was built without the `smt` feature; kept the greedy order".to_string();
-    let report = PlanReport::greedy(makespan, lower_bound, Some(why));
-    Ok((order, report))
+    let report = i.report(lower_bound, false, Some(why));
+    Ok((i.order, report))
 }
 
 /// Every pass of every rank one after another, with every transfer: no

@@ -124,7 +124,13 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
                 "building the Z3 model took all of the {:.1} s allowed (raise --solver-timeout)",
                 budget.as_secs_f64()
             );
-            return SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why), single_pass_proof: false };
+            return SmtPlan {
+                ranks: None,
+                makespan: upper,
+                optimal: false,
+                stopped: Some(why),
+                single_pass_proof: false,
+            };
         }
         let owned = owned_by(r);
         let ops: Vec<(usize, usize, usize)> =
