@@ -184,10 +184,8 @@ fn improve(
         optimal,
         fallback,
     };
-    const SINGLE: &str = "Z3's model has no braids or fused BW, which hide T_AR";
-    let partial = found.single_pass_proof.then(|| format!("Z3 proved no order of single passes shorter; {SINGLE}"));
     match (found.ranks, incumbent) {
-        (Some(order), _) => Ok((order, report("smt", found.makespan, found.optimal, partial))),
+        (Some(order), _) => Ok((order, report("smt", found.makespan, found.optimal, None))),
         (None, Ok(i)) if found.optimal => {
             let report = i.report(lower_bound, true, None);
             Ok((i.order, report))
@@ -195,7 +193,6 @@ fn improve(
         (None, Ok(i)) => {
             let why = found
                 .stopped
-                .or(partial)
                 .unwrap_or_else(|| "Z3 found no shorter order in time (raise --solver-timeout)".to_string());
             let report = i.report(lower_bound, false, Some(why));
             Ok((i.order, report))
@@ -203,8 +200,6 @@ fn improve(
         (None, Err(stuck)) if found.optimal => {
             Err(stuck.with_note("Z3 proved that no order of the passes fits this budget"))
         }
-        (None, Err(stuck)) if found.single_pass_proof => Err(stuck
-            .with_note(format!("Z3 proved that no order of single passes fits this budget; braids might ({SINGLE})"))),
         (None, Err(stuck)) if found.stopped.is_some() => {
             Err(stuck.with_note(format!("Z3 was not asked: {}", found.stopped.unwrap_or_default())))
         }

@@ -2,17 +2,18 @@
 //!
 //! One integer start time per pass (times scaled to integers); a pass
 //! waits for the passes it consumes (plus the transfer time between
-//! ranks); passes of one stage and kind run in microbatch order; two passes
-//! on one rank never overlap; a forward starts only while the rank's live
-//! activations fit the budget. The makespan is minimised by asking for
-//! ever shorter schedules (each check bounded in time) until Z3 proves
-//! that none is shorter or the time runs out. The greedy schedule is the
-//! first upper bound. Durations follow the simulator's per-pass rules
-//! (a standalone F or B exposes its TP collective), so the simulated
-//! makespan of the result equals the claim (a test). The model orders
-//! single passes: with a TP collective to hide, a braided or fused order
-//! (which the greedy scheduler forms) can be shorter than any it knows,
-//! so its "none shorter" is then not reported as a proof.
+//! ranks); passes of one stage and kind run in microbatch order; two ops
+//! on one rank never overlap; an op holding a forward starts only while
+//! the rank's live activations fit the budget. With a TP collective to
+//! hide, a Boolean per pair of passes of a rank chooses whether they run
+//! as one op — a braid, or a `B` fused with its own `W` into `BW` — which
+//! then starts them together and lasts the pair's time. The makespan is
+//! minimised by asking for ever shorter schedules (each check bounded in
+//! time) until Z3 proves that none is shorter or the time runs out. The
+//! incumbent (greedy) schedule is the first upper bound. Durations follow
+//! the simulator's rules (a standalone F or B exposes its TP collective; a
+//! pair hides each collective behind the other's compute), so the
+//! simulated makespan of the result equals the claim (a test).
 
 // Passes are addressed as (kind, stage, microbatch) across several parallel
 // tables (variables, heads, tails); index loops say that most plainly.
@@ -45,14 +46,22 @@ pub struct SmtPlan {
     pub optimal: bool,
     /// Why the search stopped before it began, if it did.
     pub stopped: Option<String>,
-    /// Z3 proved no order of single passes shorter (or, without an upper
-    /// bound, none within the budget), but braids could be: the model
-    /// has no braids, and a TP collective is there to hide.
-    pub single_pass_proof: bool,
 }
 
 fn scaled(t: f64) -> i64 {
     (t * SCALE).round() as i64
+}
+
+/// A pass of the model: kind (0 F, 1 B, 2 W), stage, microbatch.
+type Key = (usize, usize, usize);
+
+/// A pass that may share its op with `other` when `together` holds: a
+/// braid of two passes, or a `B` fused with its own `W` into `BW`; the op
+/// then lasts `duration`.
+struct Partner {
+    other: usize,
+    together: Bool,
+    duration: i64,
 }
 
 /// Searches for the shortest order, starting below `upper` (the greedy
@@ -61,21 +70,22 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
     let meta = &s.meta;
     let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
     let kinds = [PassKind::F, PassKind::B, PassKind::W];
-    let duration = |kind: PassKind| scaled(super::standalone_duration(s, kind));
     let owner = |stage: usize| meta.placement[stage].index();
     let hop = |a: usize, b: usize| if owner(a) != owner(b) { scaled(s.cost.p2p) } else { 0 };
     let started = Instant::now();
-    let dur = [duration(kinds[0]), duration(kinds[1]), duration(kinds[2])];
-    let (heads, tails) = super::bound::heads_and_tails(stages, mbs, dur, &hop);
+    // Braids and fused BW only pay when a TP collective can hide; without
+    // one, orders of single passes are all there is to search.
+    let braids = s.cost.tp_collective > 0.0;
+    // Compute alone bounds any op holding a pass from below, whatever it
+    // is braided with: the head/tail bounds use it.
+    let compute = [0, 1, 2].map(|k| scaled(s.cost.compute(pass_of(kinds, (k, 0, 0)))));
+    let (heads, tails) = super::bound::heads_and_tails(stages, mbs, compute, &hop);
     let owned_by = |r: usize| -> Vec<usize> { (0..stages).filter(|st| owner(*st) == r).collect() };
     let ranks = meta.num_ranks as usize;
-    let floor = super::bound::window_floor(&meta.placement, &heads, &tails, dur);
-    // With a TP collective to hide, braids and fused BW ops can beat every
-    // order of single passes: a proof in this model is then no proof.
-    let exact = s.cost.tp_collective <= 0.0;
+    let floor = super::bound::window_floor(&meta.placement, &heads, &tails, compute);
     if scaled(upper) <= floor {
-        // The order in hand already meets a bound no order of single passes can beat.
-        return SmtPlan { ranks: None, makespan: upper, optimal: exact, stopped: None, single_pass_proof: !exact };
+        // The order in hand already meets a bound no order can beat.
+        return SmtPlan { ranks: None, makespan: upper, optimal: true, stopped: None };
     }
     let pairs: usize = (0..ranks).map(|r| 3 * mbs * owned_by(r).len()).map(|n| n * n.saturating_sub(1) / 2).sum();
     if pairs > MAX_PAIRS {
@@ -86,93 +96,150 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
             stopped: Some(format!(
                 "too large for the exact model ({pairs} pairs of passes sharing a rank; it takes at most {MAX_PAIRS})"
             )),
-            single_pass_proof: false,
         };
     }
-    let var = |kind: usize, stage: usize, mb: usize| Int::new_const(format!("t{kind}_{stage}_{mb}"));
-    let starts: Vec<Vec<Vec<Int>>> =
-        (0..3).map(|k| (0..stages).map(|st| (0..mbs).map(|i| var(k, st, i)).collect()).collect()).collect();
-    let solver = Solver::new();
+    let id = |(k, st, i): Key| (k * stages + st) * mbs + i;
+    let keys: Vec<Key> =
+        (0..3).flat_map(|k| (0..stages).flat_map(move |st| (0..mbs).map(move |i| (k, st, i)))).collect();
+    let starts: Vec<Int> = keys.iter().map(|(k, st, i)| Int::new_const(format!("t{k}_{st}_{i}"))).collect();
     let int = Int::from_i64;
-    let end = |k: usize, st: usize, i: usize| &starts[k][st][i] + int(duration(kinds[k]));
-    let makespan = Int::new_const("makespan");
-    for st in 0..stages {
-        for i in 0..mbs {
-            let (f, b, w) = (&starts[0][st][i], &starts[1][st][i], &starts[2][st][i]);
-            solver.assert(f.ge(int(0)));
-            if st > 0 {
-                solver.assert(f.ge(end(0, st - 1, i) + int(hop(st - 1, st))));
-            }
-            solver.assert(b.ge(end(0, st, i)));
-            if st + 1 < stages {
-                solver.assert(b.ge(end(1, st + 1, i) + int(hop(st + 1, st))));
-            }
-            solver.assert(w.ge(end(1, st, i)));
-            solver.assert(makespan.ge(end(2, st, i)));
-            if i + 1 < mbs {
-                for k in 0..3 {
-                    solver.assert(starts[k][st][i + 1].ge(end(k, st, i)));
+    let on_rank: Vec<Vec<usize>> =
+        (0..ranks).map(|r| keys.iter().filter(|key| owner(key.1) == r).map(|key| id(*key)).collect()).collect();
+    // Which passes may share an op: not two of one stage and kind (they
+    // run in microbatch order), not two of one microbatch and stage
+    // (they depend on each other) except a `B` with its own `W` (`BW`).
+    let mut partners: Vec<Vec<Partner>> = (0..keys.len()).map(|_| Vec::new()).collect();
+    let mut fused: Vec<Option<Bool>> = vec![None; keys.len()];
+    if braids {
+        for ids in &on_rank {
+            for (n, &x) in ids.iter().enumerate() {
+                for &y in &ids[n + 1..] {
+                    let (a, b) = (keys[x], keys[y]);
+                    let bw = a.1 == b.1 && a.2 == b.2 && (a.0, b.0) == (1, 2);
+                    if !bw && a.1 == b.1 && (a.0 == b.0 || a.2 == b.2) {
+                        continue;
+                    }
+                    let passes = if bw {
+                        vec![Pass { kind: PassKind::BW, ..pass_of(kinds, a) }]
+                    } else {
+                        vec![pass_of(kinds, a), pass_of(kinds, b)]
+                    };
+                    let (work, exposed) = s.cost.time(&passes);
+                    let together = Bool::new_const(format!("with_{x}_{y}"));
+                    if bw {
+                        fused[x] = Some(together.clone());
+                    }
+                    let duration = scaled(work + exposed);
+                    partners[x].push(Partner { other: y, together: together.clone(), duration });
+                    partners[y].push(Partner { other: x, together, duration });
                 }
             }
         }
     }
-    // Passes of one rank never overlap; forwards respect the memory budget.
-    let budget_units = s.memory.budget;
-    for r in 0..ranks {
+    let solver = Solver::new();
+    // A pass's op lasts the pair's time when it shares one, else its own.
+    let durations: Vec<Int> = keys
+        .iter()
+        .enumerate()
+        .map(|(x, key)| {
+            let alone = int(scaled(super::standalone_duration(s, kinds[key.0])));
+            partners[x].iter().fold(alone, |rest, p| p.together.ite(&int(p.duration), &rest))
+        })
+        .collect();
+    let ends: Vec<Int> = starts.iter().zip(&durations).map(|(t, d)| t + d).collect();
+    for (x, ps) in partners.iter().enumerate() {
+        if ps.is_empty() {
+            continue;
+        }
+        let flags: Vec<(&Bool, i32)> = ps.iter().map(|p| (&p.together, 1)).collect();
+        solver.assert(Bool::pb_le(&flags, 1));
+        for p in ps.iter().filter(|p| p.other > x) {
+            solver.assert(p.together.implies(starts[x].eq(&starts[p.other])));
+        }
+    }
+    let makespan = Int::new_const("makespan");
+    for st in 0..stages {
+        for i in 0..mbs {
+            let [f, b, w] = [0, 1, 2].map(|k| id((k, st, i)));
+            solver.assert(starts[f].ge(int(0)));
+            if st > 0 {
+                solver.assert(starts[f].ge(&ends[id((0, st - 1, i))] + int(hop(st - 1, st))));
+            }
+            solver.assert(starts[b].ge(&ends[f]));
+            if st + 1 < stages {
+                solver.assert(starts[b].ge(&ends[id((1, st + 1, i))] + int(hop(st + 1, st))));
+            }
+            let after_b = starts[w].ge(&ends[b]);
+            match &fused[b] {
+                Some(bw) => solver.assert(Bool::or(&[bw, &after_b])),
+                None => solver.assert(after_b),
+            }
+            solver.assert(makespan.ge(&ends[w]));
+            if i + 1 < mbs {
+                for k in 0..3 {
+                    solver.assert(starts[id((k, st, i + 1))].ge(&ends[id((k, st, i))]));
+                }
+            }
+        }
+    }
+    // Ops of one rank never overlap; forwards respect the memory budget.
+    let model = &s.memory;
+    let delta = |k: usize| match k {
+        0 => model.activation,
+        1 => -(model.activation - model.weight_stash),
+        _ => -model.weight_stash,
+    };
+    for ids in &on_rank {
         if started.elapsed() >= budget {
             let why = format!(
                 "building the Z3 model took all of the {:.1} s allowed (raise --solver-timeout)",
                 budget.as_secs_f64()
             );
-            return SmtPlan {
-                ranks: None,
-                makespan: upper,
-                optimal: false,
-                stopped: Some(why),
-                single_pass_proof: false,
-            };
+            return SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why) };
         }
-        let owned = owned_by(r);
-        let ops: Vec<(usize, usize, usize)> =
-            owned.iter().flat_map(|&st| (0..3).flat_map(move |k| (0..mbs).map(move |i| (k, st, i)))).collect();
-        for (x, &(ka, sa, ia)) in ops.iter().enumerate() {
-            for &(kb, sb, ib) in &ops[x + 1..] {
-                if ka == kb && sa == sb {
-                    continue; // ordered by microbatch above
+        for (n, &x) in ids.iter().enumerate() {
+            for &y in &ids[n + 1..] {
+                let (a, b) = (keys[x], keys[y]);
+                if a.1 == b.1 && (a.0 == b.0 || a.2 == b.2) {
+                    continue; // ordered by microbatch or by dependency above
                 }
-                let a_first = end(ka, sa, ia).le(&starts[kb][sb][ib]);
-                let b_first = end(kb, sb, ib).le(&starts[ka][sa][ia]);
-                solver.assert(Bool::or(&[&a_first, &b_first]));
+                let x_first = ends[x].le(&starts[y]);
+                let y_first = ends[y].le(&starts[x]);
+                match partners[x].iter().find(|p| p.other == y) {
+                    Some(p) => solver.assert(Bool::or(&[&p.together, &x_first, &y_first])),
+                    None => solver.assert(Bool::or(&[&x_first, &y_first])),
+                }
             }
         }
-        let model = &s.memory;
-        // Live units just before a forward starts, plus its own.
-        if let Some(budget) = budget_units {
-            for &(k, st, i) in ops.iter().filter(|o| o.0 == 0) {
+        // Live units just before an op holding a forward, plus what the
+        // op adds (the forward's, and its partner's change).
+        if let Some(cap) = model.budget {
+            for &x in ids.iter().filter(|x| keys[**x].0 == 0) {
                 let mut live = vec![int(model.activation)];
-                for &(ko, so, io) in &ops {
-                    let units = match ko {
-                        0 => model.activation,
-                        1 => -(model.activation - model.weight_stash),
-                        _ => -model.weight_stash,
-                    };
-                    if (ko, so, io) != (k, st, i) && units != 0 {
-                        let before = starts[ko][so][io].lt(&starts[k][st][i]);
-                        live.push(before.ite(&int(units), &int(0)));
-                    }
+                for &y in ids.iter().filter(|y| **y != x && delta(keys[**y].0) != 0) {
+                    let before = starts[y].lt(&starts[x]);
+                    live.push(before.ite(&int(delta(keys[y].0)), &int(0)));
                 }
-                solver.assert(Int::add(&live).le(int(budget)));
+                for p in &partners[x] {
+                    live.push(p.together.ite(&int(delta(keys[p.other].0)), &int(0)));
+                }
+                solver.assert(Int::add(&live).le(int(cap)));
             }
         }
-        // Weight gradients deferred just before an input gradient starts.
+        // Weight gradients deferred just before an input gradient starts
+        // (none is deferred by a `B` fused with its `W`).
         if let Some(cap) = model.max_deferred {
-            for &(k, st, i) in ops.iter().filter(|o| o.0 == 1) {
+            for &x in ids.iter().filter(|x| keys[**x].0 == 1) {
                 let mut deferred = vec![int(0)];
-                for &(ko, so, io) in ops.iter().filter(|o| o.0 != 0 && **o != (k, st, i)) {
-                    let before = starts[ko][so][io].lt(&starts[k][st][i]);
-                    deferred.push(before.ite(&int(if ko == 1 { 1 } else { -1 }), &int(0)));
+                for &y in ids.iter().filter(|y| keys[**y].0 != 0 && **y != x) {
+                    let before = starts[y].lt(&starts[x]);
+                    deferred.push(before.ite(&int(if keys[y].0 == 1 { 1 } else { -1 }), &int(0)));
                 }
-                solver.assert(Int::add(&deferred).lt(int(cap)));
+                let within = Int::add(&deferred).lt(int(cap));
+                match &fused[x] {
+                    Some(bw) => solver.assert(Bool::or(&[bw, &within])),
+                    None => solver.assert(within),
+                }
             }
         }
     }
@@ -180,14 +247,10 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
     // starts before its dependencies allow (head) or ends later than the
     // passes after it allow (tail), and a rank works at least from its
     // earliest head to its latest tail.
-    for k in 0..3 {
-        for st in 0..stages {
-            for i in 0..mbs {
-                let t = &starts[k][st][i];
-                solver.assert(t.ge(int(heads[k][st][i])));
-                solver.assert(makespan.ge(t + int(dur[k] + tails[k][st][i])));
-            }
-        }
+    for &(k, st, i) in &keys {
+        let t = &starts[id((k, st, i))];
+        solver.assert(t.ge(int(heads[k][st][i])));
+        solver.assert(makespan.ge(t + int(compute[k] + tails[k][st][i])));
     }
     solver.assert(makespan.ge(int(floor)));
     let mut best: Option<(i64, Vec<Vec<ScheduledOp>>)> = None;
@@ -207,7 +270,8 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
         if verdict == SatResult::Sat {
             let Some(model) = solver.get_model() else { break };
             let value = |t: &Int| model.eval(t, true).and_then(|v| v.as_i64()).unwrap_or(0);
-            let order = extract(s, &starts, &value);
+            let chosen = |b: &Bool| model.eval(b, true).and_then(|v| v.as_bool()).unwrap_or(false);
+            let order = extract(s, &keys, &starts, &partners, &value, &chosen);
             solver.pop(1);
             // The model's `makespan` may exceed its passes' ends, and
             // its starts may leave gaps: re-time the order as early as
@@ -224,37 +288,61 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
             break;
         }
     }
-    let single_pass_proof = optimal && !exact;
-    let optimal = optimal && exact;
     match best {
-        Some((found, ranks)) => {
-            SmtPlan { ranks: Some(ranks), makespan: found as f64 / SCALE, optimal, stopped: None, single_pass_proof }
-        }
-        None => SmtPlan { ranks: None, makespan: upper, optimal, stopped: None, single_pass_proof },
+        Some((found, ranks)) => SmtPlan { ranks: Some(ranks), makespan: found as f64 / SCALE, optimal, stopped: None },
+        None => SmtPlan { ranks: None, makespan: upper, optimal, stopped: None },
     }
 }
 
-/// Per rank, the passes sorted by their start times.
-fn extract(s: &ComputeSchedule, starts: &[Vec<Vec<Int>>], value: &dyn Fn(&Int) -> i64) -> Vec<Vec<ScheduledOp>> {
+fn pass_of(kinds: [PassKind; 3], (k, st, i): Key) -> Pass {
+    Pass { kind: kinds[k], stage: Stage(st as u32), mb: Microbatch(i as u32) }
+}
+
+/// Per rank, the ops sorted by their start times: a pass alone, a braided
+/// pair, or a `B` fused with its `W`.
+fn extract(
+    s: &ComputeSchedule,
+    keys: &[Key],
+    starts: &[Int],
+    partners: &[Vec<Partner>],
+    value: &dyn Fn(&Int) -> i64,
+    chosen: &dyn Fn(&Bool) -> bool,
+) -> Vec<Vec<ScheduledOp>> {
     let meta = &s.meta;
     let kinds = [PassKind::F, PassKind::B, PassKind::W];
-    let mut timed: Vec<Vec<(i64, usize, Pass)>> = vec![Vec::new(); meta.num_ranks as usize];
-    for (k, per_stage) in starts.iter().enumerate() {
-        for (st, per_mb) in per_stage.iter().enumerate() {
-            for (i, t) in per_mb.iter().enumerate() {
-                let pass = Pass { kind: kinds[k], stage: Stage(st as u32), mb: Microbatch(i as u32) };
-                timed[meta.placement[st].index()].push((value(t), k, pass));
-            }
-        }
+    let mut timed: Vec<Vec<(i64, usize, usize)>> = vec![Vec::new(); meta.num_ranks as usize];
+    for (x, key) in keys.iter().enumerate() {
+        timed[meta.placement[key.1].index()].push((value(&starts[x]), key.0, x));
     }
     let origin = Origin { span: s.body_span, iteration: Vec::new() };
+    let mut placed = vec![false; keys.len()];
     timed
         .into_iter()
         .map(|mut ops| {
-            ops.sort_by_key(|(t, k, p)| (*t, *k, p.stage, p.mb));
-            ops.into_iter()
-                .map(|(_, _, pass)| ScheduledOp { compute: Compute::single(pass), origin: origin.clone() })
-                .collect()
+            ops.sort_by_key(|&(t, k, x)| (t, k, keys[x].1, keys[x].2));
+            let mut out = Vec::new();
+            for (_, _, x) in ops {
+                if placed[x] {
+                    continue;
+                }
+                placed[x] = true;
+                let partner = partners[x].iter().find(|p| chosen(&p.together)).map(|p| p.other);
+                let passes = match partner {
+                    Some(y) if keys[x].1 == keys[y].1 && keys[x].2 == keys[y].2 => {
+                        placed[y] = true;
+                        vec![Pass { kind: PassKind::BW, ..pass_of(kinds, keys[x]) }]
+                    }
+                    Some(y) => {
+                        placed[y] = true;
+                        let mut pair = vec![pass_of(kinds, keys[x]), pass_of(kinds, keys[y])];
+                        pair.sort_by_key(|p| p.kind as u8);
+                        pair
+                    }
+                    None => vec![pass_of(kinds, keys[x])],
+                };
+                out.push(ScheduledOp { compute: Compute { passes, units: Vec::new() }, origin: origin.clone() });
+            }
+            out
         })
         .collect()
 }
