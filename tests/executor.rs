@@ -152,15 +152,7 @@ fn broken_programs_are_refused_before_anything_runs() {
 fn a_deadlock_names_the_instruction_every_rank_is_stuck_at() {
     // Undo the grouping of 1F1B's steady state: both ranks send and wait.
     let mut program = build_std("1f1b", 2, 2, None).program;
-    for rank in &mut program.ranks {
-        let old = std::mem::take(&mut rank.instrs);
-        for instr in old {
-            match instr {
-                Instr::Comm(ops) => rank.instrs.extend(ops.into_iter().map(|t| Instr::Comm(vec![t]))),
-                other => rank.instrs.push(other),
-            }
-        }
-    }
+    stp_tests::ungroup_transfers(&mut program);
     stp_ir::verify(&program).expect("still a valid program");
     let options = CpuOptions { timeout: std::time::Duration::from_millis(300), ..CpuOptions::default() };
     match cpu::run(&program, &model_for(&program), options) {

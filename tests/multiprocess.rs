@@ -8,7 +8,7 @@ use stp_exec::cpu::{self, CpuOptions, CpuReport};
 use stp_exec::launch::{run_process, Env};
 use stp_exec::model::{sequential_gradients, Model};
 use stp_exec::ExecError;
-use stp_ir::{Instr, Program};
+use stp_ir::Program;
 use stp_tests::build_std_tp;
 
 fn model_for(program: &Program) -> Model {
@@ -97,15 +97,7 @@ fn a_process_that_never_comes_is_named() {
 fn a_deadlock_across_processes_names_where_each_rank_is_stuck() {
     // Both ranks send before they receive (1F1B's grouping undone).
     let mut program = build_std_tp("1f1b", 2, 2, None, 1).program;
-    for rank in &mut program.ranks {
-        let old = std::mem::take(&mut rank.instrs);
-        for instr in old {
-            match instr {
-                Instr::Comm(ops) => rank.instrs.extend(ops.into_iter().map(|t| Instr::Comm(vec![t]))),
-                other => rank.instrs.push(other),
-            }
-        }
-    }
+    stp_tests::ungroup_transfers(&mut program);
     let options = CpuOptions { timeout: Duration::from_millis(400), ..CpuOptions::default() };
     let reports = run_world(&[program.clone(), program], 2, options, Duration::from_secs(20));
     let blocked: Vec<String> = reports

@@ -100,3 +100,18 @@ pub fn build_std_tp(name: &str, p: i64, m: i64, v: Option<i64>, tp: u32) -> stpc
     stpc::pipeline::build(&file, &request)
         .unwrap_or_else(|d| panic!("{name} p={p} m={m} v={v:?}:\n{}", stpc::diag::render::render(&d, &file, false)))
 }
+
+/// Undoes the grouping of transfers: every send and receive becomes its
+/// own communication instruction. Applied to 1F1B, both ranks then send
+/// before they receive, which deadlocks under rendezvous sends.
+pub fn ungroup_transfers(program: &mut stp_ir::Program) {
+    for rank in &mut program.ranks {
+        let old = std::mem::take(&mut rank.instrs);
+        for instr in old {
+            match instr {
+                stp_ir::Instr::Comm(ops) => rank.instrs.extend(ops.into_iter().map(|t| stp_ir::Instr::Comm(vec![t]))),
+                other => rank.instrs.push(other),
+            }
+        }
+    }
+}
