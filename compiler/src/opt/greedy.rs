@@ -154,7 +154,11 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
             let r = owner(stage);
             let pass = |kind, mb: usize| Pass { kind, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };
             let i = next_b[stage];
-            if i < next_f[stage] && s.memory.max_deferred.is_none_or(|cap| (deferred[r].len() as i64) < cap) {
+            // A `B` that will be fused with its `W` defers nothing, so it may
+            // run when the queue is full.
+            let fusable = policy.fuse && deferred[r].iter().all(|&(st, _, _)| st != stage);
+            let room = s.memory.max_deferred.is_none_or(|cap| (deferred[r].len() as i64) < cap);
+            if i < next_f[stage] && (room || fusable) {
                 let downstream = if stage + 1 == stages {
                     f_end[stage * mbs + i]
                 } else {
@@ -201,7 +205,13 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
             ));
         };
         let window = start + policy.slack;
-        let partner = partner_of(chosen, policy.pairing, candidates.iter().filter(|c| c.3 == r && c.0 <= window));
+        let mut partner = partner_of(chosen, policy.pairing, candidates.iter().filter(|c| c.3 == r && c.0 <= window));
+        // With the queue of deferred weight gradients full, a `B` runs
+        // only fused with its `W`, alone.
+        let full = s.memory.max_deferred.is_some_and(|cap| deferred[r].len() as i64 >= cap);
+        if full && (chosen.kind == PassKind::B || partner.is_some_and(|p| p.kind == PassKind::B)) {
+            partner = None;
+        }
         // Waiting for a partner delays the chosen pass to when both can start.
         let start =
             partner.and_then(|p| candidates.iter().find(|c| c.3 == r && c.4 == p)).map_or(start, |c| start.max(c.0));
@@ -216,7 +226,10 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
                 }
                 PassKind::B => {
                     next_b[stage] += 1;
-                    if policy.fuse && partner.is_none() && deferred[r].is_empty() {
+                    // Fused, it runs its `W` ahead of any still queued: only
+                    // where none of its stage waits (they run in microbatch order).
+                    let fusable = deferred[r].iter().all(|&(st, _, _)| st != stage);
+                    if policy.fuse && partner.is_none() && fusable {
                         pass.kind = PassKind::BW;
                         live[r] -= model.activation;
                         remaining -= 1;
