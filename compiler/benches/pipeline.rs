@@ -97,3 +97,14 @@ fn plan_auto_greedy(bencher: Bencher, m: i64) {
     let request = request(m);
     bencher.bench(|| pipeline::elaborate(&file, &request).expect("plans").num_ops());
 }
+
+/// The same with a TP collective to hide (`T_B = 2`, `T_W = 0.5`,
+/// `T_AR = 0.25`): the portfolio then also runs its braiding and fusing
+/// policies (48 in all).
+#[divan::bench(args = [256], sample_count = 5)]
+fn plan_auto_greedy_braids(bencher: Bencher, m: i64) {
+    let source = "schedule i(p: ranks, m: microbatches, v: chunks) { stages v * p; place s -> s % p; memory { budget = 3 * p; } cost { forward = 4; backward_input = 8; backward_weight = 2; tp_collective = 1; } auto; }";
+    let file = SourceFile::new("auto.sched", source);
+    let request = request(m);
+    bencher.bench(|| pipeline::elaborate(&file, &request).expect("plans").num_ops());
+}

@@ -147,9 +147,10 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
     let mut out: Vec<Vec<ScheduledOp>> = vec![Vec::new(); ranks];
     let origin = Origin { span: s.body_span, iteration: Vec::new() };
     let mut remaining = 3 * stages * mbs;
+    // (start, priority, tie-break, rank, pass), refilled every step.
+    let mut candidates: Vec<(f64, u8, i64, usize, Pass)> = Vec::with_capacity(stages + ranks);
     while remaining > 0 {
-        // (start, priority, tie-break, rank, pass)
-        let mut candidates: Vec<(f64, u8, i64, usize, Pass)> = Vec::new();
+        candidates.clear();
         for stage in 0..stages {
             let r = owner(stage);
             let pass = |kind, mb: usize| Pass { kind, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };

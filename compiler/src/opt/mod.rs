@@ -150,15 +150,20 @@ fn polished(
     makespan: f64,
     deadline: std::time::Instant,
 ) -> Incumbent {
+    let kept = |order| Incumbent { order, makespan, greedy: makespan, kept: "greedy" };
+    if !reorder::can_polish(&order, POLISH_WINDOW) {
+        return kept(order);
+    }
     let mut trial = ComputeSchedule { ranks: order, ..s.clone() };
     let unchanged = trial.ranks.clone();
-    reorder::polish(&mut trial, POLISH_WINDOW, deadline);
-    let after = op_times(&trial, &trial.ranks).map(|t| last_end(&t));
-    match after {
+    if reorder::polish(&mut trial, POLISH_WINDOW, deadline) == 0 {
+        return kept(unchanged);
+    }
+    match op_times(&trial, &trial.ranks).map(|t| last_end(&t)) {
         Some(better) if better < makespan - 1e-9 => {
             Incumbent { order: trial.ranks, makespan: better, greedy: makespan, kept: "local search" }
         }
-        _ => Incumbent { order: unchanged, makespan, greedy: makespan, kept: "greedy" },
+        _ => kept(unchanged),
     }
 }
 

@@ -59,15 +59,21 @@ pub fn improve(s: &mut ComputeSchedule) -> Vec<Vec<usize>> {
 /// or `deadline` passes. Returns how many moves it kept; skips instances
 /// too large to search (returns 0).
 pub fn polish(s: &mut ComputeSchedule, window: usize, deadline: Instant) -> usize {
-    let ops: usize = s.ranks.iter().map(Vec::len).sum();
-    let moves: usize = s.ranks.iter().map(|r| r.len() * (2 * window).min(r.len())).sum();
-    if moves.saturating_mul(ops) > MAX_WORK {
+    if !can_polish(&s.ranks, window) {
         return 0;
     }
     let regions: Vec<Vec<(usize, usize)>> = s.ranks.iter().map(|ops| vec![(0, ops.len())]).collect();
     let limits: Vec<i64> = s.ranks.iter().map(|ops| s.memory.budget.unwrap_or_else(|| peak(ops, &s.memory))).collect();
     let search = Search { regions: &regions, limits: &limits, window, deadline: Some(deadline) };
     search.run(s).1
+}
+
+/// Whether [`polish`] searches orders of this size (each of its moves
+/// re-times every op).
+pub fn can_polish(ranks: &[Vec<ScheduledOp>], window: usize) -> bool {
+    let ops: usize = ranks.iter().map(Vec::len).sum();
+    let moves: usize = ranks.iter().map(|r| r.len() * (2 * window).min(r.len())).sum();
+    moves.saturating_mul(ops) <= MAX_WORK
 }
 
 fn runnable_makespan(s: &ComputeSchedule) -> Option<f64> {
