@@ -124,6 +124,10 @@ enum Command {
         /// the flags give.
         #[arg(long, conflicts_with_all = ["cost", "model", "t_f", "t_b", "t_w", "t_ar", "t_p2p"])]
         unit: bool,
+        /// Draw each rank's live activations over time under its row
+        /// (every rank on one scale; the rank's peak at the right).
+        #[arg(long = "memory")]
+        memory_lane: bool,
     },
     /// Compare two schedules under one cost model: makespan, bubble,
     /// throughput, exposed communication and peak memory side by side.
@@ -343,7 +347,9 @@ fn main() -> ExitCode {
         }
         Command::Simulate { target, cost, json } => simulate(&target, &cost, json),
         Command::Trace { target, cost, output } => trace(&target, &cost, &output),
-        Command::Viz { target, cost, output, format, unit } => viz(&target, &cost, &output, format, unit),
+        Command::Viz { target, cost, output, format, unit, memory_lane } => {
+            viz(&target, &cost, &output, VizOptions { format, unit, memory: memory_lane })
+        }
         Command::Diff { target, other, cost } => diff(&target, &other, &cost),
         Command::Import { csv, output, name, color } => import_torch(&csv, output.as_deref(), &name, color),
         Command::Export { target, format: ExportFormat::TorchCsv, comms, output } => {
@@ -590,7 +596,15 @@ fn diff(target: &Target, other: &str, args: &CostArgs) -> Result<(), Reported> {
     Ok(())
 }
 
-fn viz(target: &Target, args: &CostArgs, output: &Path, format: VizFormat, unit: bool) -> Result<(), Reported> {
+/// How `stpc viz` draws.
+struct VizOptions {
+    format: VizFormat,
+    unit: bool,
+    memory: bool,
+}
+
+fn viz(target: &Target, args: &CostArgs, output: &Path, options: VizOptions) -> Result<(), Reported> {
+    let VizOptions { format, unit, memory } = options;
     let unit_steps = CostArgs {
         cost: None,
         model: None,
@@ -613,7 +627,8 @@ fn viz(target: &Target, args: &CostArgs, output: &Path, format: VizFormat, unit:
         timeline.makespan,
         timeline.bubble_ratio()
     );
-    let svg = emit::svg::timeline_svg(&build.program, &timeline, cost.p2p, &title, &summary);
+    let extras = emit::svg::Extras { p2p: cost.p2p, memory };
+    let svg = emit::svg::timeline_svg(&build.program, &timeline, extras, &title, &summary);
     let svg = match format {
         VizFormat::Svg => svg,
         VizFormat::Html => emit::svg::html_page(&title, &svg),

@@ -433,6 +433,26 @@ fn viz_and_trace_show_tensor_parallel_collectives() {
 }
 
 #[test]
+fn viz_memory_lane_steps_to_each_ranks_peak() {
+    let dir = scratch("viz-memory");
+    let path = dir.join("m.svg");
+    let out = stpc(&["viz", "1f1b", "-p", "4", "-m", "8", "--memory", "-o", &path.to_string_lossy()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let svg = std::fs::read_to_string(&path).expect("svg written");
+    // One step line per rank; 1F1B holds p - r activations on rank r at its peak.
+    assert_eq!(svg.matches(r#"<path class="memory""#).count(), 4);
+    for (r, peak) in [4, 3, 2, 1].into_iter().enumerate() {
+        let title = format!("<title>live activations (peak {peak})</title>");
+        assert!(svg.contains(&title), "rank {r}: {title}");
+    }
+    assert!(svg.contains("live activations</text>"), "legend entry");
+    let plain = dir.join("p.svg");
+    let out = stpc(&["viz", "1f1b", "-p", "4", "-m", "8", "-o", &plain.to_string_lossy()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!std::fs::read_to_string(&plain).expect("svg").contains("class=\"memory\""), "only when asked for");
+}
+
+#[test]
 fn viz_draws_one_box_per_pass_with_title_and_summary() {
     let dir = scratch("viz");
     let path = dir.join("s.svg");

@@ -3,8 +3,9 @@
 //! numbers in the boxes, a rank's second chunk drawn lighter, a thin lane
 //! under each rank for its transfers when they take time and one for its
 //! tensor-parallel all-reduces when the program lists them (`--tp`), the
-//! exposed part of a collective as a dark tail of its box, idle time as
-//! gaps, a legend, a title and a summary line.
+//! exposed part of a collective as a dark tail of its box, optionally the
+//! live activations over time as a step line, idle time as gaps, a
+//! legend, a title and a summary line.
 
 use std::fmt::Write;
 use stp_ir::simulate::{Stream, Timeline};
@@ -36,34 +37,58 @@ struct Lanes {
     p2p: bool,
     /// Tensor-parallel collectives, when the program lists them.
     tp: bool,
+    /// Live activations over time, when asked for.
+    memory: bool,
 }
 
+/// Height of the memory lane.
+const MEMORY_LANE: f64 = 18.0;
+
 impl Lanes {
-    fn of(timeline: &Timeline, p2p: f64) -> Lanes {
+    fn of(timeline: &Timeline, p2p: f64, memory: bool) -> Lanes {
         let spans = || timeline.ranks.iter().flat_map(|r| &r.spans);
         Lanes {
             p2p: p2p > 0.0 && spans().any(|s| s.stream == Stream::Comm),
             tp: timeline.ranks.iter().any(|r| !r.collectives.is_empty()),
+            memory,
         }
     }
 
     fn height(&self) -> f64 {
-        (LANE + 2.0) * (f64::from(u8::from(self.p2p)) + f64::from(u8::from(self.tp)))
+        let thin = (LANE + 2.0) * (f64::from(u8::from(self.p2p)) + f64::from(u8::from(self.tp)));
+        thin + if self.memory { MEMORY_LANE + 2.0 } else { 0.0 }
     }
 
     /// Top of the collective lane below a row at `y`.
     fn tp_top(&self, y: f64) -> f64 {
         y + ROW + 2.0 + if self.p2p { LANE + 2.0 } else { 0.0 }
     }
+
+    /// Top of the memory lane below a row at `y`.
+    fn memory_top(&self, y: f64) -> f64 {
+        self.tp_top(y) + if self.tp { LANE + 2.0 } else { 0.0 }
+    }
 }
 
-/// The SVG of `timeline`, a timed run of `program` in which a transfer
-/// takes `p2p`. A transfer's span also covers the time it waits for its
-/// peer, so the lane shows only its last `p2p`: the data moving.
-pub fn timeline_svg(program: &Program, timeline: &Timeline, p2p: f64, title: &str, summary: &str) -> String {
+/// What to draw besides the boxes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Extras {
+    /// How long a transfer takes (its lane shows when it is above 0).
+    pub p2p: f64,
+    /// A lane per rank with its live activations over time.
+    pub memory: bool,
+}
+
+/// The SVG of `timeline`, a timed run of `program`. A transfer's span
+/// also covers the time it waits for its peer, so the transfer lane shows
+/// only its last `p2p`: the data moving.
+pub fn timeline_svg(program: &Program, timeline: &Timeline, extras: Extras, title: &str, summary: &str) -> String {
     let makespan = timeline.makespan.max(f64::MIN_POSITIVE);
     let scale = WIDTH / makespan;
-    let lanes = Lanes::of(timeline, p2p);
+    let p2p = extras.p2p;
+    let lanes = Lanes::of(timeline, p2p, extras.memory);
+    let most_live =
+        (0..timeline.ranks.len()).flat_map(|r| stp_ir::trace::live_activations(program, r)).max().unwrap_or(0).max(1);
     let per_rank = ROW + lanes.height() + GAP;
     let height = TOP + per_rank * timeline.ranks.len() as f64 + 60.0;
     let mut svg = String::new();
@@ -114,6 +139,9 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, p2p: f64, title: &st
                 _ => {}
             }
         }
+        if lanes.memory {
+            memory_lane(&mut svg, &rank.spans, &live, (lanes.memory_top(y), scale, most_live));
+        }
         for c in &rank.collectives {
             let _ = writeln!(
                 svg,
@@ -132,6 +160,33 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, p2p: f64, title: &st
     svg
 }
 
+/// A step line of the live activations after each compute op of one rank,
+/// at `(top, time scale, the most live on any rank)` (every rank on one
+/// scale, so rows compare), with the rank's peak written at its right.
+fn memory_lane(svg: &mut String, spans: &[stp_ir::simulate::Span], live: &[i64], (top, scale, most): (f64, f64, i64)) {
+    let level = |units: i64| top + MEMORY_LANE - MEMORY_LANE * units as f64 / most as f64;
+    let _ = writeln!(svg, r##"<rect x="{LEFT}" y="{top:.2}" width="{WIDTH}" height="{MEMORY_LANE}" fill="#fafafa"/>"##);
+    let mut path = format!("M{LEFT:.2},{:.2}", level(0));
+    let mut peak = 0;
+    for span in spans.iter().filter(|s| s.stream == Stream::Compute) {
+        let Some(&units) = live.get(span.instr) else { continue };
+        let _ = write!(path, " H{:.2} V{:.2}", LEFT + span.end * scale, level(units));
+        peak = peak.max(units);
+    }
+    let _ = write!(path, " H{:.2}", LEFT + WIDTH);
+    let _ = writeln!(
+        svg,
+        r##"<path class="memory" d="{path}" fill="none" stroke="{MEMORY}" stroke-width="1.2"><title>live activations (peak {peak})</title></path>"##
+    );
+    let _ = writeln!(
+        svg,
+        r##"<text x="{:.2}" y="{:.2}" font-size="9" fill="{MEMORY}">{peak}</text>"##,
+        LEFT + WIDTH + 3.0,
+        top + 9.0
+    );
+}
+
+const MEMORY: &str = "#B279A2";
 const TRANSFER: &str = "#888";
 const COLLECTIVE: &str = "#9467BD";
 const EXPOSED: &str = "#222";
@@ -214,6 +269,9 @@ fn legend(svg: &mut String, y: f64, lanes: &Lanes, exposed: bool) {
     }
     if exposed {
         items.push((EXPOSED, "exposed collective"));
+    }
+    if lanes.memory {
+        items.push((MEMORY, "live activations"));
     }
     let mut x = LEFT;
     for (fill, label) in items {
