@@ -160,8 +160,12 @@ fn run(args: &RunArgs) -> Result<(), String> {
     if args.check {
         check_gradients(&program, &model, &report, &tag)?;
     }
-    if env.is_none() {
-        print_comparison(&program, &report, args.cost.as_deref())?;
+    match &env {
+        None => print_comparison(&program, &report, args.cost.as_deref())?,
+        Some(_) if args.cost.is_some() => {
+            eprintln!("{tag}note: --cost is ignored: comparing with the simulator needs every rank in one process");
+        }
+        Some(_) => {}
     }
     if let Some(trace) = &args.trace {
         let path = match &env {
@@ -320,6 +324,10 @@ fn run_args(args: &RunArgs) -> Vec<String> {
     if let Some(trace) = &args.trace {
         out.push("--trace".into());
         out.push(trace.display().to_string());
+    }
+    if let Some(cost) = &args.cost {
+        out.push("--cost".into());
+        out.push(cost.display().to_string());
     }
     out
 }
