@@ -146,3 +146,47 @@ fn a_world_size_that_does_not_match_the_program_is_refused() {
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+/// A stray connection to MASTER_PORT (a health check, a port scanner) is
+/// ignored: the ranks still meet and run.
+#[test]
+fn a_stray_connection_to_the_master_port_is_ignored() {
+    use std::io::Write;
+    let program = build_std_tp("1f1b", 2, 2, None, 1).program;
+    let port = free_port();
+    let results: Vec<Result<CpuReport, ExecError>> = std::thread::scope(|s| {
+        let rank0 = s.spawn(|| {
+            run_process(
+                &program,
+                &model_for(&program),
+                CpuOptions::default(),
+                &env(0, 2, port),
+                Duration::from_secs(20),
+            )
+        });
+        // Knock first, with something that is not a greeting.
+        let mut knocked = false;
+        for _ in 0..200 {
+            if let Ok(mut stray) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let _ = stray.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                knocked = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(knocked, "rank 0 listens");
+        let rank1 = s.spawn(|| {
+            run_process(
+                &program,
+                &model_for(&program),
+                CpuOptions::default(),
+                &env(1, 2, port),
+                Duration::from_secs(20),
+            )
+        });
+        vec![rank0.join().unwrap_or(Err(ExecError::Panicked)), rank1.join().unwrap_or(Err(ExecError::Panicked))]
+    });
+    for (r, result) in results.into_iter().enumerate() {
+        assert!(result.is_ok(), "rank {r}: {:?}", result.err());
+    }
+}

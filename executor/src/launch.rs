@@ -116,6 +116,9 @@ fn fingerprint(program: &Program) -> u64 {
 
 const MAGIC: &[u8; 4] = b"STP1";
 
+/// How long a new connection to rank 0 has to say that it is a rank.
+const GREETING_TIME: Duration = Duration::from_secs(2);
+
 /// The connection to every other rank (`None` at this rank's own index).
 type Mesh = Vec<Option<TcpStream>>;
 
@@ -182,13 +185,27 @@ fn gather_at_master(env: &Env, fingerprint: u64, deadline: Instant, mesh: &mut M
         .map_err(|e| format!("rank 0 cannot listen on {} (MASTER_ADDR:MASTER_PORT): {e}", env.master()))?;
     let mut table: Vec<Option<SocketAddr>> = vec![None; env.world_size];
     let mut problem: Option<String> = None;
-    for _ in 1..env.world_size {
+    let mut heard = 0;
+    let mut strays = 0;
+    while heard + 1 < env.world_size {
         let mut stream = accept_until(&listener, deadline).map_err(|e| {
             let missing: Vec<String> =
                 (1..env.world_size).filter(|r| table[*r].is_none()).map(|r| r.to_string()).collect();
-            format!("rank 0 waited on {} for ranks {} to connect: {e}", env.master(), missing.join(", "))
+            let strays = if strays > 0 {
+                format!(" ({strays} other connection(s) were not stp-exec ranks and were ignored)")
+            } else {
+                String::new()
+            };
+            format!("rank 0 waited on {} for ranks {} to connect: {e}{strays}", env.master(), missing.join(", "))
         })?;
-        let hello = read_hello(&mut stream, deadline).map_err(|e| format!("rank 0: {e}"))?;
+        // Something else on the port (a health check, a scanner) is
+        // ignored; a rank introduces itself at once.
+        let greeting = deadline.min(Instant::now() + GREETING_TIME);
+        let Ok(hello) = read_hello(&mut stream, greeting) else {
+            strays += 1;
+            continue;
+        };
+        heard += 1;
         let ip = stream.peer_addr().map_err(|e| e.to_string())?.ip();
         let trouble = if hello.world != env.world_size {
             Some(format!("rank {} has WORLD_SIZE={}, rank 0 has {}", hello.rank, hello.world, env.world_size))
