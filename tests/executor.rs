@@ -200,3 +200,28 @@ fn calibrated_costs_recover_the_pass_times_of_an_ideal_run() {
         assert!((c.measured - timeline.makespan).abs() < 1e-9 && (c.ratio() - 1.0).abs() < 1e-9, "{name}: {c:?}");
     }
 }
+
+/// Orders stpc chooses itself — an `auto` schedule whose cost model has a
+/// TP collective to hide, so the scheduler braids `F & W`, `B & W`, ...
+/// and fuses `BW` — run with two TP shards and reproduce the sequential
+/// gradients bit for bit.
+#[test]
+fn braided_auto_orders_reproduce_the_sequential_gradients() {
+    let source = "schedule v(p: ranks, m: microbatches) { stages 2 * p; \
+                  place s -> if s < p { s } else { 2 * p - 1 - s }; memory { budget = 2 * p; } \
+                  cost { forward = 4; backward_input = 8; backward_weight = 2; tp_collective = 1; } auto; }";
+    let file = stpc::syntax::span::SourceFile::new("v.sched", source);
+    for (p, m) in [(2, 4), (3, 6)] {
+        let mut request = stpc::pipeline::Request {
+            params: stpc::elab::ParamArgs { ranks: Some(p), microbatches: Some(m), ..Default::default() },
+            ..Default::default()
+        };
+        request.lower.tp = 2;
+        let program = stpc::pipeline::build(&file, &request).unwrap_or_else(|_| panic!("p={p} m={m} builds")).program;
+        let braided = program.ranks.iter().flat_map(|r| &r.instrs).filter(|i| i.passes().len() == 2).count();
+        assert!(braided > 0, "p={p} m={m}: the scheduler braids");
+        let model = model_for(&program);
+        let report = cpu::run(&program, &model, CpuOptions::default()).unwrap_or_else(|e| panic!("p={p} m={m}: {e}"));
+        assert_eq!(report.gradients, sequential_gradients(&model), "p={p} m={m}: gradients differ");
+    }
+}

@@ -38,11 +38,14 @@ fn close(a: f64, b: f64) -> bool {
 }
 
 /// Instances Z3 settles within seconds: uniform and skewed costs, with and
-/// without transfer time, both placements.
+/// without transfer time, with and without a TP collective to hide
+/// (braids and `BW`), both placements.
 fn instances() -> Vec<(&'static str, i64, i64, CostModel)> {
     let unit = CostModel::default();
     let skewed = CostModel { forward: 1.0, backward_input: 3.0, backward_weight: 0.5, ..unit };
     let slow_links = CostModel { backward_input: 2.0, p2p: 0.5, ..unit };
+    let tp = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit };
+    let tp_slow = CostModel { tp_collective: 0.5, p2p: 0.25, ..skewed };
     vec![
         (V_SHAPE, 2, 4, unit),
         (V_SHAPE, 2, 4, skewed),
@@ -50,6 +53,8 @@ fn instances() -> Vec<(&'static str, i64, i64, CostModel)> {
         (LOOPED, 4, 6, slow_links),
         (LOOPED, 2, 4, skewed),
         (LOOPED, 3, 6, slow_links),
+        (V_SHAPE, 2, 4, tp),
+        (LOOPED, 3, 4, tp_slow),
     ]
 }
 
