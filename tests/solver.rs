@@ -129,15 +129,14 @@ fn fused_ops(b: &Build) -> usize {
 #[test]
 fn smt_chooses_braids_and_proves_the_order_optimal() {
     let cost = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
-    for (p, m) in [(2, 4), (2, 6)] {
-        let (_, greedy) = planned(LOOPED, p, m, cost, Solver::Greedy);
-        let (b, found) = planned(LOOPED, p, m, cost, smt(60));
-        assert_eq!(found.kept, "smt", "p={p} m={m}: {found:?}");
-        assert!(found.optimal, "p={p} m={m}: Z3 settles this within a minute");
-        assert!(found.makespan < greedy.makespan - 1e-9, "{} vs greedy {}", found.makespan, greedy.makespan);
-        assert!(fused_ops(&b) > 0, "p={p} m={m}: the optimal order braids or fuses");
-        assert!(close(simulated(&b, &cost), found.makespan), "p={p} m={m}: the claim simulates");
-    }
+    let (p, m) = (2, 6);
+    let (_, greedy) = planned(LOOPED, p, m, cost, Solver::Greedy);
+    let (b, found) = planned(LOOPED, p, m, cost, smt(60));
+    assert_eq!(found.kept, "smt", "p={p} m={m}: {found:?}");
+    assert!(found.optimal, "p={p} m={m}: Z3 settles this within a minute");
+    assert!(found.makespan < greedy.makespan - 1e-9, "{} vs greedy {}", found.makespan, greedy.makespan);
+    assert!(fused_ops(&b) > 0, "p={p} m={m}: the optimal order braids or fuses");
+    assert!(close(simulated(&b, &cost), found.makespan), "p={p} m={m}: the claim simulates");
 }
 
 /// At unit costs the greedy V order has no bubble beyond the pipeline's
@@ -155,10 +154,25 @@ fn smt_keeps_a_greedy_order_it_proves_optimal() {
 fn an_exhausted_solver_falls_back_to_greedy_and_says_so() {
     let cost = CostModel { backward_input: 2.0, p2p: 0.5, ..CostModel::default() };
     let (b, found) = planned(V_SHAPE, 4, 8, cost, Solver::Smt { timeout: Duration::from_nanos(1), progress: None });
-    assert_eq!(found.kept, "greedy");
+    assert_ne!(found.kept, "smt", "the order found before Z3 is kept");
     assert!(found.fallback.as_deref().is_some_and(|why| why.contains("--solver-timeout")), "{found:?}");
-    assert_eq!(Some(found.makespan), found.greedy_makespan);
+    assert!(found.greedy_makespan.is_some_and(|greedy| found.makespan <= greedy + 1e-9));
     assert!(close(simulated(&b, &cost), found.makespan));
+}
+
+/// The local search after the greedy scheduler moves ops and changes
+/// braids (splits them, braids neighbours, fuses `BW`); on these small
+/// instances it reaches the optimum Z3 then proves.
+#[test]
+fn the_local_search_improves_greedy_orders_and_z3_proves_them_optimal() {
+    let cost = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
+    for (p, m) in [(2, 4), (3, 4)] {
+        let (b, found) = planned(LOOPED, p, m, cost, smt(60));
+        assert_eq!(found.kept, "local search", "p={p} m={m}: {found:?}");
+        assert!(found.optimal, "p={p} m={m}: {found:?}");
+        assert!(found.greedy_makespan.is_some_and(|greedy| found.makespan < greedy - 1e-9), "{found:?}");
+        assert!(close(simulated(&b, &cost), found.makespan), "p={p} m={m}: the claim simulates");
+    }
 }
 
 /// The greedy scheduler must not fill a rank with forwards whose

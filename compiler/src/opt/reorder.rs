@@ -8,8 +8,8 @@
 //! result like any hand-written order.
 
 use crate::elab::{ComputeSchedule, MemoryModel, ScheduledOp};
-use std::time::Instant;
-use stp_ir::PassKind;
+use std::cell::Cell;
+use stp_ir::{Compute, Pass, PassKind};
 
 /// Tolerance for comparing makespans built from sums of costs.
 const EPS: f64 = 1e-9;
@@ -36,7 +36,8 @@ pub fn improve(s: &mut ComputeSchedule) -> Vec<Vec<usize>> {
     }
     let limits: Vec<i64> = s.ranks.iter().map(|ops| s.memory.budget.unwrap_or_else(|| peak(ops, &s.memory))).collect();
     let written = runnable_makespan(s);
-    let search = Search { regions: &regions, limits: &limits, window: usize::MAX, deadline: None };
+    let budget = Cell::new(usize::MAX);
+    let search = Search { regions: &regions, limits: &limits, window: usize::MAX, budget: &budget };
     let (positions, kept) = search.run(s);
     let show = |t: Option<f64>| t.map_or("(cannot run)".to_string(), |t| format!("{t:.3}"));
     let now = runnable_makespan(s);
@@ -56,16 +57,27 @@ pub fn improve(s: &mut ComputeSchedule) -> Vec<Vec<usize>> {
 
 /// Improves a whole runnable order (an `auto` schedule's) by moving ops
 /// at most `window` places, within the memory budget, until no move helps
-/// or `deadline` passes. Returns how many moves it kept; skips instances
+/// or it has scored `evaluations` orders. Returns how many moves it kept; skips instances
 /// too large to search (returns 0).
-pub fn polish(s: &mut ComputeSchedule, window: usize, deadline: Instant) -> usize {
+pub fn polish(s: &mut ComputeSchedule, window: usize, evaluations: usize) -> usize {
     if !can_polish(&s.ranks, window) {
         return 0;
     }
-    let regions: Vec<Vec<(usize, usize)>> = s.ranks.iter().map(|ops| vec![(0, ops.len())]).collect();
     let limits: Vec<i64> = s.ranks.iter().map(|ops| s.memory.budget.unwrap_or_else(|| peak(ops, &s.memory))).collect();
-    let search = Search { regions: &regions, limits: &limits, window, deadline: Some(deadline) };
-    search.run(s).1
+    let mut kept = 0;
+    let budget = Cell::new(evaluations);
+    for _ in 0..MAX_ROUNDS {
+        // Regions change with the number of ops a braid change leaves.
+        let regions: Vec<Vec<(usize, usize)>> = s.ranks.iter().map(|ops| vec![(0, ops.len())]).collect();
+        let search = Search { regions: &regions, limits: &limits, window, budget: &budget };
+        let moved = search.run(s).1;
+        let rebraided = if s.cost.tp_collective > 0.0 { search.rebraid(s) } else { 0 };
+        kept += moved + rebraided;
+        if rebraided == 0 || budget.get() == 0 {
+            break;
+        }
+    }
+    kept
 }
 
 /// Whether [`polish`] searches orders of this size (each of its moves
@@ -86,7 +98,9 @@ struct Search<'a> {
     regions: &'a [Vec<(usize, usize)>],
     limits: &'a [i64],
     window: usize,
-    deadline: Option<Instant>,
+    /// How many more orders it may score (a count, not a clock, so that
+    /// the result does not depend on the machine).
+    budget: &'a Cell<usize>,
 }
 
 impl Search<'_> {
@@ -95,7 +109,13 @@ impl Search<'_> {
     /// may repair it, else the checker says why), then makespan; lower is
     /// better. The sum of every op's end breaks ties: it rewards a move
     /// that lets work finish earlier even before the makespan shows it.
-    fn score(&self, s: &ComputeSchedule, r: usize) -> (i64, usize, f64, f64) {
+    /// Whether the evaluation budget is used up.
+    fn spent(&self) -> bool {
+        self.budget.get() == 0
+    }
+
+    fn score(&self, s: &ComputeSchedule, r: usize) -> Score {
+        self.budget.set(self.budget.get().saturating_sub(1));
         let times = super::partial_op_times(s, &s.ranks);
         let stuck: usize = s.ranks.iter().zip(&times).map(|(ops, t)| ops.len() - t.len()).sum();
         let makespan = super::last_end(&times);
@@ -104,12 +124,45 @@ impl Search<'_> {
         (excess, stuck, makespan, flow)
     }
 
+    /// Splits braided (and `BW`) ops and braids neighbouring single ops
+    /// (a `B` and its own `W` into `BW`), keeping each change that scores
+    /// better. Only for orders stpc chose itself: a written `&` stays.
+    fn rebraid(&self, s: &mut ComputeSchedule) -> usize {
+        let mut kept = 0;
+        for r in 0..s.ranks.len() {
+            let mut current = self.score(s, r);
+            let mut i = 0;
+            while i < s.ranks[r].len() {
+                if self.spent() {
+                    return kept;
+                }
+                let mut improved = false;
+                for (replaced, with) in alternatives(&s.ranks[r], i) {
+                    let inserted = with.len();
+                    let old: Vec<ScheduledOp> = s.ranks[r].splice(i..i + replaced, with).collect();
+                    let after = self.score(s, r);
+                    if better(after, current) {
+                        current = after;
+                        kept += 1;
+                        improved = true;
+                        break;
+                    }
+                    s.ranks[r].splice(i..i + inserted, old);
+                }
+                if !improved {
+                    i += 1;
+                }
+            }
+        }
+        kept
+    }
+
     /// Returns, per rank, which op of the original order is now where
     /// (`positions[r][new] = old`), and how many moves were kept.
     fn run(&self, s: &mut ComputeSchedule) -> (Vec<Vec<usize>>, usize) {
         let mut positions: Vec<Vec<usize>> = s.ranks.iter().map(|ops| (0..ops.len()).collect()).collect();
         let mut kept = 0;
-        let out_of_time = || self.deadline.is_some_and(|d| Instant::now() >= d);
+
         for _ in 0..MAX_ROUNDS {
             let mut improved = false;
             for (r, spans) in self.regions.iter().enumerate() {
@@ -117,7 +170,7 @@ impl Search<'_> {
                 let mut current = self.score(s, r);
                 for &(start, end) in spans {
                     for from in start..end {
-                        if out_of_time() {
+                        if self.spent() {
                             return (positions, kept);
                         }
                         let (lo, hi) = (
@@ -130,11 +183,7 @@ impl Search<'_> {
                             }
                             move_op(&mut s.ranks[r], from, to);
                             let after = self.score(s, r);
-                            let better = (after.0, after.1) < (current.0, current.1)
-                                || ((after.0, after.1) == (current.0, current.1)
-                                    && (after.2 < current.2 - EPS
-                                        || (after.2 < current.2 + EPS && after.3 < current.3 - EPS)));
-                            if better {
+                            if better(after, current) {
                                 current = after;
                                 move_op(&mut positions[r], from, to);
                                 kept += 1;
@@ -151,6 +200,48 @@ impl Search<'_> {
             }
         }
         (positions, kept)
+    }
+}
+
+/// A search score: (memory excess, ops that cannot run, makespan, flow).
+type Score = (i64, usize, f64, f64);
+
+/// Less excess, then fewer stuck ops, then a shorter makespan, then (at
+/// equal makespan) a smaller sum of ends.
+fn better(after: Score, current: Score) -> bool {
+    (after.0, after.1) < (current.0, current.1)
+        || ((after.0, after.1) == (current.0, current.1)
+            && (after.2 < current.2 - EPS || (after.2 < current.2 + EPS && after.3 < current.3 - EPS)))
+}
+
+/// Other ways to run the op at `i` (and its successor): a braid or `BW`
+/// split into its passes (both orders), or two single passes that may
+/// share an op braided (a `B` and its own `W` fused into `BW`). Each is
+/// (how many ops it replaces, the ops replacing them).
+fn alternatives(ops: &[ScheduledOp], i: usize) -> Vec<(usize, Vec<ScheduledOp>)> {
+    let with = |passes: Vec<Pass>| ScheduledOp {
+        compute: Compute { passes, units: Vec::new() },
+        origin: ops[i].origin.clone(),
+    };
+    let passes = &ops[i].compute.passes;
+    match passes.as_slice() {
+        [a, b] => vec![(1, vec![with(vec![*a]), with(vec![*b])]), (1, vec![with(vec![*b]), with(vec![*a])])],
+        [bw] if bw.kind == PassKind::BW => {
+            let (b, w) = (Pass { kind: PassKind::B, ..*bw }, Pass { kind: PassKind::W, ..*bw });
+            vec![(1, vec![with(vec![b]), with(vec![w])])]
+        }
+        [a] => match ops.get(i + 1).map(|next| next.compute.passes.as_slice()) {
+            Some([b]) if (a.stage, a.mb) == (b.stage, b.mb) && (a.kind, b.kind) == (PassKind::B, PassKind::W) => {
+                vec![(2, vec![with(vec![Pass { kind: PassKind::BW, ..*a }])])]
+            }
+            Some([b]) if (a.stage, a.mb) != (b.stage, b.mb) && (a.stage, a.kind) != (b.stage, b.kind) => {
+                let mut pair = vec![*a, *b];
+                pair.sort_by_key(|p| p.kind as u8);
+                vec![(2, vec![with(pair)])]
+            }
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
     }
 }
 
