@@ -245,23 +245,22 @@ fn alternatives(ops: &[ScheduledOp], i: usize) -> Vec<(usize, Vec<ScheduledOp>)>
     }
 }
 
-/// How far the rank's deferred weight gradients go over `max_deferred`
-/// (checked before each input gradient, as the checker does).
+/// How far the rank's deferred weight gradients go over `max_deferred`.
 fn deferred_excess(ops: &[ScheduledOp], model: &MemoryModel) -> i64 {
     let Some(cap) = model.max_deferred else { return 0 };
     let mut deferred = 0i64;
     let mut excess = 0i64;
     for op in ops {
+        // Counted between ops, as memory is: a `B` braided with a
+        // deferred `W` leaves the count as it was.
         for pass in &op.compute.passes {
             match pass.kind {
-                PassKind::B => {
-                    excess = excess.max(deferred + 1 - cap);
-                    deferred += 1;
-                }
+                PassKind::B => deferred += 1,
                 PassKind::W => deferred -= 1,
                 _ => {}
             }
         }
+        excess = excess.max(deferred - cap);
     }
     excess.max(0)
 }

@@ -226,16 +226,21 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
                 solver.assert(Int::add(&live).le(int(cap)));
             }
         }
-        // Weight gradients deferred just before an input gradient starts
-        // (none is deferred by a `B` fused with its `W`).
+        // Weight gradients deferred after an op holding an input gradient,
+        // counted between ops (none is deferred by a `B` fused with its
+        // `W`; a `B` braided with a deferred `W` leaves the count as is).
         if let Some(cap) = model.max_deferred {
+            let pending = |k: usize| if k == 1 { 1 } else { -1 };
             for &x in ids.iter().filter(|x| keys[**x].0 == 1) {
-                let mut deferred = vec![int(0)];
+                let mut deferred = vec![int(1)];
                 for &y in ids.iter().filter(|y| keys[**y].0 != 0 && **y != x) {
                     let before = starts[y].lt(&starts[x]);
-                    deferred.push(before.ite(&int(if keys[y].0 == 1 { 1 } else { -1 }), &int(0)));
+                    deferred.push(before.ite(&int(pending(keys[y].0)), &int(0)));
                 }
-                let within = Int::add(&deferred).lt(int(cap));
+                for p in partners[x].iter().filter(|p| keys[p.other].0 != 0) {
+                    deferred.push(p.together.ite(&int(pending(keys[p.other].0)), &int(0)));
+                }
+                let within = Int::add(&deferred).le(int(cap));
                 match &fused[x] {
                     Some(bw) => solver.assert(Bool::or(&[bw, &within])),
                     None => solver.assert(within),
