@@ -92,8 +92,16 @@ fn check_1m_ops(bencher: Bencher, m: i64) {
 /// hand-written order of the same size.
 #[divan::bench(args = [256], sample_count = 5)]
 fn plan_auto_greedy(bencher: Bencher, m: i64) {
-    let source = "schedule i(p: ranks, m: microbatches, v: chunks) { stages v * p; place s -> s % p; memory { budget = 3 * p; } auto; }";
-    let file = SourceFile::new("auto.sched", source);
+    plan_auto(bencher, "", m);
+}
+
+/// Plans the interleaved-placement `auto` schedule with `cost` (a `cost`
+/// block, or nothing for unit costs).
+fn plan_auto(bencher: Bencher, cost: &str, m: i64) {
+    let source = format!(
+        "schedule i(p: ranks, m: microbatches, v: chunks) {{ stages v * p; place s -> s % p; memory {{ budget = 3 * p; }} {cost} auto; }}"
+    );
+    let file = SourceFile::new("auto.sched", source.as_str());
     let request = request(m);
     bencher.bench(|| pipeline::elaborate(&file, &request).expect("plans").num_ops());
 }
@@ -103,8 +111,5 @@ fn plan_auto_greedy(bencher: Bencher, m: i64) {
 /// policies (48 in all).
 #[divan::bench(args = [256], sample_count = 5)]
 fn plan_auto_greedy_braids(bencher: Bencher, m: i64) {
-    let source = "schedule i(p: ranks, m: microbatches, v: chunks) { stages v * p; place s -> s % p; memory { budget = 3 * p; } cost { forward = 4; backward_input = 8; backward_weight = 2; tp_collective = 1; } auto; }";
-    let file = SourceFile::new("auto.sched", source);
-    let request = request(m);
-    bencher.bench(|| pipeline::elaborate(&file, &request).expect("plans").num_ops());
+    plan_auto(bencher, "cost { forward = 4; backward_input = 8; backward_weight = 2; tp_collective = 1; }", m);
 }
