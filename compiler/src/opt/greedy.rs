@@ -148,7 +148,7 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
     let origin = Origin { span: s.body_span, iteration: Vec::new() };
     let mut remaining = 3 * stages * mbs;
     // (start, priority, tie-break, rank, pass), refilled every step.
-    let mut candidates: Vec<(f64, u8, i64, usize, Pass)> = Vec::with_capacity(stages + ranks);
+    let mut candidates = Candidates::new(policy.pairing != Pairing::Never, stages + ranks);
     while remaining > 0 {
         candidates.clear();
         for stage in 0..stages {
@@ -189,8 +189,7 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
                 candidates.push((free[r].max(ready), w_rank, 0, r, w));
             }
         }
-        let key = |c: &(f64, u8, i64, usize, Pass)| (c.0, c.1, c.2, c.3);
-        let best = candidates.iter().copied().min_by(|a, b| key(a).partial_cmp(&key(b)).unwrap_or(Ordering::Equal));
+        let best = candidates.best;
         let Some((start, _, _, r, chosen)) = best else {
             return Err(Diagnostic::new(
                 Code::MemoryBudget,
@@ -206,7 +205,8 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
             ));
         };
         let window = start + policy.slack;
-        let mut partner = partner_of(chosen, policy.pairing, candidates.iter().filter(|c| c.3 == r && c.0 <= window));
+        let mut partner =
+            partner_of(chosen, policy.pairing, candidates.all.iter().filter(|c| c.3 == r && c.0 <= window));
         // With the queue of deferred weight gradients full, a `B` runs
         // only fused with its `W`, alone.
         let full = s.memory.max_deferred.is_some_and(|cap| deferred[r].len() as i64 >= cap);
@@ -214,8 +214,9 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
             partner = None;
         }
         // Waiting for a partner delays the chosen pass to when both can start.
-        let start =
-            partner.and_then(|p| candidates.iter().find(|c| c.3 == r && c.4 == p)).map_or(start, |c| start.max(c.0));
+        let start = partner
+            .and_then(|p| candidates.all.iter().find(|c| c.3 == r && c.4 == p))
+            .map_or(start, |c| start.max(c.0));
         let mut passes: Vec<Pass> = std::iter::once(chosen).chain(partner).collect();
         passes.sort_by_key(|p| p.kind as u8);
         for pass in &mut passes {
@@ -265,14 +266,44 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
     Ok(out)
 }
 
+/// A pass that could run next: (start, priority, tie-break, rank, pass).
+type Candidate = (f64, u8, i64, usize, Pass);
+
+/// The passes that could run next: the best (earliest start, then
+/// priority, tie-break and rank), and all of them when braids are chosen
+/// among them (kept only then: collecting them costs time on large
+/// instances).
+struct Candidates {
+    keep_all: bool,
+    all: Vec<Candidate>,
+    best: Option<Candidate>,
+}
+
+impl Candidates {
+    fn new(keep_all: bool, capacity: usize) -> Candidates {
+        Candidates { keep_all, all: Vec::with_capacity(if keep_all { capacity } else { 0 }), best: None }
+    }
+
+    fn clear(&mut self) {
+        self.all.clear();
+        self.best = None;
+    }
+
+    fn push(&mut self, c: Candidate) {
+        let key = |c: &Candidate| (c.0, c.1, c.2, c.3);
+        if self.best.is_none_or(|b| key(&c).partial_cmp(&key(&b)) == Some(Ordering::Less)) {
+            self.best = Some(c);
+        }
+        if self.keep_all {
+            self.all.push(c);
+        }
+    }
+}
+
 /// The pass to braid with `chosen` among `others` (candidates on its rank
 /// that can start when it does): a forward with an input gradient first;
 /// with [`Pairing::Any`], else any pass of another kind.
-fn partner_of<'a>(
-    chosen: Pass,
-    pairing: Pairing,
-    others: impl Iterator<Item = &'a (f64, u8, i64, usize, Pass)> + Clone,
-) -> Option<Pass> {
+fn partner_of<'a>(chosen: Pass, pairing: Pairing, others: impl Iterator<Item = &'a Candidate> + Clone) -> Option<Pass> {
     let fits = |kind: PassKind| {
         others.clone().map(|c| c.4).find(|p| p.kind == kind && (p.stage, p.mb) != (chosen.stage, chosen.mb))
     };
