@@ -20,6 +20,9 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::elab::{ComputeSchedule, Origin, ScheduledOp};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use stp_ir::{Compute, Microbatch, Pass, PassKind, Stage};
 use z3::ast::{Bool, Int};
@@ -64,9 +67,44 @@ struct Partner {
     duration: i64,
 }
 
+/// How long past its time limit the search may run before its answer is
+/// given up: Z3 heeds neither its timeout nor an interrupt while it
+/// preprocesses a large model.
+const GRACE: Duration = Duration::from_millis(500);
+
 /// Searches for the shortest order, starting below `upper` (the greedy
-/// makespan), for at most `budget`.
+/// makespan), for at most `budget`. The search runs on a thread of its
+/// own; if it overruns the limit, its answer is given up (the thread
+/// finishes in the background) and the caller keeps its order.
 pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option<super::Progress>) -> SmtPlan {
+    let schedule = s.clone();
+    let (answer, answered) = mpsc::channel();
+    // Once given up, the search no longer reports progress.
+    let wanted = Arc::new(AtomicBool::new(true));
+    let still_wanted = Arc::clone(&wanted);
+    std::thread::spawn(move || {
+        let tell = |best: f64, elapsed: Duration| {
+            if let Some(tell) = progress.filter(|_| still_wanted.load(Ordering::SeqCst)) {
+                tell(best, elapsed);
+            }
+        };
+        let _ = answer.send(search(&schedule, upper, budget, &tell));
+    });
+    let found = answered.recv_timeout(budget + GRACE);
+    wanted.store(false, Ordering::SeqCst);
+    found.unwrap_or_else(|_| SmtPlan {
+        ranks: None,
+        makespan: upper,
+        optimal: false,
+        stopped: Some(format!(
+            "Z3 did not stop within the {:.1} s allowed (it was still preparing the model); raise --solver-timeout",
+            budget.as_secs_f64()
+        )),
+    })
+}
+
+/// [`solve`] on the calling thread.
+fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f64, Duration)) -> SmtPlan {
     let meta = &s.meta;
     let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
     let kinds = [PassKind::F, PassKind::B, PassKind::W];
@@ -79,15 +117,61 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
     // Compute alone bounds any op holding a pass from below, whatever it
     // is braided with: the head/tail bounds use it.
     let compute = [0, 1, 2].map(|k| scaled(s.cost.compute(pass_of(kinds, (k, 0, 0)))));
-    let (heads, tails) = super::bound::heads_and_tails(stages, mbs, compute, &hop);
-    let owned_by = |r: usize| -> Vec<usize> { (0..stages).filter(|st| owner(*st) == r).collect() };
+    let (mut heads, tails) = super::bound::heads_and_tails(stages, mbs, compute, &hop);
+    if braids {
+        // A `W` fused with its `B` starts with it.
+        let input_heads = heads[1].clone();
+        heads[2] = input_heads;
+    }
     let ranks = meta.num_ranks as usize;
     let floor = super::bound::window_floor(&meta.placement, &heads, &tails, compute);
     if scaled(upper) <= floor {
         // The order in hand already meets a bound no order can beat.
         return SmtPlan { ranks: None, makespan: upper, optimal: true, stopped: None };
     }
-    let pairs: usize = (0..ranks).map(|r| 3 * mbs * owned_by(r).len()).map(|n| n * n.saturating_sub(1) / 2).sum();
+    let id = |(k, st, i): Key| (k * stages + st) * mbs + i;
+    let keys: Vec<Key> =
+        (0..3).flat_map(|k| (0..stages).flat_map(move |st| (0..mbs).map(move |i| (k, st, i)))).collect();
+    let on_rank: Vec<Vec<usize>> =
+        (0..ranks).map(|r| keys.iter().filter(|key| owner(key.1) == r).map(|key| id(*key)).collect()).collect();
+    // Every order searched is shorter than `upper`, so a pass starts
+    // within [head, upper - its compute - its tail]. Two passes whose
+    // windows do not meet cannot share an op, and one whose whole op ends
+    // before the other can start needs no disjunction.
+    let window = |x: usize| {
+        let (k, st, i) = keys[x];
+        (heads[k][st][i], scaled(upper) - 1 - compute[k] - tails[k][st][i])
+    };
+    let longest_op = 2 * [PassKind::F, PassKind::B, PassKind::W]
+        .into_iter()
+        .map(|kind| scaled(super::standalone_duration(s, kind)))
+        .max()
+        .unwrap_or(0);
+    let ordered = |x: usize, y: usize| {
+        let ((ex, lx), (ey, ly)) = (window(x), window(y));
+        ly + longest_op <= ex || lx + longest_op <= ey
+    };
+    let may_share = |x: usize, y: usize| {
+        let ((ex, lx), (ey, ly)) = (window(x), window(y));
+        ex.max(ey) <= lx.min(ly)
+    };
+    // Pairs of passes of one stage and kind run in microbatch order, and
+    // two of one microbatch and stage depend on each other: no
+    // disjunction for those either.
+    let tied = |x: usize, y: usize| {
+        let (a, b) = (keys[x], keys[y]);
+        a.1 == b.1 && (a.0 == b.0 || a.2 == b.2)
+    };
+    let pairs: usize = on_rank
+        .iter()
+        .map(|ids| {
+            ids.iter()
+                .enumerate()
+                .flat_map(|(n, &x)| ids[n + 1..].iter().map(move |&y| (x, y)))
+                .filter(|&(x, y)| !tied(x, y) && !ordered(x, y))
+                .count()
+        })
+        .sum();
     if pairs > MAX_PAIRS {
         return SmtPlan {
             ranks: None,
@@ -98,25 +182,30 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
             )),
         };
     }
-    let id = |(k, st, i): Key| (k * stages + st) * mbs + i;
-    let keys: Vec<Key> =
-        (0..3).flat_map(|k| (0..stages).flat_map(move |st| (0..mbs).map(move |i| (k, st, i)))).collect();
     let starts: Vec<Int> = keys.iter().map(|(k, st, i)| Int::new_const(format!("t{k}_{st}_{i}"))).collect();
     let int = Int::from_i64;
-    let on_rank: Vec<Vec<usize>> =
-        (0..ranks).map(|r| keys.iter().filter(|key| owner(key.1) == r).map(|key| id(*key)).collect()).collect();
     // Which passes may share an op: not two of one stage and kind (they
     // run in microbatch order), not two of one microbatch and stage
     // (they depend on each other) except a `B` with its own `W` (`BW`).
     let mut partners: Vec<Vec<Partner>> = (0..keys.len()).map(|_| Vec::new()).collect();
     let mut fused: Vec<Option<Bool>> = vec![None; keys.len()];
+    let out_of_time = || {
+        let why = format!(
+            "building the Z3 model took all of the {:.1} s allowed (raise --solver-timeout)",
+            budget.as_secs_f64()
+        );
+        SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why) }
+    };
     if braids {
         for ids in &on_rank {
+            if started.elapsed() >= budget {
+                return out_of_time();
+            }
             for (n, &x) in ids.iter().enumerate() {
                 for &y in &ids[n + 1..] {
                     let (a, b) = (keys[x], keys[y]);
                     let bw = a.1 == b.1 && a.2 == b.2 && (a.0, b.0) == (1, 2);
-                    if !bw && a.1 == b.1 && (a.0 == b.0 || a.2 == b.2) {
+                    if (!bw && tied(x, y)) || !may_share(x, y) {
                         continue;
                     }
                     let passes = if bw {
@@ -191,17 +280,12 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
     };
     for ids in &on_rank {
         if started.elapsed() >= budget {
-            let why = format!(
-                "building the Z3 model took all of the {:.1} s allowed (raise --solver-timeout)",
-                budget.as_secs_f64()
-            );
-            return SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why) };
+            return out_of_time();
         }
         for (n, &x) in ids.iter().enumerate() {
             for &y in &ids[n + 1..] {
-                let (a, b) = (keys[x], keys[y]);
-                if a.1 == b.1 && (a.0 == b.0 || a.2 == b.2) {
-                    continue; // ordered by microbatch or by dependency above
+                if tied(x, y) || ordered(x, y) {
+                    continue; // ordered by microbatch, by dependency or by their windows
                 }
                 let x_first = ends[x].le(&starts[y]);
                 let y_first = ends[y].le(&starts[x]);
@@ -269,27 +353,23 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
         let mut params = Params::new();
         params.set_u32("timeout", left.as_millis().min(u128::from(u32::MAX)) as u32);
         solver.set_params(&params);
-        solver.push();
-        solver.assert(makespan.le(int(bound)));
-        let verdict = solver.check();
+        // The bound as an assumption, not a pushed scope: pushing made Z3
+        // preprocess the whole model first, beyond any time limit.
+        let verdict = check_until(&solver, &[makespan.le(int(bound))], left);
         if verdict == SatResult::Sat {
             let Some(model) = solver.get_model() else { break };
             let value = |t: &Int| model.eval(t, true).and_then(|v| v.as_i64()).unwrap_or(0);
             let chosen = |b: &Bool| model.eval(b, true).and_then(|v| v.as_bool()).unwrap_or(false);
             let order = extract(s, &keys, &starts, &partners, &value, &chosen);
-            solver.pop(1);
             // The model's `makespan` may exceed its passes' ends, and
             // its starts may leave gaps: re-time the order as early as
             // possible, as the simulator will.
             let found = scaled(super::order_makespan(s, &order));
-            if let Some(tell) = progress {
-                tell(found as f64 / SCALE, started.elapsed());
-            }
+            progress(found as f64 / SCALE, started.elapsed());
             best = Some((found, order));
             bound = found - 1;
         } else {
             optimal = verdict == SatResult::Unsat;
-            solver.pop(1);
             break;
         }
     }
@@ -297,6 +377,25 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
         Some((found, ranks)) => SmtPlan { ranks: Some(ranks), makespan: found as f64 / SCALE, optimal, stopped: None },
         None => SmtPlan { ranks: None, makespan: upper, optimal, stopped: None },
     }
+}
+
+/// `solver.check_assumptions()`, interrupted if it runs past `limit`: Z3's own
+/// `timeout` parameter is not heeded while it preprocesses a large model
+/// (it overran a 3 s limit by 6 s at p = 8, m = 16 here).
+fn check_until(solver: &Solver, assumptions: &[Bool], limit: Duration) -> SatResult {
+    let context = z3::Context::thread_local();
+    let handle = context.handle();
+    std::thread::scope(|scope| {
+        let (done, finished) = mpsc::channel::<()>();
+        scope.spawn(move || {
+            if let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(limit) {
+                handle.interrupt();
+            }
+        });
+        let verdict = solver.check_assumptions(assumptions);
+        let _ = done.send(());
+        verdict
+    })
 }
 
 fn pass_of(kinds: [PassKind; 3], (k, st, i): Key) -> Pass {
