@@ -404,14 +404,21 @@ fn draw_progress(best: f64, elapsed: std::time::Duration) {
 
 /// Says on standard error how an `auto` schedule was ordered.
 fn tell_plan(build: &pipeline::Build) {
-    if std::io::stderr().is_terminal() && matches!(build.checked.schedule().plan, Some(ref p) if p.kept == "smt") {
+    let plan = &build.checked.schedule().plan;
+    if std::io::stderr().is_terminal() && plan.is_some() {
+        // Clears the solver's status line, if it drew one.
         eprint!("\r\x1b[2K");
     }
     for note in &build.checked.schedule().notes {
         eprintln!("note: {note}");
     }
-    if let Some(plan) = &build.checked.schedule().plan {
+    if let Some(plan) = plan {
         eprintln!("note: {plan}");
+        if build.program.schedule.tp > 1 {
+            eprintln!(
+                "note: the order was planned with per-pass TP costs; with --tp the simulator times every unit and its all-reduce, so its makespan differs"
+            );
+        }
     }
 }
 
