@@ -204,8 +204,9 @@ struct Target {
     #[arg(long)]
     no_hoist: bool,
     /// How to order the passes of an `auto` schedule: greedy (a list
-    /// scheduler, instant) or smt (greedy, then Z3 searches for a shorter
-    /// order and may prove it optimal).
+    /// scheduler and a bounded local search; a second at most) or smt
+    /// (the same, then Z3 searches for a shorter order and may prove it
+    /// optimal).
     #[arg(long, value_enum, default_value = "greedy")]
     solver: SolverArg,
     /// With --solver smt: the most seconds Z3 may search in all; the
@@ -233,9 +234,9 @@ enum ExportFormat {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum SolverArg {
-    /// The greedy list scheduler.
+    /// The greedy list scheduler, then a local search.
     Greedy,
-    /// Greedy, then the Z3 scheduler.
+    /// Greedy and the local search, then the Z3 scheduler.
     Smt,
 }
 
