@@ -204,7 +204,7 @@ struct Target {
     #[arg(long)]
     no_hoist: bool,
     /// How to order the passes of an `auto` schedule: greedy (a list
-    /// scheduler and a bounded local search; a second at most) or smt
+    /// scheduler and a bounded local search; about a second at most) or smt
     /// (the same, then Z3 searches for a shorter order and may prove it
     /// optimal).
     #[arg(long, value_enum, default_value = "greedy")]

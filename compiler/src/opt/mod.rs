@@ -86,11 +86,12 @@ pub type Timed = (Vec<Vec<ScheduledOp>>, f64);
 /// How far the local search after the greedy scheduler moves an op.
 const POLISH_WINDOW: usize = 32;
 
-/// How many orders the local search after the greedy scheduler may score
-/// (each re-times every op): about a second on an instance of p = 4,
-/// m = 12, v = 2 here. A count, so that the result does not depend on the
-/// machine.
-const POLISH_EVALUATIONS: usize = 1_000_000;
+/// How much the local search after the greedy scheduler may do, in ops
+/// re-timed (each order it scores re-times every op): about a second
+/// here. A count, not a clock, so that the result does not depend on the
+/// machine; at p = 4, m = 12, v = 2 (288 passes) it allows a million
+/// orders.
+const POLISH_WORK: usize = 300_000_000;
 
 /// The order stpc keeps before any solver: the greedy one, or what the
 /// local search made of it.
@@ -146,7 +147,8 @@ fn polished(s: &ComputeSchedule, order: Vec<Vec<ScheduledOp>>, makespan: f64) ->
     }
     let mut trial = ComputeSchedule { ranks: order, ..s.clone() };
     let unchanged = trial.ranks.clone();
-    if reorder::polish(&mut trial, POLISH_WINDOW, POLISH_EVALUATIONS) == 0 {
+    let ops: usize = trial.ranks.iter().map(Vec::len).sum();
+    if reorder::polish(&mut trial, POLISH_WINDOW, POLISH_WORK / ops.max(1)) == 0 {
         return kept(unchanged);
     }
     match op_times(&trial, &trial.ranks).map(|t| last_end(&t)) {
