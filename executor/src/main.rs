@@ -281,21 +281,51 @@ fn launch_local(nproc: Option<usize>, master_port: Option<u16>, args: &RunArgs) 
             .map_err(|e| format!("cannot start rank {rank}: {e}"))?;
         children.push(child);
     }
-    let failed: Vec<String> = children
-        .into_iter()
-        .enumerate()
-        .filter_map(|(rank, mut child)| match child.wait() {
-            Ok(status) if status.success() => None,
-            Ok(status) => Some(format!("rank {rank} ({status})")),
-            Err(e) => Some(format!("rank {rank} ({e})")),
-        })
-        .collect();
+    let failed = wait_all(children);
     if failed.is_empty() {
         println!("all {world} processes finished");
         Ok(())
     } else {
         Err(format!("{} failed", failed.join(", ")))
     }
+}
+
+/// Waits for every child; once one fails, the others get a second to
+/// report their own errors and are then stopped (they would otherwise
+/// wait for the failed one until the rendezvous timeout). Returns how
+/// each failed one ended.
+fn wait_all(children: Vec<std::process::Child>) -> Vec<String> {
+    let mut running: Vec<Option<std::process::Child>> = children.into_iter().map(Some).collect();
+    let mut failures: Vec<(usize, String)> = Vec::new();
+    let mut first_failure: Option<std::time::Instant> = None;
+    while running.iter().any(Option::is_some) {
+        for (rank, slot) in running.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            let ended = match child.try_wait() {
+                Ok(None) => continue,
+                Ok(Some(exit)) if exit.success() => None,
+                Ok(Some(exit)) => Some(exit.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            *slot = None;
+            if let Some(why) = ended {
+                failures.push((rank, why));
+                first_failure.get_or_insert_with(std::time::Instant::now);
+            }
+        }
+        if first_failure.is_some_and(|t| t.elapsed() > Duration::from_secs(1)) {
+            for (rank, slot) in running.iter_mut().enumerate() {
+                if let Some(mut child) = slot.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    failures.push((rank, "stopped after another rank failed".into()));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    failures.sort();
+    failures.into_iter().map(|(rank, why)| format!("rank {rank} ({why})")).collect()
 }
 
 /// `args` as a child's command line.

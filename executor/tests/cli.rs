@@ -102,3 +102,20 @@ fn torchrun_variables_that_do_not_fit_are_explained() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--nproc 3, but the program has 2 pipeline ranks"), "{}", text(&out.stderr));
 }
+
+/// When one process fails (here rank 0 cannot listen: the port is taken),
+/// `launch` stops the others instead of letting them wait for it until
+/// the rendezvous timeout, and says what happened to each.
+#[test]
+fn launch_stops_the_other_ranks_when_one_fails() {
+    let dir = scratch("launch-fail");
+    let program = compile(&dir, "1f1b", 3, 3, 1);
+    let taken = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("a port");
+    let port = taken.local_addr().expect("address").port().to_string();
+    let out = stp_exec(&["launch", &program, "--master-port", &port], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("rank 0: rank 0 cannot listen"), "{stderr}");
+    assert!(stderr.contains("rank 1 (stopped after another rank failed)"), "{stderr}");
+    drop(taken);
+}
