@@ -152,7 +152,9 @@ fn run(args: &RunArgs) -> Result<(), String> {
         }
     }
     .map_err(|e| match &env {
-        Some(env) => format!("rank {}: {e}", env.rank),
+        // Rendezvous errors already say which rank they come from.
+        Some(env) if !e.to_string().starts_with("rank ") => format!("rank {}: {e}", env.rank),
+        Some(_) => e.to_string(),
         None => e.to_string(),
     })?;
     let tag = env.as_ref().map_or(String::new(), |e| format!("[rank {}] ", e.rank));

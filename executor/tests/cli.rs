@@ -115,7 +115,7 @@ fn launch_stops_the_other_ranks_when_one_fails() {
     let out = stp_exec(&["launch", &program, "--master-port", &port], &[]);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("rank 0: rank 0 cannot listen"), "{stderr}");
+    assert!(stderr.contains("error: rank 0 cannot listen"), "{stderr}");
     assert!(stderr.contains("rank 1 (stopped after another rank failed)"), "{stderr}");
     drop(taken);
 }
