@@ -538,3 +538,40 @@ fn read_frames(mut reader: impl Read, data_in: &[Sender<(Buffer, Tensor)>], ack_
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(bytes: &[u8]) -> io::Result<Frame> {
+        Frame::decode(&mut &bytes[..])
+    }
+
+    #[test]
+    fn frames_round_trip() {
+        let buffer = Buffer { kind: BufferKind::Grad, stage: Stage(3), mb: Microbatch(7) };
+        let tensor = Tensor { rows: 2, cols: 3, data: vec![1.0, -2.5, 0.0, 3.25, f32::MIN_POSITIVE, 1e30] };
+        match decode(&Frame::Data(1, buffer, tensor.clone()).encode()) {
+            Ok(Frame::Data(1, b, t)) => assert_eq!((b, t), (buffer, tensor)),
+            _ => panic!("a data frame comes back as sent"),
+        }
+        match decode(&Frame::Ack(2, buffer).encode()) {
+            Ok(Frame::Ack(2, b)) => assert_eq!(b, buffer),
+            _ => panic!("an acknowledgement comes back as sent"),
+        }
+    }
+
+    #[test]
+    fn broken_frames_are_refused() {
+        let buffer = Buffer { kind: BufferKind::Act, stage: Stage(0), mb: Microbatch(0) };
+        let mut bad_kind = Frame::Ack(0, buffer).encode();
+        bad_kind[5] = 9; // the buffer kind's first byte
+        assert!(decode(&bad_kind).is_err());
+        let mut huge = Frame::Data(0, buffer, Tensor { rows: 1, cols: 1, data: vec![0.0] }).encode();
+        huge[17..21].copy_from_slice(&u32::MAX.to_le_bytes()); // rows
+        huge[21..25].copy_from_slice(&u32::MAX.to_le_bytes()); // cols
+        assert!(decode(&huge).is_err(), "a tensor too large is refused before allocating it");
+        let truncated = Frame::Data(0, buffer, Tensor { rows: 1, cols: 2, data: vec![1.0, 2.0] }).encode();
+        assert!(decode(&truncated[..truncated.len() - 1]).is_err());
+    }
+}
