@@ -14,6 +14,14 @@ fn model_for(program: &Program) -> Model {
     Model::new(meta.num_stages as usize, meta.num_microbatches as usize, 8, 4, meta.tp as usize, 42)
 }
 
+/// Runs `program` on the CPU executor and requires the weight gradients
+/// of a sequential run of the same model, bit for bit.
+fn assert_reproduces_the_sequential_gradients(program: &Program, what: &str) {
+    let model = model_for(program);
+    let report = cpu::run(program, &model, CpuOptions::default()).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(report.gradients, sequential_gradients(&model), "{what}: gradients differ");
+}
+
 fn run(program: &Program) -> Result<cpu::CpuReport, ExecError> {
     cpu::run(program, &model_for(program), CpuOptions::default())
 }
@@ -38,10 +46,7 @@ fn every_standard_schedule_reproduces_the_sequential_gradients_bit_for_bit() {
     ];
     for (name, p, m, v) in cases {
         let program = build_std(name, p, m, v).program;
-        let model = model_for(&program);
-        let report =
-            cpu::run(&program, &model, CpuOptions::default()).unwrap_or_else(|e| panic!("{name} p={p} m={m}: {e}"));
-        assert_eq!(report.gradients, sequential_gradients(&model), "{name} p={p} m={m}: gradients differ");
+        assert_reproduces_the_sequential_gradients(&program, &format!("{name} p={p} m={m}"));
     }
 }
 
@@ -59,10 +64,7 @@ fn tensor_parallel_runs_reproduce_the_sequential_gradients() {
     ] {
         let program = stp_tests::build_std_tp(name, p, m, v, tp).program;
         assert_eq!(program.schedule.tp, tp);
-        let model = model_for(&program);
-        let report =
-            cpu::run(&program, &model, CpuOptions::default()).unwrap_or_else(|e| panic!("{name} tp={tp}: {e}"));
-        assert_eq!(report.gradients, sequential_gradients(&model), "{name} tp={tp}: gradients differ");
+        assert_reproduces_the_sequential_gradients(&program, &format!("{name} tp={tp}"));
     }
 }
 
@@ -220,8 +222,6 @@ fn braided_auto_orders_reproduce_the_sequential_gradients() {
         let program = stpc::pipeline::build(&file, &request).unwrap_or_else(|_| panic!("p={p} m={m} builds")).program;
         let braided = program.ranks.iter().flat_map(|r| &r.instrs).filter(|i| i.passes().len() == 2).count();
         assert!(braided > 0, "p={p} m={m}: the scheduler braids");
-        let model = model_for(&program);
-        let report = cpu::run(&program, &model, CpuOptions::default()).unwrap_or_else(|e| panic!("p={p} m={m}: {e}"));
-        assert_eq!(report.gradients, sequential_gradients(&model), "p={p} m={m}: gradients differ");
+        assert_reproduces_the_sequential_gradients(&program, &format!("p={p} m={m}"));
     }
 }

@@ -87,8 +87,8 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, extras: Extras, titl
     let scale = WIDTH / makespan;
     let p2p = extras.p2p;
     let lanes = Lanes::of(timeline, p2p, extras.memory);
-    let most_live =
-        (0..timeline.ranks.len()).flat_map(|r| stp_ir::trace::live_activations(program, r)).max().unwrap_or(0).max(1);
+    let live: Vec<Vec<i64>> = (0..timeline.ranks.len()).map(|r| stp_ir::trace::live_activations(program, r)).collect();
+    let most_live = live.iter().flatten().copied().max().unwrap_or(0).max(1);
     let per_rank = ROW + lanes.height() + GAP;
     let height = TOP + per_rank * timeline.ranks.len() as f64 + 60.0;
     let mut svg = String::new();
@@ -113,7 +113,7 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, extras: Extras, titl
             .filter(|(_, o)| o.index() == r)
             .map(|(s, _)| s as u32)
             .collect();
-        let live = stp_ir::trace::live_activations(program, r);
+        let live = &live[r];
         for span in &rank.spans {
             let x = LEFT + span.start * scale;
             let w = ((span.end - span.start) * scale).max(0.5);
@@ -140,7 +140,7 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, extras: Extras, titl
             }
         }
         if lanes.memory {
-            memory_lane(&mut svg, &rank.spans, &live, (lanes.memory_top(y), scale, most_live));
+            memory_lane(&mut svg, &rank.spans, live, (lanes.memory_top(y), scale, most_live));
         }
         for c in &rank.collectives {
             let _ = writeln!(

@@ -20,6 +20,7 @@
 #![allow(clippy::needless_range_loop)]
 
 use crate::elab::{ComputeSchedule, Origin, ScheduledOp};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
@@ -189,6 +190,8 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
     // (they depend on each other) except a `B` with its own `W` (`BW`).
     let mut partners: Vec<Vec<Partner>> = (0..keys.len()).map(|_| Vec::new()).collect();
     let mut fused: Vec<Option<Bool>> = vec![None; keys.len()];
+    // The same Booleans by pair (lower index first), for the disjunctions.
+    let mut together_of: HashMap<(usize, usize), Bool> = HashMap::new();
     let out_of_time = || {
         let why = format!(
             "building the Z3 model took all of the {:.1} s allowed (raise --solver-timeout)",
@@ -219,6 +222,7 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
                         fused[x] = Some(together.clone());
                     }
                     let duration = scaled(work + exposed);
+                    together_of.insert((x, y), together.clone());
                     partners[x].push(Partner { other: y, together: together.clone(), duration });
                     partners[y].push(Partner { other: x, together, duration });
                 }
@@ -289,8 +293,8 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
                 }
                 let x_first = ends[x].le(&starts[y]);
                 let y_first = ends[y].le(&starts[x]);
-                match partners[x].iter().find(|p| p.other == y) {
-                    Some(p) => solver.assert(Bool::or(&[&p.together, &x_first, &y_first])),
+                match together_of.get(&(x, y)) {
+                    Some(together) => solver.assert(Bool::or(&[together, &x_first, &y_first])),
                     None => solver.assert(Bool::or(&[&x_first, &y_first])),
                 }
             }
