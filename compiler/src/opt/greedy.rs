@@ -32,11 +32,28 @@ struct Policy {
     /// Which passes may be braided with the chosen one.
     pairing: Pairing,
     /// Run an input gradient and its weight gradient as one `BW` when no
-    /// other weight gradient waits on the rank.
+    /// other weight gradient of its stage waits on the rank.
     fuse: bool,
     /// How long the chosen pass may wait for a partner to become ready.
     slack: f64,
 }
+
+/// How one policy of the portfolio braids: which pairs it forms, whether
+/// it fuses `BW`, and how many `T_AR` the chosen pass may wait for a
+/// partner.
+#[derive(Debug, Clone, Copy)]
+struct Braiding {
+    pairing: Pairing,
+    fuse: bool,
+    wait: u8,
+}
+
+const fn braiding(pairing: Pairing, fuse: bool, wait: u8) -> Braiding {
+    Braiding { pairing, fuse, wait }
+}
+
+/// No braids, no fused `BW`: orders of single passes.
+const SINGLE_PASSES: Braiding = braiding(Pairing::Never, false, 0);
 
 /// Which braids the list scheduler forms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,34 +76,33 @@ enum Pairing {
 /// order does.
 pub fn schedule(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
     // Braids and fusions only pay when there is a collective to hide.
-    let pairings: &[(Pairing, bool, u8)] = if s.cost.tp_collective > 0.0 {
+    let braidings: &[Braiding] = if s.cost.tp_collective > 0.0 {
         &[
-            (Pairing::Never, false, 0),
-            (Pairing::ForwardBackward, false, 0),
-            (Pairing::ForwardBackward, false, 1),
-            (Pairing::ForwardBackward, false, 2),
-            (Pairing::Any, false, 0),
-            (Pairing::Any, true, 0),
-            (Pairing::Any, true, 1),
-            (Pairing::Any, true, 2),
+            SINGLE_PASSES,
+            braiding(Pairing::ForwardBackward, false, 0),
+            braiding(Pairing::ForwardBackward, false, 1),
+            braiding(Pairing::ForwardBackward, false, 2),
+            braiding(Pairing::Any, false, 0),
+            braiding(Pairing::Any, true, 0),
+            braiding(Pairing::Any, true, 1),
+            braiding(Pairing::Any, true, 2),
         ]
     } else {
-        &[(Pairing::Never, false, 0)]
+        &[SINGLE_PASSES]
     };
-    portfolio(s, pairings)
+    portfolio(s, braidings)
 }
 
 /// [`schedule`] restricted to orders of single passes: no braids, no
 /// fused `BW` (what the Z3 model covers; the baseline braids are measured
 /// against).
 pub fn schedule_single_passes(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
-    portfolio(s, &[(Pairing::Never, false, 0)])
+    portfolio(s, &[SINGLE_PASSES])
 }
 
 /// The fastest order over every tie-break and admission policy, with
-/// each of `pairings` (which braids to form, whether to fuse `BW`, whether
-/// how many `T_AR` a pass may wait for a partner).
-fn portfolio(s: &ComputeSchedule, pairings: &[(Pairing, bool, u8)]) -> Result<super::Timed, Diagnostic> {
+/// each of `braidings`.
+fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<super::Timed, Diagnostic> {
     let meta = &s.meta;
     let most_owned =
         (0..meta.num_ranks).map(|r| meta.placement.iter().filter(|p| p.0 == r).count() as i64).max().unwrap_or(1);
@@ -95,7 +111,7 @@ fn portfolio(s: &ComputeSchedule, pairings: &[(Pairing, bool, u8)]) -> Result<su
     let mut best: Option<(f64, Vec<Vec<ScheduledOp>>)> = None;
     let mut first_error = None;
     for in_flight in std::iter::once(None).chain(safe_cap.map(Some)) {
-        for &(pairing, fuse, wait) in pairings {
+        for &Braiding { pairing, fuse, wait } in braidings {
             for priority in [[0, 1, 2], [1, 0, 2], [0, 2, 1]] {
                 for deepest_first in [true, false] {
                     let slack = f64::from(wait) * s.cost.tp_collective;

@@ -3,9 +3,11 @@
 //! move when it brings the rank's peak memory closer to its budget (or,
 //! without one, to the peak the written order had), or keeps it as close
 //! and shortens the whole schedule's makespan (timed as the simulator
-//! times it) or, at equal makespan, the sum of every op's end time. A move after which some op could never run is refused. It
-//! stops when a round finds nothing better; the checker then verifies the
-//! result like any hand-written order.
+//! times it) or, at equal makespan, the sum of every op's end time. A
+//! move after which some op could never run is refused. It stops when a
+//! round finds nothing better; the checker then verifies the result like
+//! any hand-written order. The same search, with braid changes added,
+//! polishes the orders of `auto` schedules ([`polish`]).
 
 use crate::elab::{ComputeSchedule, MemoryModel, ScheduledOp};
 use std::cell::Cell;
@@ -56,9 +58,10 @@ pub fn improve(s: &mut ComputeSchedule) -> Vec<Vec<usize>> {
 }
 
 /// Improves a whole runnable order (an `auto` schedule's) by moving ops
-/// at most `window` places, within the memory budget, until no move helps
-/// or it has scored `evaluations` orders. Returns how many moves it kept; skips instances
-/// too large to search (returns 0).
+/// at most `window` places and, with a TP collective to hide, changing
+/// braids ([`Search::rebraid`]), within the memory budget, until nothing
+/// helps or it has scored `evaluations` orders. Returns how many changes
+/// it kept; skips instances too large to search (returns 0).
 pub fn polish(s: &mut ComputeSchedule, window: usize, evaluations: usize) -> usize {
     if !can_polish(&s.ranks, window) {
         return 0;
@@ -93,7 +96,8 @@ fn runnable_makespan(s: &ComputeSchedule) -> Option<f64> {
 }
 
 /// One local search: which spans of which ranks may change, each rank's
-/// memory limit, how far an op may move, and until when.
+/// memory limit, how far an op may move, and how many orders it may
+/// still score.
 struct Search<'a> {
     regions: &'a [Vec<(usize, usize)>],
     limits: &'a [i64],
@@ -104,16 +108,16 @@ struct Search<'a> {
 }
 
 impl Search<'_> {
-    /// Score: memory (and deferred weight gradients) over the limit, then
-    /// ops that can never run (a written order may have some: the search
-    /// may repair it, else the checker says why), then makespan; lower is
-    /// better. The sum of every op's end breaks ties: it rewards a move
-    /// that lets work finish earlier even before the makespan shows it.
     /// Whether the evaluation budget is used up.
     fn spent(&self) -> bool {
         self.budget.get() == 0
     }
 
+    /// Score: memory (and deferred weight gradients) over the limit, then
+    /// ops that can never run (a written order may have some: the search
+    /// may repair it, else the checker says why), then makespan; lower is
+    /// better. The sum of every op's end breaks ties: it rewards a move
+    /// that lets work finish earlier even before the makespan shows it.
     fn score(&self, s: &ComputeSchedule, r: usize) -> Score {
         self.budget.set(self.budget.get().saturating_sub(1));
         let times = super::partial_op_times(s, &s.ranks);
