@@ -133,9 +133,9 @@ pub fn run(program: &Program, model: &Model, options: CpuOptions) -> Result<CpuR
 
 /// Runs only `rank`'s shard threads, whose messages to and from the other
 /// ranks go through `ports` (one per shard): one process of a
-/// multi-process run ([`crate::launch`]). The program is verified first.
-/// The report covers this rank; the gradients of other ranks' stages stay
-/// empty.
+/// multi-process run ([`crate::launch`]), which has called [`prepare`]
+/// before meeting the others. The report covers this rank; the gradients
+/// of other ranks' stages stay empty.
 pub(crate) fn run_rank(
     program: &Program,
     model: &Model,
@@ -143,12 +143,11 @@ pub(crate) fn run_rank(
     rank: usize,
     ports: Vec<Ports>,
 ) -> Result<CpuReport, ExecError> {
-    prepare(program, model)?;
     execute(program, model, options, &[rank], ports)
 }
 
 /// Verifies `program` and that `model` fits it.
-fn prepare(program: &Program, model: &Model) -> Result<(), ExecError> {
+pub(crate) fn prepare(program: &Program, model: &Model) -> Result<(), ExecError> {
     stp_ir::verify(program).map_err(ExecError::Invalid)?;
     let tp = program.schedule.tp as usize;
     if model.tp != tp {

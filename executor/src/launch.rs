@@ -89,7 +89,7 @@ pub fn run_process(
     env: &Env,
     rendezvous: Duration,
 ) -> Result<CpuReport, ExecError> {
-    stp_ir::verify(program).map_err(ExecError::Invalid)?;
+    cpu::prepare(program, model)?;
     let ranks = program.ranks.len();
     if env.world_size != ranks {
         return Err(ExecError::Setup(format!(

@@ -9,6 +9,7 @@ use stp_exec::cpu::{self, CpuOptions, CpuReport};
 use stp_exec::launch::{self, Env};
 use stp_exec::measure;
 use stp_exec::model::{sequential_gradients, Model};
+use stp_exec::ExecError;
 use stp_ir::simulate::{CostModel, Semantics};
 use stp_ir::Program;
 
@@ -151,11 +152,15 @@ fn run(args: &RunArgs) -> Result<(), String> {
             launch::run_process(&program, &model, options, env, rendezvous)
         }
     }
-    .map_err(|e| match &env {
-        // Rendezvous errors already say which rank they come from.
-        Some(env) if !e.to_string().starts_with("rank ") => format!("rank {}: {e}", env.rank),
-        Some(_) => e.to_string(),
-        None => e.to_string(),
+    .map_err(|e| match (&env, &e) {
+        // Setup errors (the rendezvous) already say which rank they concern.
+        (
+            Some(env),
+            ExecError::Runtime { .. } | ExecError::Deadlock { .. } | ExecError::Stuck | ExecError::Panicked,
+        ) => {
+            format!("rank {}: {e}", env.rank)
+        }
+        _ => e.to_string(),
     })?;
     let tag = env.as_ref().map_or(String::new(), |e| format!("[rank {}] ", e.rank));
     print_timeline(&program, &report, &tag);
