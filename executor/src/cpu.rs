@@ -5,9 +5,9 @@
 //! instruction every thread is stuck at when the program deadlocks.
 
 use crate::model::{self, Model, ShardGrads, Tensor};
+use crate::threads::{self, slice, Board, ThreadResult};
 use crate::ExecError;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -86,13 +86,6 @@ pub(crate) struct Ports {
     pub(crate) data_in: HashMap<Rank, Receiver<(Buffer, Tensor)>>,
     pub(crate) ack_out: HashMap<Rank, Sender<Buffer>>,
     pub(crate) ack_in: HashMap<Rank, Receiver<Buffer>>,
-}
-
-/// Where every thread is, for the watchdog's report; and whether the run
-/// has been declared stuck.
-struct Board {
-    at: Mutex<Vec<Option<usize>>>,
-    stuck: AtomicBool,
 }
 
 /// The all-reduce among one rank's shard threads.
@@ -185,7 +178,7 @@ fn execute(
             Arc::new(Reducer { tp, state: Mutex::new(state), turned: Condvar::new() })
         })
         .collect();
-    let board = Arc::new(Board { at: Mutex::new(vec![Some(0); threads]), stuck: AtomicBool::new(false) });
+    let board = Arc::new(Board::new(threads));
     let began = Instant::now();
     let results: Vec<Result<ThreadResult, ExecError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = ports
@@ -211,7 +204,7 @@ fn execute(
                     let result = worker.run();
                     if result.is_err() {
                         // Stop the others instead of letting them wait for the watchdog.
-                        board.stuck.store(true, Ordering::SeqCst);
+                        board.stop();
                     }
                     result
                 })
@@ -219,61 +212,7 @@ fn execute(
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or(Err(ExecError::Panicked))).collect()
     });
-    // A thread that failed outright stopped the others; its error is the news.
-    if let Some(i) = results.iter().position(|r| matches!(r, Err(ExecError::Runtime { .. } | ExecError::Panicked))) {
-        return Err(results.into_iter().nth(i).and_then(Result::err).unwrap_or(ExecError::Panicked));
-    }
-    if board.stuck.load(Ordering::SeqCst) {
-        let at = board.at.lock().map(|v| v.clone()).unwrap_or_default();
-        let blocked = at
-            .iter()
-            .enumerate()
-            .filter(|(t, _)| t % tp == 0)
-            .filter_map(|(t, i)| {
-                let i = (*i)?;
-                let rank = ranks[t / tp];
-                let instr = program.ranks[rank].instrs.get(i)?;
-                Some((Rank(rank as u32), i, instr.to_string().replace('\n', " ")))
-            })
-            .collect();
-        return Err(ExecError::Deadlock { blocked });
-    }
-    let (stages, mbs) = (program.schedule.num_stages as usize, program.schedule.num_microbatches as usize);
-    // grads[mb][stage][shard]
-    let mut grads: Vec<Vec<Vec<ShardGrads>>> = vec![vec![vec![ShardGrads::default(); tp]; stages]; mbs];
-    let mut peak_stashes = vec![0; ranks.len()];
-    let mut timeline = vec![Vec::new(); ranks.len()];
-    for (t, result) in results.into_iter().enumerate() {
-        let result = result?;
-        for ((stage, mb), g) in result.grads {
-            let slot = &mut grads[mb][stage][t % tp];
-            for (mine, part) in [(&mut slot.a1, g.a1), (&mut slot.b1, g.b1), (&mut slot.a2, g.a2), (&mut slot.b2, g.b2)]
-            {
-                if part.is_some() {
-                    *mine = part;
-                }
-            }
-        }
-        if t % tp == 0 {
-            peak_stashes[t / tp] = result.peak_stashes;
-            timeline[t / tp] = result.timeline;
-        }
-    }
-    let mut gradients = model.zero_gradients();
-    for per_stage in &grads {
-        for (s, shards) in per_stage.iter().enumerate() {
-            for (k, g) in shards.iter().enumerate() {
-                model::accumulate(&mut gradients[s], tp, k, g);
-            }
-        }
-    }
-    Ok(CpuReport { ranks: ranks.iter().map(|r| Rank(*r as u32)).collect(), gradients, peak_stashes, timeline })
-}
-
-struct ThreadResult {
-    grads: Vec<((usize, usize), ShardGrads)>,
-    peak_stashes: usize,
-    timeline: Vec<(usize, f64, f64)>,
+    threads::report(program, model, ranks, &board, results)
 }
 
 struct Worker<'a> {
@@ -309,9 +248,7 @@ impl Worker<'_> {
         let instrs = &self.program.ranks[self.rank].instrs;
         let thread = self.thread;
         for (i, instr) in instrs.iter().enumerate() {
-            if let Ok(mut at) = self.board.at.lock() {
-                at[thread] = Some(i);
-            }
+            self.board.enter(thread, i);
             let start = self.began.elapsed().as_secs_f64();
             match instr {
                 Instr::Compute(c) => {
@@ -329,9 +266,7 @@ impl Worker<'_> {
             result.timeline.push((i, start, self.began.elapsed().as_secs_f64()));
         }
         result.peak_stashes = result.peak_stashes.max(self.live_stashes());
-        if let Ok(mut at) = self.board.at.lock() {
-            at[thread] = None;
-        }
+        self.board.finish(thread);
         Ok(result)
     }
 
@@ -397,8 +332,7 @@ impl Worker<'_> {
         }
         let started = Instant::now();
         while round.generation == generation {
-            if self.board.stuck.load(Ordering::SeqCst) || started.elapsed() > self.options.timeout {
-                self.board.stuck.store(true, Ordering::SeqCst);
+            if self.board.gives_up(started, self.options.timeout) {
                 return Err(ExecError::Stuck);
             }
             round = r.turned.wait_timeout(round, slice()).map_err(|_| ExecError::Panicked)?.0;
@@ -522,28 +456,8 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Waits on `poll` in short slices until it yields, the run is declared
-    /// stuck elsewhere, or this thread has waited past the timeout.
+    /// Waits on `poll` in short slices until it yields or the run is stuck.
     fn wait<T>(&self, poll: impl Fn(&Self) -> Option<Result<T, RecvTimeoutError>>) -> Result<T, ExecError> {
-        let started = Instant::now();
-        loop {
-            match poll(self) {
-                Some(Ok(value)) => return Ok(value),
-                Some(Err(RecvTimeoutError::Timeout)) => {}
-                Some(Err(RecvTimeoutError::Disconnected)) | None => return Err(self.stuck()),
-            }
-            if self.board.stuck.load(Ordering::SeqCst) || started.elapsed() > self.options.timeout {
-                return Err(self.stuck());
-            }
-        }
+        self.board.wait(self.options.timeout, || poll(self))
     }
-
-    fn stuck(&self) -> ExecError {
-        self.board.stuck.store(true, Ordering::SeqCst);
-        ExecError::Stuck
-    }
-}
-
-fn slice() -> Duration {
-    Duration::from_millis(20)
 }

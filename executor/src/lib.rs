@@ -10,9 +10,12 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device;
 pub mod launch;
 pub mod measure;
 pub mod model;
+pub mod streams;
+mod threads;
 
 use std::fmt;
 use stp_ir::{Rank, VerifyError};

@@ -1,0 +1,651 @@
+//! The stream runner: runs a program on a [`Device`] the way a GPU runs it,
+//! every pipeline rank (and tensor-parallel shard) of the program in one
+//! process, as the CUDA backend's single-GPU mode does.
+//!
+//! Each shard has a host thread that enqueues its instructions on two
+//! streams: a **compute** stream (the passes' GEMMs and element-wise
+//! kernels, in the program's unit order) and a **communication** stream.
+//! Host threads meet only where the IR's semantics make them meet (a
+//! send and its receive, the shards of an all-reduce); the device work
+//! itself is ordered by events:
+//! - a point-to-point receive is a device-to-device copy on the receiver's
+//!   communication stream, after it waits for an event the sender recorded
+//!   once the buffer was written; the receiver's compute waits for the
+//!   copy's event before reading the buffer;
+//! - a tensor-parallel all-reduce sums the shards' partial results in shard
+//!   order on shard 0's communication stream, after waiting for each
+//!   shard's event, and hands every shard its own copy with an event — so
+//!   a braided pass's all-reduce runs while the other pass computes;
+//! - a buffer another thread reads is kept until the reader's event says
+//!   the read has finished.
+//!
+//! Each instruction's span is timed with events on its stream. The run's
+//! weight gradients are kept per microbatch and summed on the host in
+//! microbatch order, as [`crate::cpu`] does, so on [`crate::device::HostDevice`]
+//! they equal a sequential run's bit for bit.
+
+use crate::cpu::{prepare, CpuOptions, CpuReport};
+use crate::device::{Device, DeviceResult};
+use crate::model::{Model, ShardGrads, Tensor};
+use crate::threads::{self, slice, Board, ThreadResult};
+use crate::ExecError;
+use std::collections::HashMap;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Barrier, Condvar, Mutex, OnceLock};
+use std::time::Instant;
+use stp_ir::simulate::Semantics;
+use stp_ir::{Buffer, Compute, Direction, Instr, Part, Pass, PassKind, Program, Rank, Transfer};
+
+/// A row-major matrix on the device, and the event (on another stream)
+/// after which it may be read, if it was not written on the reader's stream.
+struct Mat<D: Device> {
+    rows: usize,
+    cols: usize,
+    buf: Arc<D::Buffer>,
+    ready: Option<Arc<D::Event>>,
+}
+
+impl<D: Device> Clone for Mat<D> {
+    fn clone(&self) -> Self {
+        Mat { rows: self.rows, cols: self.cols, buf: Arc::clone(&self.buf), ready: self.ready.clone() }
+    }
+}
+
+impl<D: Device> Mat<D> {
+    fn len(&self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// What a forward keeps for its backward, on one shard.
+struct Stash<D: Device> {
+    x: Mat<D>,
+    z1: Mat<D>,
+    h: Mat<D>,
+    z2: Mat<D>,
+    backward: Option<Backward<D>>,
+}
+
+/// What the input-gradient pass leaves for the weight gradients.
+struct Backward<D: Device> {
+    dy: Mat<D>,
+    dz2: Mat<D>,
+    dh: Mat<D>,
+    dz1: Mat<D>,
+}
+
+enum Value<D: Device> {
+    Tensor(Mat<D>),
+    Stash(Box<Stash<D>>),
+}
+
+/// A pass's state between its units.
+struct Partial<D: Device> {
+    x: Option<Mat<D>>,
+    z1: Option<Mat<D>>,
+    h: Option<Mat<D>>,
+    dy: Option<Mat<D>>,
+    dz2: Option<Mat<D>>,
+    dh: Option<Mat<D>>,
+    /// dA1, dB1, dA2, dB2.
+    grads: [Option<Mat<D>>; 4],
+}
+
+impl<D: Device> Default for Partial<D> {
+    fn default() -> Self {
+        Partial { x: None, z1: None, h: None, dy: None, dz2: None, dh: None, grads: [None, None, None, None] }
+    }
+}
+
+/// One thread's channels to the same shard of every peer rank.
+struct Ports<D: Device> {
+    data_out: HashMap<Rank, Sender<(Buffer, Mat<D>)>>,
+    data_in: HashMap<Rank, Receiver<(Buffer, Mat<D>)>>,
+    ack_out: HashMap<Rank, Sender<Buffer>>,
+    ack_in: HashMap<Rank, Receiver<Buffer>>,
+}
+
+impl<D: Device> Default for Ports<D> {
+    fn default() -> Self {
+        Ports { data_out: HashMap::new(), data_in: HashMap::new(), ack_out: HashMap::new(), ack_in: HashMap::new() }
+    }
+}
+
+/// The all-reduce among one rank's shard threads: every shard leaves its
+/// partial result and an event; shard 0 sums them and leaves each shard
+/// its copy.
+struct Reducer<D: Device> {
+    state: Mutex<Round<D>>,
+    turned: Condvar,
+}
+
+struct Round<D: Device> {
+    generation: u64,
+    parts: Vec<Option<(Mat<D>, Arc<D::Event>)>>,
+    arrived: usize,
+    outputs: Vec<Option<Mat<D>>>,
+}
+
+/// Runs `program` on `model` on `device`, every rank in this process, one
+/// host thread per rank and shard. The program is verified first.
+pub fn run<D: Device>(
+    device: &D,
+    program: &Program,
+    model: &Model,
+    options: CpuOptions,
+) -> Result<CpuReport, ExecError> {
+    prepare(program, model)?;
+    let (n, tp) = (program.ranks.len(), program.schedule.tp as usize);
+    let mut ports: Vec<Ports<D>> = (0..n * tp).map(|_| Ports::default()).collect();
+    for k in 0..tp {
+        for a in 0..n {
+            for b in (0..n).filter(|b| *b != a) {
+                let (data_tx, data_rx) = mpsc::channel();
+                let (ack_tx, ack_rx) = mpsc::channel();
+                ports[a * tp + k].data_out.insert(Rank(b as u32), data_tx);
+                ports[b * tp + k].data_in.insert(Rank(a as u32), data_rx);
+                ports[b * tp + k].ack_out.insert(Rank(a as u32), ack_tx);
+                ports[a * tp + k].ack_in.insert(Rank(b as u32), ack_rx);
+            }
+        }
+    }
+    let reducers: Vec<Arc<Reducer<D>>> = (0..n)
+        .map(|_| {
+            let round = Round {
+                generation: 0,
+                parts: (0..tp).map(|_| None).collect(),
+                arrived: 0,
+                outputs: (0..tp).map(|_| None).collect(),
+            };
+            Arc::new(Reducer { state: Mutex::new(round), turned: Condvar::new() })
+        })
+        .collect();
+    let board = Arc::new(Board::new(n * tp));
+    // Every thread uploads its weights, then all start from one timed event.
+    let started = Barrier::new(n * tp + 1);
+    let base: OnceLock<D::Event> = OnceLock::new();
+    let clock = device.new_stream(false).map_err(ExecError::Setup)?;
+    let results: Vec<Result<ThreadResult, ExecError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ports
+            .into_iter()
+            .enumerate()
+            .map(|(t, ports)| {
+                let (board, reducer, started, base) =
+                    (Arc::clone(&board), Arc::clone(&reducers[t / tp]), &started, &base);
+                scope.spawn(move || {
+                    let worker = Worker::new(device, program, model, options, t, ports, Arc::clone(&board), reducer);
+                    started.wait();
+                    started.wait();
+                    let result = match (worker, base.get()) {
+                        (Ok(mut worker), Some(base)) => worker.run(base),
+                        (Err(e), _) => Err(e),
+                        (_, None) => Err(ExecError::Setup("the device could not record the starting event".into())),
+                    };
+                    if result.is_err() {
+                        board.stop();
+                    }
+                    result
+                })
+            })
+            .collect();
+        started.wait();
+        let recorded = device.record(&clock, true);
+        let failed = recorded.as_ref().err().cloned();
+        if let Ok(event) = recorded {
+            let _ = base.set(event);
+        }
+        started.wait();
+        let mut results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap_or(Err(ExecError::Panicked))).collect();
+        if let Some(message) = failed {
+            results.push(Err(ExecError::Setup(format!("cannot record the starting event: {message}"))));
+        }
+        results
+    });
+    let ranks: Vec<usize> = (0..n).collect();
+    threads::report(program, model, &ranks, &board, results)
+}
+
+struct Worker<'a, D: Device> {
+    device: &'a D,
+    program: &'a Program,
+    options: CpuOptions,
+    rank: usize,
+    shard: usize,
+    thread: usize,
+    compute: D::Stream,
+    comm: D::Stream,
+    /// Per stage this rank holds: A1, B1, A2, B2 of this shard.
+    weights: HashMap<usize, [Mat<D>; 4]>,
+    /// The first stage's inputs, per microbatch, if this rank holds it.
+    inputs: HashMap<usize, Mat<D>>,
+    values: HashMap<Buffer, Value<D>>,
+    ports: Ports<D>,
+    board: Arc<Board>,
+    reducer: Arc<Reducer<D>>,
+    /// Buffers another thread wrote or will read, kept until that work's event.
+    pending: Vec<(Arc<D::Buffer>, Arc<D::Event>)>,
+    /// Per instruction, timed events before and after it.
+    spans: Vec<(usize, D::Event, D::Event)>,
+    grads: Vec<((usize, usize), [Option<Mat<D>>; 4])>,
+}
+
+impl<'a, D: Device> Worker<'a, D> {
+    /// Makes thread `t`'s streams and uploads its weights and inputs.
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        device: &'a D,
+        program: &'a Program,
+        model: &Model,
+        options: CpuOptions,
+        t: usize,
+        ports: Ports<D>,
+        board: Arc<Board>,
+        reducer: Arc<Reducer<D>>,
+    ) -> Result<Self, ExecError> {
+        let tp = program.schedule.tp as usize;
+        let (rank, shard) = (t / tp, t % tp);
+        let setup = |what: &str, e: String| ExecError::Setup(format!("rank {rank} shard {shard}: {what}: {e}"));
+        let compute = device.new_stream(true).map_err(|e| setup("cannot create its compute stream", e))?;
+        let comm = device.new_stream(false).map_err(|e| setup("cannot create its communication stream", e))?;
+        let upload = |t: &Tensor| -> DeviceResult<Mat<D>> {
+            let buf = device.upload(&compute, &t.data)?;
+            Ok(Mat { rows: t.rows, cols: t.cols, buf: Arc::new(buf), ready: None })
+        };
+        let mut weights = HashMap::new();
+        for (s, owner) in program.schedule.placement.iter().enumerate() {
+            if owner.index() != rank {
+                continue;
+            }
+            let w = &model.stages[s][shard];
+            let mats = [upload(&w.a1), upload(&w.b1), upload(&w.a2), upload(&w.b2)];
+            let [a1, b1, a2, b2] = mats.map(|m| m.map_err(|e| setup("cannot upload its weights", e)));
+            weights.insert(s, [a1?, b1?, a2?, b2?]);
+        }
+        let mut inputs = HashMap::new();
+        if program.schedule.placement.first().is_some_and(|owner| owner.index() == rank) {
+            for (mb, x) in model.inputs.iter().enumerate() {
+                inputs.insert(mb, upload(x).map_err(|e| setup("cannot upload the inputs", e))?);
+            }
+        }
+        device.synchronize(&compute).map_err(|e| setup("cannot finish uploading", e))?;
+        Ok(Worker {
+            device,
+            program,
+            options,
+            rank,
+            shard,
+            thread: t,
+            compute,
+            comm,
+            weights,
+            inputs,
+            values: HashMap::new(),
+            ports,
+            board,
+            reducer,
+            pending: Vec::new(),
+            spans: Vec::new(),
+            grads: Vec::new(),
+        })
+    }
+
+    fn run(&mut self, base: &D::Event) -> Result<ThreadResult, ExecError> {
+        let setup = |e: String| self.error(0, format!("cannot start: {e}"));
+        self.device.wait(&self.compute, base).map_err(setup)?;
+        self.device.wait(&self.comm, base).map_err(setup)?;
+        let mut peak_stashes = 0;
+        let instrs = &self.program.ranks[self.rank].instrs;
+        for (i, instr) in instrs.iter().enumerate() {
+            self.board.enter(self.thread, i);
+            let stream = if matches!(instr, Instr::Comm(_)) { &self.comm } else { &self.compute };
+            let before = self.device.record(stream, true);
+            match instr {
+                Instr::Compute(c) => {
+                    // Between ops, after the frees that follow the previous one.
+                    peak_stashes = peak_stashes.max(self.live_stashes());
+                    self.compute(c, i)?;
+                }
+                Instr::Comm(ops) => self.communicate(ops, i)?,
+                Instr::Free { buffer } => {
+                    self.values
+                        .remove(buffer)
+                        .ok_or_else(|| self.error(i, format!("{buffer} is freed but not live")))?;
+                }
+            }
+            let stream = if matches!(instr, Instr::Comm(_)) { &self.comm } else { &self.compute };
+            let after = self.device.record(stream, true);
+            let span = before.and_then(|b| after.map(|a| (i, b, a)));
+            self.spans.push(self.check(i, span)?);
+            self.release_finished();
+        }
+        peak_stashes = peak_stashes.max(self.live_stashes());
+        self.board.finish(self.thread);
+        let last = instrs.len();
+        self.check(last, self.device.synchronize(&self.compute))?;
+        self.check(last, self.device.synchronize(&self.comm))?;
+        self.pending.clear();
+        let mut timeline = Vec::with_capacity(self.spans.len());
+        for (i, before, after) in &self.spans {
+            let start = self.check(*i, self.device.seconds_between(base, before))?;
+            let end = self.check(*i, self.device.seconds_between(base, after))?;
+            timeline.push((*i, start, end));
+        }
+        let grads = self.download_gradients(last)?;
+        Ok(ThreadResult { grads, peak_stashes, timeline })
+    }
+
+    /// This shard's weight gradients, per (stage, microbatch), on the host.
+    fn download_gradients(&mut self, instr: usize) -> Result<Vec<((usize, usize), ShardGrads)>, ExecError> {
+        let mut out = Vec::with_capacity(self.grads.len());
+        for (key, mats) in std::mem::take(&mut self.grads) {
+            let mut host: [Option<Tensor>; 4] = [None, None, None, None];
+            for (slot, mat) in host.iter_mut().zip(mats) {
+                if let Some(m) = mat {
+                    let data = self.check(instr, self.device.download(&self.compute, &m.buf))?;
+                    *slot = Some(Tensor { rows: m.rows, cols: m.cols, data });
+                }
+            }
+            let [a1, b1, a2, b2] = host;
+            out.push((key, ShardGrads { a1, b1, a2, b2 }));
+        }
+        Ok(out)
+    }
+
+    /// Drops the buffers whose cross-stream work has finished.
+    fn release_finished(&mut self) {
+        let device = self.device;
+        self.pending.retain(|(_, event)| !matches!(device.is_complete(event), Ok(true)));
+    }
+
+    fn live_stashes(&self) -> usize {
+        self.values.values().filter(|v| matches!(v, Value::Stash(_))).count()
+    }
+
+    fn error(&self, instr: usize, message: String) -> ExecError {
+        ExecError::Runtime { rank: Rank(self.rank as u32), instr, message }
+    }
+
+    /// A device error at instruction `instr`, said as a runtime error.
+    fn check<T>(&self, instr: usize, result: DeviceResult<T>) -> Result<T, ExecError> {
+        result.map_err(|e| self.error(instr, format!("device: {e}")))
+    }
+
+    fn tensor(&self, buffer: Buffer, instr: usize) -> Result<Mat<D>, ExecError> {
+        match self.values.get(&buffer) {
+            Some(Value::Tensor(t)) => Ok(t.clone()),
+            Some(Value::Stash(_)) => Err(self.error(instr, format!("{buffer} holds a stash, not a tensor"))),
+            None => Err(self.error(instr, format!("reads {buffer}, which is not live"))),
+        }
+    }
+
+    fn stash(&self, pass: Pass, instr: usize) -> Result<&Stash<D>, ExecError> {
+        match self.values.get(&Buffer::stash(pass.stage, pass.mb)) {
+            Some(Value::Stash(s)) => Ok(s),
+            _ => Err(self.error(instr, format!("`{pass}` needs the stash of its forward, which is not live"))),
+        }
+    }
+
+    /// Makes the compute stream wait until `m` may be read.
+    fn ready(&self, m: &Mat<D>, instr: usize) -> Result<(), ExecError> {
+        match &m.ready {
+            Some(event) => self.check(instr, self.device.wait(&self.compute, event)),
+            None => Ok(()),
+        }
+    }
+
+    /// `op(a) · op(b)` on the compute stream.
+    fn gemm(&self, a: &Mat<D>, ta: bool, b: &Mat<D>, tb: bool, instr: usize) -> Result<Mat<D>, ExecError> {
+        self.ready(a, instr)?;
+        self.ready(b, instr)?;
+        let rows = if ta { a.cols } else { a.rows };
+        let cols = if tb { b.rows } else { b.cols };
+        let out = self.device.gemm(&self.compute, (&a.buf, (a.rows, a.cols), ta), (&b.buf, (b.rows, b.cols), tb));
+        Ok(Mat { rows, cols, buf: Arc::new(self.check(instr, out)?), ready: None })
+    }
+
+    fn tanh(&self, x: &Mat<D>, instr: usize) -> Result<Mat<D>, ExecError> {
+        let out = self.device.tanh(&self.compute, &x.buf, x.len());
+        Ok(Mat { rows: x.rows, cols: x.cols, buf: Arc::new(self.check(instr, out)?), ready: None })
+    }
+
+    /// `(d_out · Bᵀ) ⊙ (1 − z²)`, as [`crate::model`]'s `tanh_grad`.
+    fn tanh_grad(&self, b: &Mat<D>, z: &Mat<D>, d_out: &Mat<D>, instr: usize) -> Result<Mat<D>, ExecError> {
+        let g = self.gemm(d_out, false, b, true, instr)?;
+        self.ready(z, instr)?;
+        let out = self.device.tanh_grad(&self.compute, &g.buf, &z.buf, g.len());
+        Ok(Mat { rows: g.rows, cols: g.cols, buf: Arc::new(self.check(instr, out)?), ready: None })
+    }
+
+    /// Runs a compute's units in the order the program lists them.
+    fn compute(&mut self, c: &Compute, instr: usize) -> Result<(), ExecError> {
+        let units = if c.units.is_empty() { c.canonical_units() } else { c.units.clone() };
+        let mut partials: Vec<Partial<D>> = c.passes.iter().map(|_| Partial::default()).collect();
+        for u in units {
+            let i = usize::from(u.pass);
+            self.unit(c.passes[i], u.part, &mut partials[i], instr)?;
+        }
+        for (pass, partial) in c.passes.iter().zip(partials) {
+            if matches!(pass.kind, PassKind::W | PassKind::BW) {
+                self.grads.push(((pass.stage.index(), pass.mb.index()), partial.grads));
+            }
+        }
+        Ok(())
+    }
+
+    /// The sum over shards of `partial`, in shard order, ready for this
+    /// shard's compute stream once its event has passed.
+    fn all_reduce(&mut self, partial: Mat<D>, instr: usize) -> Result<Mat<D>, ExecError> {
+        let tp = self.program.schedule.tp as usize;
+        if tp == 1 {
+            return Ok(partial);
+        }
+        let written = Arc::new(self.check(instr, self.device.record(&self.compute, false))?);
+        let reducer = Arc::clone(&self.reducer);
+        let mut round = reducer.state.lock().map_err(|_| ExecError::Panicked)?;
+        let generation = round.generation;
+        round.parts[self.shard] = Some((partial, written));
+        round.arrived += 1;
+        let started = Instant::now();
+        if self.shard == 0 {
+            while round.arrived < tp {
+                if self.board.gives_up(started, self.options.timeout) {
+                    return Err(ExecError::Stuck);
+                }
+                round = reducer.turned.wait_timeout(round, slice()).map_err(|_| ExecError::Panicked)?.0;
+            }
+            let parts: Vec<(Mat<D>, Arc<D::Event>)> = round.parts.iter_mut().filter_map(Option::take).collect();
+            let outputs = self.sum_parts(&parts, instr)?;
+            for (slot, out) in round.outputs.iter_mut().zip(outputs) {
+                *slot = Some(out);
+            }
+            round.arrived = 0;
+            round.generation += 1;
+            reducer.turned.notify_all();
+        } else {
+            while round.generation == generation {
+                if self.board.gives_up(started, self.options.timeout) {
+                    return Err(ExecError::Stuck);
+                }
+                round = reducer.turned.wait_timeout(round, slice()).map_err(|_| ExecError::Panicked)?.0;
+            }
+        }
+        round.outputs[self.shard].take().ok_or(ExecError::Panicked)
+    }
+
+    /// On this (shard 0's) communication stream: waits for every part,
+    /// sums them in shard order, and makes one copy per shard.
+    fn sum_parts(&mut self, parts: &[(Mat<D>, Arc<D::Event>)], instr: usize) -> Result<Vec<Mat<D>>, ExecError> {
+        let (device, comm) = (self.device, &self.comm);
+        let (rows, cols) = (parts[0].0.rows, parts[0].0.cols);
+        let n = rows * cols;
+        for (_, written) in parts {
+            self.check(instr, device.wait(comm, written))?;
+        }
+        let mut total = self.check(instr, device.zeros(comm, n))?;
+        for (part, _) in parts {
+            self.check(instr, device.add_into(comm, &mut total, &part.buf, n))?;
+        }
+        let mut copies = Vec::with_capacity(parts.len());
+        for _ in 1..parts.len() {
+            copies.push(self.check(instr, device.copy(comm, &total, n))?);
+        }
+        copies.insert(0, total);
+        let done = Arc::new(self.check(instr, device.record(comm, false))?);
+        for (part, _) in parts {
+            self.pending.push((Arc::clone(&part.buf), Arc::clone(&done)));
+        }
+        Ok(copies
+            .into_iter()
+            .map(|buf| Mat { rows, cols, buf: Arc::new(buf), ready: Some(Arc::clone(&done)) })
+            .collect())
+    }
+
+    fn weights(&self, pass: Pass, instr: usize) -> Result<[Mat<D>; 4], ExecError> {
+        self.weights
+            .get(&pass.stage.index())
+            .cloned()
+            .ok_or_else(|| self.error(instr, format!("`{pass}` runs on a rank that does not hold its stage")))
+    }
+
+    /// One unit of one pass on this shard.
+    fn unit(&mut self, pass: Pass, part: Part, st: &mut Partial<D>, instr: usize) -> Result<(), ExecError> {
+        let [a1, b1, a2, b2] = self.weights(pass, instr)?;
+        let rank = Rank(self.rank as u32);
+        let missing = |what: &str| ExecError::Runtime {
+            rank,
+            instr,
+            message: format!("`{pass}`: unit {} runs before {what}", part.as_str()),
+        };
+        match (pass.kind, part) {
+            (PassKind::F, Part::Attention) => {
+                let x = match pass.stage.0.checked_sub(1) {
+                    Some(prev) => self.tensor(Buffer::act(stp_ir::Stage(prev), pass.mb), instr)?,
+                    None => self
+                        .inputs
+                        .get(&pass.mb.index())
+                        .cloned()
+                        .ok_or_else(|| self.error(instr, format!("`{pass}` has no input")))?,
+                };
+                let z1 = self.tanh(&self.gemm(&x, false, &a1, false, instr)?, instr)?;
+                let p = self.gemm(&z1, false, &b1, false, instr)?;
+                st.h = Some(self.all_reduce(p, instr)?);
+                st.x = Some(x);
+                st.z1 = Some(z1);
+            }
+            (PassKind::F, Part::Mlp) => {
+                let h = st.h.take().ok_or_else(|| missing("attn"))?;
+                let z2 = self.tanh(&self.gemm(&h, false, &a2, false, instr)?, instr)?;
+                let p = self.gemm(&z2, false, &b2, false, instr)?;
+                let y = self.all_reduce(p, instr)?;
+                let stash = Stash {
+                    x: st.x.take().ok_or_else(|| missing("attn"))?,
+                    z1: st.z1.take().ok_or_else(|| missing("attn"))?,
+                    h,
+                    z2,
+                    backward: None,
+                };
+                self.values.insert(Buffer::act(pass.stage, pass.mb), Value::Tensor(y));
+                self.values.insert(Buffer::stash(pass.stage, pass.mb), Value::Stash(Box::new(stash)));
+            }
+            (PassKind::B | PassKind::BW, Part::MlpDgrad) => {
+                // The loss 0.5·|y|² has gradient y: the last stage reads its own output.
+                let dy_buffer = pass.output_grad(self.program.schedule.num_stages);
+                let dy = self.tensor(dy_buffer, instr)?;
+                let z2 = self.stash(pass, instr)?.z2.clone();
+                let dz2 = self.tanh_grad(&b2, &z2, &dy, instr)?;
+                let p = self.gemm(&dz2, false, &a2, true, instr)?;
+                st.dh = Some(self.all_reduce(p, instr)?);
+                st.dy = Some(dy);
+                st.dz2 = Some(dz2);
+            }
+            (PassKind::B | PassKind::BW, Part::AttentionDgrad) => {
+                let dh = st.dh.clone().ok_or_else(|| missing("mlp-dgrad"))?;
+                let z1 = self.stash(pass, instr)?.z1.clone();
+                let dz1 = self.tanh_grad(&b1, &z1, &dh, instr)?;
+                let p = self.gemm(&dz1, false, &a1, true, instr)?;
+                let dx = self.all_reduce(p, instr)?;
+                if pass.stage.0 > 0 {
+                    self.values.insert(Buffer::grad(pass.stage, pass.mb), Value::Tensor(dx));
+                }
+                let backward = Backward {
+                    dy: st.dy.clone().ok_or_else(|| missing("mlp-dgrad"))?,
+                    dz2: st.dz2.clone().ok_or_else(|| missing("mlp-dgrad"))?,
+                    dh,
+                    dz1,
+                };
+                if let Some(Value::Stash(s)) = self.values.get_mut(&Buffer::stash(pass.stage, pass.mb)) {
+                    s.backward = Some(backward);
+                }
+            }
+            (PassKind::W | PassKind::BW, Part::MlpWgrad) => {
+                let s = self.stash(pass, instr)?;
+                let (h, z2) = (s.h.clone(), s.z2.clone());
+                let (dz2, dy) = match (&s.backward, &st.dz2, &st.dy) {
+                    (_, Some(dz2), Some(dy)) => (dz2.clone(), dy.clone()),
+                    (Some(b), _, _) => (b.dz2.clone(), b.dy.clone()),
+                    _ => return Err(missing("mlp-dgrad")),
+                };
+                st.grads[2] = Some(self.gemm(&h, true, &dz2, false, instr)?);
+                st.grads[3] = Some(self.gemm(&z2, true, &dy, false, instr)?);
+            }
+            (PassKind::W | PassKind::BW, Part::AttentionWgrad) => {
+                let s = self.stash(pass, instr)?;
+                let b = s.backward.as_ref().ok_or_else(|| missing("attn-dgrad"))?;
+                let (x, z1, dz1, dh) = (s.x.clone(), s.z1.clone(), b.dz1.clone(), b.dh.clone());
+                st.grads[0] = Some(self.gemm(&x, true, &dz1, false, instr)?);
+                st.grads[1] = Some(self.gemm(&z1, true, &dh, false, instr)?);
+            }
+            _ => return Err(self.error(instr, format!("`{pass}` has no unit {}", part.as_str()))),
+        }
+        Ok(())
+    }
+
+    /// Posts a group: every send at once (with an event after the buffer's
+    /// last write), then every receive in order (a device-to-device copy on
+    /// the communication stream); under rendezvous semantics the group ends
+    /// when its sends have been received.
+    fn communicate(&mut self, ops: &[Transfer], instr: usize) -> Result<(), ExecError> {
+        for t in ops.iter().filter(|t| t.dir == Direction::Send) {
+            let mut mat = self.tensor(t.buffer, instr)?;
+            if mat.ready.is_none() {
+                mat.ready = Some(Arc::new(self.check(instr, self.device.record(&self.compute, false))?));
+            }
+            let port =
+                self.ports.data_out.get(&t.peer).ok_or_else(|| self.error(instr, format!("no link to {}", t.peer)))?;
+            port.send((t.buffer, mat)).map_err(|_| self.error(instr, format!("{} has stopped", t.peer)))?;
+        }
+        for t in ops.iter().filter(|t| t.dir == Direction::Recv) {
+            let (buffer, sent) = self.wait(|w| w.ports.data_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
+            if buffer != t.buffer {
+                return Err(self.error(instr, format!("expected {} from {}, but {buffer} arrived", t.buffer, t.peer)));
+            }
+            if let Some(written) = &sent.ready {
+                self.check(instr, self.device.wait(&self.comm, written))?;
+            }
+            let copy = self.check(instr, self.device.copy(&self.comm, &sent.buf, sent.len()))?;
+            let copied = Arc::new(self.check(instr, self.device.record(&self.comm, false))?);
+            self.pending.push((Arc::clone(&sent.buf), Arc::clone(&copied)));
+            let mat = Mat { rows: sent.rows, cols: sent.cols, buf: Arc::new(copy), ready: Some(copied) };
+            self.values.insert(buffer, Value::Tensor(mat));
+            if self.options.semantics == Semantics::Rendezvous {
+                if let Some(ack) = self.ports.ack_out.get(&t.peer) {
+                    let _ = ack.send(buffer);
+                }
+            }
+        }
+        if self.options.semantics == Semantics::Rendezvous {
+            for t in ops.iter().filter(|t| t.dir == Direction::Send) {
+                let acked = self.wait(|w| w.ports.ack_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
+                if acked != t.buffer {
+                    return Err(self.error(instr, format!("{} acknowledged {acked}, not {}", t.peer, t.buffer)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits on `poll` in short slices until it yields or the run is stuck.
+    fn wait<T>(&self, poll: impl Fn(&Self) -> Option<Result<T, RecvTimeoutError>>) -> Result<T, ExecError> {
+        self.board.wait(self.options.timeout, || poll(self))
+    }
+}

@@ -1,0 +1,150 @@
+//! The stream runner — the CUDA backend's single-GPU mode, with its
+//! compute and communication streams per rank and shard, its events and
+//! device-to-device copies — run on the host device, which executes each
+//! operation at once and checks that every read is ordered after its
+//! write. Its gradients equal a sequential run's bit for bit, and a wait
+//! left out is caught.
+
+use stp_exec::cpu::{self, CpuOptions};
+use stp_exec::device::{Device, DeviceResult, HostDevice};
+use stp_exec::model::{sequential_gradients, Model};
+use stp_exec::{streams, ExecError};
+use stp_ir::simulate::Semantics;
+use stp_ir::Program;
+use stp_tests::{build_std, build_std_tp};
+
+fn model_for(program: &Program) -> Model {
+    let meta = &program.schedule;
+    Model::new(meta.num_stages as usize, meta.num_microbatches as usize, 8, 4, meta.tp as usize, 42)
+}
+
+fn assert_streams_reproduce_the_sequential_gradients(program: &Program, options: CpuOptions, what: &str) {
+    let model = model_for(program);
+    let report = streams::run(&HostDevice::new(), program, &model, options).unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(report.gradients, sequential_gradients(&model), "{what}: gradients differ");
+    for (rank, spans) in report.ranks.iter().zip(&report.timeline) {
+        assert_eq!(spans.len(), program.ranks[rank.index()].instrs.len(), "{what}: one span per instruction");
+        assert!(spans.iter().all(|(_, start, end)| start <= end), "{what}: spans end after they start");
+    }
+}
+
+#[test]
+fn the_stream_runner_reproduces_the_sequential_gradients_bit_for_bit() {
+    let cases: [(&str, i64, i64, Option<i64>, u32); 10] = [
+        ("1f1b", 4, 8, None, 1),
+        ("gpipe", 3, 4, None, 1),
+        ("interleaved-1f1b", 2, 4, Some(2), 1),
+        ("zb-h1", 4, 6, None, 1),
+        ("zb-v", 3, 6, None, 1),
+        ("dualpipe-v", 4, 10, None, 1),
+        ("stp", 4, 11, None, 1),
+        ("1f1b", 2, 3, None, 2),
+        ("stp", 2, 5, None, 4),
+        ("interleaved-1f1b", 2, 4, Some(2), 2),
+    ];
+    for (name, p, m, v, tp) in cases {
+        let program = build_std_tp(name, p, m, v, tp).program;
+        let what = format!("{name} p={p} m={m} tp={tp}");
+        assert_streams_reproduce_the_sequential_gradients(&program, CpuOptions::default(), &what);
+    }
+    let program = build_std("zb-v", 2, 4, None).program;
+    let buffered = CpuOptions { semantics: Semantics::Buffered, ..CpuOptions::default() };
+    assert_streams_reproduce_the_sequential_gradients(&program, buffered, "zb-v buffered");
+}
+
+#[test]
+fn the_stream_runner_holds_the_stashes_the_cpu_backend_holds() {
+    for (name, p, m, v) in [("1f1b", 4, 8, None), ("zb-v", 3, 7, None), ("interleaved-1f1b", 4, 8, Some(2))] {
+        let program = build_std(name, p, m, v).program;
+        let model = model_for(&program);
+        let on_streams = streams::run(&HostDevice::new(), &program, &model, CpuOptions::default()).expect("runs");
+        let on_threads = cpu::run(&program, &model, CpuOptions::default()).expect("runs");
+        assert_eq!(on_streams.peak_stashes, on_threads.peak_stashes, "{name}");
+    }
+}
+
+#[test]
+fn a_deadlock_on_streams_names_the_instruction_every_rank_is_stuck_at() {
+    let mut program = build_std("1f1b", 2, 2, None).program;
+    stp_tests::ungroup_transfers(&mut program);
+    let options = CpuOptions { timeout: std::time::Duration::from_millis(300), ..CpuOptions::default() };
+    match streams::run(&HostDevice::new(), &program, &model_for(&program), options) {
+        Err(ExecError::Deadlock { blocked }) => {
+            let text: Vec<String> = blocked.iter().map(|(r, _, t)| format!("{r}: {t}")).collect();
+            assert_eq!(text, ["r0: send act.s0.mb1 -> r1", "r1: send grad.s1.mb0 -> r0"]);
+        }
+        other => panic!("expected a deadlock, got {other:?}"),
+    }
+}
+
+/// The host device with every wait dropped: what a stream runner that
+/// forgot its events would do on a GPU.
+struct Forgetful(HostDevice);
+
+impl Device for Forgetful {
+    type Stream = <HostDevice as Device>::Stream;
+    type Buffer = <HostDevice as Device>::Buffer;
+    type Event = <HostDevice as Device>::Event;
+    fn new_stream(&self, gemm: bool) -> DeviceResult<Self::Stream> {
+        self.0.new_stream(gemm)
+    }
+    fn upload(&self, on: &Self::Stream, data: &[f32]) -> DeviceResult<Self::Buffer> {
+        self.0.upload(on, data)
+    }
+    fn download(&self, on: &Self::Stream, buffer: &Self::Buffer) -> DeviceResult<Vec<f32>> {
+        self.0.download(on, buffer)
+    }
+    fn gemm(
+        &self,
+        on: &Self::Stream,
+        a: (&Self::Buffer, (usize, usize), bool),
+        b: (&Self::Buffer, (usize, usize), bool),
+    ) -> DeviceResult<Self::Buffer> {
+        self.0.gemm(on, a, b)
+    }
+    fn tanh(&self, on: &Self::Stream, x: &Self::Buffer, n: usize) -> DeviceResult<Self::Buffer> {
+        self.0.tanh(on, x, n)
+    }
+    fn tanh_grad(&self, on: &Self::Stream, g: &Self::Buffer, z: &Self::Buffer, n: usize) -> DeviceResult<Self::Buffer> {
+        self.0.tanh_grad(on, g, z, n)
+    }
+    fn zeros(&self, on: &Self::Stream, n: usize) -> DeviceResult<Self::Buffer> {
+        self.0.zeros(on, n)
+    }
+    fn add_into(&self, on: &Self::Stream, acc: &mut Self::Buffer, x: &Self::Buffer, n: usize) -> DeviceResult<()> {
+        self.0.add_into(on, acc, x, n)
+    }
+    fn copy(&self, on: &Self::Stream, src: &Self::Buffer, n: usize) -> DeviceResult<Self::Buffer> {
+        self.0.copy(on, src, n)
+    }
+    fn record(&self, on: &Self::Stream, timed: bool) -> DeviceResult<Self::Event> {
+        self.0.record(on, timed)
+    }
+    fn wait(&self, _on: &Self::Stream, _event: &Self::Event) -> DeviceResult<()> {
+        Ok(())
+    }
+    fn is_complete(&self, event: &Self::Event) -> DeviceResult<bool> {
+        self.0.is_complete(event)
+    }
+    fn synchronize(&self, on: &Self::Stream) -> DeviceResult<()> {
+        self.0.synchronize(on)
+    }
+    fn seconds_between(&self, start: &Self::Event, end: &Self::Event) -> DeviceResult<f64> {
+        self.0.seconds_between(start, end)
+    }
+}
+
+/// Without its waits, the first cross-stream read is reported with the
+/// rank and instruction: the check above could fail.
+#[test]
+fn a_read_not_ordered_after_its_write_is_reported() {
+    for (name, m, tp) in [("1f1b", 3, 1), ("stp", 5, 2)] {
+        let program = build_std_tp(name, 2, m, None, tp).program;
+        match streams::run(&Forgetful(HostDevice::new()), &program, &model_for(&program), CpuOptions::default()) {
+            Err(ExecError::Runtime { message, .. }) => {
+                assert!(message.contains("without waiting for it"), "{name}: {message}")
+            }
+            other => panic!("{name}: expected an ordering error, got {other:?}"),
+        }
+    }
+}
