@@ -57,6 +57,19 @@ impl<D: Device> Mat<D> {
     }
 }
 
+/// A shard's partial result of an all-reduce and the event after its write.
+type Contribution<D> = (Mat<D>, Arc<<D as Device>::Event>);
+
+/// A buffer another thread wrote or reads, and the event after which this
+/// thread may let it go.
+type Held<D> = (Arc<<D as Device>::Buffer>, Arc<<D as Device>::Event>);
+
+/// A pass's weight gradients (dA1, dB1, dA2, dB2), as far as it computes them.
+type Grads<D> = [Option<Mat<D>>; 4];
+
+/// Per (stage, microbatch), one shard's weight gradients on the host.
+type HostGrads = Vec<((usize, usize), ShardGrads)>;
+
 /// What a forward keeps for its backward, on one shard.
 struct Stash<D: Device> {
     x: Mat<D>,
@@ -87,8 +100,7 @@ struct Partial<D: Device> {
     dy: Option<Mat<D>>,
     dz2: Option<Mat<D>>,
     dh: Option<Mat<D>>,
-    /// dA1, dB1, dA2, dB2.
-    grads: [Option<Mat<D>>; 4],
+    grads: Grads<D>,
 }
 
 impl<D: Device> Default for Partial<D> {
@@ -121,7 +133,7 @@ struct Reducer<D: Device> {
 
 struct Round<D: Device> {
     generation: u64,
-    parts: Vec<Option<(Mat<D>, Arc<D::Event>)>>,
+    parts: Vec<Option<Contribution<D>>>,
     arrived: usize,
     outputs: Vec<Option<Mat<D>>>,
 }
@@ -223,10 +235,10 @@ struct Worker<'a, D: Device> {
     board: Arc<Board>,
     reducer: Arc<Reducer<D>>,
     /// Buffers another thread wrote or will read, kept until that work's event.
-    pending: Vec<(Arc<D::Buffer>, Arc<D::Event>)>,
+    pending: Vec<Held<D>>,
     /// Per instruction, timed events before and after it.
     spans: Vec<(usize, D::Event, D::Event)>,
-    grads: Vec<((usize, usize), [Option<Mat<D>>; 4])>,
+    grads: Vec<((usize, usize), Grads<D>)>,
 }
 
 impl<'a, D: Device> Worker<'a, D> {
@@ -335,7 +347,7 @@ impl<'a, D: Device> Worker<'a, D> {
     }
 
     /// This shard's weight gradients, per (stage, microbatch), on the host.
-    fn download_gradients(&mut self, instr: usize) -> Result<Vec<((usize, usize), ShardGrads)>, ExecError> {
+    fn download_gradients(&mut self, instr: usize) -> Result<HostGrads, ExecError> {
         let mut out = Vec::with_capacity(self.grads.len());
         for (key, mats) in std::mem::take(&mut self.grads) {
             let mut host: [Option<Tensor>; 4] = [None, None, None, None];
@@ -453,7 +465,7 @@ impl<'a, D: Device> Worker<'a, D> {
                 }
                 round = reducer.turned.wait_timeout(round, slice()).map_err(|_| ExecError::Panicked)?.0;
             }
-            let parts: Vec<(Mat<D>, Arc<D::Event>)> = round.parts.iter_mut().filter_map(Option::take).collect();
+            let parts: Vec<Contribution<D>> = round.parts.iter_mut().filter_map(Option::take).collect();
             let outputs = self.sum_parts(&parts, instr)?;
             for (slot, out) in round.outputs.iter_mut().zip(outputs) {
                 *slot = Some(out);
@@ -474,7 +486,7 @@ impl<'a, D: Device> Worker<'a, D> {
 
     /// On this (shard 0's) communication stream: waits for every part,
     /// sums them in shard order, and makes one copy per shard.
-    fn sum_parts(&mut self, parts: &[(Mat<D>, Arc<D::Event>)], instr: usize) -> Result<Vec<Mat<D>>, ExecError> {
+    fn sum_parts(&mut self, parts: &[Contribution<D>], instr: usize) -> Result<Vec<Mat<D>>, ExecError> {
         let (device, comm) = (self.device, &self.comm);
         let (rows, cols) = (parts[0].0.rows, parts[0].0.cols);
         let n = rows * cols;
