@@ -1,14 +1,27 @@
-//! The CUDA/NCCL backend (feature `cuda`). cudarc opens the CUDA and NCCL
-//! libraries at run time, so this compiles on machines without CUDA; every
-//! entry point first checks that the libraries are there and reports
-//! clearly when they are not (cudarc itself would panic).
+//! The CUDA backend (feature `cuda`): the stream runner ([`crate::streams`])
+//! on a GPU. cudarc opens the CUDA libraries at run time, so this compiles
+//! on machines without CUDA; every entry point first checks that the
+//! libraries are there and reports clearly when they are not (cudarc
+//! itself would panic).
 //!
-//! What exists today is the probe: which GPUs and libraries a machine
-//! offers. Running programs on GPUs (a compute and a communication stream
-//! per rank, cuBLAS GEMMs, NCCL point-to-point and collectives, a
-//! single-GPU mode with one stream set per rank) is still to be built.
+//! Single-GPU mode runs every pipeline rank and tensor-parallel shard of a
+//! program in one process on one GPU, each with its own compute and
+//! communication stream: GEMMs through cuBLAS (one handle per compute
+//! stream), tanh and its gradient and the all-reduce's adds as small
+//! kernels, point-to-point transfers as device-to-device copies ordered
+//! by events. The kernels ship as PTX, which the driver compiles; where
+//! the driver refuses it, the same kernels are compiled from CUDA C with
+//! NVRTC, if the machine has it.
 
-use crate::ExecError;
+use crate::cpu::{CpuOptions, CpuReport};
+use crate::device::{ColumnMajorGemm, Device, DeviceResult};
+use crate::model::Model;
+use crate::{streams, ExecError};
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+use stp_ir::Program;
 
 /// What the machine offers.
 #[derive(Debug, Clone)]
@@ -17,25 +30,395 @@ pub struct CudaInfo {
     pub devices: usize,
     /// Name of device 0.
     pub name: String,
+    /// Whether cuBLAS can be opened (single-GPU mode needs it).
+    pub cublas: bool,
+    /// Whether NCCL can be opened (multi-process runs would need it).
+    pub nccl: bool,
 }
 
-/// Finds the CUDA driver, NCCL and device 0.
+/// Finds the CUDA driver, device 0, cuBLAS and NCCL.
 pub fn probe() -> Result<CudaInfo, ExecError> {
-    // SAFETY: only checks whether the shared library can be opened.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(ExecError::Setup("no CUDA driver (libcuda) on this machine".into()));
-    }
-    // SAFETY: as above, for NCCL.
-    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
-        return Err(ExecError::Setup("the CUDA driver is here but NCCL (libnccl) is not".into()));
-    }
-    let devices = cudarc::driver::CudaContext::device_count()
-        .map_err(|e| ExecError::Setup(format!("cannot count CUDA devices: {e:?}")))?;
+    require_driver()?;
+    let devices =
+        CudaContext::device_count().map_err(|e| ExecError::Setup(format!("cannot count CUDA devices: {e:?}")))?;
     if devices < 1 {
         return Err(ExecError::Setup("the CUDA driver reports no devices".into()));
     }
-    let context = cudarc::driver::CudaContext::new(0)
-        .map_err(|e| ExecError::Setup(format!("cannot open CUDA device 0: {e:?}")))?;
+    let context = CudaContext::new(0).map_err(|e| ExecError::Setup(format!("cannot open CUDA device 0: {e:?}")))?;
     let name = context.name().map_err(|e| ExecError::Setup(format!("cannot read the device's name: {e:?}")))?;
-    Ok(CudaInfo { devices: devices as usize, name })
+    // SAFETY: only checks whether the shared libraries can be opened.
+    let (cublas, nccl) = unsafe { (cudarc::cublas::sys::is_culib_present(), cudarc::nccl::sys::is_culib_present()) };
+    Ok(CudaInfo { devices: devices as usize, name, cublas, nccl })
+}
+
+fn require_driver() -> Result<(), ExecError> {
+    // SAFETY: only checks whether the shared library can be opened.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(ExecError::Setup(
+            "no CUDA driver (libcuda) on this machine; use --backend cpu, or --backend streams to run the CUDA \
+             backend's stream logic on the host"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs `program` on GPU `ordinal` in single-GPU mode: every rank and
+/// shard in this process, each with its own streams.
+pub fn run(program: &Program, model: &Model, options: CpuOptions, ordinal: usize) -> Result<CpuReport, ExecError> {
+    let device = CudaDevice::open(ordinal)?;
+    streams::run(&device, program, model, options)
+}
+
+/// One GPU as a [`Device`].
+pub struct CudaDevice {
+    context: Arc<CudaContext>,
+    kernels: Kernels,
+}
+
+struct Kernels {
+    tanh: CudaFunction,
+    tanh_grad: CudaFunction,
+    add_into: CudaFunction,
+}
+
+/// A CUDA stream, with a cuBLAS handle bound to it if GEMMs run on it.
+pub struct CudaQueue {
+    stream: Arc<CudaStream>,
+    blas: Option<CudaBlas>,
+}
+
+impl CudaDevice {
+    /// Opens GPU `ordinal` and loads the kernels; a clear error, never a
+    /// panic, when the driver, the device or cuBLAS is missing.
+    pub fn open(ordinal: usize) -> Result<CudaDevice, ExecError> {
+        require_driver()?;
+        // SAFETY: only checks whether the shared library can be opened.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(ExecError::Setup(
+                "the CUDA driver is here but cuBLAS (libcublas.so) is not on the library path (LD_LIBRARY_PATH)".into(),
+            ));
+        }
+        let devices =
+            CudaContext::device_count().map_err(|e| ExecError::Setup(format!("cannot count CUDA devices: {e:?}")))?;
+        if ordinal >= devices.max(0) as usize {
+            return Err(ExecError::Setup(format!("there is no CUDA device {ordinal}: the driver reports {devices}")));
+        }
+        let context = CudaContext::new(ordinal)
+            .map_err(|e| ExecError::Setup(format!("cannot open CUDA device {ordinal}: {e:?}")))?;
+        let kernels = load_kernels(&context)?;
+        Ok(CudaDevice { context, kernels })
+    }
+
+    fn alloc(&self, on: &CudaQueue, n: usize) -> DeviceResult<CudaSlice<f32>> {
+        // SAFETY: every caller writes all `n` values before anything reads them.
+        unsafe { on.stream.alloc::<f32>(n) }.map_err(|e| format!("cannot allocate {n} floats: {e:?}"))
+    }
+}
+
+/// The length of a launch over `n` values, and its grid.
+fn grid(n: usize) -> DeviceResult<(u32, LaunchConfig)> {
+    let count = u32::try_from(n).map_err(|_| format!("{n} values are too many for one launch"))?;
+    Ok((count, LaunchConfig::for_num_elems(count)))
+}
+
+fn launched<T>(result: Result<T, cudarc::driver::DriverError>) -> DeviceResult<()> {
+    result.map(|_| ()).map_err(|e| format!("a kernel launch failed: {e:?}"))
+}
+
+fn driver<T, E: std::fmt::Debug>(what: &str, result: Result<T, E>) -> DeviceResult<T> {
+    result.map_err(|e| format!("{what}: {e:?}"))
+}
+
+impl Device for CudaDevice {
+    type Stream = CudaQueue;
+    type Buffer = CudaSlice<f32>;
+    type Event = CudaEvent;
+
+    fn new_stream(&self, gemm: bool) -> DeviceResult<CudaQueue> {
+        let stream = driver("cannot create a stream", self.context.new_stream())?;
+        let blas = match gemm {
+            true => Some(driver("cannot create a cuBLAS handle", CudaBlas::new(Arc::clone(&stream)))?),
+            false => None,
+        };
+        Ok(CudaQueue { stream, blas })
+    }
+
+    fn upload(&self, on: &CudaQueue, data: &[f32]) -> DeviceResult<CudaSlice<f32>> {
+        driver("cannot copy to the GPU", on.stream.clone_htod(data))
+    }
+
+    fn download(&self, on: &CudaQueue, buffer: &CudaSlice<f32>) -> DeviceResult<Vec<f32>> {
+        let data = driver("cannot copy from the GPU", on.stream.clone_dtoh(buffer))?;
+        driver("the stream failed", on.stream.synchronize())?;
+        Ok(data)
+    }
+
+    fn gemm(
+        &self,
+        on: &CudaQueue,
+        (a, a_shape, ta): (&CudaSlice<f32>, (usize, usize), bool),
+        (b, b_shape, tb): (&CudaSlice<f32>, (usize, usize), bool),
+    ) -> DeviceResult<CudaSlice<f32>> {
+        let blas = on.blas.as_ref().ok_or("a GEMM on a stream without a cuBLAS handle")?;
+        let g = ColumnMajorGemm::for_row_major(a_shape, ta, b_shape, tb)?;
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        let int = |v: usize| i32::try_from(v).map_err(|_| format!("a GEMM dimension of {v} is too large"));
+        let cfg = GemmConfig {
+            transa: op(g.transa),
+            transb: op(g.transb),
+            m: int(g.m)?,
+            n: int(g.n)?,
+            k: int(g.k)?,
+            alpha: 1.0f32,
+            lda: int(g.lda)?,
+            ldb: int(g.ldb)?,
+            beta: 0.0f32,
+            ldc: int(g.ldc)?,
+        };
+        let mut c = self.alloc(on, g.m * g.n)?;
+        // SAFETY: the shapes above match the buffers' lengths (rows × columns).
+        driver("cuBLAS SGEMM failed", unsafe { blas.gemm(cfg, b, a, &mut c) })?;
+        Ok(c)
+    }
+
+    fn tanh(&self, on: &CudaQueue, x: &CudaSlice<f32>, n: usize) -> DeviceResult<CudaSlice<f32>> {
+        let (count, cfg) = grid(n)?;
+        let mut y = self.alloc(on, n)?;
+        {
+            let mut launch = on.stream.launch_builder(&self.kernels.tanh);
+            launch.arg(x).arg(&mut y).arg(&count);
+            // SAFETY: the kernel reads and writes indices below `count`, the buffers' length.
+            launched(unsafe { launch.launch(cfg) })?;
+        }
+        Ok(y)
+    }
+
+    fn tanh_grad(
+        &self,
+        on: &CudaQueue,
+        g: &CudaSlice<f32>,
+        z: &CudaSlice<f32>,
+        n: usize,
+    ) -> DeviceResult<CudaSlice<f32>> {
+        let (count, cfg) = grid(n)?;
+        let mut out = self.alloc(on, n)?;
+        {
+            let mut launch = on.stream.launch_builder(&self.kernels.tanh_grad);
+            launch.arg(g).arg(z).arg(&mut out).arg(&count);
+            // SAFETY: the kernel reads and writes indices below `count`, the buffers' length.
+            launched(unsafe { launch.launch(cfg) })?;
+        }
+        Ok(out)
+    }
+
+    fn zeros(&self, on: &CudaQueue, n: usize) -> DeviceResult<CudaSlice<f32>> {
+        driver("cannot allocate", on.stream.alloc_zeros::<f32>(n))
+    }
+
+    fn add_into(&self, on: &CudaQueue, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) -> DeviceResult<()> {
+        let (count, cfg) = grid(n)?;
+        let mut launch = on.stream.launch_builder(&self.kernels.add_into);
+        launch.arg(acc).arg(x).arg(&count);
+        // SAFETY: the kernel reads and writes indices below `count`, the buffers' length.
+        launched(unsafe { launch.launch(cfg) })
+    }
+
+    fn copy(&self, on: &CudaQueue, src: &CudaSlice<f32>, n: usize) -> DeviceResult<CudaSlice<f32>> {
+        let mut dst = self.alloc(on, n)?;
+        driver("a device-to-device copy failed", on.stream.memcpy_dtod(&src.slice(..n), &mut dst))?;
+        Ok(dst)
+    }
+
+    fn record(&self, on: &CudaQueue, timed: bool) -> DeviceResult<CudaEvent> {
+        let flags = if timed { CUevent_flags::CU_EVENT_DEFAULT } else { CUevent_flags::CU_EVENT_DISABLE_TIMING };
+        driver("cannot record an event", on.stream.record_event(Some(flags)))
+    }
+
+    fn wait(&self, on: &CudaQueue, event: &CudaEvent) -> DeviceResult<()> {
+        driver("cannot wait for an event", on.stream.wait(event))
+    }
+
+    fn is_complete(&self, event: &CudaEvent) -> DeviceResult<bool> {
+        driver("an event failed", event.try_is_complete())
+    }
+
+    fn synchronize(&self, on: &CudaQueue) -> DeviceResult<()> {
+        driver("the stream failed", on.stream.synchronize())
+    }
+
+    fn seconds_between(&self, start: &CudaEvent, end: &CudaEvent) -> DeviceResult<f64> {
+        driver("cannot time events", start.elapsed_ms(end)).map(|ms| f64::from(ms) / 1e3)
+    }
+}
+
+/// The kernels as PTX for any GPU from Volta on (the driver compiles it);
+/// tanh as `sign(x)·(1 − 2/(e^{2|x|} + 1))`, and explicit rounding so no
+/// multiply and add are fused into one (as on the CPU).
+const PTX: &str = r#"
+.version 7.0
+.target sm_70
+.address_size 64
+
+.visible .entry stp_tanh(.param .u64 px, .param .u64 py, .param .u32 pn)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<6>;
+    .reg .f32 %f<12>;
+    .reg .b64 %rd<8>;
+    ld.param.u64 %rd1, [px];
+    ld.param.u64 %rd2, [py];
+    ld.param.u32 %r1, [pn];
+    mov.u32 %r2, %ctaid.x;
+    mov.u32 %r3, %ntid.x;
+    mov.u32 %r4, %tid.x;
+    mad.lo.s32 %r5, %r2, %r3, %r4;
+    setp.ge.u32 %p1, %r5, %r1;
+    @%p1 bra TANH_DONE;
+    cvta.to.global.u64 %rd3, %rd1;
+    cvta.to.global.u64 %rd4, %rd2;
+    mul.wide.u32 %rd5, %r5, 4;
+    add.s64 %rd6, %rd3, %rd5;
+    ld.global.f32 %f1, [%rd6];
+    abs.f32 %f2, %f1;
+    mov.f32 %f9, 0f4038AA3B;
+    mul.rn.f32 %f3, %f2, %f9;
+    ex2.approx.f32 %f4, %f3;
+    mov.f32 %f10, 0f3F800000;
+    add.rn.f32 %f5, %f4, %f10;
+    mov.f32 %f11, 0f40000000;
+    div.rn.f32 %f6, %f11, %f5;
+    sub.rn.f32 %f7, %f10, %f6;
+    copysign.f32 %f8, %f1, %f7;
+    add.s64 %rd7, %rd4, %rd5;
+    st.global.f32 [%rd7], %f8;
+TANH_DONE:
+    ret;
+}
+
+.visible .entry stp_tanh_grad(.param .u64 pg, .param .u64 pz, .param .u64 pout, .param .u32 pn)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<6>;
+    .reg .f32 %f<8>;
+    .reg .b64 %rd<12>;
+    ld.param.u64 %rd1, [pg];
+    ld.param.u64 %rd2, [pz];
+    ld.param.u64 %rd3, [pout];
+    ld.param.u32 %r1, [pn];
+    mov.u32 %r2, %ctaid.x;
+    mov.u32 %r3, %ntid.x;
+    mov.u32 %r4, %tid.x;
+    mad.lo.s32 %r5, %r2, %r3, %r4;
+    setp.ge.u32 %p1, %r5, %r1;
+    @%p1 bra GRAD_DONE;
+    mul.wide.u32 %rd4, %r5, 4;
+    cvta.to.global.u64 %rd5, %rd1;
+    cvta.to.global.u64 %rd6, %rd2;
+    cvta.to.global.u64 %rd7, %rd3;
+    add.s64 %rd8, %rd5, %rd4;
+    add.s64 %rd9, %rd6, %rd4;
+    add.s64 %rd10, %rd7, %rd4;
+    ld.global.f32 %f1, [%rd8];
+    ld.global.f32 %f2, [%rd9];
+    mul.rn.f32 %f3, %f2, %f2;
+    mov.f32 %f4, 0f3F800000;
+    sub.rn.f32 %f5, %f4, %f3;
+    mul.rn.f32 %f6, %f1, %f5;
+    st.global.f32 [%rd10], %f6;
+GRAD_DONE:
+    ret;
+}
+
+.visible .entry stp_add_into(.param .u64 pacc, .param .u64 px, .param .u32 pn)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<6>;
+    .reg .f32 %f<4>;
+    .reg .b64 %rd<8>;
+    ld.param.u64 %rd1, [pacc];
+    ld.param.u64 %rd2, [px];
+    ld.param.u32 %r1, [pn];
+    mov.u32 %r2, %ctaid.x;
+    mov.u32 %r3, %ntid.x;
+    mov.u32 %r4, %tid.x;
+    mad.lo.s32 %r5, %r2, %r3, %r4;
+    setp.ge.u32 %p1, %r5, %r1;
+    @%p1 bra ADD_DONE;
+    mul.wide.u32 %rd3, %r5, 4;
+    cvta.to.global.u64 %rd4, %rd1;
+    cvta.to.global.u64 %rd5, %rd2;
+    add.s64 %rd6, %rd4, %rd3;
+    add.s64 %rd7, %rd5, %rd3;
+    ld.global.f32 %f1, [%rd6];
+    ld.global.f32 %f2, [%rd7];
+    add.rn.f32 %f3, %f1, %f2;
+    st.global.f32 [%rd6], %f3;
+ADD_DONE:
+    ret;
+}
+"#;
+
+/// The same kernels in CUDA C, for NVRTC.
+const CUDA_C: &str = r#"
+extern "C" __global__ void stp_tanh(const float* x, float* y, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) y[i] = tanhf(x[i]);
+}
+extern "C" __global__ void stp_tanh_grad(const float* g, const float* z, float* out, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = __fmul_rn(g[i], __fsub_rn(1.0f, __fmul_rn(z[i], z[i])));
+}
+extern "C" __global__ void stp_add_into(float* acc, const float* x, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) acc[i] = __fadd_rn(acc[i], x[i]);
+}
+"#;
+
+/// Loads the PTX kernels, or compiles the CUDA C ones with NVRTC when the
+/// driver refuses the PTX.
+fn load_kernels(context: &Arc<CudaContext>) -> Result<Kernels, ExecError> {
+    let from_ptx = context.load_module(cudarc::nvrtc::Ptx::from_src(PTX));
+    let module = match from_ptx {
+        Ok(module) => module,
+        Err(ptx_error) => {
+            // SAFETY: only checks whether the shared library can be opened.
+            if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+                return Err(ExecError::Setup(format!(
+                    "the driver refused the kernels' PTX ({ptx_error:?}) and NVRTC (libnvrtc.so) is not on the \
+                     library path to compile them from CUDA C"
+                )));
+            }
+            let ptx = cudarc::nvrtc::compile_ptx(CUDA_C).map_err(|e| {
+                ExecError::Setup(format!("the driver refused the kernels' PTX ({ptx_error:?}) and NVRTC failed: {e:?}"))
+            })?;
+            context
+                .load_module(ptx)
+                .map_err(|e| ExecError::Setup(format!("cannot load the kernels NVRTC compiled: {e:?}")))?
+        }
+    };
+    let function = |name: &str| {
+        module.load_function(name).map_err(|e| ExecError::Setup(format!("the kernel {name} is missing: {e:?}")))
+    };
+    Ok(Kernels {
+        tanh: function("stp_tanh")?,
+        tanh_grad: function("stp_tanh_grad")?,
+        add_into: function("stp_add_into")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Without a driver (as on CI), opening a GPU is a clear error, not a panic.
+    #[test]
+    fn without_a_driver_opening_a_gpu_is_a_clear_error() {
+        // SAFETY: only checks whether the shared library can be opened.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return; // a machine with a driver: gpu-check.sh covers it
+        }
+        let message = super::CudaDevice::open(0).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("no CUDA driver"), "{message}");
+        let message = super::probe().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("no CUDA driver"), "{message}");
+    }
 }

@@ -68,6 +68,45 @@ pub trait Device: Sync {
     fn seconds_between(&self, start: &Self::Event, end: &Self::Event) -> DeviceResult<f64>;
 }
 
+/// A row-major GEMM `C = op(A)·op(B)` said as the column-major call BLAS
+/// libraries take (`sgemm(transa, transb, m, n, k, A', lda, B', ldb, C, ldc)`
+/// with `A'` = the buffer of B and `B'` = the buffer of A): a row-major
+/// buffer read column-major is its transpose, so `Cᵀ = op(B)ᵀ·op(A)ᵀ`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ColumnMajorGemm {
+    /// Whether BLAS transposes its first operand (the buffer of B).
+    pub transa: bool,
+    /// Whether BLAS transposes its second operand (the buffer of A).
+    pub transb: bool,
+    /// Rows of BLAS's result: the columns of C.
+    pub m: usize,
+    /// Columns of BLAS's result: the rows of C.
+    pub n: usize,
+    /// The inner dimension.
+    pub k: usize,
+    /// Leading dimension of the buffer of B (its row length).
+    pub lda: usize,
+    /// Leading dimension of the buffer of A (its row length).
+    pub ldb: usize,
+    /// Leading dimension of C (its row length).
+    pub ldc: usize,
+}
+
+impl ColumnMajorGemm {
+    /// The call for row-major `op(a)·op(b)`, with `a` of `a_shape` (rows,
+    /// columns) transposed when `ta`, likewise `b`; an error when the inner
+    /// dimensions differ.
+    pub fn for_row_major(a_shape: (usize, usize), ta: bool, b_shape: (usize, usize), tb: bool) -> DeviceResult<Self> {
+        let ((ar, ac), (br, bc)) = (a_shape, b_shape);
+        let (rows, k) = if ta { (ac, ar) } else { (ar, ac) };
+        let (k2, cols) = if tb { (bc, br) } else { (br, bc) };
+        if k != k2 {
+            return Err(format!("GEMM of {rows}×{k} by {k2}×{cols}"));
+        }
+        Ok(ColumnMajorGemm { transa: tb, transb: ta, m: cols, n: rows, k, lda: bc, ldb: ac, ldc: cols })
+    }
+}
+
 /// The host as a device: every operation runs when it is enqueued, with
 /// [`crate::model`]'s arithmetic, so results are bit for bit the CPU
 /// backend's. It also checks what a GPU would not: every read of a buffer
@@ -234,5 +273,46 @@ impl Device for HostDevice {
 
     fn seconds_between(&self, start: &HostEvent, end: &HostEvent) -> DeviceResult<f64> {
         Ok(end.at.saturating_duration_since(start.at).as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ColumnMajorGemm;
+    use crate::model::Tensor;
+
+    /// BLAS's sgemm as its reference defines it: column-major, `C = op(A)·op(B)`.
+    fn sgemm(g: &ColumnMajorGemm, a: &[f32], b: &[f32]) -> Vec<f32> {
+        let at = |i: usize, l: usize| if g.transa { a[l + i * g.lda] } else { a[i + l * g.lda] };
+        let bt = |l: usize, j: usize| if g.transb { b[j + l * g.ldb] } else { b[l + j * g.ldb] };
+        let mut c = vec![0.0; g.ldc * g.n];
+        for j in 0..g.n {
+            for i in 0..g.m {
+                c[i + j * g.ldc] = (0..g.k).map(|l| at(i, l) * bt(l, j)).sum();
+            }
+        }
+        c
+    }
+
+    fn matrix(rows: usize, cols: usize, seed: f32) -> Tensor {
+        Tensor { rows, cols, data: (0..rows * cols).map(|i| (i as f32 * 0.37 + seed).sin()).collect() }
+    }
+
+    /// The four transpose cases the model uses, on rectangular shapes, give
+    /// the row-major product.
+    #[test]
+    fn the_column_major_call_computes_the_row_major_product() {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            let (m, k, n) = (3, 5, 4);
+            let a = if ta { matrix(k, m, 0.1) } else { matrix(m, k, 0.1) };
+            let b = if tb { matrix(n, k, 0.2) } else { matrix(k, n, 0.2) };
+            let g = ColumnMajorGemm::for_row_major((a.rows, a.cols), ta, (b.rows, b.cols), tb).expect("shapes fit");
+            let expected = (if ta { a.t() } else { a.clone() }).matmul(&if tb { b.t() } else { b.clone() });
+            let got = sgemm(&g, &b.data, &a.data);
+            for (x, y) in got.iter().zip(&expected.data) {
+                assert!((x - y).abs() < 1e-5, "ta={ta} tb={tb}: {got:?} vs {:?}", expected.data);
+            }
+        }
+        assert!(ColumnMajorGemm::for_row_major((3, 5), false, (4, 2), false).is_err());
     }
 }

@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use stp_exec::cpu::{self, CpuOptions, CpuReport};
+use stp_exec::device::HostDevice;
 use stp_exec::launch::{self, Env};
 use stp_exec::measure;
 use stp_exec::model::{sequential_gradients, Model};
+use stp_exec::streams;
 use stp_exec::ExecError;
 use stp_ir::simulate::{CostModel, Semantics};
 use stp_ir::Program;
@@ -79,10 +81,19 @@ struct RunArgs {
     #[arg(long, default_value_t = 16)]
     rows: usize,
     /// Also run the model sequentially on one thread and require the
-    /// weight gradients to match bit for bit (in a multi-process run, of
-    /// the stages this process ran).
+    /// weight gradients to match: bit for bit on the cpu and streams
+    /// backends (in a multi-process run, of the stages this process ran),
+    /// within --tolerance on cuda.
     #[arg(long)]
     check: bool,
+    /// With --check on cuda: the largest difference allowed in a gradient
+    /// tensor, relative to that tensor's largest value (cuBLAS sums in
+    /// another order than the CPU, and the GPU's tanh differs in its last bits).
+    #[arg(long, default_value_t = 1e-3)]
+    tolerance: f32,
+    /// With --backend cuda: the GPU (default: LOCAL_RANK if set, else 0).
+    #[arg(long)]
+    device: Option<usize>,
     /// Compare the measured makespan with the simulator's under this cost
     /// model (JSON as for `stpc simulate --cost`, times in milliseconds);
     /// without it, under the pass times measured in this run.
@@ -93,11 +104,17 @@ struct RunArgs {
     trace: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Backend {
     /// Threads and channels on this machine: the semantic reference.
     Cpu,
-    /// CUDA and NCCL (not built yet).
+    /// The CUDA backend's stream runner on host memory: a compute and a
+    /// communication stream per rank and shard, events, copies; checks
+    /// that every read waits for its write. Needs no GPU.
+    Streams,
+    /// One GPU: every rank and shard in this process with its own CUDA
+    /// streams, cuBLAS GEMMs, device-to-device copies (build with
+    /// `--features cuda`).
     Cuda,
 }
 
@@ -124,10 +141,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &RunArgs) -> Result<(), String> {
-    if let Backend::Cuda = args.backend {
-        return cuda_backend();
-    }
     let env = Env::from_vars(|name| std::env::var(name).ok())?;
+    if env.is_some() && args.backend != Backend::Cpu {
+        return Err(format!(
+            "WORLD_SIZE is set, but only the cpu backend runs one rank per process; the {} backend runs every \
+             rank in one process (unset WORLD_SIZE) — multi-process GPU runs over NCCL are not built yet",
+            backend_name(args.backend)
+        ));
+    }
     let program = load(&args.program)?;
     let meta = &program.schedule;
     let model = Model::new(
@@ -146,6 +167,8 @@ fn run(args: &RunArgs) -> Result<(), String> {
         timeout: Duration::from_secs_f64(args.timeout.max(0.01)),
     };
     let report = match &env {
+        None if args.backend == Backend::Streams => streams::run(&HostDevice::new(), &program, &model, options),
+        None if args.backend == Backend::Cuda => run_on_gpu(&program, &model, options, args.device),
         None => cpu::run(&program, &model, options),
         Some(env) => {
             let rendezvous = Duration::from_secs_f64(args.rendezvous_timeout.max(0.1));
@@ -164,7 +187,9 @@ fn run(args: &RunArgs) -> Result<(), String> {
     })?;
     let tag = env.as_ref().map_or(String::new(), |e| format!("[rank {}] ", e.rank));
     print_timeline(&program, &report, &tag);
-    if args.check {
+    if args.check && args.backend == Backend::Cuda {
+        check_gradients_within(&model, &report, args.tolerance)?;
+    } else if args.check {
         check_gradients(&program, &model, &report, &tag)?;
     }
     match &env {
@@ -219,6 +244,45 @@ fn check_gradients(program: &Program, model: &Model, report: &CpuReport, tag: &s
     Ok(())
 }
 
+/// Compares every gradient tensor with a sequential run's: the largest
+/// difference relative to the tensor's largest value must stay within `tolerance`.
+fn check_gradients_within(model: &Model, report: &CpuReport, tolerance: f32) -> Result<(), String> {
+    let expected = sequential_gradients(model);
+    let mut worst = (0.0f32, 0);
+    for (s, (got, want)) in report.gradients.iter().zip(&expected).enumerate() {
+        for (g, w) in got.iter().zip(want) {
+            let scale = w.data.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
+            // f32::max would drop a NaN; keep it.
+            let diff = g.data.iter().zip(&w.data).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| {
+                if d.is_nan() || d > m {
+                    d
+                } else {
+                    m
+                }
+            });
+            let shape_differs = g.data.len() != w.data.len();
+            // A NaN anywhere counts as an infinite difference.
+            let relative = if shape_differs || diff.is_nan() { f32::INFINITY } else { diff / scale };
+            if relative > worst.0 {
+                worst = (relative, s);
+            }
+        }
+    }
+    if worst.0 > tolerance {
+        return Err(format!(
+            "the weight gradients of stage {} differ from a sequential CPU run by {:.2e} of their largest value \
+             (tolerance {tolerance:.0e})",
+            worst.1, worst.0
+        ));
+    }
+    println!(
+        "weight gradients of every stage match a sequential CPU run within {:.2e} of their largest value \
+         (tolerance {tolerance:.0e})",
+        worst.0
+    );
+    Ok(())
+}
+
 fn print_comparison(program: &Program, report: &CpuReport, cost: Option<&Path>) -> Result<(), String> {
     let given = match cost {
         Some(path) => {
@@ -255,8 +319,14 @@ fn print_comparison(program: &Program, report: &CpuReport, cost: Option<&Path>) 
 
 /// Runs one child per rank with the torchrun variables set; fails when any fails.
 fn launch_local(nproc: Option<usize>, master_port: Option<u16>, args: &RunArgs) -> Result<(), String> {
-    if let Backend::Cuda = args.backend {
-        return Err("launch starts CPU-backend processes only; the CUDA backend does not run programs yet".into());
+    if args.backend != Backend::Cpu {
+        return Err(format!(
+            "launch starts cpu-backend processes only; the {} backend runs every rank in one process: \
+             stp-exec run {} --backend {}",
+            backend_name(args.backend),
+            args.program.display(),
+            backend_name(args.backend)
+        ));
     }
     let program = load(&args.program)?;
     let world = nproc.unwrap_or(program.ranks.len());
@@ -369,18 +439,35 @@ fn run_args(args: &RunArgs) -> Vec<String> {
     out
 }
 
+fn backend_name(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Cpu => "cpu",
+        Backend::Streams => "streams",
+        Backend::Cuda => "cuda",
+    }
+}
+
 #[cfg(feature = "cuda")]
-fn cuda_backend() -> Result<(), String> {
-    let info = stp_exec::cuda::probe().map_err(|e| e.to_string())?;
-    Err(format!(
-        "found {} CUDA device(s) ({}), but running programs on GPUs is not implemented yet; use --backend cpu",
-        info.devices, info.name
-    ))
+fn run_on_gpu(
+    program: &Program,
+    model: &Model,
+    options: CpuOptions,
+    device: Option<usize>,
+) -> Result<CpuReport, ExecError> {
+    let local = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok());
+    let ordinal = device.or(local).unwrap_or(0);
+    let info = stp_exec::cuda::probe()?;
+    println!("GPU {ordinal} of {}: {} (single-GPU mode: every rank on its own streams)", info.devices, info.name);
+    stp_exec::cuda::run(program, model, options, ordinal)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_backend() -> Result<(), String> {
-    Err("this stp-exec was built without the `cuda` feature (cargo build -p stp-exec --features cuda); use --backend cpu".into())
+fn run_on_gpu(_: &Program, _: &Model, _: CpuOptions, _: Option<usize>) -> Result<CpuReport, ExecError> {
+    Err(ExecError::Setup(
+        "this stp-exec was built without the `cuda` feature (cargo build --release -p stp-exec --features cuda); \
+         use --backend cpu, or --backend streams for the CUDA backend's stream logic on the host"
+            .into(),
+    ))
 }
 
 fn load(path: &Path) -> Result<Program, String> {

@@ -119,3 +119,21 @@ fn launch_stops_the_other_ranks_when_one_fails() {
     assert!(stderr.contains("rank 1 (stopped after another rank failed)"), "{stderr}");
     drop(taken);
 }
+
+/// The CUDA backend's stream logic runs on the host without a GPU and
+/// checks its gradients; the GPU itself, where absent, is a clear error.
+#[test]
+fn the_streams_backend_runs_anywhere_and_a_missing_gpu_is_explained() {
+    let dir = scratch("streams");
+    let program = compile(&dir, "stp", 2, 5, 2);
+    let out = stp_exec(&["run", &program, "--backend", "streams", "--check", "--hidden", "8", "--rows", "4"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("equal a sequential run's, bit for bit"), "{}", text(&out.stdout));
+    let out = stp_exec(&["run", &program, "--backend", "cuda"], &[]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--features cuda") || stderr.contains("no CUDA driver"), "{stderr}");
+    let vars = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")];
+    let out = stp_exec(&["run", &program, "--backend", "cuda"], &vars);
+    assert!(text(&out.stderr).contains("only the cpu backend runs one rank per process"), "{}", text(&out.stderr));
+}
