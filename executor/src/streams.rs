@@ -457,6 +457,7 @@ impl<'a, D: Device> Worker<'a, D> {
         let generation = round.generation;
         round.parts[self.shard] = Some((partial, written));
         round.arrived += 1;
+        reducer.turned.notify_all();
         let started = Instant::now();
         if self.shard == 0 {
             while round.arrived < tp {
