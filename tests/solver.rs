@@ -407,3 +407,40 @@ fn reorder_never_slows_a_valid_order() {
         assert!(simulated(&b, &cost) <= simulated(&one_f_one_b, &cost) + 1e-9, "{cost:?}");
     }
 }
+
+/// The lower bound — busiest rank, critical path with each pass's TP
+/// collective, and per rank the best cut-into-pieces order (Jackson's
+/// rule) — never exceeds the makespan of a real order: every standard
+/// schedule, per pass and unit by unit (`--tp 2`), under costs with
+/// collectives to hide and slow links.
+#[test]
+fn the_lower_bound_never_exceeds_a_real_orders_makespan() {
+    let unit = CostModel::default();
+    let costs = [
+        unit,
+        CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit },
+        CostModel { backward_input: 1.5, backward_weight: 0.25, tp_collective: 0.75, p2p: 0.3, ..unit },
+        CostModel { forward: 1.0, backward_input: 3.0, backward_weight: 2.0, tp_collective: 1.5, p2p: 0.1 },
+    ];
+    let cases: [(&str, i64, i64, Option<i64>); 9] = [
+        ("gpipe", 3, 5, None),
+        ("1f1b", 4, 8, None),
+        ("zb-h1", 4, 8, None),
+        ("zb-h2", 3, 6, None),
+        ("interleaved-1f1b", 2, 6, Some(2)),
+        ("zb-v", 4, 8, None),
+        ("dualpipe-v", 4, 10, None),
+        ("stp", 4, 11, None),
+        ("stp", 2, 6, None),
+    ];
+    for (name, p, m, v) in cases {
+        for tp in [1, 2] {
+            let b = stp_tests::build_std_tp(name, p, m, v, tp);
+            for cost in &costs {
+                let bound = stpc::opt::bound::lower_bound(b.checked.schedule(), cost);
+                let makespan = simulated(&b, cost);
+                assert!(bound <= makespan + 1e-9, "{name} p={p} m={m} tp={tp} {cost:?}: bound {bound} > {makespan}");
+            }
+        }
+    }
+}

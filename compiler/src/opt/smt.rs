@@ -118,7 +118,8 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
     // Compute alone bounds any op holding a pass from below, whatever it
     // is braided with: the head/tail bounds use it.
     let compute = [0, 1, 2].map(|k| scaled(s.cost.compute(pass_of(kinds, (k, 0, 0)))));
-    let (mut heads, tails) = super::bound::heads_and_tails(stages, mbs, compute, &hop);
+    let latency = super::bound::latencies(compute, scaled(s.cost.tp_collective));
+    let (mut heads, tails) = super::bound::heads_and_tails(stages, mbs, compute, latency, &hop);
     if braids {
         // A `W` fused with its `B` starts with it.
         let input_heads = heads[1].clone();
