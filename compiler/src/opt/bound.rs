@@ -33,7 +33,8 @@ fn rank_windows(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let lat = latencies(dur, micro(cost.tp_collective));
     let owner = |stage: usize| meta.placement[stage].index();
     let hop = |a: usize, b: usize| if owner(a) != owner(b) { micro(cost.p2p) } else { 0 };
-    let (heads, tails) = heads_and_tails(stages, mbs, dur, lat, &hop);
+    // Any order counts here, hand-written ones braiding `F & F` too.
+    let (heads, tails) = heads_and_tails(stages, mbs, dur, lat, false, &hop);
     let windows = window_floor(&meta.placement, &heads, &tails, dur);
     windows.max(preemptive_floor(&meta.placement, &heads, &tails, dur)) as f64 / 1e6
 }
@@ -132,20 +133,27 @@ pub type PerPass = Vec<Vec<Vec<i64>>>;
 /// least time from the start of an op holding the pass to its output: its
 /// compute and its TP collective, which braiding hides from the rank but
 /// not from the pass's consumers (a braided op ends no earlier than either
-/// pass's compute plus its collective).
+/// pass's compute plus its collective). With `apart`, consecutive passes of
+/// one stage and kind, and a `B` and its `W`, never share an op (the Z3
+/// model's rule), so each waits for the other's compute; without it they
+/// may (a hand order braids `F & F` of one stage, or fuses `BW`), so only
+/// their order counts. Microbatches of a stage run in order: any order
+/// can be relabelled to one that does, no slower.
 pub fn heads_and_tails(
     stages: usize,
     mbs: usize,
     dur: [i64; 3],
     lat: [i64; 3],
+    apart: bool,
     hop: &dyn Fn(usize, usize) -> i64,
 ) -> (PerPass, PerPass) {
+    let gap = if apart { dur } else { [0; 3] };
     let mut head = vec![vec![vec![0i64; mbs]; stages]; 3];
     for i in 0..mbs {
         for st in 0..stages {
             let mut t = if st > 0 { head[0][st - 1][i] + lat[0] + hop(st - 1, st) } else { 0 };
             if i > 0 {
-                t = t.max(head[0][st][i - 1] + dur[0]);
+                t = t.max(head[0][st][i - 1] + gap[0]);
             }
             head[0][st][i] = t;
         }
@@ -155,14 +163,14 @@ pub fn heads_and_tails(
                 t = t.max(head[1][st + 1][i] + lat[1] + hop(st + 1, st));
             }
             if i > 0 {
-                t = t.max(head[1][st][i - 1] + dur[1]);
+                t = t.max(head[1][st][i - 1] + gap[1]);
             }
             head[1][st][i] = t;
         }
         for st in 0..stages {
-            let mut t = head[1][st][i] + dur[1];
+            let mut t = head[1][st][i] + gap[1];
             if i > 0 {
-                t = t.max(head[2][st][i - 1] + dur[2]);
+                t = t.max(head[2][st][i - 1] + gap[2]);
             }
             head[2][st][i] = t;
         }
@@ -170,15 +178,15 @@ pub fn heads_and_tails(
     let mut tail = vec![vec![vec![0i64; mbs]; stages]; 3];
     for i in (0..mbs).rev() {
         for st in 0..stages {
-            tail[2][st][i] = if i + 1 < mbs { dur[2] + tail[2][st][i + 1] } else { 0 };
+            tail[2][st][i] = if i + 1 < mbs { gap[2] + tail[2][st][i + 1] } else { 0 };
         }
         for st in 0..stages {
-            let mut t = dur[2] + tail[2][st][i];
+            let mut t = gap[2] + tail[2][st][i];
             if st > 0 {
                 t = t.max(hop(st, st - 1) + lat[1] + tail[1][st - 1][i]);
             }
             if i + 1 < mbs {
-                t = t.max(dur[1] + tail[1][st][i + 1]);
+                t = t.max(gap[1] + tail[1][st][i + 1]);
             }
             tail[1][st][i] = t;
         }
@@ -188,7 +196,7 @@ pub fn heads_and_tails(
                 t = t.max(hop(st, st + 1) + lat[0] + tail[0][st + 1][i]);
             }
             if i + 1 < mbs {
-                t = t.max(dur[0] + tail[0][st][i + 1]);
+                t = t.max(gap[0] + tail[0][st][i + 1]);
             }
             tail[0][st][i] = t;
         }

@@ -119,7 +119,7 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
     // is braided with: the head/tail bounds use it.
     let compute = [0, 1, 2].map(|k| scaled(s.cost.compute(pass_of(kinds, (k, 0, 0)))));
     let latency = super::bound::latencies(compute, scaled(s.cost.tp_collective));
-    let (mut heads, tails) = super::bound::heads_and_tails(stages, mbs, compute, latency, &hop);
+    let (mut heads, tails) = super::bound::heads_and_tails(stages, mbs, compute, latency, true, &hop);
     if braids {
         // A `W` fused with its `B` starts with it.
         let input_heads = heads[1].clone();
