@@ -73,11 +73,95 @@ struct Partner {
 /// preprocesses a large model.
 const GRACE: Duration = Duration::from_millis(500);
 
+/// A neighbourhood of an order, for the rolling horizon: the ops that
+/// start within `window` (in the order's own timing) are free to be
+/// reordered, braided or split; every other op keeps its passes and its
+/// place among the other kept ops of its rank.
+#[derive(Debug, Clone)]
+pub struct Neighbourhood {
+    /// Per rank, the order.
+    pub order: Vec<Vec<ScheduledOp>>,
+    /// Start and end of the window, in the cost model's units.
+    pub window: (f64, f64),
+}
+
+/// Per pass of the model: the index of its op in its rank's order,
+/// whether that op is free, and for a kept op the other passes in it and
+/// its duration. A kept op may hold what the model's choices cannot make
+/// (a pass braided with a `BW`, two passes of one stage): it is taken as
+/// it is.
+struct Frozen {
+    rank: Vec<usize>,
+    op: Vec<usize>,
+    free: Vec<bool>,
+    mates: Vec<Vec<usize>>,
+    duration: Vec<i64>,
+}
+
+impl Frozen {
+    fn new(s: &ComputeSchedule, n: &Neighbourhood, id: &dyn Fn(Key) -> usize, passes: usize) -> Option<Frozen> {
+        let times = super::op_times(s, &n.order)?;
+        let mut frozen = Frozen {
+            rank: vec![0; passes],
+            op: vec![usize::MAX; passes],
+            free: vec![false; passes],
+            mates: vec![Vec::new(); passes],
+            duration: vec![0; passes],
+        };
+        for (r, (ops, times)) in n.order.iter().zip(&times).enumerate() {
+            for (at, (op, (start, _))) in ops.iter().zip(times).enumerate() {
+                let free = *start >= n.window.0 && *start < n.window.1;
+                let (work, exposed) = s.cost.time(&op.compute.passes);
+                let mut members = Vec::new();
+                for pass in &op.compute.passes {
+                    let (st, i) = (pass.stage.index(), pass.mb.index());
+                    let kinds: &[usize] = match pass.kind {
+                        PassKind::F => &[0],
+                        PassKind::B => &[1],
+                        PassKind::W => &[2],
+                        PassKind::BW => &[1, 2],
+                    };
+                    for &k in kinds {
+                        let x = id((k, st, i));
+                        frozen.rank[x] = r;
+                        frozen.op[x] = at;
+                        frozen.free[x] = free;
+                        frozen.duration[x] = scaled(work + exposed);
+                        members.push(x);
+                    }
+                }
+                for &x in &members {
+                    frozen.mates[x] = members.iter().copied().filter(|y| *y != x).collect();
+                }
+            }
+        }
+        frozen.op.iter().all(|op| *op != usize::MAX).then_some(frozen)
+    }
+
+    /// Whether `x` and `y` are both kept, in one op.
+    fn kept_together(&self, x: usize, y: usize) -> bool {
+        !self.free[x] && !self.free[y] && self.op[x] == self.op[y]
+    }
+
+    /// Whether `x` and `y` are both kept, in different ops.
+    fn kept_apart(&self, x: usize, y: usize) -> bool {
+        !self.free[x] && !self.free[y] && self.op[x] != self.op[y]
+    }
+}
+
 /// Searches for the shortest order, starting below `upper` (the greedy
-/// makespan), for at most `budget`. The search runs on a thread of its
-/// own; if it overruns the limit, its answer is given up (the thread
-/// finishes in the background) and the caller keeps its order.
-pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option<super::Progress>) -> SmtPlan {
+/// makespan), for at most `budget` — over every order, or with
+/// `neighbourhood`, over those that keep everything outside its window.
+/// The search runs on a thread of its own; if it overruns the limit, its
+/// answer is given up (the thread finishes in the background) and the
+/// caller keeps its order.
+pub fn solve(
+    s: &ComputeSchedule,
+    upper: f64,
+    budget: Duration,
+    progress: Option<super::Progress>,
+    neighbourhood: Option<Neighbourhood>,
+) -> SmtPlan {
     let schedule = s.clone();
     let (answer, answered) = mpsc::channel();
     // Once given up, the search no longer reports progress.
@@ -89,7 +173,7 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
                 tell(best, elapsed);
             }
         };
-        let _ = answer.send(search(&schedule, upper, budget, &tell));
+        let _ = answer.send(search(&schedule, upper, budget, &tell, neighbourhood.as_ref()));
     });
     let found = answered.recv_timeout(budget + GRACE);
     wanted.store(false, Ordering::SeqCst);
@@ -105,7 +189,13 @@ pub fn solve(s: &ComputeSchedule, upper: f64, budget: Duration, progress: Option
 }
 
 /// [`solve`] on the calling thread.
-fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f64, Duration)) -> SmtPlan {
+fn search(
+    s: &ComputeSchedule,
+    upper: f64,
+    budget: Duration,
+    progress: &dyn Fn(f64, Duration),
+    neighbourhood: Option<&Neighbourhood>,
+) -> SmtPlan {
     let meta = &s.meta;
     let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
     let kinds = [PassKind::F, PassKind::B, PassKind::W];
@@ -119,7 +209,8 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
     // is braided with: the head/tail bounds use it.
     let compute = [0, 1, 2].map(|k| scaled(s.cost.compute(pass_of(kinds, (k, 0, 0)))));
     let latency = super::bound::latencies(compute, scaled(s.cost.tp_collective));
-    let (mut heads, tails) = super::bound::heads_and_tails(stages, mbs, compute, latency, true, &hop);
+    let (mut heads, tails) =
+        super::bound::heads_and_tails(stages, mbs, compute, latency, neighbourhood.is_none(), &hop);
     if braids {
         // A `W` fused with its `B` starts with it.
         let input_heads = heads[1].clone();
@@ -136,6 +227,20 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
         (0..3).flat_map(|k| (0..stages).flat_map(move |st| (0..mbs).map(move |i| (k, st, i)))).collect();
     let on_rank: Vec<Vec<usize>> =
         (0..ranks).map(|r| keys.iter().filter(|key| owner(key.1) == r).map(|key| id(*key)).collect()).collect();
+    let frozen = match neighbourhood {
+        Some(n) => match Frozen::new(s, n, &id, keys.len()) {
+            Some(frozen) => Some(frozen),
+            None => {
+                let why = "the order to search around does not run".to_string();
+                return SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why) };
+            }
+        },
+        None => None,
+    };
+    // Kept ops keep their order: only pairs with a free pass are choices.
+    let kept_apart = |x: usize, y: usize| frozen.as_ref().is_some_and(|f| f.kept_apart(x, y));
+    let kept_together = |x: usize, y: usize| frozen.as_ref().is_some_and(|f| f.kept_together(x, y));
+    let free_pair = |x: usize, y: usize| frozen.as_ref().is_none_or(|f| f.free[x] && f.free[y]);
     // Every order searched is shorter than `upper`, so a pass starts
     // within [head, upper - its compute - its tail]. Two passes whose
     // windows do not meet cannot share an op, and one whose whole op ends
@@ -170,7 +275,10 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
             ids.iter()
                 .enumerate()
                 .flat_map(|(n, &x)| ids[n + 1..].iter().map(move |&y| (x, y)))
-                .filter(|&(x, y)| !tied(x, y) && !ordered(x, y))
+                .filter(|&(x, y)| {
+                    let by_microbatch = tied(x, y) && (keys[x].2 == keys[y].2 || free_pair(x, y));
+                    !by_microbatch && !ordered(x, y) && !kept_apart(x, y) && !kept_together(x, y)
+                })
                 .count()
         })
         .sum();
@@ -212,6 +320,10 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
                     if (!bw && tied(x, y)) || !may_share(x, y) {
                         continue;
                     }
+                    // A kept op keeps its passes; free passes pair among themselves.
+                    if frozen.as_ref().is_some_and(|f| !(f.free[x] && f.free[y])) {
+                        continue;
+                    }
                     let passes = if bw {
                         vec![Pass { kind: PassKind::BW, ..pass_of(kinds, a) }]
                     } else {
@@ -236,6 +348,9 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
         .iter()
         .enumerate()
         .map(|(x, key)| {
+            if let Some(f) = frozen.as_ref().filter(|f| !f.free[x]) {
+                return int(f.duration[x]);
+            }
             let alone = int(scaled(super::standalone_duration(s, kinds[key.0])));
             partners[x].iter().fold(alone, |rest, p| p.together.ite(&int(p.duration), &rest))
         })
@@ -249,6 +364,24 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
         solver.assert(Bool::pb_le(&flags, 1));
         for p in ps.iter().filter(|p| p.other > x) {
             solver.assert(p.together.implies(starts[x].eq(&starts[p.other])));
+        }
+    }
+    if let Some(f) = &frozen {
+        // The passes of a kept op start together.
+        for x in (0..keys.len()).filter(|x| !f.free[*x]) {
+            for &y in f.mates[x].iter().filter(|y| **y > x) {
+                solver.assert(starts[x].eq(&starts[y]));
+            }
+        }
+        // Consecutive kept ops of a rank stay in order (the rest follows).
+        for ids in &on_rank {
+            let mut kept: Vec<usize> = ids.iter().copied().filter(|x| !f.free[*x]).collect();
+            kept.sort_by_key(|x| f.op[*x]);
+            for pair in kept.windows(2) {
+                if f.op[pair[0]] != f.op[pair[1]] {
+                    solver.assert(ends[pair[0]].le(&starts[pair[1]]));
+                }
+            }
         }
     }
     let makespan = Int::new_const("makespan");
@@ -266,12 +399,18 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
             let after_b = starts[w].ge(&ends[b]);
             match &fused[b] {
                 Some(bw) => solver.assert(Bool::or(&[bw, &after_b])),
+                None if kept_together(b, w) => {} // a kept `BW`
                 None => solver.assert(after_b),
             }
             solver.assert(makespan.ge(&ends[w]));
             if i + 1 < mbs {
                 for k in 0..3 {
-                    solver.assert(starts[id((k, st, i + 1))].ge(&ends[id((k, st, i))]));
+                    // Microbatch order breaks symmetry in the whole model;
+                    // a kept op stays where the order has it.
+                    let (now, next) = (id((k, st, i)), id((k, st, i + 1)));
+                    if free_pair(now, next) {
+                        solver.assert(starts[next].ge(&ends[now]));
+                    }
                 }
             }
         }
@@ -289,8 +428,14 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
         }
         for (n, &x) in ids.iter().enumerate() {
             for &y in &ids[n + 1..] {
-                if tied(x, y) || ordered(x, y) {
-                    continue; // ordered by microbatch, by dependency or by their windows
+                // Ordered by dependency, by microbatch (both free), by their
+                // windows, or as kept.
+                let by_microbatch = tied(x, y) && (keys[x].2 == keys[y].2 || free_pair(x, y));
+                if by_microbatch || ordered(x, y) || kept_apart(x, y) {
+                    continue;
+                }
+                if frozen.as_ref().is_some_and(|f| f.kept_together(x, y)) {
+                    continue; // one op
                 }
                 let x_first = ends[x].le(&starts[y]);
                 let y_first = ends[y].le(&starts[x]);
@@ -312,6 +457,9 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
                 for p in &partners[x] {
                     live.push(p.together.ite(&int(delta(keys[p.other].0)), &int(0)));
                 }
+                if let Some(f) = frozen.as_ref().filter(|f| !f.free[x]) {
+                    live.extend(f.mates[x].iter().map(|y| int(delta(keys[*y].0))));
+                }
                 solver.assert(Int::add(&live).le(int(cap)));
             }
         }
@@ -328,6 +476,14 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
                 }
                 for p in partners[x].iter().filter(|p| keys[p.other].0 != 0) {
                     deferred.push(p.together.ite(&int(pending(keys[p.other].0)), &int(0)));
+                }
+                let kept = frozen.as_ref().filter(|f| !f.free[x]);
+                if let Some(f) = kept {
+                    if f.mates[x].iter().any(|y| keys[*y] == (2, keys[x].1, keys[x].2)) {
+                        continue; // a kept `BW` defers nothing
+                    }
+                    let mates = f.mates[x].iter().filter(|y| keys[**y].0 != 0);
+                    deferred.extend(mates.map(|y| int(pending(keys[*y].0))));
                 }
                 let within = Int::add(&deferred).le(int(cap));
                 match &fused[x] {
@@ -365,7 +521,8 @@ fn search(s: &ComputeSchedule, upper: f64, budget: Duration, progress: &dyn Fn(f
             let Some(model) = solver.get_model() else { break };
             let value = |t: &Int| model.eval(t, true).and_then(|v| v.as_i64()).unwrap_or(0);
             let chosen = |b: &Bool| model.eval(b, true).and_then(|v| v.as_bool()).unwrap_or(false);
-            let order = extract(s, &keys, &starts, &partners, &value, &chosen);
+            let kept = frozen.as_ref().zip(neighbourhood);
+            let order = extract(s, &keys, &starts, &partners, &value, &chosen, kept);
             // The model's `makespan` may exceed its passes' ends, and
             // its starts may leave gaps: re-time the order as early as
             // possible, as the simulator will.
@@ -416,6 +573,7 @@ fn extract(
     partners: &[Vec<Partner>],
     value: &dyn Fn(&Int) -> i64,
     chosen: &dyn Fn(&Bool) -> bool,
+    kept: Option<(&Frozen, &Neighbourhood)>,
 ) -> Vec<Vec<ScheduledOp>> {
     let meta = &s.meta;
     let kinds = [PassKind::F, PassKind::B, PassKind::W];
@@ -435,6 +593,13 @@ fn extract(
                     continue;
                 }
                 placed[x] = true;
+                if let Some((f, n)) = kept.filter(|(f, _)| !f.free[x]) {
+                    for &y in &f.mates[x] {
+                        placed[y] = true;
+                    }
+                    out.push(n.order[f.rank[x]][f.op[x]].clone());
+                    continue;
+                }
                 let partner = partners[x].iter().find(|p| chosen(&p.together)).map(|p| p.other);
                 let passes = match partner {
                     Some(y) if keys[x].1 == keys[y].1 && keys[x].2 == keys[y].2 => {
