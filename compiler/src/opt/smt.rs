@@ -143,9 +143,11 @@ impl Frozen {
         !self.free[x] && !self.free[y] && self.op[x] == self.op[y]
     }
 
-    /// Whether `x` and `y` are both kept, in different ops.
+    /// Whether `x` and `y` are in different ops, at least one of them
+    /// kept: their order is the order's (a free op stays between the kept
+    /// ops around the window).
     fn kept_apart(&self, x: usize, y: usize) -> bool {
-        !self.free[x] && !self.free[y] && self.op[x] != self.op[y]
+        (!self.free[x] || !self.free[y]) && self.op[x] != self.op[y]
     }
 }
 
@@ -241,6 +243,11 @@ fn search(
     let kept_apart = |x: usize, y: usize| frozen.as_ref().is_some_and(|f| f.kept_apart(x, y));
     let kept_together = |x: usize, y: usize| frozen.as_ref().is_some_and(|f| f.kept_together(x, y));
     let free_pair = |x: usize, y: usize| frozen.as_ref().is_none_or(|f| f.free[x] && f.free[y]);
+    // Whether `y` runs before `x` (in an earlier op) when at least one is
+    // kept (a free op stays inside its window); `None` when both are
+    // free, so the model decides.
+    let kept_before =
+        |x: usize, y: usize| frozen.as_ref().filter(|f| !f.free[x] || !f.free[y]).map(|f| f.op[y] < f.op[x]);
     // Every order searched is shorter than `upper`, so a pass starts
     // within [head, upper - its compute - its tail]. Two passes whose
     // windows do not meet cannot share an op, and one whose whole op ends
@@ -373,13 +380,29 @@ fn search(
                 solver.assert(starts[x].eq(&starts[y]));
             }
         }
-        // Consecutive kept ops of a rank stay in order (the rest follows).
+        // Consecutive kept ops of a rank stay in order (the rest follows),
+        // and the free ops stay between the kept ops around the window.
         for ids in &on_rank {
             let mut kept: Vec<usize> = ids.iter().copied().filter(|x| !f.free[*x]).collect();
             kept.sort_by_key(|x| f.op[*x]);
             for pair in kept.windows(2) {
                 if f.op[pair[0]] != f.op[pair[1]] {
                     solver.assert(ends[pair[0]].le(&starts[pair[1]]));
+                }
+            }
+            let free: Vec<usize> = ids.iter().copied().filter(|x| f.free[*x]).collect();
+            let (Some(first), Some(last)) = (free.iter().map(|x| f.op[*x]).min(), free.iter().map(|x| f.op[*x]).max())
+            else {
+                continue;
+            };
+            let before = kept.iter().rev().find(|x| f.op[**x] < first);
+            let after = kept.iter().find(|x| f.op[**x] > last);
+            for &x in &free {
+                if let Some(&b) = before {
+                    solver.assert(starts[x].ge(&ends[b]));
+                }
+                if let Some(&a) = after {
+                    solver.assert(ends[x].le(&starts[a]));
                 }
             }
         }
@@ -450,10 +473,18 @@ fn search(
         if let Some(cap) = model.budget {
             for &x in ids.iter().filter(|x| keys[**x].0 == 0) {
                 let mut live = vec![int(model.activation)];
+                let mut known = 0;
                 for &y in ids.iter().filter(|y| **y != x && delta(keys[**y].0) != 0) {
-                    let before = starts[y].lt(&starts[x]);
-                    live.push(before.ite(&int(delta(keys[y].0)), &int(0)));
+                    match kept_before(x, y) {
+                        Some(true) => known += delta(keys[y].0),
+                        Some(false) => {}
+                        None => {
+                            let before = starts[y].lt(&starts[x]);
+                            live.push(before.ite(&int(delta(keys[y].0)), &int(0)));
+                        }
+                    }
                 }
+                live.push(int(known));
                 for p in &partners[x] {
                     live.push(p.together.ite(&int(delta(keys[p.other].0)), &int(0)));
                 }
@@ -470,10 +501,18 @@ fn search(
             let pending = |k: usize| if k == 1 { 1 } else { -1 };
             for &x in ids.iter().filter(|x| keys[**x].0 == 1) {
                 let mut deferred = vec![int(1)];
+                let mut known = 0;
                 for &y in ids.iter().filter(|y| keys[**y].0 != 0 && **y != x) {
-                    let before = starts[y].lt(&starts[x]);
-                    deferred.push(before.ite(&int(pending(keys[y].0)), &int(0)));
+                    match kept_before(x, y) {
+                        Some(true) => known += pending(keys[y].0),
+                        Some(false) => {}
+                        None => {
+                            let before = starts[y].lt(&starts[x]);
+                            deferred.push(before.ite(&int(pending(keys[y].0)), &int(0)));
+                        }
+                    }
                 }
+                deferred.push(int(known));
                 for p in partners[x].iter().filter(|p| keys[p.other].0 != 0) {
                     deferred.push(p.together.ite(&int(pending(keys[p.other].0)), &int(0)));
                 }
