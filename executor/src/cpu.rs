@@ -8,11 +8,10 @@ use crate::model::{self, Model, ShardGrads, Tensor};
 use crate::threads::{self, slice, Board, ThreadResult};
 use crate::ExecError;
 use std::collections::HashMap;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use stp_ir::simulate::Semantics;
-use stp_ir::{Buffer, BufferKind, Compute, Direction, Instr, Part, Pass, PassKind, Program, Rank, Transfer};
+use stp_ir::{Buffer, BufferKind, Compute, Instr, Part, Pass, PassKind, Program, Rank};
 
 /// How to run.
 #[derive(Debug, Clone, Copy)]
@@ -76,17 +75,8 @@ enum Value {
     Stash(Box<Stash>),
 }
 
-/// One thread's ends of the channels to the same shard of every peer
-/// rank: in one process, channels straight to the peer's thread; across
-/// processes, channels to the threads that move frames over TCP
-/// ([`crate::launch`]).
-#[derive(Default)]
-pub(crate) struct Ports {
-    pub(crate) data_out: HashMap<Rank, Sender<(Buffer, Tensor)>>,
-    pub(crate) data_in: HashMap<Rank, Receiver<(Buffer, Tensor)>>,
-    pub(crate) ack_out: HashMap<Rank, Sender<Buffer>>,
-    pub(crate) ack_in: HashMap<Rank, Receiver<Buffer>>,
-}
+/// One CPU shard thread's channels ([`threads::Ports`]), carrying tensors.
+pub(crate) type Ports = threads::Ports<Tensor>;
 
 /// The all-reduce among one rank's shard threads.
 struct Reducer {
@@ -108,19 +98,7 @@ struct Round {
 pub fn run(program: &Program, model: &Model, options: CpuOptions) -> Result<CpuReport, ExecError> {
     prepare(program, model)?;
     let (n, tp) = (program.ranks.len(), program.schedule.tp as usize);
-    let mut ports: Vec<Ports> = (0..n * tp).map(|_| Ports::default()).collect();
-    for k in 0..tp {
-        for a in 0..n {
-            for b in (0..n).filter(|b| *b != a) {
-                let (data_tx, data_rx) = mpsc::channel();
-                let (ack_tx, ack_rx) = mpsc::channel();
-                ports[a * tp + k].data_out.insert(Rank(b as u32), data_tx);
-                ports[b * tp + k].data_in.insert(Rank(a as u32), data_rx);
-                ports[b * tp + k].ack_out.insert(Rank(a as u32), ack_tx);
-                ports[a * tp + k].ack_in.insert(Rank(b as u32), ack_rx);
-            }
-        }
-    }
+    let ports = threads::mesh(n, tp);
     execute(program, model, options, &(0..n).collect::<Vec<_>>(), ports)
 }
 
@@ -256,7 +234,7 @@ impl Worker<'_> {
                     result.peak_stashes = result.peak_stashes.max(self.live_stashes());
                     self.compute(c, i, &mut result.grads)?;
                 }
-                Instr::Comm(ops) => self.communicate(ops, i)?,
+                Instr::Comm(ops) => threads::exchange(self, ops, i)?,
                 Instr::Free { buffer } => {
                     self.values
                         .remove(buffer)
@@ -423,41 +401,31 @@ impl Worker<'_> {
         }
         Ok(())
     }
+}
 
-    /// Posts a group: every send at once, then every receive in order;
-    /// under rendezvous semantics the group ends when its sends have been received.
-    fn communicate(&mut self, ops: &[Transfer], instr: usize) -> Result<(), ExecError> {
-        for t in ops.iter().filter(|t| t.dir == Direction::Send) {
-            let tensor = self.tensor(t.buffer, instr)?.clone();
-            let port =
-                self.ports.data_out.get(&t.peer).ok_or_else(|| self.error(instr, format!("no link to {}", t.peer)))?;
-            port.send((t.buffer, tensor)).map_err(|_| self.error(instr, format!("{} has stopped", t.peer)))?;
-        }
-        for t in ops.iter().filter(|t| t.dir == Direction::Recv) {
-            let (buffer, tensor) = self.wait(|w| w.ports.data_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
-            if buffer != t.buffer {
-                return Err(self.error(instr, format!("expected {} from {}, but {buffer} arrived", t.buffer, t.peer)));
-            }
-            self.values.insert(buffer, Value::Tensor(tensor));
-            if self.options.semantics == Semantics::Rendezvous {
-                if let Some(ack) = self.ports.ack_out.get(&t.peer) {
-                    let _ = ack.send(buffer);
-                }
-            }
-        }
-        if self.options.semantics == Semantics::Rendezvous {
-            for t in ops.iter().filter(|t| t.dir == Direction::Send) {
-                let acked = self.wait(|w| w.ports.ack_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
-                if acked != t.buffer {
-                    return Err(self.error(instr, format!("{} acknowledged {acked}, not {}", t.peer, t.buffer)));
-                }
-            }
-        }
-        Ok(())
+impl threads::Party<Tensor> for Worker<'_> {
+    fn ports(&self) -> &Ports {
+        &self.ports
     }
 
-    /// Waits on `poll` in short slices until it yields or the run is stuck.
-    fn wait<T>(&self, poll: impl Fn(&Self) -> Option<Result<T, RecvTimeoutError>>) -> Result<T, ExecError> {
-        self.board.wait(self.options.timeout, || poll(self))
+    fn board(&self) -> &Board {
+        &self.board
+    }
+
+    fn options(&self) -> &CpuOptions {
+        &self.options
+    }
+
+    fn error(&self, instr: usize, message: String) -> ExecError {
+        Worker::error(self, instr, message)
+    }
+
+    fn outgoing(&mut self, buffer: Buffer, instr: usize) -> Result<Tensor, ExecError> {
+        self.tensor(buffer, instr).cloned()
+    }
+
+    fn incoming(&mut self, buffer: Buffer, tensor: Tensor, _instr: usize) -> Result<(), ExecError> {
+        self.values.insert(buffer, Value::Tensor(tensor));
+        Ok(())
     }
 }

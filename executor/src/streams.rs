@@ -30,11 +30,9 @@ use crate::model::{Model, ShardGrads, Tensor};
 use crate::threads::{self, slice, Board, ThreadResult};
 use crate::ExecError;
 use std::collections::HashMap;
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Barrier, Condvar, Mutex, OnceLock};
 use std::time::Instant;
-use stp_ir::simulate::Semantics;
-use stp_ir::{Buffer, Compute, Direction, Instr, Part, Pass, PassKind, Program, Rank, Transfer};
+use stp_ir::{Buffer, Compute, Instr, Part, Pass, PassKind, Program, Rank};
 
 /// A row-major matrix on the device, and the event (on another stream)
 /// after which it may be read, if it was not written on the reader's stream.
@@ -109,19 +107,9 @@ impl<D: Device> Default for Partial<D> {
     }
 }
 
-/// One thread's channels to the same shard of every peer rank.
-struct Ports<D: Device> {
-    data_out: HashMap<Rank, Sender<(Buffer, Mat<D>)>>,
-    data_in: HashMap<Rank, Receiver<(Buffer, Mat<D>)>>,
-    ack_out: HashMap<Rank, Sender<Buffer>>,
-    ack_in: HashMap<Rank, Receiver<Buffer>>,
-}
-
-impl<D: Device> Default for Ports<D> {
-    fn default() -> Self {
-        Ports { data_out: HashMap::new(), data_in: HashMap::new(), ack_out: HashMap::new(), ack_in: HashMap::new() }
-    }
-}
+/// One shard thread's channels ([`threads::Ports`]), carrying device
+/// matrices with the event after their last write.
+type Ports<D> = threads::Ports<Mat<D>>;
 
 /// The all-reduce among one rank's shard threads: every shard leaves its
 /// partial result and an event; shard 0 sums them and leaves each shard
@@ -148,19 +136,7 @@ pub fn run<D: Device>(
 ) -> Result<CpuReport, ExecError> {
     prepare(program, model)?;
     let (n, tp) = (program.ranks.len(), program.schedule.tp as usize);
-    let mut ports: Vec<Ports<D>> = (0..n * tp).map(|_| Ports::default()).collect();
-    for k in 0..tp {
-        for a in 0..n {
-            for b in (0..n).filter(|b| *b != a) {
-                let (data_tx, data_rx) = mpsc::channel();
-                let (ack_tx, ack_rx) = mpsc::channel();
-                ports[a * tp + k].data_out.insert(Rank(b as u32), data_tx);
-                ports[b * tp + k].data_in.insert(Rank(a as u32), data_rx);
-                ports[b * tp + k].ack_out.insert(Rank(a as u32), ack_tx);
-                ports[a * tp + k].ack_in.insert(Rank(b as u32), ack_rx);
-            }
-        }
-    }
+    let ports: Vec<Ports<D>> = threads::mesh(n, tp);
     let reducers: Vec<Arc<Reducer<D>>> = (0..n)
         .map(|_| {
             let round = Round {
@@ -317,7 +293,7 @@ impl<'a, D: Device> Worker<'a, D> {
                     peak_stashes = peak_stashes.max(self.live_stashes());
                     self.compute(c, i)?;
                 }
-                Instr::Comm(ops) => self.communicate(ops, i)?,
+                Instr::Comm(ops) => threads::exchange(self, ops, i)?,
                 Instr::Free { buffer } => {
                     self.values
                         .remove(buffer)
@@ -612,53 +588,46 @@ impl<'a, D: Device> Worker<'a, D> {
         }
         Ok(())
     }
+}
 
-    /// Posts a group: every send at once (with an event after the buffer's
-    /// last write), then every receive in order (a device-to-device copy on
-    /// the communication stream); under rendezvous semantics the group ends
-    /// when its sends have been received.
-    fn communicate(&mut self, ops: &[Transfer], instr: usize) -> Result<(), ExecError> {
-        for t in ops.iter().filter(|t| t.dir == Direction::Send) {
-            let mut mat = self.tensor(t.buffer, instr)?;
-            if mat.ready.is_none() {
-                mat.ready = Some(Arc::new(self.check(instr, self.device.record(&self.compute, false))?));
-            }
-            let port =
-                self.ports.data_out.get(&t.peer).ok_or_else(|| self.error(instr, format!("no link to {}", t.peer)))?;
-            port.send((t.buffer, mat)).map_err(|_| self.error(instr, format!("{} has stopped", t.peer)))?;
-        }
-        for t in ops.iter().filter(|t| t.dir == Direction::Recv) {
-            let (buffer, sent) = self.wait(|w| w.ports.data_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
-            if buffer != t.buffer {
-                return Err(self.error(instr, format!("expected {} from {}, but {buffer} arrived", t.buffer, t.peer)));
-            }
-            if let Some(written) = &sent.ready {
-                self.check(instr, self.device.wait(&self.comm, written))?;
-            }
-            let copy = self.check(instr, self.device.copy(&self.comm, &sent.buf, sent.len()))?;
-            let copied = Arc::new(self.check(instr, self.device.record(&self.comm, false))?);
-            self.pending.push((Arc::clone(&sent.buf), Arc::clone(&copied)));
-            let mat = Mat { rows: sent.rows, cols: sent.cols, buf: Arc::new(copy), ready: Some(copied) };
-            self.values.insert(buffer, Value::Tensor(mat));
-            if self.options.semantics == Semantics::Rendezvous {
-                if let Some(ack) = self.ports.ack_out.get(&t.peer) {
-                    let _ = ack.send(buffer);
-                }
-            }
-        }
-        if self.options.semantics == Semantics::Rendezvous {
-            for t in ops.iter().filter(|t| t.dir == Direction::Send) {
-                let acked = self.wait(|w| w.ports.ack_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
-                if acked != t.buffer {
-                    return Err(self.error(instr, format!("{} acknowledged {acked}, not {}", t.peer, t.buffer)));
-                }
-            }
-        }
-        Ok(())
+/// A point-to-point send hands over the matrix with an event after its
+/// last write; a receive is a device-to-device copy on the communication
+/// stream after that event, itself followed by an event the compute
+/// stream waits for before reading.
+impl<D: Device> threads::Party<Mat<D>> for Worker<'_, D> {
+    fn ports(&self) -> &Ports<D> {
+        &self.ports
     }
 
-    /// Waits on `poll` in short slices until it yields or the run is stuck.
-    fn wait<T>(&self, poll: impl Fn(&Self) -> Option<Result<T, RecvTimeoutError>>) -> Result<T, ExecError> {
-        self.board.wait(self.options.timeout, || poll(self))
+    fn board(&self) -> &Board {
+        &self.board
+    }
+
+    fn options(&self) -> &CpuOptions {
+        &self.options
+    }
+
+    fn error(&self, instr: usize, message: String) -> ExecError {
+        Worker::error(self, instr, message)
+    }
+
+    fn outgoing(&mut self, buffer: Buffer, instr: usize) -> Result<Mat<D>, ExecError> {
+        let mut mat = self.tensor(buffer, instr)?;
+        if mat.ready.is_none() {
+            mat.ready = Some(Arc::new(self.check(instr, self.device.record(&self.compute, false))?));
+        }
+        Ok(mat)
+    }
+
+    fn incoming(&mut self, buffer: Buffer, sent: Mat<D>, instr: usize) -> Result<(), ExecError> {
+        if let Some(written) = &sent.ready {
+            self.check(instr, self.device.wait(&self.comm, written))?;
+        }
+        let copy = self.check(instr, self.device.copy(&self.comm, &sent.buf, sent.len()))?;
+        let copied = Arc::new(self.check(instr, self.device.record(&self.comm, false))?);
+        self.pending.push((Arc::clone(&sent.buf), Arc::clone(&copied)));
+        let mat = Mat { rows: sent.rows, cols: sent.cols, buf: Arc::new(copy), ready: Some(copied) };
+        self.values.insert(buffer, Value::Tensor(mat));
+        Ok(())
     }
 }

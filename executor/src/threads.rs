@@ -1,16 +1,19 @@
 //! What the two thread-per-shard runners — the CPU backend ([`crate::cpu`])
-//! and the stream runner ([`crate::streams`]) — share: the board the
-//! deadlock watchdog reads, waiting in short slices with a timeout, and
-//! assembling the report from the threads' results.
+//! and the stream runner ([`crate::streams`]) — share: the channels
+//! between shard threads and the IR's send/receive matching over them,
+//! the board the deadlock watchdog reads, waiting in short slices with a
+//! timeout, and assembling the report from the threads' results.
 
-use crate::cpu::CpuReport;
+use crate::cpu::{CpuOptions, CpuReport};
 use crate::model::{self, Model, ShardGrads, Tensor};
 use crate::ExecError;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::RecvTimeoutError;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use stp_ir::{Program, Rank};
+use stp_ir::simulate::Semantics;
+use stp_ir::{Buffer, Direction, Program, Rank, Transfer};
 
 /// Where every thread is, for the watchdog's report; and whether the run
 /// has been declared stuck.
@@ -156,4 +159,91 @@ pub(crate) fn report(
         }
     }
     Ok(CpuReport { ranks: ranks.iter().map(|r| Rank(*r as u32)).collect(), gradients, peak_stashes, timeline })
+}
+
+/// One shard thread's channels to the same shard of every peer rank:
+/// messages (a buffer and its value) and, under rendezvous semantics,
+/// acknowledgements. In one process they go straight to the peer's
+/// thread; across processes, to the threads that move frames over TCP
+/// ([`crate::launch`]).
+pub(crate) struct Ports<M> {
+    pub(crate) data_out: HashMap<Rank, Sender<(Buffer, M)>>,
+    pub(crate) data_in: HashMap<Rank, Receiver<(Buffer, M)>>,
+    pub(crate) ack_out: HashMap<Rank, Sender<Buffer>>,
+    pub(crate) ack_in: HashMap<Rank, Receiver<Buffer>>,
+}
+
+impl<M> Default for Ports<M> {
+    fn default() -> Self {
+        Ports { data_out: HashMap::new(), data_in: HashMap::new(), ack_out: HashMap::new(), ack_in: HashMap::new() }
+    }
+}
+
+/// Ports for `ranks` ranks of `tp` shards each, thread `r * tp + k` being
+/// shard `k` of rank `r`: every shard linked to the same shard of every
+/// other rank.
+pub(crate) fn mesh<M>(ranks: usize, tp: usize) -> Vec<Ports<M>> {
+    let mut ports: Vec<Ports<M>> = (0..ranks * tp).map(|_| Ports::default()).collect();
+    for k in 0..tp {
+        for a in 0..ranks {
+            for b in (0..ranks).filter(|b| *b != a) {
+                let (data_tx, data_rx) = mpsc::channel();
+                let (ack_tx, ack_rx) = mpsc::channel();
+                ports[a * tp + k].data_out.insert(Rank(b as u32), data_tx);
+                ports[b * tp + k].data_in.insert(Rank(a as u32), data_rx);
+                ports[b * tp + k].ack_out.insert(Rank(a as u32), ack_tx);
+                ports[a * tp + k].ack_in.insert(Rank(b as u32), ack_rx);
+            }
+        }
+    }
+    ports
+}
+
+/// A shard thread as a party to point-to-point transfers.
+pub(crate) trait Party<M> {
+    fn ports(&self) -> &Ports<M>;
+    fn board(&self) -> &Board;
+    fn options(&self) -> &CpuOptions;
+    fn error(&self, instr: usize, message: String) -> ExecError;
+    /// The message that sends `buffer`.
+    fn outgoing(&mut self, buffer: Buffer, instr: usize) -> Result<M, ExecError>;
+    /// Takes in a received `buffer`.
+    fn incoming(&mut self, buffer: Buffer, message: M, instr: usize) -> Result<(), ExecError>;
+}
+
+/// Posts a group: every send at once, then every receive in order; under
+/// rendezvous semantics the group ends when its sends have been received.
+pub(crate) fn exchange<M, P: Party<M>>(party: &mut P, ops: &[Transfer], instr: usize) -> Result<(), ExecError> {
+    let rendezvous = party.options().semantics == Semantics::Rendezvous;
+    let timeout = party.options().timeout;
+    for t in ops.iter().filter(|t| t.dir == Direction::Send) {
+        let message = party.outgoing(t.buffer, instr)?;
+        let port =
+            party.ports().data_out.get(&t.peer).ok_or_else(|| party.error(instr, format!("no link to {}", t.peer)))?;
+        port.send((t.buffer, message)).map_err(|_| party.error(instr, format!("{} has stopped", t.peer)))?;
+    }
+    for t in ops.iter().filter(|t| t.dir == Direction::Recv) {
+        let ports = party.ports();
+        let (buffer, message) =
+            party.board().wait(timeout, || ports.data_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
+        if buffer != t.buffer {
+            return Err(party.error(instr, format!("expected {} from {}, but {buffer} arrived", t.buffer, t.peer)));
+        }
+        party.incoming(buffer, message, instr)?;
+        if rendezvous {
+            if let Some(ack) = party.ports().ack_out.get(&t.peer) {
+                let _ = ack.send(buffer);
+            }
+        }
+    }
+    if rendezvous {
+        for t in ops.iter().filter(|t| t.dir == Direction::Send) {
+            let ports = party.ports();
+            let acked = party.board().wait(timeout, || ports.ack_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
+            if acked != t.buffer {
+                return Err(party.error(instr, format!("{} acknowledged {acked}, not {}", t.peer, t.buffer)));
+            }
+        }
+    }
+    Ok(())
 }
