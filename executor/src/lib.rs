@@ -5,7 +5,11 @@
 //! ([`cpu`]) is the semantic reference: it trains a small model
 //! ([`model`]) with real arithmetic, one thread per pipeline rank and
 //! tensor-parallel shard, and its weight gradients must equal a sequential
-//! run's bit for bit.
+//! run's bit for bit. The stream runner ([`streams`]) runs programs the
+//! way a GPU does — compute and communication streams per rank and shard,
+//! ordered by events — over a [`device::Device`]: the host device, which
+//! checks that every read waits for its write, or one GPU (module `cuda`,
+//! feature `cuda`).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
