@@ -205,12 +205,14 @@ struct Target {
     no_hoist: bool,
     /// How to order the passes of an `auto` schedule: greedy (a list
     /// scheduler and a bounded local search; about a second at most) or smt
-    /// (the same, then Z3 searches for a shorter order and may prove it
-    /// optimal).
+    /// (the same, then Z3 searches the whole step for a shorter order and
+    /// may prove it optimal, then windows of the best order with the rest
+    /// kept).
     #[arg(long, value_enum, default_value = "greedy")]
     solver: SolverArg,
-    /// With --solver smt: the most seconds Z3 may search in all; the
-    /// shortest order found by then is kept.
+    /// With --solver smt: the most seconds Z3 may search in all (a third
+    /// for the whole step, the rest for windows); the shortest order found
+    /// by then is kept.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_timeout)]
     solver_timeout: f64,
     /// When to colour diagnostics.
