@@ -445,6 +445,28 @@ fn search(
         1 => -(model.activation - model.weight_stash),
         _ => -model.weight_stash,
     };
+    // Over the other passes of `x`'s rank, the sum of `value` (0: not
+    // counted) for those that run before `x` or share its op: a constant
+    // where the order is kept, a term where the model decides.
+    let counted = |x: usize, ids: &[usize], value: &dyn Fn(usize) -> i64| -> Vec<Int> {
+        let mut terms = Vec::new();
+        let mut known = 0;
+        for &y in ids.iter().filter(|y| **y != x && value(**y) != 0) {
+            match kept_before(x, y) {
+                Some(true) => known += value(y),
+                Some(false) => {}
+                None => terms.push(starts[y].lt(&starts[x]).ite(&int(value(y)), &int(0))),
+            }
+        }
+        for p in partners[x].iter().filter(|p| value(p.other) != 0) {
+            terms.push(p.together.ite(&int(value(p.other)), &int(0)));
+        }
+        if let Some(f) = frozen.as_ref().filter(|f| !f.free[x]) {
+            known += f.mates[x].iter().map(|y| value(*y)).sum::<i64>();
+        }
+        terms.push(int(known));
+        terms
+    };
     for ids in &on_rank {
         if started.elapsed() >= budget {
             return out_of_time();
@@ -473,24 +495,7 @@ fn search(
         if let Some(cap) = model.budget {
             for &x in ids.iter().filter(|x| keys[**x].0 == 0) {
                 let mut live = vec![int(model.activation)];
-                let mut known = 0;
-                for &y in ids.iter().filter(|y| **y != x && delta(keys[**y].0) != 0) {
-                    match kept_before(x, y) {
-                        Some(true) => known += delta(keys[y].0),
-                        Some(false) => {}
-                        None => {
-                            let before = starts[y].lt(&starts[x]);
-                            live.push(before.ite(&int(delta(keys[y].0)), &int(0)));
-                        }
-                    }
-                }
-                live.push(int(known));
-                for p in &partners[x] {
-                    live.push(p.together.ite(&int(delta(keys[p.other].0)), &int(0)));
-                }
-                if let Some(f) = frozen.as_ref().filter(|f| !f.free[x]) {
-                    live.extend(f.mates[x].iter().map(|y| int(delta(keys[*y].0))));
-                }
+                live.extend(counted(x, ids, &|y| delta(keys[y].0)));
                 solver.assert(Int::add(&live).le(int(cap)));
             }
         }
@@ -498,32 +503,18 @@ fn search(
         // counted between ops (none is deferred by a `B` fused with its
         // `W`; a `B` braided with a deferred `W` leaves the count as is).
         if let Some(cap) = model.max_deferred {
-            let pending = |k: usize| if k == 1 { 1 } else { -1 };
+            let pending = |y: usize| match keys[y].0 {
+                0 => 0,
+                1 => 1,
+                _ => -1,
+            };
             for &x in ids.iter().filter(|x| keys[**x].0 == 1) {
+                let own_w = id((2, keys[x].1, keys[x].2));
+                if frozen.as_ref().is_some_and(|f| !f.free[x] && f.mates[x].contains(&own_w)) {
+                    continue; // a kept `BW` defers nothing
+                }
                 let mut deferred = vec![int(1)];
-                let mut known = 0;
-                for &y in ids.iter().filter(|y| keys[**y].0 != 0 && **y != x) {
-                    match kept_before(x, y) {
-                        Some(true) => known += pending(keys[y].0),
-                        Some(false) => {}
-                        None => {
-                            let before = starts[y].lt(&starts[x]);
-                            deferred.push(before.ite(&int(pending(keys[y].0)), &int(0)));
-                        }
-                    }
-                }
-                deferred.push(int(known));
-                for p in partners[x].iter().filter(|p| keys[p.other].0 != 0) {
-                    deferred.push(p.together.ite(&int(pending(keys[p.other].0)), &int(0)));
-                }
-                let kept = frozen.as_ref().filter(|f| !f.free[x]);
-                if let Some(f) = kept {
-                    if f.mates[x].iter().any(|y| keys[*y] == (2, keys[x].1, keys[x].2)) {
-                        continue; // a kept `BW` defers nothing
-                    }
-                    let mates = f.mates[x].iter().filter(|y| keys[**y].0 != 0);
-                    deferred.extend(mates.map(|y| int(pending(keys[*y].0))));
-                }
+                deferred.extend(counted(x, ids, &pending));
                 let within = Int::add(&deferred).le(int(cap));
                 match &fused[x] {
                     Some(bw) => solver.assert(Bool::or(&[bw, &within])),
