@@ -63,17 +63,18 @@ fn require_driver() -> Result<(), ExecError> {
     Ok(())
 }
 
-/// Runs `program` on GPU `ordinal` in single-GPU mode: every rank and
-/// shard in this process, each with its own streams.
-pub fn run(program: &Program, model: &Model, options: CpuOptions, ordinal: usize) -> Result<CpuReport, ExecError> {
-    let device = CudaDevice::open(ordinal)?;
-    streams::run(&device, program, model, options)
+/// Runs `program` on `device` (see [`CudaDevice::open`]) in single-GPU
+/// mode: every rank and shard in this process, each with its own streams.
+pub fn run(device: &CudaDevice, program: &Program, model: &Model, options: CpuOptions) -> Result<CpuReport, ExecError> {
+    streams::run(device, program, model, options)
 }
 
 /// One GPU as a [`Device`].
 pub struct CudaDevice {
     context: Arc<CudaContext>,
     kernels: Kernels,
+    /// The GPU's name, as the driver gives it.
+    pub name: String,
 }
 
 struct Kernels {
@@ -106,8 +107,31 @@ impl CudaDevice {
         }
         let context = CudaContext::new(ordinal)
             .map_err(|e| ExecError::Setup(format!("cannot open CUDA device {ordinal}: {e:?}")))?;
+        let name = context.name().map_err(|e| ExecError::Setup(format!("cannot read the device's name: {e:?}")))?;
         let kernels = load_kernels(&context)?;
-        Ok(CudaDevice { context, kernels })
+        Ok(CudaDevice { context, kernels, name })
+    }
+
+    /// A new buffer of `n` values from `kernel(inputs..., out, n)`.
+    fn elementwise(
+        &self,
+        on: &CudaQueue,
+        kernel: &CudaFunction,
+        inputs: &[&CudaSlice<f32>],
+        n: usize,
+    ) -> DeviceResult<CudaSlice<f32>> {
+        let (count, cfg) = grid(n)?;
+        let mut out = self.alloc(on, n)?;
+        {
+            let mut launch = on.stream.launch_builder(kernel);
+            for input in inputs {
+                launch.arg(*input);
+            }
+            launch.arg(&mut out).arg(&count);
+            // SAFETY: the kernel reads and writes indices below `count`, the buffers' length.
+            launched(unsafe { launch.launch(cfg) })?;
+        }
+        Ok(out)
     }
 
     fn alloc(&self, on: &CudaQueue, n: usize) -> DeviceResult<CudaSlice<f32>> {
@@ -183,15 +207,7 @@ impl Device for CudaDevice {
     }
 
     fn tanh(&self, on: &CudaQueue, x: &CudaSlice<f32>, n: usize) -> DeviceResult<CudaSlice<f32>> {
-        let (count, cfg) = grid(n)?;
-        let mut y = self.alloc(on, n)?;
-        {
-            let mut launch = on.stream.launch_builder(&self.kernels.tanh);
-            launch.arg(x).arg(&mut y).arg(&count);
-            // SAFETY: the kernel reads and writes indices below `count`, the buffers' length.
-            launched(unsafe { launch.launch(cfg) })?;
-        }
-        Ok(y)
+        self.elementwise(on, &self.kernels.tanh, &[x], n)
     }
 
     fn tanh_grad(
@@ -201,15 +217,7 @@ impl Device for CudaDevice {
         z: &CudaSlice<f32>,
         n: usize,
     ) -> DeviceResult<CudaSlice<f32>> {
-        let (count, cfg) = grid(n)?;
-        let mut out = self.alloc(on, n)?;
-        {
-            let mut launch = on.stream.launch_builder(&self.kernels.tanh_grad);
-            launch.arg(g).arg(z).arg(&mut out).arg(&count);
-            // SAFETY: the kernel reads and writes indices below `count`, the buffers' length.
-            launched(unsafe { launch.launch(cfg) })?;
-        }
-        Ok(out)
+        self.elementwise(on, &self.kernels.tanh_grad, &[g, z], n)
     }
 
     fn zeros(&self, on: &CudaQueue, n: usize) -> DeviceResult<CudaSlice<f32>> {

@@ -456,9 +456,9 @@ fn run_on_gpu(
 ) -> Result<CpuReport, ExecError> {
     let local = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok());
     let ordinal = device.or(local).unwrap_or(0);
-    let info = stp_exec::cuda::probe()?;
-    println!("GPU {ordinal} of {}: {} (single-GPU mode: every rank on its own streams)", info.devices, info.name);
-    stp_exec::cuda::run(program, model, options, ordinal)
+    let device = stp_exec::cuda::CudaDevice::open(ordinal)?;
+    println!("GPU {ordinal}: {} (single-GPU mode: every rank on its own streams)", device.name);
+    stp_exec::cuda::run(&device, program, model, options)
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -285,8 +285,7 @@ impl<'a, D: Device> Worker<'a, D> {
         let instrs = &self.program.ranks[self.rank].instrs;
         for (i, instr) in instrs.iter().enumerate() {
             self.board.enter(self.thread, i);
-            let stream = if matches!(instr, Instr::Comm(_)) { &self.comm } else { &self.compute };
-            let before = self.device.record(stream, true);
+            let before = self.device.record(self.stream_of(instr), true);
             match instr {
                 Instr::Compute(c) => {
                     // Between ops, after the frees that follow the previous one.
@@ -300,8 +299,7 @@ impl<'a, D: Device> Worker<'a, D> {
                         .ok_or_else(|| self.error(i, format!("{buffer} is freed but not live")))?;
                 }
             }
-            let stream = if matches!(instr, Instr::Comm(_)) { &self.comm } else { &self.compute };
-            let after = self.device.record(stream, true);
+            let after = self.device.record(self.stream_of(instr), true);
             let span = before.and_then(|b| after.map(|a| (i, b, a)));
             self.spans.push(self.check(i, span)?);
             self.release_finished();
@@ -320,6 +318,16 @@ impl<'a, D: Device> Worker<'a, D> {
         }
         let grads = self.download_gradients(last)?;
         Ok(ThreadResult { grads, peak_stashes, timeline })
+    }
+
+    /// The stream an instruction's work goes on (a free enqueues nothing:
+    /// its span is timed on the compute stream).
+    fn stream_of(&self, instr: &Instr) -> &D::Stream {
+        if matches!(instr, Instr::Comm(_)) {
+            &self.comm
+        } else {
+            &self.compute
+        }
     }
 
     /// This shard's weight gradients, per (stage, microbatch), on the host.

@@ -178,17 +178,17 @@ fn improve(
     // goes to windows of the best order.
     let whole = if incumbent.is_ok() { timeout / 3 } else { timeout };
     let mut found = smt::solve(s, upper, whole, progress, None);
-    let best = found.ranks.clone().or_else(|| incumbent.as_ref().ok().map(|i| i.order.clone()));
     let mut rolled = false;
     // Windows build the whole model too: not where it was refused as too large.
+    let best = found.ranks.as_ref().or(incumbent.as_ref().ok().map(|i| &i.order));
     if let (false, None, Some(order)) = (found.optimal, &found.stopped, best) {
         let left = timeout.saturating_sub(started.elapsed());
-        if let Some((order, makespan)) = rolling_horizon(s, order, found.makespan, left, lower_bound, progress) {
+        if let Some((order, makespan)) = rolling_horizon(s, order.clone(), found.makespan, left, lower_bound, progress)
+        {
             found = smt::SmtPlan { ranks: Some(order), makespan, optimal: false, stopped: None };
             rolled = true;
         }
     }
-    let found = found;
     let report = |kept, makespan, optimal, fallback| PlanReport {
         kept,
         greedy_makespan,
