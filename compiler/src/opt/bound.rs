@@ -1,30 +1,26 @@
-//! A lower bound on the makespan: no rank can finish before its own work
-//! is done, and no step before one microbatch has gone down and back up
-//! the pipeline; sharper, no rank starts before the first of its passes
-//! can start, or stops earlier than the passes after its last must allow.
+//! A lower bound on the makespan: no step ends before one microbatch has
+//! gone down and back up the pipeline, and no rank before it has done its
+//! work, none of it earlier than its dependencies allow and each piece
+//! followed by what must come after it.
 
 use crate::elab::ComputeSchedule;
 use stp_ir::simulate::CostModel;
 
-/// `max(busiest rank's compute, one microbatch's forward and backward
-/// through every stage with the transfers between ranks)`.
+/// `max(one microbatch's forward and backward through every stage, with
+/// their collectives and the transfers between ranks; per rank, the best
+/// order of its passes cut into pieces)` — the latter is never below the
+/// rank's total compute, nor below its earliest start plus that compute
+/// plus its least tail.
 pub fn lower_bound(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let meta = &s.meta;
-    let per_stage = cost.forward + cost.backward_input + cost.backward_weight;
-    let mut work = vec![0.0; meta.num_ranks as usize];
-    for owner in &meta.placement {
-        work[owner.index()] += per_stage * f64::from(meta.num_microbatches);
-    }
-    let busiest = work.into_iter().fold(0.0, f64::max);
     let hops = meta.placement.windows(2).filter(|w| w[0] != w[1]).count() as f64;
     let critical = f64::from(meta.num_stages) * (cost.forward + cost.backward_input + 2.0 * cost.tp_collective)
         + 2.0 * hops * cost.p2p;
-    busiest.max(critical).max(rank_windows(s, cost))
+    critical.max(rank_floor(s, cost))
 }
 
-/// Per rank: the earliest any of its passes can start, plus all its work,
-/// plus the least time that must follow any of its passes.
-fn rank_windows(s: &ComputeSchedule, cost: &CostModel) -> f64 {
+/// Per rank, the best it could do alone ([`preemptive_floor`]).
+fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let meta = &s.meta;
     let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
     // Integer arithmetic (microunits) keeps the head/tail tables exact.
@@ -35,8 +31,7 @@ fn rank_windows(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let hop = |a: usize, b: usize| if owner(a) != owner(b) { micro(cost.p2p) } else { 0 };
     // Any order counts here, hand-written ones braiding `F & F` too.
     let (heads, tails) = heads_and_tails(stages, mbs, dur, lat, false, &hop);
-    let windows = window_floor(&meta.placement, &heads, &tails, dur);
-    windows.max(preemptive_floor(&meta.placement, &heads, &tails, dur)) as f64 / 1e6
+    preemptive_floor(&meta.placement, &heads, &tails, dur) as f64 / 1e6
 }
 
 /// Per kind (F, B, W), the least time from the start of an op holding a
@@ -97,28 +92,6 @@ fn jackson_preemptive(mut jobs: Vec<(i64, i64, i64)>) -> i64 {
         }
     }
     best
-}
-
-/// The largest, over ranks, of: the earliest any of the rank's passes can
-/// start, plus all its work (`dur` per F, B and W), plus the least time
-/// that must follow any of its passes.
-pub fn window_floor(placement: &[stp_ir::Rank], heads: &PerPass, tails: &PerPass, dur: [i64; 3]) -> i64 {
-    let mbs = heads.first().and_then(|h| h.first()).map_or(0, Vec::len);
-    if mbs == 0 {
-        return 0;
-    }
-    let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
-    (0..ranks)
-        .filter_map(|r| {
-            let owned: Vec<usize> = (0..placement.len()).filter(|st| placement[*st].index() == r).collect();
-            // Heads grow and tails shrink with the microbatch: the extremes
-            // are at the first and the last one.
-            let first = owned.iter().flat_map(|&st| (0..3).map(move |k| heads[k][st][0])).min()?;
-            let last = owned.iter().flat_map(|&st| (0..3).map(move |k| tails[k][st][mbs - 1])).min().unwrap_or(0);
-            Some(first + owned.len() as i64 * mbs as i64 * dur.iter().sum::<i64>() + last)
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 /// Per pass (`[kind][stage][mb]`, kinds F, B, W): the earliest its op can
