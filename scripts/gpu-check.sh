@@ -12,6 +12,10 @@
 #      last bits, so bit equality is not expected),
 #   3. runs a larger model and prints the measured makespan against the
 #      simulator's under the pass times measured in that run.
+# Then it runs STP tp=2 in multi-process mode (`stp-exec launch`: one
+# process per pipeline rank, as torchrun starts them): on one GPU every
+# process shares GPU 0 and transfers go through host memory; with a GPU
+# per rank it also runs them over NCCL.
 #
 # Usage: scripts/gpu-check.sh              (builds with cargo if it can)
 #        STP_BIN=dir scripts/gpu-check.sh  (uses prebuilt stpc and stp-exec from dir,
@@ -80,6 +84,24 @@ check() {
 check 1f1b 8 1
 check stp 11 1
 check stp 11 2
+
+multi() {
+  local transport=$1; shift
+  echo
+  echo "== stp p=4 m=11 tp=2, one process per pipeline rank, transfers: $transport"
+  if ! timeout 120 "$bin/stp-exec" launch "$work/stp-tp2/program.json" --backend "$BACKEND" --transport "$transport" \
+       "$@" --check --tolerance "$TOLERANCE" "${SMALL[@]}" --timeout 60; then
+    status=1
+  fi
+}
+multi host --device 0
+gpus=$( (nvidia-smi -L 2>/dev/null || true) | wc -l)
+if [[ $BACKEND == cuda && $gpus -ge 4 ]]; then
+  multi nccl
+else
+  echo
+  echo "(NCCL between processes needs a GPU per pipeline rank: $gpus here; not run)"
+fi
 
 echo
 if [[ $status -eq 0 ]]; then echo "gpu-check: all passed"; else echo "gpu-check: FAILED"; fi

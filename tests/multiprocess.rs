@@ -1,11 +1,14 @@
 //! Multi-process runs (`stp_exec::launch`): every pipeline rank in its own
 //! "process" (here a thread each, with nothing shared but TCP sockets on
-//! localhost), meeting at MASTER_ADDR:MASTER_PORT. The gradients still
-//! equal a sequential run's bit for bit, and a broken setup is named.
+//! localhost), meeting at MASTER_ADDR:MASTER_PORT — on the CPU backend and
+//! on the stream runner staging its transfers through host memory. The
+//! gradients still equal a sequential run's bit for bit, and a broken
+//! setup is named.
 
 use std::time::Duration;
 use stp_exec::cpu::{self, CpuOptions, CpuReport};
-use stp_exec::launch::{run_process, Env};
+use stp_exec::device::HostDevice;
+use stp_exec::launch::{run_process, run_process_on, Env};
 use stp_exec::model::{sequential_gradients, Model};
 use stp_exec::ExecError;
 use stp_ir::Program;
@@ -24,9 +27,32 @@ fn env(rank: usize, world: usize, port: u16) -> Env {
     Env { rank, world_size: world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }
 }
 
+/// How one process runs its rank.
+type Runner = fn(&Program, &Model, CpuOptions, &Env, Duration) -> Result<CpuReport, ExecError>;
+
+fn on_streams(
+    program: &Program,
+    model: &Model,
+    options: CpuOptions,
+    env: &Env,
+    rendezvous: Duration,
+) -> Result<CpuReport, ExecError> {
+    run_process_on(&HostDevice::new(), program, model, options, env, rendezvous)
+}
+
 /// Runs `programs[r]` as rank r of a world of `world`, each on its own
-/// thread with its own model, meeting over TCP.
+/// thread with its own model, meeting over TCP, on the CPU backend.
 fn run_world(
+    programs: &[Program],
+    world: usize,
+    options: CpuOptions,
+    rendezvous: Duration,
+) -> Vec<Result<CpuReport, ExecError>> {
+    run_world_with(run_process, programs, world, options, rendezvous)
+}
+
+fn run_world_with(
+    runner: Runner,
     programs: &[Program],
     world: usize,
     options: CpuOptions,
@@ -38,7 +64,7 @@ fn run_world(
             .iter()
             .enumerate()
             .map(|(r, program)| {
-                s.spawn(move || run_process(program, &model_for(program), options, &env(r, world, port), rendezvous))
+                s.spawn(move || runner(program, &model_for(program), options, &env(r, world, port), rendezvous))
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap_or(Err(ExecError::Panicked))).collect()
@@ -47,14 +73,25 @@ fn run_world(
 
 #[test]
 fn ranks_in_separate_processes_reproduce_the_sequential_gradients() {
+    assert_processes_reproduce_the_sequential_gradients(run_process, "cpu");
+}
+
+#[test]
+fn stream_runners_in_separate_processes_reproduce_the_sequential_gradients() {
+    assert_processes_reproduce_the_sequential_gradients(on_streams, "streams");
+}
+
+fn assert_processes_reproduce_the_sequential_gradients(runner: Runner, backend: &str) {
     for (name, p, m, v, tp) in [("1f1b", 4, 8, None, 1), ("stp", 2, 5, None, 2), ("interleaved-1f1b", 2, 4, Some(2), 1)]
     {
         let program = build_std_tp(name, p, m, v, tp).program;
         let expected = sequential_gradients(&model_for(&program));
         let single = cpu::run(&program, &model_for(&program), CpuOptions::default()).expect("one process");
         let world = p as usize;
-        let reports = run_world(&vec![program.clone(); world], world, CpuOptions::default(), Duration::from_secs(20));
+        let programs = vec![program.clone(); world];
+        let reports = run_world_with(runner, &programs, world, CpuOptions::default(), Duration::from_secs(20));
         for (r, report) in reports.into_iter().enumerate() {
+            let name = format!("{backend}: {name}");
             let report = report.unwrap_or_else(|e| panic!("{name} rank {r}: {e}"));
             assert_eq!(report.ranks, [stp_ir::Rank(r as u32)]);
             let owned = program.schedule.placement.iter().enumerate().filter(|(_, o)| o.index() == r);
@@ -74,7 +111,10 @@ fn processes_running_different_programs_are_stopped_at_the_rendezvous() {
     for (r, report) in reports.into_iter().enumerate() {
         match report {
             Err(ExecError::Setup(message)) => {
-                assert!(message.contains("rank 1 runs a different program than rank 0"), "rank {r}: {message}")
+                assert!(
+                    message.contains("rank 1 runs a different program or transport than rank 0"),
+                    "rank {r}: {message}"
+                )
             }
             other => panic!("rank {r}: expected a refused rendezvous, got {other:?}"),
         }
@@ -99,17 +139,20 @@ fn a_deadlock_across_processes_names_where_each_rank_is_stuck() {
     let mut program = build_std_tp("1f1b", 2, 2, None, 1).program;
     stp_tests::ungroup_transfers(&mut program);
     let options = CpuOptions { timeout: Duration::from_millis(400), ..CpuOptions::default() };
-    let reports = run_world(&[program.clone(), program], 2, options, Duration::from_secs(20));
-    let blocked: Vec<String> = reports
-        .into_iter()
-        .flat_map(|r| match r {
-            Err(ExecError::Deadlock { blocked }) => {
-                blocked.into_iter().map(|(r, _, t)| format!("{r}: {t}")).collect::<Vec<_>>()
-            }
-            other => panic!("expected a deadlock, got {other:?}"),
-        })
-        .collect();
-    assert_eq!(blocked, ["r0: send act.s0.mb1 -> r1", "r1: send grad.s1.mb0 -> r0"]);
+    for (runner, backend) in [(run_process as Runner, "cpu"), (on_streams, "streams")] {
+        let programs = [program.clone(), program.clone()];
+        let reports = run_world_with(runner, &programs, 2, options, Duration::from_secs(20));
+        let blocked: Vec<String> = reports
+            .into_iter()
+            .flat_map(|r| match r {
+                Err(ExecError::Deadlock { blocked }) => {
+                    blocked.into_iter().map(|(r, _, t)| format!("{r}: {t}")).collect::<Vec<_>>()
+                }
+                other => panic!("{backend}: expected a deadlock, got {other:?}"),
+            })
+            .collect();
+        assert_eq!(blocked, ["r0: send act.s0.mb1 -> r1", "r1: send grad.s1.mb0 -> r0"], "{backend}");
+    }
 }
 
 #[test]

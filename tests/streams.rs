@@ -5,12 +5,16 @@
 //! write. Its gradients equal a sequential run's bit for bit, and a wait
 //! left out is caught.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 use stp_exec::cpu::{self, CpuOptions};
-use stp_exec::device::{Device, DeviceResult, HostDevice};
+use stp_exec::device::{Device, DeviceResult, HostBuffer, HostDevice, HostStream};
 use stp_exec::model::{sequential_gradients, Model};
+use stp_exec::streams::{Fabric, Link};
 use stp_exec::{streams, ExecError};
 use stp_ir::simulate::Semantics;
-use stp_ir::Program;
+use stp_ir::{Program, Rank};
 use stp_tests::{build_std, build_std_tp};
 
 fn model_for(program: &Program) -> Model {
@@ -146,5 +150,108 @@ fn a_read_not_ordered_after_its_write_is_reported() {
             }
             other => panic!("{name}: expected an ordering error, got {other:?}"),
         }
+    }
+}
+
+/// A device transport for the tests, standing in for NCCL: a group's sends
+/// are copied to the host from the sender's communication stream and its
+/// receives uploaded on the receiver's, matched in order per (sender,
+/// receiver, shard) as NCCL matches them.
+#[derive(Default)]
+struct Loopback {
+    queues: Mutex<HashMap<(Rank, Rank, usize), VecDeque<Vec<f32>>>>,
+    arrived: Condvar,
+    /// Fail every group with this message.
+    down: Option<&'static str>,
+}
+
+struct LoopbackLink<'a> {
+    fabric: &'a Loopback,
+    rank: Rank,
+    shard: usize,
+}
+
+impl Fabric<HostDevice> for Loopback {
+    fn connect<'f>(
+        &'f self,
+        _: &HostDevice,
+        rank: Rank,
+        shard: usize,
+        _: &HostStream,
+    ) -> DeviceResult<Box<dyn Link<HostDevice> + 'f>> {
+        Ok(Box::new(LoopbackLink { fabric: self, rank, shard }))
+    }
+}
+
+impl Link<HostDevice> for LoopbackLink<'_> {
+    fn group(
+        &mut self,
+        device: &HostDevice,
+        stream: &HostStream,
+        sends: &[(Rank, &HostBuffer)],
+        recvs: &[(Rank, usize)],
+    ) -> DeviceResult<Vec<HostBuffer>> {
+        if let Some(why) = self.fabric.down {
+            return Err(why.into());
+        }
+        for (to, buffer) in sends {
+            let data = device.download(stream, buffer)?;
+            let mut queues = self.fabric.queues.lock().map_err(|_| "poisoned")?;
+            queues.entry((self.rank, *to, self.shard)).or_default().push_back(data);
+            self.fabric.arrived.notify_all();
+        }
+        let mut received = Vec::new();
+        for (from, len) in recvs {
+            let key = (*from, self.rank, self.shard);
+            let queues = self.fabric.queues.lock().map_err(|_| "poisoned")?;
+            let (mut queues, waited) = self
+                .fabric
+                .arrived
+                .wait_timeout_while(queues, Duration::from_secs(10), |q| q.get(&key).is_none_or(VecDeque::is_empty))
+                .map_err(|_| "poisoned")?;
+            if waited.timed_out() {
+                return Err(format!("nothing arrived from {from}"));
+            }
+            let data = queues.get_mut(&key).and_then(VecDeque::pop_front).ok_or("lost")?;
+            if data.len() != *len {
+                return Err(format!("a receive of {len} values, but {} were sent", data.len()));
+            }
+            received.push(device.upload(stream, &data)?);
+        }
+        Ok(received)
+    }
+}
+
+#[test]
+fn transfers_through_a_device_transport_reproduce_the_sequential_gradients() {
+    let cases: [(&str, i64, i64, Option<i64>, u32); 5] = [
+        ("1f1b", 4, 8, None, 1),
+        ("zb-v", 3, 6, None, 1),
+        ("dualpipe-v", 4, 10, None, 1),
+        ("stp", 4, 11, None, 2),
+        ("interleaved-1f1b", 2, 4, Some(2), 2),
+    ];
+    for (name, p, m, v, tp) in cases {
+        let program = build_std_tp(name, p, m, v, tp).program;
+        let model = model_for(&program);
+        let fabric = Loopback::default();
+        let report = streams::run_over(&HostDevice::new(), &program, &model, CpuOptions::default(), &fabric)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(report.gradients, sequential_gradients(&model), "{name} p={p} m={m} tp={tp}: gradients differ");
+    }
+}
+
+#[test]
+fn a_failing_device_transport_is_named_with_the_instruction() {
+    let program = build_std("1f1b", 2, 2, None).program;
+    let model = model_for(&program);
+    let fabric = Loopback { down: Some("link down"), ..Loopback::default() };
+    match streams::run_over(&HostDevice::new(), &program, &model, CpuOptions::default(), &fabric) {
+        Err(ExecError::Runtime { rank, instr, message }) => {
+            assert!(message.contains("link down"), "{message}");
+            let text = program.ranks[rank.index()].instrs[instr].to_string();
+            assert!(text.starts_with("send") || text.starts_with("recv"), "names a transfer: {text}");
+        }
+        other => panic!("expected the transport's error, got {other:?}"),
     }
 }

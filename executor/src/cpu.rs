@@ -404,8 +404,8 @@ impl Worker<'_> {
 }
 
 impl threads::Party<Tensor> for Worker<'_> {
-    fn ports(&self) -> &Ports {
-        &self.ports
+    fn ports(&self) -> Option<&Ports> {
+        Some(&self.ports)
     }
 
     fn board(&self) -> &Board {

@@ -9,19 +9,27 @@
 //! communication stream: GEMMs through cuBLAS (one handle per compute
 //! stream), tanh and its gradient and the all-reduce's adds as small
 //! kernels, point-to-point transfers as device-to-device copies ordered
-//! by events. The kernels ship as PTX, which the driver compiles; where
+//! by events. Multi-process mode ([`run_process`]) runs one pipeline rank
+//! per process, its shards on the process's GPU, with point-to-point
+//! transfers through NCCL (one communicator per tensor-parallel shard,
+//! linking that shard of every rank; the unique ids travel over the
+//! TCP rendezvous) or staged through host memory. The kernels ship as PTX, which the driver compiles; where
 //! the driver refuses it, the same kernels are compiled from CUDA C with
 //! NVRTC, if the machine has it.
 
 use crate::cpu::{CpuOptions, CpuReport};
 use crate::device::{ColumnMajorGemm, Device, DeviceResult};
+use crate::launch::{self, Env};
 use crate::model::Model;
-use crate::{streams, ExecError};
+use crate::streams::{self, Fabric, Link, Peers};
+use crate::ExecError;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::nccl::{group_end, group_start, Comm, Id};
 use std::sync::Arc;
-use stp_ir::Program;
+use std::time::Duration;
+use stp_ir::{Program, Rank};
 
 /// What the machine offers.
 #[derive(Debug, Clone)]
@@ -67,6 +75,129 @@ fn require_driver() -> Result<(), ExecError> {
 /// mode: every rank and shard in this process, each with its own streams.
 pub fn run(device: &CudaDevice, program: &Program, model: &Model, options: CpuOptions) -> Result<CpuReport, ExecError> {
     streams::run(device, program, model, options)
+}
+
+/// How the processes of a multi-process run reach each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// NCCL send and receive on the communication stream.
+    Nccl,
+    /// Staged through host memory, over the rendezvous's TCP links.
+    Host,
+}
+
+/// Runs this process's rank of `program` on `device` (one process per
+/// pipeline rank, as [`crate::launch`] meets them), its tensor-parallel
+/// shards as threads on this GPU.
+pub fn run_process(
+    device: &CudaDevice,
+    program: &Program,
+    model: &Model,
+    options: CpuOptions,
+    env: &Env,
+    rendezvous: Duration,
+    transport: Transport,
+) -> Result<CpuReport, ExecError> {
+    if transport == Transport::Host {
+        return launch::run_process_on(device, program, model, options, env, rendezvous);
+    }
+    let tp = program.schedule.tp as usize;
+    let make_ids = move || Nccl::make_ids(tp);
+    launch::linked(program, model, options, env, rendezvous, Some(&make_ids), |_, ids| {
+        let nccl = Nccl::from_ids(&ids, env.rank, env.world_size, tp).map_err(ExecError::Setup)?;
+        streams::execute(device, program, model, options, &[env.rank], Peers::Fabric(&nccl))
+    })
+}
+
+/// NCCL as the stream runner's [`Fabric`]: shard `k` of every pipeline
+/// rank shares communicator `k` (rank = pipeline rank).
+struct Nccl {
+    ids: Vec<Id>,
+    rank: usize,
+    world: usize,
+}
+
+/// The length of an NCCL unique id.
+const NCCL_ID: usize = 128;
+
+impl Nccl {
+    /// One unique id per shard, as bytes for the rendezvous.
+    fn make_ids(tp: usize) -> Result<Vec<u8>, String> {
+        // SAFETY: only checks whether the shared library can be opened.
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err("NCCL (libnccl.so.2) is not on the library path; use --transport host".into());
+        }
+        let mut bytes = Vec::with_capacity(tp * NCCL_ID);
+        for _ in 0..tp {
+            let id = Id::new().map_err(|e| format!("NCCL cannot make a unique id: {e:?}"))?;
+            bytes.extend(id.internal().iter().map(|c| *c as u8));
+        }
+        Ok(bytes)
+    }
+
+    fn from_ids(bytes: &[u8], rank: usize, world: usize, tp: usize) -> Result<Nccl, String> {
+        if bytes.len() != tp * NCCL_ID {
+            return Err(format!("rank 0 sent {} bytes of NCCL ids, not {tp} × {NCCL_ID}", bytes.len()));
+        }
+        let ids = bytes
+            .chunks_exact(NCCL_ID)
+            .map(|chunk| {
+                let mut internal = [0 as std::ffi::c_char; NCCL_ID];
+                for (slot, b) in internal.iter_mut().zip(chunk) {
+                    *slot = *b as std::ffi::c_char;
+                }
+                Id::uninit(internal)
+            })
+            .collect();
+        Ok(Nccl { ids, rank, world })
+    }
+}
+
+impl Fabric<CudaDevice> for Nccl {
+    fn connect<'f>(
+        &'f self,
+        _: &CudaDevice,
+        _: Rank,
+        shard: usize,
+        stream: &CudaQueue,
+    ) -> DeviceResult<Box<dyn Link<CudaDevice> + 'f>> {
+        let id = *self.ids.get(shard).ok_or_else(|| format!("no NCCL id for shard {shard}"))?;
+        let comm = Comm::from_rank(Arc::clone(&stream.stream), self.rank, self.world, id)
+            .map_err(|e| format!("NCCL cannot join communicator {shard} as rank {}: {e:?}", self.rank))?;
+        Ok(Box::new(NcclLink { comm }))
+    }
+}
+
+struct NcclLink {
+    comm: Comm,
+}
+
+impl Link<CudaDevice> for NcclLink {
+    fn group(
+        &mut self,
+        device: &CudaDevice,
+        stream: &CudaQueue,
+        sends: &[(Rank, &CudaSlice<f32>)],
+        recvs: &[(Rank, usize)],
+    ) -> DeviceResult<Vec<CudaSlice<f32>>> {
+        let mut received: Vec<CudaSlice<f32>> =
+            recvs.iter().map(|(_, n)| device.zeros(stream, *n)).collect::<Result<_, _>>()?;
+        let peer = |r: &Rank| i32::try_from(r.index()).map_err(|_| format!("{r} is beyond NCCL's ranks"));
+        driver("NCCL cannot start a group", group_start())?;
+        let mut posted = Ok(());
+        for (to, buf) in sends {
+            posted = posted.and_then(|()| driver("NCCL cannot post a send", self.comm.send(*buf, peer(to)?)));
+        }
+        for ((from, _), buf) in recvs.iter().zip(received.iter_mut()) {
+            posted = posted
+                .and_then(|()| driver("NCCL cannot post a receive", self.comm.recv(buf, peer(from)?)).map(|_| ()));
+        }
+        // The group is closed even when a post failed.
+        let ended = driver("NCCL cannot end a group", group_end());
+        posted?;
+        ended?;
+        Ok(received)
+    }
 }
 
 /// One GPU as a [`Device`].

@@ -12,11 +12,19 @@
 //! (one TCP connection per pair of ranks) frames carry the CPU backend's
 //! messages and acknowledgements, tagged with their tensor-parallel shard,
 //! so the backend's threads see the same channels as in one process and
-//! the program's rendezvous semantics are kept. The NCCL backend will
-//! exchange its unique id over the same rendezvous.
+//! the program's rendezvous semantics are kept.
+//!
+//! The same mesh serves every backend: the CPU backend's threads, the
+//! stream runner ([`crate::streams`]) staging its transfers through host
+//! memory, and the CUDA backend over NCCL, whose unique ids rank 0 makes
+//! and sends to every rank over the mesh before any frame moves (NCCL
+//! then carries the transfers; the mesh stays open until every rank is
+//! done, so no process leaves while a peer may still need it).
 
 use crate::cpu::{self, CpuOptions, CpuReport, Ports};
+use crate::device::Device;
 use crate::model::{Model, Tensor};
+use crate::streams::{self, Peers};
 use crate::ExecError;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -79,9 +87,9 @@ impl Env {
     }
 }
 
-/// Runs this process's rank of `program`: meets the other processes
-/// (waiting up to `rendezvous` for them), then runs the rank's shard
-/// threads with messages over TCP. The program is verified first.
+/// Runs this process's rank of `program` on the CPU backend: meets the
+/// other processes (waiting up to `rendezvous` for them), then runs the
+/// rank's shard threads with messages over TCP. The program is verified first.
 pub fn run_process(
     program: &Program,
     model: &Model,
@@ -89,23 +97,107 @@ pub fn run_process(
     env: &Env,
     rendezvous: Duration,
 ) -> Result<CpuReport, ExecError> {
+    linked(program, model, options, env, rendezvous, None, |ports, _| {
+        cpu::run_rank(program, model, options, env.rank, ports)
+    })
+}
+
+/// Runs this process's rank of `program` with the stream runner on
+/// `device`, its transfers staged through host memory over TCP (works on
+/// any device and network; NCCL, where there is one, is faster:
+/// `crate::cuda::run_process`).
+pub fn run_process_on<D: Device>(
+    device: &D,
+    program: &Program,
+    model: &Model,
+    options: CpuOptions,
+    env: &Env,
+    rendezvous: Duration,
+) -> Result<CpuReport, ExecError> {
+    linked(program, model, options, env, rendezvous, None, |ports, _| {
+        streams::execute(device, program, model, options, &[env.rank], Peers::Staged(ports))
+    })
+}
+
+/// Makes the bytes rank 0 hands every rank at the rendezvous (NCCL's
+/// unique ids), or says why it cannot.
+pub(crate) type Secret<'a> = &'a (dyn Fn() -> Result<Vec<u8>, String> + Sync);
+
+/// Meets the other processes, hands every rank `secret`'s bytes if given,
+/// and runs `body` with this rank's per-shard channels over TCP; returns
+/// once every peer is done with this process.
+pub(crate) fn linked(
+    program: &Program,
+    model: &Model,
+    options: CpuOptions,
+    env: &Env,
+    rendezvous: Duration,
+    secret: Option<Secret>,
+    body: impl FnOnce(Vec<Ports>, Vec<u8>) -> Result<CpuReport, ExecError>,
+) -> Result<CpuReport, ExecError> {
     cpu::prepare(program, model)?;
     let ranks = program.ranks.len();
     if env.world_size != ranks {
         return Err(ExecError::Setup(format!(
-            "WORLD_SIZE is {} but the program has {ranks} pipeline ranks: the CPU backend runs one process per \
+            "WORLD_SIZE is {} but the program has {ranks} pipeline ranks: every backend runs one process per \
              pipeline rank (its tensor-parallel shards are threads)",
             env.world_size
         )));
     }
-    let peers = connect_mesh(env, fingerprint(program), rendezvous).map_err(ExecError::Setup)?;
+    // Both ends must agree on the transport as on the program.
+    let fingerprint = fingerprint(program) ^ u64::from(secret.is_some());
+    let deadline = Instant::now() + rendezvous;
+    let mut peers = connect_mesh(env, fingerprint, rendezvous).map_err(ExecError::Setup)?;
+    let shared = match secret {
+        Some(make) => share_secret(&mut peers, env.rank, make, deadline).map_err(ExecError::Setup)?,
+        None => Vec::new(),
+    };
     let tp = program.schedule.tp as usize;
     let (ports, bridge) =
         Bridge::start(peers, tp).map_err(|e| ExecError::Setup(format!("cannot set up links: {e}")))?;
-    let report = cpu::run_rank(program, model, options, env.rank, ports);
+    let report = body(ports, shared);
     bridge.finish(options.timeout);
     report
 }
+
+/// Rank 0 makes the secret and sends it (or why it has none) to every
+/// rank; the others read it from rank 0.
+fn share_secret(mesh: &mut Mesh, rank: usize, make: Secret, deadline: Instant) -> Result<Vec<u8>, String> {
+    if rank == 0 {
+        let made = make();
+        for stream in mesh.iter_mut().flatten() {
+            let sent = match &made {
+                Ok(bytes) => stream
+                    .write_all(&[0])
+                    .and_then(|()| write_u32(stream, bytes.len() as u32))
+                    .and_then(|()| stream.write_all(bytes)),
+                Err(why) => refuse(stream, why),
+            };
+            sent.and_then(|()| stream.flush())
+                .map_err(|e| format!("rank 0 lost a rank while handing out the transport's ids: {e}"))?;
+        }
+        return made.map_err(|why| format!("rank 0 cannot set up the transport: {why}"));
+    }
+    let master = mesh.first_mut().and_then(Option::as_mut).ok_or("no connection to rank 0")?;
+    set_deadline(master, deadline)?;
+    let lost = |e: io::Error| format!("rank {rank} waited for the transport's ids from rank 0: {e}");
+    match read_array::<1>(master).map_err(lost)?[0] {
+        0 => {
+            let len = read_u32(master).map_err(lost)? as usize;
+            if len > MAX_SECRET {
+                return Err(format!("rank 0 sent {len} bytes of transport ids (at most {MAX_SECRET} expected)"));
+            }
+            let mut bytes = vec![0; len];
+            master.read_exact(&mut bytes).map_err(lost)?;
+            Ok(bytes)
+        }
+        1 => Err(format!("rank 0 cannot set up the transport: {}", read_str(master).map_err(lost)?)),
+        other => Err(format!("rank 0 answered {other} instead of the transport's ids")),
+    }
+}
+
+/// NCCL's unique id is 128 bytes, one per tensor-parallel shard.
+const MAX_SECRET: usize = 1 << 16;
 
 /// FNV-1a over the program's JSON: processes must run the same program.
 fn fingerprint(program: &Program) -> u64 {
@@ -212,7 +304,7 @@ fn gather_at_master(env: &Env, fingerprint: u64, deadline: Instant, mesh: &mut M
         } else if hello.rank == 0 || hello.rank >= env.world_size || table[hello.rank].is_some() {
             Some(format!("two processes claim RANK={}", hello.rank))
         } else if hello.fingerprint != fingerprint {
-            Some(format!("rank {} runs a different program than rank 0 (give every process the same file)", hello.rank))
+            Some(format!("rank {} runs a different program or transport than rank 0 (give every process the same file and backend)", hello.rank))
         } else {
             None
         };
@@ -545,6 +637,46 @@ mod tests {
 
     fn decode(bytes: &[u8]) -> io::Result<Frame> {
         Frame::decode(&mut &bytes[..])
+    }
+
+    /// Every rank of a world of 3 meets the others and receives what rank
+    /// 0's `make` gives (as NCCL's unique ids travel), or rank 0's reason.
+    fn share(make: Secret) -> Vec<Result<Vec<u8>, String>> {
+        let port = TcpListener::bind(("127.0.0.1", 0)).and_then(|l| l.local_addr()).expect("a free port").port();
+        let timeout = Duration::from_secs(20);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|rank| {
+                    s.spawn(move || {
+                        let env = Env {
+                            rank,
+                            world_size: 3,
+                            local_rank: rank,
+                            master_addr: "127.0.0.1".into(),
+                            master_port: port,
+                        };
+                        let mut mesh = connect_mesh(&env, 7, timeout)?;
+                        share_secret(&mut mesh, rank, make, Instant::now() + timeout)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("no panic")).collect()
+        })
+    }
+
+    #[test]
+    fn rank_0_hands_every_rank_the_transports_ids() {
+        let ids: Vec<u8> = (0..=255).cycle().take(256).collect();
+        let expected = ids.clone();
+        let make = move || Ok(ids.clone());
+        for (rank, got) in share(&make).into_iter().enumerate() {
+            assert_eq!(got.as_deref(), Ok(&expected[..]), "rank {rank}");
+        }
+        let broken = || Err("NCCL is not on the library path".to_string());
+        for (rank, got) in share(&broken).into_iter().enumerate() {
+            let message = got.expect_err("refused");
+            assert!(message.contains("rank 0 cannot set up the transport: NCCL is not on"), "rank {rank}: {message}");
+        }
     }
 
     #[test]

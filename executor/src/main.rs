@@ -25,7 +25,9 @@ use stp_ir::Program;
     after_help = "Examples:\n  \
         stp-exec run out/program.json --check --trace out/trace.json\n  \
         stp-exec launch out/program.json --check        (one process per rank, over TCP)\n  \
-        RANK=1 WORLD_SIZE=4 MASTER_ADDR=node0 MASTER_PORT=29500 stp-exec run out/program.json"
+        stp-exec run out/program.json --backend cuda --check     (one GPU, every rank on its own streams)\n  \
+        RANK=1 WORLD_SIZE=4 MASTER_ADDR=node0 MASTER_PORT=29500 stp-exec run out/program.json --backend cuda\n    \
+        (one process per pipeline rank and GPU, transfers over NCCL)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -36,8 +38,9 @@ struct Cli {
 enum Command {
     /// Run one training step and report the measured per-rank timeline.
     /// With WORLD_SIZE set (as torchrun and Slurm wrappers set it, with
-    /// RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), run only rank RANK
-    /// and exchange messages with the other processes over TCP.
+    /// RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT), run only pipeline
+    /// rank RANK and exchange with the other processes over TCP (or NCCL
+    /// with --backend cuda; see --transport).
     Run(RunArgs),
     /// Start one `stp-exec run` process per pipeline rank on this machine,
     /// with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1 and a free
@@ -94,6 +97,10 @@ struct RunArgs {
     /// With --backend cuda: the GPU (default: LOCAL_RANK if set, else 0).
     #[arg(long)]
     device: Option<usize>,
+    /// In a multi-process run: how ranks send to each other. Default:
+    /// nccl with --backend cuda, host otherwise.
+    #[arg(long, value_enum)]
+    transport: Option<Transport>,
     /// Compare the measured makespan with the simulator's under this cost
     /// model (JSON as for `stpc simulate --cost`, times in milliseconds);
     /// without it, under the pass times measured in this run.
@@ -116,6 +123,14 @@ enum Backend {
     /// streams, cuBLAS GEMMs, device-to-device copies (build with
     /// `--features cuda`).
     Cuda,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    /// NCCL send/receive on each rank's communication stream (--backend cuda).
+    Nccl,
+    /// Through host memory, over the rendezvous's TCP connections.
+    Host,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -142,10 +157,9 @@ fn main() -> ExitCode {
 
 fn run(args: &RunArgs) -> Result<(), String> {
     let env = Env::from_vars(|name| std::env::var(name).ok())?;
-    if env.is_some() && args.backend != Backend::Cpu {
+    if args.transport == Some(Transport::Nccl) && args.backend != Backend::Cuda {
         return Err(format!(
-            "WORLD_SIZE is set, but only the cpu backend runs one rank per process; the {} backend runs every \
-             rank in one process (unset WORLD_SIZE) — multi-process GPU runs over NCCL are not built yet",
+            "--transport nccl needs --backend cuda; the {} backend sends over TCP (--transport host)",
             backend_name(args.backend)
         ));
     }
@@ -166,13 +180,17 @@ fn run(args: &RunArgs) -> Result<(), String> {
         },
         timeout: Duration::from_secs_f64(args.timeout.max(0.01)),
     };
-    let report = match &env {
-        None if args.backend == Backend::Streams => streams::run(&HostDevice::new(), &program, &model, options),
-        None if args.backend == Backend::Cuda => run_on_gpu(&program, &model, options, args.device),
-        None => cpu::run(&program, &model, options),
-        Some(env) => {
-            let rendezvous = Duration::from_secs_f64(args.rendezvous_timeout.max(0.1));
-            launch::run_process(&program, &model, options, env, rendezvous)
+    let rendezvous = Duration::from_secs_f64(args.rendezvous_timeout.max(0.1));
+    let report = match (&env, args.backend) {
+        (None, Backend::Streams) => streams::run(&HostDevice::new(), &program, &model, options),
+        (None, Backend::Cpu) => cpu::run(&program, &model, options),
+        (Some(env), Backend::Streams) => {
+            launch::run_process_on(&HostDevice::new(), &program, &model, options, env, rendezvous)
+        }
+        (Some(env), Backend::Cpu) => launch::run_process(&program, &model, options, env, rendezvous),
+        (env, Backend::Cuda) => {
+            let how = env.as_ref().map(|env| (env, rendezvous, args.transport));
+            run_on_gpu(&program, &model, options, args.device, how)
         }
     }
     .map_err(|e| match (&env, &e) {
@@ -188,7 +206,7 @@ fn run(args: &RunArgs) -> Result<(), String> {
     let tag = env.as_ref().map_or(String::new(), |e| format!("[rank {}] ", e.rank));
     print_timeline(&program, &report, &tag);
     if args.check && args.backend == Backend::Cuda {
-        check_gradients_within(&model, &report, args.tolerance)?;
+        check_gradients_within(&program, &model, &report, args.tolerance, &tag)?;
     } else if args.check {
         check_gradients(&program, &model, &report, &tag)?;
     }
@@ -229,14 +247,7 @@ fn print_timeline(program: &Program, report: &CpuReport, tag: &str) {
 /// sequential run's.
 fn check_gradients(program: &Program, model: &Model, report: &CpuReport, tag: &str) -> Result<(), String> {
     let expected = sequential_gradients(model);
-    let mine: Vec<usize> = program
-        .schedule
-        .placement
-        .iter()
-        .enumerate()
-        .filter(|(_, owner)| report.ranks.contains(owner))
-        .map(|(s, _)| s)
-        .collect();
+    let mine = stages_run(program, report);
     if let Some(s) = mine.iter().find(|s| report.gradients[**s] != expected[**s]) {
         return Err(format!("{tag}the weight gradients of stage {s} differ from a sequential run of the same model"));
     }
@@ -246,11 +257,18 @@ fn check_gradients(program: &Program, model: &Model, report: &CpuReport, tag: &s
 
 /// Compares every gradient tensor with a sequential run's: the largest
 /// difference relative to the tensor's largest value must stay within `tolerance`.
-fn check_gradients_within(model: &Model, report: &CpuReport, tolerance: f32) -> Result<(), String> {
+fn check_gradients_within(
+    program: &Program,
+    model: &Model,
+    report: &CpuReport,
+    tolerance: f32,
+    tag: &str,
+) -> Result<(), String> {
     let expected = sequential_gradients(model);
+    let mine = stages_run(program, report);
     let mut worst = (0.0f32, 0);
-    for (s, (got, want)) in report.gradients.iter().zip(&expected).enumerate() {
-        for (g, w) in got.iter().zip(want) {
+    for &s in &mine {
+        for (g, w) in report.gradients[s].iter().zip(&expected[s]) {
             let scale = w.data.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(f32::MIN_POSITIVE);
             // f32::max would drop a NaN; keep it.
             let diff = g.data.iter().zip(&w.data).map(|(a, b)| (a - b).abs()).fold(0.0f32, |m, d| {
@@ -270,17 +288,23 @@ fn check_gradients_within(model: &Model, report: &CpuReport, tolerance: f32) -> 
     }
     if worst.0 > tolerance {
         return Err(format!(
-            "the weight gradients of stage {} differ from a sequential CPU run by {:.2e} of their largest value \
+            "{tag}the weight gradients of stage {} differ from a sequential CPU run by {:.2e} of their largest value \
              (tolerance {tolerance:.0e})",
             worst.1, worst.0
         ));
     }
     println!(
-        "weight gradients of every stage match a sequential CPU run within {:.2e} of their largest value \
+        "{tag}weight gradients of stages {mine:?} match a sequential CPU run within {:.2e} of their largest value \
          (tolerance {tolerance:.0e})",
         worst.0
     );
     Ok(())
+}
+
+/// The stages whose passes ran in this process.
+fn stages_run(program: &Program, report: &CpuReport) -> Vec<usize> {
+    let placement = program.schedule.placement.iter().enumerate();
+    placement.filter(|(_, owner)| report.ranks.contains(owner)).map(|(s, _)| s).collect()
 }
 
 fn print_comparison(program: &Program, report: &CpuReport, cost: Option<&Path>) -> Result<(), String> {
@@ -319,20 +343,11 @@ fn print_comparison(program: &Program, report: &CpuReport, cost: Option<&Path>) 
 
 /// Runs one child per rank with the torchrun variables set; fails when any fails.
 fn launch_local(nproc: Option<usize>, master_port: Option<u16>, args: &RunArgs) -> Result<(), String> {
-    if args.backend != Backend::Cpu {
-        return Err(format!(
-            "launch starts cpu-backend processes only; the {} backend runs every rank in one process: \
-             stp-exec run {} --backend {}",
-            backend_name(args.backend),
-            args.program.display(),
-            backend_name(args.backend)
-        ));
-    }
     let program = load(&args.program)?;
     let world = nproc.unwrap_or(program.ranks.len());
     if world != program.ranks.len() {
         return Err(format!(
-            "--nproc {world}, but the program has {} pipeline ranks: the CPU backend runs one process per rank",
+            "--nproc {world}, but the program has {} pipeline ranks: every backend runs one process per rank",
             program.ranks.len()
         ));
     }
@@ -409,6 +424,10 @@ fn wait_all(children: Vec<std::process::Child>) -> Vec<String> {
 fn run_args(args: &RunArgs) -> Vec<String> {
     let mut out = vec![
         args.program.display().to_string(),
+        "--backend".into(),
+        backend_name(args.backend).into(),
+        "--tolerance".into(),
+        args.tolerance.to_string(),
         "--comm".into(),
         match args.comm {
             Comm::Rendezvous => "rendezvous".into(),
@@ -428,6 +447,14 @@ fn run_args(args: &RunArgs) -> Vec<String> {
     if args.check {
         out.push("--check".into());
     }
+    if let Some(device) = args.device {
+        out.push("--device".into());
+        out.push(device.to_string());
+    }
+    if let Some(transport) = args.transport {
+        out.push("--transport".into());
+        out.push(transport_name(transport).into());
+    }
     if let Some(trace) = &args.trace {
         out.push("--trace".into());
         out.push(trace.display().to_string());
@@ -437,6 +464,13 @@ fn run_args(args: &RunArgs) -> Vec<String> {
         out.push(cost.display().to_string());
     }
     out
+}
+
+fn transport_name(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Nccl => "nccl",
+        Transport::Host => "host",
+    }
 }
 
 fn backend_name(backend: Backend) -> &'static str {
@@ -453,16 +487,32 @@ fn run_on_gpu(
     model: &Model,
     options: CpuOptions,
     device: Option<usize>,
+    multi: Option<(&Env, Duration, Option<Transport>)>,
 ) -> Result<CpuReport, ExecError> {
+    use stp_exec::cuda;
     let local = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok());
     let ordinal = device.or(local).unwrap_or(0);
-    let device = stp_exec::cuda::CudaDevice::open(ordinal)?;
-    println!("GPU {ordinal}: {} (single-GPU mode: every rank on its own streams)", device.name);
-    stp_exec::cuda::run(&device, program, model, options)
+    let device = cuda::CudaDevice::open(ordinal)?;
+    let Some((env, rendezvous, transport)) = multi else {
+        println!("GPU {ordinal}: {} (single-GPU mode: every rank on its own streams)", device.name);
+        return cuda::run(&device, program, model, options);
+    };
+    let transport = match transport {
+        Some(Transport::Host) => cuda::Transport::Host,
+        Some(Transport::Nccl) | None => cuda::Transport::Nccl,
+    };
+    println!("[rank {}] GPU {ordinal}: {} (transfers: {transport:?})", env.rank, device.name);
+    cuda::run_process(&device, program, model, options, env, rendezvous, transport)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn run_on_gpu(_: &Program, _: &Model, _: CpuOptions, _: Option<usize>) -> Result<CpuReport, ExecError> {
+fn run_on_gpu(
+    _: &Program,
+    _: &Model,
+    _: CpuOptions,
+    _: Option<usize>,
+    _: Option<(&Env, Duration, Option<Transport>)>,
+) -> Result<CpuReport, ExecError> {
     Err(ExecError::Setup(
         "this stp-exec was built without the `cuda` feature (cargo build --release -p stp-exec --features cuda); \
          use --backend cpu, or --backend streams for the CUDA backend's stream logic on the host"

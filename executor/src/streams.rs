@@ -19,6 +19,14 @@
 //! - a buffer another thread reads is kept until the reader's event says
 //!   the read has finished.
 //!
+//! Across processes (one per pipeline rank, [`crate::launch`]) a shard
+//! reaches the same shard of another rank either through the device's own
+//! transport — a [`Fabric`] such as NCCL, whose sends and receives are
+//! enqueued on the communication stream as one group per instruction — or
+//! *staged* through host memory: the sender copies the buffer to the host
+//! once its write has finished and the frame goes over TCP; the receiver
+//! uploads it on its communication stream.
+//!
 //! Each instruction's span is timed with events on its stream. The run's
 //! weight gradients are kept per microbatch and summed on the host in
 //! microbatch order, as [`crate::cpu`] does, so on [`crate::device::HostDevice`]
@@ -32,7 +40,63 @@ use crate::ExecError;
 use std::collections::HashMap;
 use std::sync::{Arc, Barrier, Condvar, Mutex, OnceLock};
 use std::time::Instant;
-use stp_ir::{Buffer, Compute, Instr, Part, Pass, PassKind, Program, Rank};
+use stp_ir::{Buffer, Compute, Direction, Instr, Part, Pass, PassKind, Program, Rank, Transfer};
+
+/// A device's own point-to-point transport between processes (NCCL):
+/// each shard thread connects once, from its own thread, with its
+/// communication stream.
+pub trait Fabric<D: Device>: Sync {
+    /// Joins shard `shard` of pipeline rank `rank` to the same shard of
+    /// every other rank (all of them join at once); its transfers then run
+    /// on `stream`.
+    fn connect<'f>(
+        &'f self,
+        device: &D,
+        rank: Rank,
+        shard: usize,
+        stream: &D::Stream,
+    ) -> DeviceResult<Box<dyn Link<D> + 'f>>;
+}
+
+/// One shard thread's end of a [`Fabric`].
+pub trait Link<D: Device> {
+    /// Enqueues one group on `stream`: every send, then a receive of
+    /// `len` values from each `(peer, len)`, matched in order per peer as
+    /// NCCL matches them. Returns the receive buffers, written once the
+    /// stream gets past the group.
+    fn group(
+        &mut self,
+        device: &D,
+        stream: &D::Stream,
+        sends: &[(Rank, &D::Buffer)],
+        recvs: &[(Rank, usize)],
+    ) -> DeviceResult<Vec<D::Buffer>>;
+}
+
+/// How the shard threads of a run reach the same shard of other ranks.
+pub(crate) enum Peers<'a, D: Device> {
+    /// Every rank runs in this process: device-to-device copies.
+    Local,
+    /// Through host memory and the given channels (per shard of the rank
+    /// this process runs), which [`crate::launch`] links over TCP.
+    Staged(Vec<threads::Ports<Tensor>>),
+    /// Through the device's own transport.
+    Fabric(&'a dyn Fabric<D>),
+}
+
+/// One shard thread's way to its peers, as [`Peers`] hands it over.
+enum Handed<'a, D: Device> {
+    Local(Ports<D>),
+    Staged(threads::Ports<Tensor>),
+    Fabric(&'a dyn Fabric<D>),
+}
+
+/// One shard thread's way to its peers, once connected.
+enum Route<'a, D: Device> {
+    Local(Ports<D>),
+    Staged(threads::Ports<Tensor>),
+    Device(Box<dyn Link<D> + 'a>),
+}
 
 /// A row-major matrix on the device, and the event (on another stream)
 /// after which it may be read, if it was not written on the reader's stream.
@@ -135,9 +199,48 @@ pub fn run<D: Device>(
     options: CpuOptions,
 ) -> Result<CpuReport, ExecError> {
     prepare(program, model)?;
-    let (n, tp) = (program.ranks.len(), program.schedule.tp as usize);
-    let ports: Vec<Ports<D>> = threads::mesh(n, tp);
-    let reducers: Vec<Arc<Reducer<D>>> = (0..n)
+    let ranks: Vec<usize> = (0..program.ranks.len()).collect();
+    execute(device, program, model, options, &ranks, Peers::Local)
+}
+
+/// Runs every rank of `program` in this process as [`run`] does, but with
+/// its transfers through `fabric`, as separate processes would make them:
+/// how a transport is tested against the sequential run.
+pub fn run_over<D: Device>(
+    device: &D,
+    program: &Program,
+    model: &Model,
+    options: CpuOptions,
+    fabric: &dyn Fabric<D>,
+) -> Result<CpuReport, ExecError> {
+    prepare(program, model)?;
+    let ranks: Vec<usize> = (0..program.ranks.len()).collect();
+    execute(device, program, model, options, &ranks, Peers::Fabric(fabric))
+}
+
+/// Runs the shard threads of `ranks` (every rank with [`Peers::Local`];
+/// else the one rank this process runs, which has called [`prepare`]),
+/// thread `t` being shard `t % tp` of `ranks[t / tp]`.
+pub(crate) fn execute<D: Device>(
+    device: &D,
+    program: &Program,
+    model: &Model,
+    options: CpuOptions,
+    ranks: &[usize],
+    peers: Peers<'_, D>,
+) -> Result<CpuReport, ExecError> {
+    let tp = program.schedule.tp as usize;
+    let threads = ranks.len() * tp;
+    let handed: Vec<Handed<D>> = match peers {
+        Peers::Local => threads::mesh(ranks.len(), tp).into_iter().map(Handed::Local).collect(),
+        Peers::Staged(ports) => ports.into_iter().map(Handed::Staged).collect(),
+        Peers::Fabric(fabric) => (0..threads).map(|_| Handed::Fabric(fabric)).collect(),
+    };
+    if handed.len() != threads {
+        return Err(ExecError::Setup(format!("{} sets of links for {threads} shard threads", handed.len())));
+    }
+    let reducers: Vec<Arc<Reducer<D>>> = ranks
+        .iter()
         .map(|_| {
             let round = Round {
                 generation: 0,
@@ -148,20 +251,22 @@ pub fn run<D: Device>(
             Arc::new(Reducer { state: Mutex::new(round), turned: Condvar::new() })
         })
         .collect();
-    let board = Arc::new(Board::new(n * tp));
+    let board = Arc::new(Board::new(threads));
     // Every thread uploads its weights, then all start from one timed event.
-    let started = Barrier::new(n * tp + 1);
+    let started = Barrier::new(threads + 1);
     let base: OnceLock<D::Event> = OnceLock::new();
     let clock = device.new_stream(false).map_err(ExecError::Setup)?;
     let results: Vec<Result<ThreadResult, ExecError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ports
+        let handles: Vec<_> = handed
             .into_iter()
             .enumerate()
-            .map(|(t, ports)| {
+            .map(|(t, handed)| {
                 let (board, reducer, started, base) =
                     (Arc::clone(&board), Arc::clone(&reducers[t / tp]), &started, &base);
+                let (rank, shard) = (ranks[t / tp], t % tp);
                 scope.spawn(move || {
-                    let worker = Worker::new(device, program, model, options, t, ports, Arc::clone(&board), reducer);
+                    let setup = Setup { device, program, model, options, rank, shard, thread: t };
+                    let worker = Worker::new(setup, handed, Arc::clone(&board), reducer);
                     started.wait();
                     started.wait();
                     let result = match (worker, base.get()) {
@@ -189,8 +294,19 @@ pub fn run<D: Device>(
         }
         results
     });
-    let ranks: Vec<usize> = (0..n).collect();
-    threads::report(program, model, &ranks, &board, results)
+    threads::report(program, model, ranks, &board, results)
+}
+
+/// Who a shard thread is.
+struct Setup<'a, D: Device> {
+    device: &'a D,
+    program: &'a Program,
+    model: &'a Model,
+    options: CpuOptions,
+    rank: usize,
+    shard: usize,
+    /// Its index among the run's shard threads (the board's).
+    thread: usize,
 }
 
 struct Worker<'a, D: Device> {
@@ -207,7 +323,10 @@ struct Worker<'a, D: Device> {
     /// The first stage's inputs, per microbatch, if this rank holds it.
     inputs: HashMap<usize, Mat<D>>,
     values: HashMap<Buffer, Value<D>>,
-    ports: Ports<D>,
+    /// The shape of every buffer that crosses ranks (a stage's input or
+    /// its gradient): rows × hidden.
+    shape: (usize, usize),
+    route: Route<'a, D>,
     board: Arc<Board>,
     reducer: Arc<Reducer<D>>,
     /// Buffers another thread wrote or will read, kept until that work's event.
@@ -218,20 +337,15 @@ struct Worker<'a, D: Device> {
 }
 
 impl<'a, D: Device> Worker<'a, D> {
-    /// Makes thread `t`'s streams and uploads its weights and inputs.
-    #[allow(clippy::too_many_arguments)]
+    /// Makes the thread's streams, uploads its weights and inputs, and
+    /// connects it to its peers.
     fn new(
-        device: &'a D,
-        program: &'a Program,
-        model: &Model,
-        options: CpuOptions,
-        t: usize,
-        ports: Ports<D>,
+        setup: Setup<'a, D>,
+        handed: Handed<'a, D>,
         board: Arc<Board>,
         reducer: Arc<Reducer<D>>,
     ) -> Result<Self, ExecError> {
-        let tp = program.schedule.tp as usize;
-        let (rank, shard) = (t / tp, t % tp);
+        let Setup { device, program, model, options, rank, shard, thread } = setup;
         let setup = |what: &str, e: String| ExecError::Setup(format!("rank {rank} shard {shard}: {what}: {e}"));
         let compute = device.new_stream(true).map_err(|e| setup("cannot create its compute stream", e))?;
         let comm = device.new_stream(false).map_err(|e| setup("cannot create its communication stream", e))?;
@@ -256,19 +370,29 @@ impl<'a, D: Device> Worker<'a, D> {
             }
         }
         device.synchronize(&compute).map_err(|e| setup("cannot finish uploading", e))?;
+        let route = match handed {
+            Handed::Local(ports) => Route::Local(ports),
+            Handed::Staged(ports) => Route::Staged(ports),
+            Handed::Fabric(fabric) => {
+                let link = fabric.connect(device, Rank(rank as u32), shard, &comm);
+                Route::Device(link.map_err(|e| setup("cannot join its peers", e))?)
+            }
+        };
+        let shape = model.inputs.first().map_or((0, 0), |x| (x.rows, x.cols));
         Ok(Worker {
             device,
             program,
             options,
             rank,
             shard,
-            thread: t,
+            thread,
             compute,
             comm,
             weights,
             inputs,
             values: HashMap::new(),
-            ports,
+            shape,
+            route,
             board,
             reducer,
             pending: Vec::new(),
@@ -292,7 +416,11 @@ impl<'a, D: Device> Worker<'a, D> {
                     peak_stashes = peak_stashes.max(self.live_stashes());
                     self.compute(c, i)?;
                 }
-                Instr::Comm(ops) => threads::exchange(self, ops, i)?,
+                Instr::Comm(ops) => match self.route {
+                    Route::Local(_) => threads::exchange::<Mat<D>, _>(self, ops, i)?,
+                    Route::Staged(_) => threads::exchange::<Tensor, _>(self, ops, i)?,
+                    Route::Device(_) => self.exchange_on_device(ops, i)?,
+                },
                 Instr::Free { buffer } => {
                     self.values
                         .remove(buffer)
@@ -305,6 +433,7 @@ impl<'a, D: Device> Worker<'a, D> {
             self.release_finished();
         }
         peak_stashes = peak_stashes.max(self.live_stashes());
+        self.wait_for_device()?;
         self.board.finish(self.thread);
         let last = instrs.len();
         self.check(last, self.device.synchronize(&self.compute))?;
@@ -328,6 +457,63 @@ impl<'a, D: Device> Worker<'a, D> {
         } else {
             &self.compute
         }
+    }
+
+    /// Waits until the device has run every instruction, up to the
+    /// deadlock timeout: a transfer on the device (NCCL) whose peer never
+    /// posts its match blocks the stream, not this thread. Names the first
+    /// instruction the device has not finished.
+    fn wait_for_device(&self) -> Result<(), ExecError> {
+        let started = Instant::now();
+        let mut next = 0;
+        while let Some((i, _, after)) = self.spans.get(next) {
+            if self.check(*i, self.device.is_complete(after))? {
+                next += 1;
+            } else if self.board.gives_up(started, self.options.timeout) {
+                self.board.enter(self.thread, *i);
+                return Err(ExecError::Stuck);
+            } else {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the communication stream wait until `m` has been written.
+    fn comm_waits_for(&self, m: &Mat<D>, instr: usize) -> Result<(), ExecError> {
+        let written = match &m.ready {
+            Some(event) => Arc::clone(event),
+            None => Arc::new(self.check(instr, self.device.record(&self.compute, false))?),
+        };
+        self.check(instr, self.device.wait(&self.comm, &written))
+    }
+
+    /// One transfer instruction as one group on the device's transport.
+    fn exchange_on_device(&mut self, ops: &[Transfer], instr: usize) -> Result<(), ExecError> {
+        let mut sends = Vec::new();
+        for t in ops.iter().filter(|t| t.dir == Direction::Send) {
+            let mat = self.tensor(t.buffer, instr)?;
+            self.comm_waits_for(&mat, instr)?;
+            sends.push((t.peer, mat));
+        }
+        let (rows, cols) = self.shape;
+        let recvs: Vec<&Transfer> = ops.iter().filter(|t| t.dir == Direction::Recv).collect();
+        let lengths: Vec<(Rank, usize)> = recvs.iter().map(|t| (t.peer, rows * cols)).collect();
+        let Route::Device(link) = &mut self.route else {
+            return Err(self.error(instr, "no device transport to the peers".into()));
+        };
+        let outgoing: Vec<(Rank, &D::Buffer)> = sends.iter().map(|(peer, m)| (*peer, &*m.buf)).collect();
+        let received = link.group(self.device, &self.comm, &outgoing, &lengths);
+        let received = self.check(instr, received)?;
+        let done = Arc::new(self.check(instr, self.device.record(&self.comm, false))?);
+        for (_, m) in sends {
+            self.pending.push((m.buf, Arc::clone(&done)));
+        }
+        for (t, buf) in recvs.into_iter().zip(received) {
+            let mat = Mat { rows, cols, buf: Arc::new(buf), ready: Some(Arc::clone(&done)) };
+            self.values.insert(t.buffer, Value::Tensor(mat));
+        }
+        Ok(())
     }
 
     /// This shard's weight gradients, per (stage, microbatch), on the host.
@@ -598,13 +784,16 @@ impl<'a, D: Device> Worker<'a, D> {
     }
 }
 
-/// A point-to-point send hands over the matrix with an event after its
-/// last write; a receive is a device-to-device copy on the communication
-/// stream after that event, itself followed by an event the compute
-/// stream waits for before reading.
+/// In one process, a point-to-point send hands over the matrix with an
+/// event after its last write; a receive is a device-to-device copy on the
+/// communication stream after that event, itself followed by an event the
+/// compute stream waits for before reading.
 impl<D: Device> threads::Party<Mat<D>> for Worker<'_, D> {
-    fn ports(&self) -> &Ports<D> {
-        &self.ports
+    fn ports(&self) -> Option<&Ports<D>> {
+        match &self.route {
+            Route::Local(ports) => Some(ports),
+            _ => None,
+        }
     }
 
     fn board(&self) -> &Board {
@@ -635,6 +824,46 @@ impl<D: Device> threads::Party<Mat<D>> for Worker<'_, D> {
         let copied = Arc::new(self.check(instr, self.device.record(&self.comm, false))?);
         self.pending.push((Arc::clone(&sent.buf), Arc::clone(&copied)));
         let mat = Mat { rows: sent.rows, cols: sent.cols, buf: Arc::new(copy), ready: Some(copied) };
+        self.values.insert(buffer, Value::Tensor(mat));
+        Ok(())
+    }
+}
+
+/// Across processes without a device transport, a send copies the matrix
+/// to the host once its write has finished (on the communication stream,
+/// so compute goes on), and a receive uploads it on the communication
+/// stream, followed by an event the compute stream waits for.
+impl<D: Device> threads::Party<Tensor> for Worker<'_, D> {
+    fn ports(&self) -> Option<&threads::Ports<Tensor>> {
+        match &self.route {
+            Route::Staged(ports) => Some(ports),
+            _ => None,
+        }
+    }
+
+    fn board(&self) -> &Board {
+        &self.board
+    }
+
+    fn options(&self) -> &CpuOptions {
+        &self.options
+    }
+
+    fn error(&self, instr: usize, message: String) -> ExecError {
+        Worker::error(self, instr, message)
+    }
+
+    fn outgoing(&mut self, buffer: Buffer, instr: usize) -> Result<Tensor, ExecError> {
+        let mat = self.tensor(buffer, instr)?;
+        self.comm_waits_for(&mat, instr)?;
+        let data = self.check(instr, self.device.download(&self.comm, &mat.buf))?;
+        Ok(Tensor { rows: mat.rows, cols: mat.cols, data })
+    }
+
+    fn incoming(&mut self, buffer: Buffer, sent: Tensor, instr: usize) -> Result<(), ExecError> {
+        let buf = self.check(instr, self.device.upload(&self.comm, &sent.data))?;
+        let uploaded = Arc::new(self.check(instr, self.device.record(&self.comm, false))?);
+        let mat = Mat { rows: sent.rows, cols: sent.cols, buf: Arc::new(buf), ready: Some(uploaded) };
         self.values.insert(buffer, Value::Tensor(mat));
         Ok(())
     }

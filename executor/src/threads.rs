@@ -201,7 +201,8 @@ pub(crate) fn mesh<M>(ranks: usize, tp: usize) -> Vec<Ports<M>> {
 
 /// A shard thread as a party to point-to-point transfers.
 pub(crate) trait Party<M> {
-    fn ports(&self) -> &Ports<M>;
+    /// Its channels, if it reaches its peers by messages of type `M`.
+    fn ports(&self) -> Option<&Ports<M>>;
     fn board(&self) -> &Board;
     fn options(&self) -> &CpuOptions;
     fn error(&self, instr: usize, message: String) -> ExecError;
@@ -218,20 +219,22 @@ pub(crate) fn exchange<M, P: Party<M>>(party: &mut P, ops: &[Transfer], instr: u
     let timeout = party.options().timeout;
     for t in ops.iter().filter(|t| t.dir == Direction::Send) {
         let message = party.outgoing(t.buffer, instr)?;
-        let port =
-            party.ports().data_out.get(&t.peer).ok_or_else(|| party.error(instr, format!("no link to {}", t.peer)))?;
+        let port = party
+            .ports()
+            .and_then(|p| p.data_out.get(&t.peer))
+            .ok_or_else(|| party.error(instr, format!("no link to {}", t.peer)))?;
         port.send((t.buffer, message)).map_err(|_| party.error(instr, format!("{} has stopped", t.peer)))?;
     }
     for t in ops.iter().filter(|t| t.dir == Direction::Recv) {
         let ports = party.ports();
         let (buffer, message) =
-            party.board().wait(timeout, || ports.data_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
+            party.board().wait(timeout, || ports?.data_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
         if buffer != t.buffer {
             return Err(party.error(instr, format!("expected {} from {}, but {buffer} arrived", t.buffer, t.peer)));
         }
         party.incoming(buffer, message, instr)?;
         if rendezvous {
-            if let Some(ack) = party.ports().ack_out.get(&t.peer) {
+            if let Some(ack) = party.ports().and_then(|p| p.ack_out.get(&t.peer)) {
                 let _ = ack.send(buffer);
             }
         }
@@ -239,7 +242,8 @@ pub(crate) fn exchange<M, P: Party<M>>(party: &mut P, ops: &[Transfer], instr: u
     if rendezvous {
         for t in ops.iter().filter(|t| t.dir == Direction::Send) {
             let ports = party.ports();
-            let acked = party.board().wait(timeout, || ports.ack_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
+            let acked =
+                party.board().wait(timeout, || ports?.ack_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
             if acked != t.buffer {
                 return Err(party.error(instr, format!("{} acknowledged {acked}, not {}", t.peer, t.buffer)));
             }

@@ -135,5 +135,22 @@ fn the_streams_backend_runs_anywhere_and_a_missing_gpu_is_explained() {
     assert!(stderr.contains("--features cuda") || stderr.contains("no CUDA driver"), "{stderr}");
     let vars = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")];
     let out = stp_exec(&["run", &program, "--backend", "cuda"], &vars);
-    assert!(text(&out.stderr).contains("only the cpu backend runs one rank per process"), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--features cuda") || stderr.contains("no CUDA driver"), "{stderr}");
+    let out = stp_exec(&["run", &program, "--backend", "streams", "--transport", "nccl"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--transport nccl needs --backend cuda"), "{}", text(&out.stderr));
+}
+
+/// One stream runner per process, staging transfers through host memory
+/// over TCP, each checking its own stages.
+#[test]
+fn launch_runs_the_stream_runner_one_process_per_rank() {
+    let dir = scratch("launch-streams");
+    let program = compile(&dir, "stp", 2, 5, 2);
+    let out = stp_exec(&["launch", &program, "--backend", "streams", "--check", "--hidden", "8", "--rows", "4"], &[]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("[rank 0] weight gradients of stages [0, 3] equal"), "{stdout}");
+    assert!(stdout.contains("[rank 1] weight gradients of stages [1, 2] equal"), "{stdout}");
 }
