@@ -157,9 +157,12 @@ fn a_read_not_ordered_after_its_write_is_reported() {
 /// are copied to the host from the sender's communication stream and its
 /// receives uploaded on the receiver's, matched in order per (sender,
 /// receiver, shard) as NCCL matches them.
+/// What is in flight from (sender, receiver, shard).
+type Queues = HashMap<(Rank, Rank, usize), VecDeque<Vec<f32>>>;
+
 #[derive(Default)]
 struct Loopback {
-    queues: Mutex<HashMap<(Rank, Rank, usize), VecDeque<Vec<f32>>>>,
+    queues: Mutex<Queues>,
     arrived: Condvar,
     /// Fail every group with this message.
     down: Option<&'static str>,
