@@ -410,9 +410,10 @@ fn reorder_never_slows_a_valid_order() {
 
 /// The lower bound — busiest rank, critical path with each pass's TP
 /// collective, and per rank the best cut-into-pieces order (Jackson's
-/// rule) — never exceeds the makespan of a real order: every standard
-/// schedule, per pass and unit by unit (`--tp 2`), under costs with
-/// collectives to hide and slow links.
+/// rule) with forwards held back by the memory budget — never exceeds the
+/// makespan of a real order: every standard schedule, per pass and unit
+/// by unit (`--tp 2`), with and without the tightest budget it meets,
+/// under costs with collectives to hide and slow links.
 #[test]
 fn the_lower_bound_never_exceeds_a_real_orders_makespan() {
     let unit = CostModel::default();
@@ -436,10 +437,19 @@ fn the_lower_bound_never_exceeds_a_real_orders_makespan() {
     for (name, p, m, v) in cases {
         for tp in [1, 2] {
             let b = stp_tests::build_std_tp(name, p, m, v, tp);
+            // The tightest budget the order meets, so that memory binds.
+            let mut tight = b.checked.schedule().clone();
+            tight.memory.budget = b.checked.peaks().iter().map(|peak| peak.units).max();
             for cost in &costs {
-                let bound = stpc::opt::bound::lower_bound(b.checked.schedule(), cost);
                 let makespan = simulated(&b, cost);
-                assert!(bound <= makespan + 1e-9, "{name} p={p} m={m} tp={tp} {cost:?}: bound {bound} > {makespan}");
+                for s in [b.checked.schedule(), &tight] {
+                    let bound = stpc::opt::bound::lower_bound(s, cost);
+                    let budget = s.memory.budget;
+                    assert!(
+                        bound <= makespan + 1e-9,
+                        "{name} p={p} m={m} tp={tp} budget {budget:?} {cost:?}: bound {bound} > {makespan}"
+                    );
+                }
             }
         }
     }

@@ -1,9 +1,9 @@
 //! A lower bound on the makespan: no step ends before one microbatch has
 //! gone down and back up the pipeline, and no rank before it has done its
-//! work, none of it earlier than its dependencies allow and each piece
-//! followed by what must come after it.
+//! work, none of it earlier than its dependencies and its memory budget
+//! allow and each piece followed by what must come after it.
 
-use crate::elab::ComputeSchedule;
+use crate::elab::{ComputeSchedule, MemoryModel};
 use stp_ir::simulate::CostModel;
 
 /// `max(one microbatch's forward and backward through every stage, with
@@ -30,8 +30,130 @@ fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let owner = |stage: usize| meta.placement[stage].index();
     let hop = |a: usize, b: usize| if owner(a) != owner(b) { micro(cost.p2p) } else { 0 };
     // Any order counts here, hand-written ones braiding `F & F` too.
-    let (heads, tails) = heads_and_tails(stages, mbs, dur, lat, false, &hop);
+    let floors = memory_floors(&meta.placement, &s.memory, dur, lat, &hop, mbs);
+    let (heads, tails) = heads_and_tails(stages, mbs, dur, lat, false, &hop, floors.as_deref());
     preemptive_floor(&meta.placement, &heads, &tails, dur) as f64 / 1e6
+}
+
+/// Per forward (`[stage][mb]`), the earliest it can start under the
+/// memory budget, or `None` without one.
+///
+/// Before a rank starts its k-th forward, its earlier ops must have
+/// released at least `k·activation − budget` units (an op's passes count
+/// together, so the forward's own partner may supply one release). A pass
+/// releases no earlier than its head plus its compute (a partner: at its
+/// head), so the k-th forward starts no earlier than the first time the
+/// releases possible by then add up. The forward of microbatch `i` of a
+/// rank's `j`-th stage is at least its `j·(i+1)`-th: the forwards of the
+/// rank's earlier stages up to `i` precede it, as do its own stage's.
+/// Later forwards start later, which delays other ranks' releases; the
+/// floors are raised until nothing moves.
+fn memory_floors(
+    placement: &[stp_ir::Rank],
+    memory: &MemoryModel,
+    dur: [i64; 3],
+    lat: [i64; 3],
+    hop: &dyn Fn(usize, usize) -> i64,
+    mbs: usize,
+) -> Option<Vec<Vec<i64>>> {
+    let budget = memory.budget?;
+    let a = memory.activation;
+    if a <= 0 || budget < a {
+        return None;
+    }
+    let stages = placement.len();
+    let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
+    let release = [0, a - memory.weight_stash, memory.weight_stash];
+    let mut floors = vec![vec![0i64; mbs]; stages];
+    // Each round raises some floor by at least one microunit; the bound
+    // stays valid at every round, so stopping early only loosens it.
+    for _ in 0..64 {
+        let (heads, _) = heads_and_tails(stages, mbs, dur, lat, false, hop, Some(&floors));
+        let mut moved = false;
+        for r in 0..ranks {
+            let owned: Vec<usize> = (0..stages).filter(|st| placement[*st].index() == r).collect();
+            let released = ReleaseCurve::new(&owned, &heads, dur, release, mbs);
+            for (j, &st) in owned.iter().enumerate() {
+                for i in 0..mbs {
+                    let k = ((j + 1) * (i + 1)) as i64;
+                    let t = released.earliest(k * a - budget);
+                    if t > floors[st][i] {
+                        floors[st][i] = t;
+                        moved = true;
+                    }
+                }
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    Some(floors)
+}
+
+/// When a rank's releases can have happened: at each candidate time, the
+/// units released by passes that can have ended, plus the largest release
+/// of a pass that can have started but not ended (the forward's own
+/// partner: a pass in an earlier op has ended).
+struct ReleaseCurve {
+    /// (time, units available by then), times ascending, units nondecreasing.
+    points: Vec<(i64, i64)>,
+}
+
+impl ReleaseCurve {
+    fn new(owned: &[usize], heads: &PerPass, dur: [i64; 3], release: [i64; 3], mbs: usize) -> ReleaseCurve {
+        // (time, +units started / -units ended).
+        let mut events: Vec<(i64, i64)> = Vec::new();
+        for &st in owned {
+            for k in 1..3 {
+                if release[k] <= 0 {
+                    continue;
+                }
+                for i in 0..mbs {
+                    let head = heads[k][st][i];
+                    if dur[k] > 0 {
+                        events.push((head, release[k]));
+                    }
+                    events.push((head + dur[k], -release[k]));
+                }
+            }
+        }
+        events.sort_unstable();
+        let mut ended = 0i64;
+        // Releases started and not ended, by size.
+        let mut running: std::collections::BTreeMap<i64, usize> = std::collections::BTreeMap::new();
+        let mut points: Vec<(i64, i64)> = Vec::with_capacity(events.len());
+        for (t, units) in events {
+            if units > 0 {
+                *running.entry(units).or_default() += 1;
+            } else {
+                ended -= units;
+                if let Some(n) = running.get_mut(&-units) {
+                    *n -= 1;
+                    if *n == 0 {
+                        running.remove(&-units);
+                    }
+                }
+            }
+            // Losing a running pass's release to `ended` never lowers the sum.
+            let available = ended + running.keys().next_back().copied().unwrap_or(0);
+            match points.last_mut() {
+                Some(last) if last.0 == t => last.1 = available,
+                _ => points.push((t, available)),
+            }
+        }
+        ReleaseCurve { points }
+    }
+
+    /// The first time `need` units can have been released (0 if none are
+    /// needed; far in the future if they never can).
+    fn earliest(&self, need: i64) -> i64 {
+        if need <= 0 {
+            return 0;
+        }
+        let i = self.points.partition_point(|p| p.1 < need);
+        self.points.get(i).map_or(i64::MAX / 4, |p| p.0)
+    }
 }
 
 /// Per kind (F, B, W), the least time from the start of an op holding a
@@ -111,7 +233,8 @@ pub type PerPass = Vec<Vec<Vec<i64>>>;
 /// model's rule), so each waits for the other's compute; without it they
 /// may (a hand order braids `F & F` of one stage, or fuses `BW`), so only
 /// their order counts. Microbatches of a stage run in order: any order
-/// can be relabelled to one that does, no slower.
+/// can be relabelled to one that does, no slower. `floors`, if given, are
+/// earliest starts of the forwards (`[stage][mb]`) known otherwise.
 pub fn heads_and_tails(
     stages: usize,
     mbs: usize,
@@ -119,6 +242,7 @@ pub fn heads_and_tails(
     lat: [i64; 3],
     apart: bool,
     hop: &dyn Fn(usize, usize) -> i64,
+    floors: Option<&[Vec<i64>]>,
 ) -> (PerPass, PerPass) {
     let gap = if apart { dur } else { [0; 3] };
     let mut head = vec![vec![vec![0i64; mbs]; stages]; 3];
@@ -127,6 +251,9 @@ pub fn heads_and_tails(
             let mut t = if st > 0 { head[0][st - 1][i] + lat[0] + hop(st - 1, st) } else { 0 };
             if i > 0 {
                 t = t.max(head[0][st][i - 1] + gap[0]);
+            }
+            if let Some(floors) = floors {
+                t = t.max(floors[st][i]);
             }
             head[0][st][i] = t;
         }
@@ -175,4 +302,34 @@ pub fn heads_and_tails(
         }
     }
     (head, tail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One stage on the rank, two microbatches: `B` heads 10 and 14
+    /// (compute 2) release 3 units each, `W` heads 12 and 16 (compute 1)
+    /// release 1 each (activation 4, weight stash 1).
+    fn curve() -> ReleaseCurve {
+        let heads: PerPass = vec![vec![vec![0, 0]], vec![vec![10, 14]], vec![vec![12, 16]]];
+        ReleaseCurve::new(&[0], &heads, [1, 2, 1], [0, 3, 1], 2)
+    }
+
+    #[test]
+    fn a_forward_may_start_with_the_release_it_is_braided_with() {
+        let c = curve();
+        assert_eq!(c.earliest(0), 0, "nothing needed: no wait");
+        // Braided with the first B, the forward starts at that B's head.
+        assert_eq!(c.earliest(3), 10);
+        // 4 units: the first B has ended (12) and the first W can be its partner.
+        assert_eq!(c.earliest(4), 12);
+        // 6 units: both Bs, the second one as the partner, once the first ended.
+        assert_eq!(c.earliest(6), 14);
+        // 7: the first B and W ended (13), the second B as partner (14).
+        assert_eq!(c.earliest(7), 14);
+        // All 8 units: only once three passes ended and the fourth can be the partner.
+        assert_eq!(c.earliest(8), 16);
+        assert!(c.earliest(9) > 1_000_000, "more than is ever released: never");
+    }
 }

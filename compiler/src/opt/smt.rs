@@ -212,7 +212,7 @@ fn search(
     let compute = [0, 1, 2].map(|k| scaled(s.cost.compute(pass_of(kinds, (k, 0, 0)))));
     let latency = super::bound::latencies(compute, scaled(s.cost.tp_collective));
     let (mut heads, tails) =
-        super::bound::heads_and_tails(stages, mbs, compute, latency, neighbourhood.is_none(), &hop);
+        super::bound::heads_and_tails(stages, mbs, compute, latency, neighbourhood.is_none(), &hop, None);
     if braids {
         // A `W` fused with its `B` starts with it.
         let input_heads = heads[1].clone();
