@@ -72,13 +72,13 @@ fn memory_floors(
         let mut moved = false;
         for r in 0..ranks {
             let owned: Vec<usize> = (0..stages).filter(|st| placement[*st].index() == r).collect();
-            let released = ReleaseCurve::new(&owned, &heads, dur, release, mbs);
+            let released = ReleaseCurve::new(&owned, &heads, dur, release);
             for (j, &st) in owned.iter().enumerate() {
-                for i in 0..mbs {
+                for (i, floor) in floors[st].iter_mut().enumerate() {
                     let k = ((j + 1) * (i + 1)) as i64;
                     let t = released.earliest(k * a - budget);
-                    if t > floors[st][i] {
-                        floors[st][i] = t;
+                    if t > *floor {
+                        *floor = t;
                         moved = true;
                     }
                 }
@@ -101,7 +101,7 @@ struct ReleaseCurve {
 }
 
 impl ReleaseCurve {
-    fn new(owned: &[usize], heads: &PerPass, dur: [i64; 3], release: [i64; 3], mbs: usize) -> ReleaseCurve {
+    fn new(owned: &[usize], heads: &PerPass, dur: [i64; 3], release: [i64; 3]) -> ReleaseCurve {
         // (time, +units started / -units ended).
         let mut events: Vec<(i64, i64)> = Vec::new();
         for &st in owned {
@@ -109,8 +109,7 @@ impl ReleaseCurve {
                 if release[k] <= 0 {
                     continue;
                 }
-                for i in 0..mbs {
-                    let head = heads[k][st][i];
+                for &head in &heads[k][st] {
                     if dur[k] > 0 {
                         events.push((head, release[k]));
                     }
@@ -313,7 +312,7 @@ mod tests {
     /// release 1 each (activation 4, weight stash 1).
     fn curve() -> ReleaseCurve {
         let heads: PerPass = vec![vec![vec![0, 0]], vec![vec![10, 14]], vec![vec![12, 16]]];
-        ReleaseCurve::new(&[0], &heads, [1, 2, 1], [0, 3, 1], 2)
+        ReleaseCurve::new(&[0], &heads, [1, 2, 1], [0, 3, 1])
     }
 
     #[test]
