@@ -9,7 +9,8 @@
 //! 4096-token sequences (the simulator's model formulas), in units of its
 //! T_F.
 //!
-//! `cargo run --release -p stpc --example solver_table [-- SECONDS]`
+//! `cargo run --release -p stpc --example solver_table [-- SECONDS [SCHEDULE]]`
+//! (one schedule's rows only, when named)
 #![allow(clippy::print_stdout)]
 
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ use stpc::syntax::span::SourceFile;
 
 fn main() {
     let seconds: f64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10.0);
+    let only = std::env::args().nth(2);
     let unit = CostModel::default();
     let skewed = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit };
     let qwen = ModelShape { hidden: 4096.0, ffn: 22016.0, layers: 34.0, seq_len: 4096.0, micro_batch: 1.0 };
@@ -43,6 +45,9 @@ fn main() {
         ("stp", None),
         ("interleaved-1f1b", Some(2)),
     ] {
+        if only.as_deref().is_some_and(|o| o != name) {
+            continue;
+        }
         for (label, cost) in [("(a) unit", unit), ("(b) T_B=2 T_W=0.5 T_AR=0.25", skewed), ("(c) 12.1B model", paper)] {
             let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no {name}"));
             let file = SourceFile::new(s.path(), s.source);

@@ -211,8 +211,11 @@ fn search(
     // is braided with: the head/tail bounds use it.
     let compute = [0, 1, 2].map(|k| scaled(s.cost.compute(pass_of(kinds, (k, 0, 0)))));
     let latency = super::bound::latencies(compute, scaled(s.cost.tp_collective));
-    let (mut heads, tails) =
-        super::bound::heads_and_tails(stages, mbs, compute, latency, neighbourhood.is_none(), &hop, None);
+    // (The memory floors of the bound hold here too, but as constraints
+    // they slowed Z3's windows down on the V placements more than they
+    // pruned.)
+    let apart = neighbourhood.is_none();
+    let (mut heads, tails) = super::bound::heads_and_tails(stages, mbs, compute, latency, apart, &hop, None);
     if braids {
         // A `W` fused with its `B` starts with it.
         let input_heads = heads[1].clone();
