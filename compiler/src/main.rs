@@ -780,7 +780,7 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
         f64::from(s.meta.num_microbatches) / timeline.makespan
     );
     outln!(
-        "lower bound {:.3} (one microbatch's round trip, or the best a rank could do alone): makespan is {:.1}% above it",
+        "lower bound {:.3} (one microbatch's round trip, or the best a rank could do alone within its memory): makespan is {:.1}% above it",
         bound,
         100.0 * (timeline.makespan / bound - 1.0)
     );
