@@ -15,7 +15,8 @@
 # Then it runs STP tp=2 in multi-process mode (`stp-exec launch`: one
 # process per pipeline rank, as torchrun starts them): on one GPU every
 # process shares GPU 0 and transfers go through host memory; with a GPU
-# per rank it also runs them over NCCL.
+# per rank it also runs them over NCCL, and with two per rank each shard
+# on its own GPU (NCCL all-reduces between them).
 #
 # Usage: scripts/gpu-check.sh              (builds with cargo if it can)
 #        STP_BIN=dir scripts/gpu-check.sh  (uses prebuilt stpc and stp-exec from dir,
@@ -98,6 +99,7 @@ multi host --device 0
 gpus=$( (nvidia-smi -L 2>/dev/null || true) | wc -l)
 if [[ $BACKEND == cuda && $gpus -ge 4 ]]; then
   multi nccl
+  if [[ $gpus -ge 8 ]]; then multi nccl --gpu-per-shard; fi
 else
   echo
   echo "(NCCL between processes needs a GPU per pipeline rank: $gpus here; not run)"

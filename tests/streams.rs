@@ -160,21 +160,34 @@ fn a_read_not_ordered_after_its_write_is_reported() {
 /// What is in flight from (sender, receiver, shard).
 type Queues = HashMap<(Rank, Rank, usize), VecDeque<Vec<f32>>>;
 
+/// Per (rank, how many sums before), each shard's part.
+type Parts = HashMap<(Rank, usize), Vec<Option<Vec<f32>>>>;
+
 #[derive(Default)]
 struct Loopback {
     queues: Mutex<Queues>,
     arrived: Condvar,
     /// Fail every group with this message.
     down: Option<&'static str>,
+    /// With `Some(tp)`, it also sums each rank's `tp` shards (each shard on
+    /// a device of its own).
+    shards: Option<usize>,
+    parts: Mutex<Parts>,
 }
 
 struct LoopbackLink<'a> {
     fabric: &'a Loopback,
     rank: Rank,
     shard: usize,
+    /// How many sums this shard has taken part in.
+    sums: usize,
 }
 
 impl Fabric<HostDevice> for Loopback {
+    fn carries_collectives(&self) -> bool {
+        self.shards.is_some()
+    }
+
     fn connect<'f>(
         &'f self,
         _: &HostDevice,
@@ -182,7 +195,7 @@ impl Fabric<HostDevice> for Loopback {
         shard: usize,
         _: &HostStream,
     ) -> DeviceResult<Box<dyn Link<HostDevice> + 'f>> {
-        Ok(Box::new(LoopbackLink { fabric: self, rank, shard }))
+        Ok(Box::new(LoopbackLink { fabric: self, rank, shard, sums: 0 }))
     }
 }
 
@@ -223,6 +236,39 @@ impl Link<HostDevice> for LoopbackLink<'_> {
         }
         Ok(received)
     }
+
+    /// Sums in shard order, as the runner's own all-reduce and the
+    /// sequential run do, so the gradients stay bit for bit.
+    fn all_reduce(
+        &mut self,
+        device: &HostDevice,
+        stream: &HostStream,
+        part: &HostBuffer,
+        len: usize,
+    ) -> DeviceResult<HostBuffer> {
+        let tp = self.fabric.shards.ok_or("no shards to sum")?;
+        let key = (self.rank, self.sums);
+        self.sums += 1;
+        let data = device.download(stream, part)?;
+        let mut parts = self.fabric.parts.lock().map_err(|_| "poisoned")?;
+        parts.entry(key).or_insert_with(|| vec![None; tp])[self.shard] = Some(data);
+        self.fabric.arrived.notify_all();
+        let (parts, waited) = self
+            .fabric
+            .arrived
+            .wait_timeout_while(parts, Duration::from_secs(10), |p| p[&key].iter().any(Option::is_none))
+            .map_err(|_| "poisoned")?;
+        if waited.timed_out() {
+            return Err(format!("{} of {tp} shards came to the sum", parts[&key].iter().flatten().count()));
+        }
+        let mut sum = vec![0.0f32; len];
+        for part in parts[&key].iter().flatten() {
+            for (acc, x) in sum.iter_mut().zip(part) {
+                *acc += x;
+            }
+        }
+        device.upload(stream, &sum)
+    }
 }
 
 #[test]
@@ -238,9 +284,35 @@ fn transfers_through_a_device_transport_reproduce_the_sequential_gradients() {
         let program = build_std_tp(name, p, m, v, tp).program;
         let model = model_for(&program);
         let fabric = Loopback::default();
-        let report = streams::run_over(&HostDevice::new(), &program, &model, CpuOptions::default(), &fabric)
+        let report = streams::run_over(&[&HostDevice::new()], &program, &model, CpuOptions::default(), &fabric)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!(report.gradients, sequential_gradients(&model), "{name} p={p} m={m} tp={tp}: gradients differ");
+    }
+}
+
+/// Each tensor-parallel shard on a device of its own, the shards summing
+/// through the transport (as NCCL all-reduces do across GPUs).
+#[test]
+fn shards_on_devices_of_their_own_sum_through_the_transport() {
+    for (name, p, m, v, tp) in
+        [("stp", 4, 11, None, 2), ("interleaved-1f1b", 2, 4, Some(2), 2), ("1f1b", 2, 3, None, 4)]
+    {
+        let program = build_std_tp(name, p, m, v, tp).program;
+        let model = model_for(&program);
+        let devices: Vec<HostDevice> = (0..tp).map(|_| HostDevice::new()).collect();
+        let devices: Vec<&HostDevice> = devices.iter().collect();
+        let fabric = Loopback { shards: Some(tp as usize), ..Loopback::default() };
+        let report = streams::run_over(&devices, &program, &model, CpuOptions::default(), &fabric)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(report.gradients, sequential_gradients(&model), "{name} p={p} m={m} tp={tp}: gradients differ");
+        assert!(!fabric.parts.lock().expect("not poisoned").is_empty(), "{name}: the shards summed through it");
+    }
+    // Devices of their own need a transport that sums the shards.
+    let program = build_std_tp("stp", 2, 5, None, 2).program;
+    let (a, b) = (HostDevice::new(), HostDevice::new());
+    match streams::run_over(&[&a, &b], &program, &model_for(&program), CpuOptions::default(), &Loopback::default()) {
+        Err(ExecError::Setup(message)) => assert!(message.contains("one per shard with a transport"), "{message}"),
+        other => panic!("expected a refusal, got {other:?}"),
     }
 }
 
@@ -249,7 +321,7 @@ fn a_failing_device_transport_is_named_with_the_instruction() {
     let program = build_std("1f1b", 2, 2, None).program;
     let model = model_for(&program);
     let fabric = Loopback { down: Some("link down"), ..Loopback::default() };
-    match streams::run_over(&HostDevice::new(), &program, &model, CpuOptions::default(), &fabric) {
+    match streams::run_over(&[&HostDevice::new()], &program, &model, CpuOptions::default(), &fabric) {
         Err(ExecError::Runtime { rank, instr, message }) => {
             assert!(message.contains("link down"), "{message}");
             let text = program.ranks[rank.index()].instrs[instr].to_string();

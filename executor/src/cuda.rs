@@ -10,10 +10,12 @@
 //! stream), tanh and its gradient and the all-reduce's adds as small
 //! kernels, point-to-point transfers as device-to-device copies ordered
 //! by events. Multi-process mode ([`run_process`]) runs one pipeline rank
-//! per process, its shards on the process's GPU, with point-to-point
-//! transfers through NCCL (one communicator per tensor-parallel shard,
-//! linking that shard of every rank; the unique ids travel over the
-//! TCP rendezvous) or staged through host memory. The kernels ship as PTX, which the driver compiles; where
+//! per process, its shards on the process's GPU or each on a GPU of its
+//! own, with point-to-point transfers through NCCL (one communicator per
+//! tensor-parallel shard, linking that shard of every rank; the unique ids
+//! travel over the TCP rendezvous) or staged through host memory; shards
+//! on GPUs of their own sum their partial results with an NCCL all-reduce
+//! (one communicator per process). The kernels ship as PTX, which the driver compiles; where
 //! the driver refuses it, the same kernels are compiled from CUDA C with
 //! NVRTC, if the machine has it.
 
@@ -26,7 +28,7 @@ use crate::ExecError;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use cudarc::nccl::{group_end, group_start, Comm, Id};
+use cudarc::nccl::{group_end, group_start, Comm, Id, ReduceOp};
 use std::sync::Arc;
 use std::time::Duration;
 use stp_ir::{Program, Rank};
@@ -86,11 +88,11 @@ pub enum Transport {
     Host,
 }
 
-/// Runs this process's rank of `program` on `device` (one process per
-/// pipeline rank, as [`crate::launch`] meets them), its tensor-parallel
-/// shards as threads on this GPU.
+/// Runs this process's rank of `program` (one process per pipeline rank,
+/// as [`crate::launch`] meets them), its tensor-parallel shards as
+/// threads: all on `devices[0]`, or shard `k` on `devices[k]` (NCCL only).
 pub fn run_process(
-    device: &CudaDevice,
+    devices: &[CudaDevice],
     program: &Program,
     model: &Model,
     options: CpuOptions,
@@ -98,23 +100,43 @@ pub fn run_process(
     rendezvous: Duration,
     transport: Transport,
 ) -> Result<CpuReport, ExecError> {
-    if transport == Transport::Host {
-        return launch::run_process_on(device, program, model, options, env, rendezvous);
-    }
     let tp = program.schedule.tp as usize;
+    let per_shard = devices.len() > 1;
+    match (transport, devices) {
+        (Transport::Host, [device]) => return launch::run_process_on(device, program, model, options, env, rendezvous),
+        (Transport::Host, _) => {
+            return Err(ExecError::Setup(
+                "shards on GPUs of their own sum their results over NCCL: use --transport nccl".into(),
+            ))
+        }
+        (_, []) => return Err(ExecError::Setup("no GPU to run on".into())),
+        _ if per_shard && devices.len() != tp => {
+            return Err(ExecError::Setup(format!("{} GPUs for {tp} tensor-parallel shards", devices.len())))
+        }
+        _ => {}
+    }
     let make_ids = move || Nccl::make_ids(tp);
     launch::linked(program, model, options, env, rendezvous, Some(&make_ids), |_, ids| {
-        let nccl = Nccl::from_ids(&ids, env.rank, env.world_size, tp).map_err(ExecError::Setup)?;
-        streams::execute(device, program, model, options, &[env.rank], Peers::Fabric(&nccl))
+        let mut nccl = Nccl::from_ids(&ids, env.rank, env.world_size, tp).map_err(ExecError::Setup)?;
+        if per_shard {
+            // The shards of this rank are all in this process: its own id.
+            nccl.shards =
+                Some(Id::new().map_err(|e| ExecError::Setup(format!("NCCL cannot make a unique id: {e:?}")))?);
+        }
+        let devices: Vec<&CudaDevice> = devices.iter().collect();
+        streams::execute(&devices, program, model, options, &[env.rank], Peers::Fabric(&nccl))
     })
 }
 
 /// NCCL as the stream runner's [`Fabric`]: shard `k` of every pipeline
-/// rank shares communicator `k` (rank = pipeline rank).
+/// rank shares communicator `k` (rank = pipeline rank); with `shards`,
+/// the rank's shards share one more (rank = shard) for their all-reduces.
 struct Nccl {
     ids: Vec<Id>,
+    shards: Option<Id>,
     rank: usize,
     world: usize,
+    tp: usize,
 }
 
 /// The length of an NCCL unique id.
@@ -149,11 +171,15 @@ impl Nccl {
                 Id::uninit(internal)
             })
             .collect();
-        Ok(Nccl { ids, rank, world })
+        Ok(Nccl { ids, shards: None, rank, world, tp })
     }
 }
 
 impl Fabric<CudaDevice> for Nccl {
+    fn carries_collectives(&self) -> bool {
+        self.shards.is_some()
+    }
+
     fn connect<'f>(
         &'f self,
         _: &CudaDevice,
@@ -164,12 +190,21 @@ impl Fabric<CudaDevice> for Nccl {
         let id = *self.ids.get(shard).ok_or_else(|| format!("no NCCL id for shard {shard}"))?;
         let comm = Comm::from_rank(Arc::clone(&stream.stream), self.rank, self.world, id)
             .map_err(|e| format!("NCCL cannot join communicator {shard} as rank {}: {e:?}", self.rank))?;
-        Ok(Box::new(NcclLink { comm }))
+        let shards = match self.shards {
+            Some(id) => Some(
+                Comm::from_rank(Arc::clone(&stream.stream), shard, self.tp, id)
+                    .map_err(|e| format!("NCCL cannot join the shards' communicator as shard {shard}: {e:?}"))?,
+            ),
+            None => None,
+        };
+        Ok(Box::new(NcclLink { comm, shards }))
     }
 }
 
 struct NcclLink {
     comm: Comm,
+    /// The rank's shards, when each has a GPU of its own.
+    shards: Option<Comm>,
 }
 
 impl Link<CudaDevice> for NcclLink {
@@ -197,6 +232,19 @@ impl Link<CudaDevice> for NcclLink {
         posted?;
         ended?;
         Ok(received)
+    }
+
+    fn all_reduce(
+        &mut self,
+        device: &CudaDevice,
+        stream: &CudaQueue,
+        part: &CudaSlice<f32>,
+        len: usize,
+    ) -> DeviceResult<CudaSlice<f32>> {
+        let shards = self.shards.as_ref().ok_or("the shards share a GPU: no NCCL communicator among them")?;
+        let mut sum = device.zeros(stream, len)?;
+        driver("NCCL all-reduce failed", shards.all_reduce(part, &mut sum, &ReduceOp::Sum))?;
+        Ok(sum)
     }
 }
 

@@ -115,7 +115,7 @@ pub fn run_process_on<D: Device>(
     rendezvous: Duration,
 ) -> Result<CpuReport, ExecError> {
     linked(program, model, options, env, rendezvous, None, |ports, _| {
-        streams::execute(device, program, model, options, &[env.rank], Peers::Staged(ports))
+        streams::execute(&[device], program, model, options, &[env.rank], Peers::Staged(ports))
     })
 }
 

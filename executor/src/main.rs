@@ -101,6 +101,12 @@ struct RunArgs {
     /// nccl with --backend cuda, host otherwise.
     #[arg(long, value_enum)]
     transport: Option<Transport>,
+    /// In a multi-process cuda run: a GPU for each tensor-parallel shard
+    /// (GPUs D·tp to D·tp + tp − 1, D being --device or LOCAL_RANK), the
+    /// shards summing their results with NCCL all-reduces. Without it
+    /// every shard of a rank shares the rank's GPU.
+    #[arg(long)]
+    gpu_per_shard: bool,
     /// Compare the measured makespan with the simulator's under this cost
     /// model (JSON as for `stpc simulate --cost`, times in milliseconds);
     /// without it, under the pass times measured in this run.
@@ -157,6 +163,9 @@ fn main() -> ExitCode {
 
 fn run(args: &RunArgs) -> Result<(), String> {
     let env = Env::from_vars(|name| std::env::var(name).ok())?;
+    if args.gpu_per_shard && (args.backend != Backend::Cuda || env.is_none()) {
+        return Err("--gpu-per-shard is for multi-process cuda runs (stp-exec launch, or WORLD_SIZE set)".into());
+    }
     if args.transport == Some(Transport::Nccl) && args.backend != Backend::Cuda {
         return Err(format!(
             "--transport nccl needs --backend cuda; the {} backend sends over TCP (--transport host)",
@@ -189,7 +198,7 @@ fn run(args: &RunArgs) -> Result<(), String> {
         }
         (Some(env), Backend::Cpu) => launch::run_process(&program, &model, options, env, rendezvous),
         (env, Backend::Cuda) => {
-            let how = env.as_ref().map(|env| (env, rendezvous, args.transport));
+            let how = env.as_ref().map(|env| (env, rendezvous, args.transport, args.gpu_per_shard));
             run_on_gpu(&program, &model, options, args.device, how)
         }
     }
@@ -455,6 +464,9 @@ fn run_args(args: &RunArgs) -> Vec<String> {
         out.push("--transport".into());
         out.push(transport_name(transport).into());
     }
+    if args.gpu_per_shard {
+        out.push("--gpu-per-shard".into());
+    }
     if let Some(trace) = &args.trace {
         out.push("--trace".into());
         out.push(trace.display().to_string());
@@ -487,13 +499,13 @@ fn run_on_gpu(
     model: &Model,
     options: CpuOptions,
     device: Option<usize>,
-    multi: Option<(&Env, Duration, Option<Transport>)>,
+    multi: Option<(&Env, Duration, Option<Transport>, bool)>,
 ) -> Result<CpuReport, ExecError> {
     use stp_exec::cuda;
     let local = std::env::var("LOCAL_RANK").ok().and_then(|v| v.parse().ok());
     let ordinal = device.or(local).unwrap_or(0);
-    let device = cuda::CudaDevice::open(ordinal)?;
-    let Some((env, rendezvous, transport)) = multi else {
+    let Some((env, rendezvous, transport, per_shard)) = multi else {
+        let device = cuda::CudaDevice::open(ordinal)?;
         println!("GPU {ordinal}: {} (single-GPU mode: every rank on its own streams)", device.name);
         return cuda::run(&device, program, model, options);
     };
@@ -501,8 +513,12 @@ fn run_on_gpu(
         Some(Transport::Host) => cuda::Transport::Host,
         Some(Transport::Nccl) | None => cuda::Transport::Nccl,
     };
-    println!("[rank {}] GPU {ordinal}: {} (transfers: {transport:?})", env.rank, device.name);
-    cuda::run_process(&device, program, model, options, env, rendezvous, transport)
+    let tp = program.schedule.tp as usize;
+    let ordinals: Vec<usize> = if per_shard { (0..tp).map(|k| ordinal * tp + k).collect() } else { vec![ordinal] };
+    let devices = ordinals.iter().map(|o| cuda::CudaDevice::open(*o)).collect::<Result<Vec<_>, _>>()?;
+    let names: Vec<String> = ordinals.iter().zip(&devices).map(|(o, d)| format!("GPU {o}: {}", d.name)).collect();
+    println!("[rank {}] {} (transfers: {transport:?})", env.rank, names.join(", "));
+    cuda::run_process(&devices, program, model, options, env, rendezvous, transport)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -511,7 +527,7 @@ fn run_on_gpu(
     _: &Model,
     _: CpuOptions,
     _: Option<usize>,
-    _: Option<(&Env, Duration, Option<Transport>)>,
+    _: Option<(&Env, Duration, Option<Transport>, bool)>,
 ) -> Result<CpuReport, ExecError> {
     Err(ExecError::Setup(
         "this stp-exec was built without the `cuda` feature (cargo build --release -p stp-exec --features cuda); \

@@ -46,6 +46,13 @@ use stp_ir::{Buffer, Compute, Direction, Instr, Part, Pass, PassKind, Program, R
 /// each shard thread connects once, from its own thread, with its
 /// communication stream.
 pub trait Fabric<D: Device>: Sync {
+    /// Whether its links also sum the tensor-parallel shards of a rank
+    /// ([`Link::all_reduce`]), as they must when each shard has a device
+    /// of its own.
+    fn carries_collectives(&self) -> bool {
+        false
+    }
+
     /// Joins shard `shard` of pipeline rank `rank` to the same shard of
     /// every other rank (all of them join at once); its transfers then run
     /// on `stream`.
@@ -71,6 +78,14 @@ pub trait Link<D: Device> {
         sends: &[(Rank, &D::Buffer)],
         recvs: &[(Rank, usize)],
     ) -> DeviceResult<Vec<D::Buffer>>;
+
+    /// Enqueues on `stream` the sum of `part` (`len` values) over the
+    /// shards of this pipeline rank; returns the sum, written once the
+    /// stream gets past it.
+    fn all_reduce(&mut self, device: &D, stream: &D::Stream, part: &D::Buffer, len: usize) -> DeviceResult<D::Buffer> {
+        let _ = (device, stream, part, len);
+        Err("this transport does not sum tensor-parallel shards".into())
+    }
 }
 
 /// How the shard threads of a run reach the same shard of other ranks.
@@ -200,14 +215,15 @@ pub fn run<D: Device>(
 ) -> Result<CpuReport, ExecError> {
     prepare(program, model)?;
     let ranks: Vec<usize> = (0..program.ranks.len()).collect();
-    execute(device, program, model, options, &ranks, Peers::Local)
+    execute(&[device], program, model, options, &ranks, Peers::Local)
 }
 
 /// Runs every rank of `program` in this process as [`run`] does, but with
-/// its transfers through `fabric`, as separate processes would make them:
-/// how a transport is tested against the sequential run.
+/// its transfers through `fabric`, as separate processes would make them,
+/// shard `k` on `devices[k]` (or all on one): how a transport is tested
+/// against the sequential run.
 pub fn run_over<D: Device>(
-    device: &D,
+    devices: &[&D],
     program: &Program,
     model: &Model,
     options: CpuOptions,
@@ -215,14 +231,15 @@ pub fn run_over<D: Device>(
 ) -> Result<CpuReport, ExecError> {
     prepare(program, model)?;
     let ranks: Vec<usize> = (0..program.ranks.len()).collect();
-    execute(device, program, model, options, &ranks, Peers::Fabric(fabric))
+    execute(devices, program, model, options, &ranks, Peers::Fabric(fabric))
 }
 
 /// Runs the shard threads of `ranks` (every rank with [`Peers::Local`];
 /// else the one rank this process runs, which has called [`prepare`]),
-/// thread `t` being shard `t % tp` of `ranks[t / tp]`.
+/// thread `t` being shard `t % tp` of `ranks[t / tp]`, on `devices[t % tp]`
+/// (or every shard on `devices[0]`).
 pub(crate) fn execute<D: Device>(
-    device: &D,
+    devices: &[&D],
     program: &Program,
     model: &Model,
     options: CpuOptions,
@@ -231,6 +248,11 @@ pub(crate) fn execute<D: Device>(
 ) -> Result<CpuReport, ExecError> {
     let tp = program.schedule.tp as usize;
     let threads = ranks.len() * tp;
+    // With a fabric: whether it sums the shards too.
+    let peers_kind = match &peers {
+        Peers::Fabric(fabric) => Some(fabric.carries_collectives()),
+        _ => None,
+    };
     let handed: Vec<Handed<D>> = match peers {
         Peers::Local => threads::mesh(ranks.len(), tp).into_iter().map(Handed::Local).collect(),
         Peers::Staged(ports) => ports.into_iter().map(Handed::Staged).collect(),
@@ -238,6 +260,14 @@ pub(crate) fn execute<D: Device>(
     };
     if handed.len() != threads {
         return Err(ExecError::Setup(format!("{} sets of links for {threads} shard threads", handed.len())));
+    }
+    let collectives_on_links = matches!(&peers_kind, Some(true));
+    if devices.is_empty() || (devices.len() > 1 && (devices.len() != tp || !collectives_on_links)) {
+        return Err(ExecError::Setup(format!(
+            "{} devices for {tp} tensor-parallel shards: give one device for all, or one per shard with a transport \
+             that sums the shards (NCCL)",
+            devices.len()
+        )));
     }
     let reducers: Vec<Arc<Reducer<D>>> = ranks
         .iter()
@@ -252,20 +282,24 @@ pub(crate) fn execute<D: Device>(
         })
         .collect();
     let board = Arc::new(Board::new(threads));
-    // Every thread uploads its weights, then all start from one timed event.
+    // Every thread uploads its weights, then all start from one timed
+    // event per device.
     let started = Barrier::new(threads + 1);
-    let base: OnceLock<D::Event> = OnceLock::new();
-    let clock = device.new_stream(false).map_err(ExecError::Setup)?;
+    let device_of = |shard: usize| shard % devices.len();
+    let bases: Vec<OnceLock<D::Event>> = devices.iter().map(|_| OnceLock::new()).collect();
+    let clocks =
+        devices.iter().map(|d| d.new_stream(false)).collect::<Result<Vec<_>, _>>().map_err(ExecError::Setup)?;
     let results: Vec<Result<ThreadResult, ExecError>> = std::thread::scope(|scope| {
         let handles: Vec<_> = handed
             .into_iter()
             .enumerate()
             .map(|(t, handed)| {
-                let (board, reducer, started, base) =
-                    (Arc::clone(&board), Arc::clone(&reducers[t / tp]), &started, &base);
                 let (rank, shard) = (ranks[t / tp], t % tp);
+                let (board, reducer, started, base) =
+                    (Arc::clone(&board), Arc::clone(&reducers[t / tp]), &started, &bases[device_of(shard)]);
+                let device = devices[device_of(shard)];
                 scope.spawn(move || {
-                    let setup = Setup { device, program, model, options, rank, shard, thread: t };
+                    let setup = Setup { device, program, model, options, rank, shard, thread: t, collectives_on_links };
                     let worker = Worker::new(setup, handed, Arc::clone(&board), reducer);
                     started.wait();
                     started.wait();
@@ -282,10 +316,14 @@ pub(crate) fn execute<D: Device>(
             })
             .collect();
         started.wait();
-        let recorded = device.record(&clock, true);
-        let failed = recorded.as_ref().err().cloned();
-        if let Ok(event) = recorded {
-            let _ = base.set(event);
+        let mut failed = None;
+        for ((device, clock), base) in devices.iter().zip(&clocks).zip(&bases) {
+            match device.record(clock, true) {
+                Ok(event) => {
+                    let _ = base.set(event);
+                }
+                Err(message) => failed = Some(message),
+            }
         }
         started.wait();
         let mut results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap_or(Err(ExecError::Panicked))).collect();
@@ -307,6 +345,8 @@ struct Setup<'a, D: Device> {
     shard: usize,
     /// Its index among the run's shard threads (the board's).
     thread: usize,
+    /// Whether its link sums the rank's shards (else the rank's reducer does).
+    collectives_on_links: bool,
 }
 
 struct Worker<'a, D: Device> {
@@ -329,6 +369,8 @@ struct Worker<'a, D: Device> {
     route: Route<'a, D>,
     board: Arc<Board>,
     reducer: Arc<Reducer<D>>,
+    /// Whether the link to the peers sums this rank's shards.
+    sums_on_link: bool,
     /// Buffers another thread wrote or will read, kept until that work's event.
     pending: Vec<Held<D>>,
     /// Per instruction, timed events before and after it.
@@ -345,7 +387,7 @@ impl<'a, D: Device> Worker<'a, D> {
         board: Arc<Board>,
         reducer: Arc<Reducer<D>>,
     ) -> Result<Self, ExecError> {
-        let Setup { device, program, model, options, rank, shard, thread } = setup;
+        let Setup { device, program, model, options, rank, shard, thread, collectives_on_links } = setup;
         let setup = |what: &str, e: String| ExecError::Setup(format!("rank {rank} shard {shard}: {what}: {e}"));
         let compute = device.new_stream(true).map_err(|e| setup("cannot create its compute stream", e))?;
         let comm = device.new_stream(false).map_err(|e| setup("cannot create its communication stream", e))?;
@@ -395,6 +437,7 @@ impl<'a, D: Device> Worker<'a, D> {
             route,
             board,
             reducer,
+            sums_on_link: collectives_on_links,
             pending: Vec::new(),
             spans: Vec::new(),
             grads: Vec::new(),
@@ -621,6 +664,9 @@ impl<'a, D: Device> Worker<'a, D> {
         if tp == 1 {
             return Ok(partial);
         }
+        if self.sums_on_link {
+            return self.all_reduce_on_link(partial, instr);
+        }
         let written = Arc::new(self.check(instr, self.device.record(&self.compute, false))?);
         let reducer = Arc::clone(&self.reducer);
         let mut round = reducer.state.lock().map_err(|_| ExecError::Panicked)?;
@@ -653,6 +699,20 @@ impl<'a, D: Device> Worker<'a, D> {
             }
         }
         round.outputs[self.shard].take().ok_or(ExecError::Panicked)
+    }
+
+    /// The sum over shards through the device's transport, on this
+    /// shard's communication stream.
+    fn all_reduce_on_link(&mut self, partial: Mat<D>, instr: usize) -> Result<Mat<D>, ExecError> {
+        self.comm_waits_for(&partial, instr)?;
+        let Route::Device(link) = &mut self.route else {
+            return Err(self.error(instr, "no device transport to sum the shards".into()));
+        };
+        let sum = link.all_reduce(self.device, &self.comm, &partial.buf, partial.len());
+        let sum = self.check(instr, sum)?;
+        let done = Arc::new(self.check(instr, self.device.record(&self.comm, false))?);
+        self.pending.push((partial.buf, Arc::clone(&done)));
+        Ok(Mat { rows: partial.rows, cols: partial.cols, buf: Arc::new(sum), ready: Some(done) })
     }
 
     /// On this (shard 0's) communication stream: waits for every part,

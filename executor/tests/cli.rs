@@ -140,6 +140,9 @@ fn the_streams_backend_runs_anywhere_and_a_missing_gpu_is_explained() {
     let out = stp_exec(&["run", &program, "--backend", "streams", "--transport", "nccl"], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--transport nccl needs --backend cuda"), "{}", text(&out.stderr));
+    let out = stp_exec(&["run", &program, "--backend", "cuda", "--gpu-per-shard"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--gpu-per-shard is for multi-process cuda runs"), "{}", text(&out.stderr));
 }
 
 /// One stream runner per process, staging transfers through host memory
