@@ -403,11 +403,7 @@ impl Worker<'_> {
     }
 }
 
-impl threads::Party<Tensor> for Worker<'_> {
-    fn ports(&self) -> Option<&Ports> {
-        Some(&self.ports)
-    }
-
+impl threads::Waiter for Worker<'_> {
     fn board(&self) -> &Board {
         &self.board
     }
@@ -416,8 +412,14 @@ impl threads::Party<Tensor> for Worker<'_> {
         &self.options
     }
 
-    fn error(&self, instr: usize, message: String) -> ExecError {
-        Worker::error(self, instr, message)
+    fn fail(&self, instr: usize, message: String) -> ExecError {
+        self.error(instr, message)
+    }
+}
+
+impl threads::Party<Tensor> for Worker<'_> {
+    fn ports(&self) -> Option<&Ports> {
+        Some(&self.ports)
     }
 
     fn outgoing(&mut self, buffer: Buffer, instr: usize) -> Result<Tensor, ExecError> {

@@ -844,6 +844,20 @@ impl<'a, D: Device> Worker<'a, D> {
     }
 }
 
+impl<D: Device> threads::Waiter for Worker<'_, D> {
+    fn board(&self) -> &Board {
+        &self.board
+    }
+
+    fn options(&self) -> &CpuOptions {
+        &self.options
+    }
+
+    fn fail(&self, instr: usize, message: String) -> ExecError {
+        self.error(instr, message)
+    }
+}
+
 /// In one process, a point-to-point send hands over the matrix with an
 /// event after its last write; a receive is a device-to-device copy on the
 /// communication stream after that event, itself followed by an event the
@@ -854,18 +868,6 @@ impl<D: Device> threads::Party<Mat<D>> for Worker<'_, D> {
             Route::Local(ports) => Some(ports),
             _ => None,
         }
-    }
-
-    fn board(&self) -> &Board {
-        &self.board
-    }
-
-    fn options(&self) -> &CpuOptions {
-        &self.options
-    }
-
-    fn error(&self, instr: usize, message: String) -> ExecError {
-        Worker::error(self, instr, message)
     }
 
     fn outgoing(&mut self, buffer: Buffer, instr: usize) -> Result<Mat<D>, ExecError> {
@@ -899,18 +901,6 @@ impl<D: Device> threads::Party<Tensor> for Worker<'_, D> {
             Route::Staged(ports) => Some(ports),
             _ => None,
         }
-    }
-
-    fn board(&self) -> &Board {
-        &self.board
-    }
-
-    fn options(&self) -> &CpuOptions {
-        &self.options
-    }
-
-    fn error(&self, instr: usize, message: String) -> ExecError {
-        Worker::error(self, instr, message)
     }
 
     fn outgoing(&mut self, buffer: Buffer, instr: usize) -> Result<Tensor, ExecError> {

@@ -199,13 +199,18 @@ pub(crate) fn mesh<M>(ranks: usize, tp: usize) -> Vec<Ports<M>> {
     ports
 }
 
-/// A shard thread as a party to point-to-point transfers.
-pub(crate) trait Party<M> {
-    /// Its channels, if it reaches its peers by messages of type `M`.
-    fn ports(&self) -> Option<&Ports<M>>;
+/// A shard thread as the watchdog and the error reports see it.
+pub(crate) trait Waiter {
     fn board(&self) -> &Board;
     fn options(&self) -> &CpuOptions;
-    fn error(&self, instr: usize, message: String) -> ExecError;
+    /// A runtime error at instruction `instr` of this thread's rank.
+    fn fail(&self, instr: usize, message: String) -> ExecError;
+}
+
+/// A shard thread as a party to point-to-point transfers.
+pub(crate) trait Party<M>: Waiter {
+    /// Its channels, if it reaches its peers by messages of type `M`.
+    fn ports(&self) -> Option<&Ports<M>>;
     /// The message that sends `buffer`.
     fn outgoing(&mut self, buffer: Buffer, instr: usize) -> Result<M, ExecError>;
     /// Takes in a received `buffer`.
@@ -222,15 +227,15 @@ pub(crate) fn exchange<M, P: Party<M>>(party: &mut P, ops: &[Transfer], instr: u
         let port = party
             .ports()
             .and_then(|p| p.data_out.get(&t.peer))
-            .ok_or_else(|| party.error(instr, format!("no link to {}", t.peer)))?;
-        port.send((t.buffer, message)).map_err(|_| party.error(instr, format!("{} has stopped", t.peer)))?;
+            .ok_or_else(|| party.fail(instr, format!("no link to {}", t.peer)))?;
+        port.send((t.buffer, message)).map_err(|_| party.fail(instr, format!("{} has stopped", t.peer)))?;
     }
     for t in ops.iter().filter(|t| t.dir == Direction::Recv) {
         let ports = party.ports();
         let (buffer, message) =
             party.board().wait(timeout, || ports?.data_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
         if buffer != t.buffer {
-            return Err(party.error(instr, format!("expected {} from {}, but {buffer} arrived", t.buffer, t.peer)));
+            return Err(party.fail(instr, format!("expected {} from {}, but {buffer} arrived", t.buffer, t.peer)));
         }
         party.incoming(buffer, message, instr)?;
         if rendezvous {
@@ -245,7 +250,7 @@ pub(crate) fn exchange<M, P: Party<M>>(party: &mut P, ops: &[Transfer], instr: u
             let acked =
                 party.board().wait(timeout, || ports?.ack_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
             if acked != t.buffer {
-                return Err(party.error(instr, format!("{} acknowledged {acked}, not {}", t.peer, t.buffer)));
+                return Err(party.fail(instr, format!("{} acknowledged {acked}, not {}", t.peer, t.buffer)));
             }
         }
     }
