@@ -63,6 +63,15 @@ fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedul
     if let Some(cost) = request.cost {
         elaborated.cost = cost;
     }
+    if request.lower.tp > 1 {
+        // The optimizers below time orders as the program will run.
+        let sequence_parallel = request.lower.sequence_parallel;
+        elaborated.tp_units = Some(if sequence_parallel {
+            stp_ir::Collective::ReduceScatterAllGather
+        } else {
+            stp_ir::Collective::AllReduce
+        });
+    }
     let moved = crate::opt::reorder::improve(&mut elaborated);
     for (indices, moved) in elaborated.maybe_braided.iter_mut().zip(&moved) {
         for at in indices.iter_mut() {

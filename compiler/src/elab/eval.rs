@@ -145,6 +145,7 @@ pub(super) fn run(
             maybe_braided: Vec::new(),
             regions: Vec::new(),
             notes: Vec::new(),
+            tp_units: None,
         });
     }
     let Some((var, body, body_span)) = schedule.decls.iter().find_map(|d| match d {
@@ -203,6 +204,7 @@ pub(super) fn run(
         maybe_braided,
         regions,
         notes: Vec::new(),
+        tp_units: None,
     })
 }
 

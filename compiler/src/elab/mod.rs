@@ -62,6 +62,10 @@ pub struct ComputeSchedule {
     pub regions: Vec<Vec<(usize, usize)>>,
     /// What the optimizer passes decided that the user should hear.
     pub notes: Vec<String>,
+    /// With `--tp`, the collective each op's units will carry once lowered
+    /// (they run unit by unit, each collective on the rank's
+    /// tensor-parallel stream): the optimizers time orders that way too.
+    pub tp_units: Option<stp_ir::Collective>,
 }
 
 /// How much activation memory each pass holds, in units, and the bounds a

@@ -330,7 +330,10 @@ pub fn last_end(times: &[Vec<(f64, f64)>]) -> f64 {
 /// Per rank, each op's (start, end) when every op starts as soon as its
 /// rank is free and its inputs have arrived; an op lasts its passes'
 /// compute plus their exposed TP collective, as the timed simulator
-/// charges it. `None` when the orders cannot all run.
+/// charges it (with `--tp`, unit by unit, each collective on the rank's
+/// tensor-parallel stream: the op ends when its rank's compute stream is
+/// free, its outputs once their collectives are done). `None` when the
+/// orders cannot all run.
 pub fn op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Option<Vec<Vec<(f64, f64)>>> {
     let times = partial_op_times(s, ranks);
     times.iter().zip(ranks).all(|(t, ops)| t.len() == ops.len()).then_some(times)
@@ -355,11 +358,13 @@ pub fn partial_op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Vec<
                     if st + 1 == stages { Some(0.0) } else { b_end[slot(st + 1, i)].map(|t| t + hop(st + 1, st)) };
                 down.zip(f_end[slot(st, i)]).map(|(d, f)| d.max(f))
             }
-            PassKind::W => b_end[slot(st, i)],
+            // The stash its `B` leaves, not the gradient `B` all-reduces.
+            PassKind::W => b_end[slot(st, i)].map(|_| 0.0),
         }
     };
     let mut times: Vec<Vec<(f64, f64)>> = ranks.iter().map(|ops| Vec::with_capacity(ops.len())).collect();
     let mut free = vec![0.0f64; ranks.len()];
+    let mut tp_free = vec![0.0f64; ranks.len()];
     let mut progressed = true;
     while progressed {
         progressed = false;
@@ -371,14 +376,23 @@ pub fn partial_op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Vec<
                 else {
                     break;
                 };
-                let (compute, exposed) = s.cost.time(passes);
                 let start = free[r].max(inputs);
-                let end = start + compute + exposed;
+                let (end, outputs) = match s.tp_units {
+                    Some(collective) => {
+                        let units = op.compute.canonical_units_with(collective);
+                        let c = stp_ir::Compute { passes: passes.clone(), units };
+                        stp_ir::simulate::time_units(&c, &s.cost, start, &mut tp_free[r])
+                    }
+                    None => {
+                        let (compute, exposed) = s.cost.time(passes);
+                        (start + compute + exposed, start + compute + exposed)
+                    }
+                };
                 for pass in passes {
                     let at = slot(pass.stage.index(), pass.mb.index());
                     match pass.kind {
-                        PassKind::F => f_end[at] = Some(end),
-                        PassKind::B | PassKind::BW => b_end[at] = Some(end),
+                        PassKind::F => f_end[at] = Some(outputs),
+                        PassKind::B | PassKind::BW => b_end[at] = Some(outputs),
                         PassKind::W => {}
                     }
                 }

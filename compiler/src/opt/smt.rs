@@ -560,11 +560,18 @@ fn search(
             // its starts may leave gaps: re-time the order as early as
             // possible, as the simulator will.
             let found = scaled(super::order_makespan(s, &order));
-            progress(found as f64 / SCALE, started.elapsed());
-            best = Some((found, order));
-            bound = found - 1;
+            // With `--tp` the order runs unit by unit, which this model
+            // only approximates: keep it only if it is shorter so timed,
+            // and go on below what the model claimed.
+            let claimed = value(&makespan);
+            if found < best.as_ref().map_or(scaled(upper), |(t, _)| *t) {
+                progress(found as f64 / SCALE, started.elapsed());
+                best = Some((found, order));
+            }
+            bound = found.min(claimed) - 1;
         } else {
-            optimal = verdict == SatResult::Unsat;
+            // A proof about this model's timing, which `--tp` does not follow.
+            optimal = verdict == SatResult::Unsat && s.tp_units.is_none();
             break;
         }
     }

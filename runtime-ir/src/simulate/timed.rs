@@ -224,6 +224,18 @@ fn run_units(c: &Compute, cost: &CostModel, start: f64, tp: &mut TpStream<'_>) -
     (start, clock, outputs, compute, waited)
 }
 
+/// One compute's units from `start`, as [`simulate`] runs a program
+/// lowered with `--tp` (the compute must list its units): returns when
+/// the compute stream is free and when the compute's outputs are ready;
+/// `tp_free`, when the rank's tensor-parallel stream is free, moves on.
+/// Schedulers time candidate orders with it.
+pub fn time_units(c: &Compute, cost: &CostModel, start: f64, tp_free: &mut f64) -> (f64, f64) {
+    let mut spans = Vec::new();
+    let mut tp = TpStream { instr: 0, free: tp_free, spans: &mut spans };
+    let (_, free, outputs, _, _) = run_units(c, cost, start, &mut tp);
+    (free, outputs)
+}
+
 /// A rank's tensor-parallel stream while one compute's units run.
 struct TpStream<'a> {
     /// The compute instruction issuing the collectives.
