@@ -310,9 +310,25 @@ fn serial_makespan(s: &ComputeSchedule) -> f64 {
 /// How long one pass takes when it runs alone: its compute plus its
 /// exposed TP collective, as the timed simulator charges it.
 pub fn standalone_duration(s: &ComputeSchedule, kind: PassKind) -> f64 {
-    let pass = stp_ir::Pass { kind, stage: Stage(0), mb: stp_ir::Microbatch(0) };
-    let (compute, exposed) = s.cost.time(&[pass]);
-    compute + exposed
+    op_span(s, &[stp_ir::Pass { kind, stage: Stage(0), mb: stp_ir::Microbatch(0) }]).0
+}
+
+/// For an op holding `passes` that starts on an idle rank: how long it
+/// keeps the rank's compute stream busy, and when its outputs are ready,
+/// as the timed simulator charges it — with `--tp` unit by unit, the op's
+/// last all-reduce running on after its compute.
+pub fn op_span(s: &ComputeSchedule, passes: &[stp_ir::Pass]) -> (f64, f64) {
+    match s.tp_units {
+        Some(collective) => {
+            let units = stp_ir::Compute { passes: passes.to_vec(), units: Vec::new() }.canonical_units_with(collective);
+            let c = stp_ir::Compute { passes: passes.to_vec(), units };
+            stp_ir::simulate::time_units(&c, &s.cost, 0.0, &mut 0.0)
+        }
+        None => {
+            let (compute, exposed) = s.cost.time(passes);
+            (compute + exposed, compute + exposed)
+        }
+    }
 }
 
 /// The makespan of per-rank orders when every op starts as soon as its

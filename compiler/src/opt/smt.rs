@@ -61,11 +61,13 @@ type Key = (usize, usize, usize);
 
 /// A pass that may share its op with `other` when `together` holds: a
 /// braid of two passes, or a `B` fused with its own `W` into `BW`; the op
-/// then lasts `duration`.
+/// then lasts `duration` and its outputs are ready `latency` after its
+/// start (later with `--tp`: its last all-reduce runs on).
 struct Partner {
     other: usize,
     together: Bool,
     duration: i64,
+    latency: i64,
 }
 
 /// How long past its time limit the search may run before its answer is
@@ -96,6 +98,7 @@ struct Frozen {
     free: Vec<bool>,
     mates: Vec<Vec<usize>>,
     duration: Vec<i64>,
+    latency: Vec<i64>,
 }
 
 impl Frozen {
@@ -107,11 +110,12 @@ impl Frozen {
             free: vec![false; passes],
             mates: vec![Vec::new(); passes],
             duration: vec![0; passes],
+            latency: vec![0; passes],
         };
         for (r, (ops, times)) in n.order.iter().zip(&times).enumerate() {
             for (at, (op, (start, _))) in ops.iter().zip(times).enumerate() {
                 let free = *start >= n.window.0 && *start < n.window.1;
-                let (work, exposed) = s.cost.time(&op.compute.passes);
+                let (duration, latency) = super::op_span(s, &op.compute.passes);
                 let mut members = Vec::new();
                 for pass in &op.compute.passes {
                     let (st, i) = (pass.stage.index(), pass.mb.index());
@@ -126,7 +130,8 @@ impl Frozen {
                         frozen.rank[x] = r;
                         frozen.op[x] = at;
                         frozen.free[x] = free;
-                        frozen.duration[x] = scaled(work + exposed);
+                        frozen.duration[x] = scaled(duration);
+                        frozen.latency[x] = scaled(latency);
                         members.push(x);
                     }
                 }
@@ -339,33 +344,37 @@ fn search(
                     } else {
                         vec![pass_of(kinds, a), pass_of(kinds, b)]
                     };
-                    let (work, exposed) = s.cost.time(&passes);
+                    let (duration, latency) = super::op_span(s, &passes);
                     let together = Bool::new_const(format!("with_{x}_{y}"));
                     if bw {
                         fused[x] = Some(together.clone());
                     }
-                    let duration = scaled(work + exposed);
+                    let (duration, latency) = (scaled(duration), scaled(latency));
                     together_of.insert((x, y), together.clone());
-                    partners[x].push(Partner { other: y, together: together.clone(), duration });
-                    partners[y].push(Partner { other: x, together, duration });
+                    partners[x].push(Partner { other: y, together: together.clone(), duration, latency });
+                    partners[y].push(Partner { other: x, together, duration, latency });
                 }
             }
         }
     }
     let solver = Solver::new();
-    // A pass's op lasts the pair's time when it shares one, else its own.
-    let durations: Vec<Int> = keys
-        .iter()
-        .enumerate()
-        .map(|(x, key)| {
-            if let Some(f) = frozen.as_ref().filter(|f| !f.free[x]) {
-                return int(f.duration[x]);
-            }
-            let alone = int(scaled(super::standalone_duration(s, kinds[key.0])));
-            partners[x].iter().fold(alone, |rest, p| p.together.ite(&int(p.duration), &rest))
-        })
-        .collect();
-    let ends: Vec<Int> = starts.iter().zip(&durations).map(|(t, d)| t + d).collect();
+    // A pass's op lasts the pair's time when it shares one, else its own;
+    // so do its outputs take.
+    let span_of = |x: usize, pick: &dyn Fn((i64, i64)) -> i64| -> Int {
+        if let Some(f) = frozen.as_ref().filter(|f| !f.free[x]) {
+            return int(pick((f.duration[x], f.latency[x])));
+        }
+        let pass = pass_of(kinds, keys[x]);
+        let (duration, latency) = super::op_span(s, &[pass]);
+        let alone = int(pick((scaled(duration), scaled(latency))));
+        partners[x].iter().fold(alone, |rest, p| p.together.ite(&int(pick((p.duration, p.latency))), &rest))
+    };
+    let ends: Vec<Int> = (0..keys.len()).map(|x| &starts[x] + span_of(x, &|(d, _)| d)).collect();
+    let outs: Vec<Int> = match s.tp_units {
+        Some(_) => (0..keys.len()).map(|x| &starts[x] + span_of(x, &|(_, l)| l)).collect(),
+        // Per pass, outputs are ready when the op ends.
+        None => ends.clone(),
+    };
     for (x, ps) in partners.iter().enumerate() {
         if ps.is_empty() {
             continue;
@@ -415,12 +424,13 @@ fn search(
         for i in 0..mbs {
             let [f, b, w] = [0, 1, 2].map(|k| id((k, st, i)));
             solver.assert(starts[f].ge(int(0)));
+            // Consumers wait for outputs; a `W` only for its `B`'s compute.
             if st > 0 {
-                solver.assert(starts[f].ge(&ends[id((0, st - 1, i))] + int(hop(st - 1, st))));
+                solver.assert(starts[f].ge(&outs[id((0, st - 1, i))] + int(hop(st - 1, st))));
             }
-            solver.assert(starts[b].ge(&ends[f]));
+            solver.assert(starts[b].ge(&outs[f]));
             if st + 1 < stages {
-                solver.assert(starts[b].ge(&ends[id((1, st + 1, i))] + int(hop(st + 1, st))));
+                solver.assert(starts[b].ge(&outs[id((1, st + 1, i))] + int(hop(st + 1, st))));
             }
             let after_b = starts[w].ge(&ends[b]);
             match &fused[b] {
