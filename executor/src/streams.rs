@@ -502,17 +502,18 @@ impl<'a, D: Device> Worker<'a, D> {
         }
     }
 
-    /// Waits until the device has run every instruction, up to the
-    /// deadlock timeout: a transfer on the device (NCCL) whose peer never
-    /// posts its match blocks the stream, not this thread. Names the first
-    /// instruction the device has not finished.
+    /// Waits until the device has run every instruction, giving up when
+    /// none finishes for the deadlock timeout: a transfer on the device
+    /// (NCCL) whose peer never posts its match blocks the stream, not this
+    /// thread. Names the first instruction the device has not finished.
     fn wait_for_device(&self) -> Result<(), ExecError> {
-        let started = Instant::now();
+        let mut since = Instant::now();
         let mut next = 0;
         while let Some((i, _, after)) = self.spans.get(next) {
             if self.check(*i, self.device.is_complete(after))? {
                 next += 1;
-            } else if self.board.gives_up(started, self.options.timeout) {
+                since = Instant::now();
+            } else if self.board.gives_up(since, self.options.timeout) {
                 self.board.enter(self.thread, *i);
                 return Err(ExecError::Stuck);
             } else {
