@@ -81,22 +81,27 @@ fn a_deadlock_on_streams_names_the_instruction_every_rank_is_stuck_at() {
     }
 }
 
-/// The host device with every wait dropped: what a stream runner that
-/// forgot its events would do on a GPU.
-struct Forgetful(HostDevice);
+/// The host device with a flaw: every wait dropped (what a stream runner
+/// that forgot its events would do on a GPU), or a device that never
+/// finishes anything (a transfer on the device whose peer never comes).
+struct Flawed {
+    host: HostDevice,
+    drop_waits: bool,
+    stalled: bool,
+}
 
-impl Device for Forgetful {
+impl Device for Flawed {
     type Stream = <HostDevice as Device>::Stream;
     type Buffer = <HostDevice as Device>::Buffer;
     type Event = <HostDevice as Device>::Event;
     fn new_stream(&self, gemm: bool) -> DeviceResult<Self::Stream> {
-        self.0.new_stream(gemm)
+        self.host.new_stream(gemm)
     }
     fn upload(&self, on: &Self::Stream, data: &[f32]) -> DeviceResult<Self::Buffer> {
-        self.0.upload(on, data)
+        self.host.upload(on, data)
     }
     fn download(&self, on: &Self::Stream, buffer: &Self::Buffer) -> DeviceResult<Vec<f32>> {
-        self.0.download(on, buffer)
+        self.host.download(on, buffer)
     }
     fn gemm(
         &self,
@@ -104,37 +109,56 @@ impl Device for Forgetful {
         a: (&Self::Buffer, (usize, usize), bool),
         b: (&Self::Buffer, (usize, usize), bool),
     ) -> DeviceResult<Self::Buffer> {
-        self.0.gemm(on, a, b)
+        self.host.gemm(on, a, b)
     }
     fn tanh(&self, on: &Self::Stream, x: &Self::Buffer, n: usize) -> DeviceResult<Self::Buffer> {
-        self.0.tanh(on, x, n)
+        self.host.tanh(on, x, n)
     }
     fn tanh_grad(&self, on: &Self::Stream, g: &Self::Buffer, z: &Self::Buffer, n: usize) -> DeviceResult<Self::Buffer> {
-        self.0.tanh_grad(on, g, z, n)
+        self.host.tanh_grad(on, g, z, n)
     }
     fn zeros(&self, on: &Self::Stream, n: usize) -> DeviceResult<Self::Buffer> {
-        self.0.zeros(on, n)
+        self.host.zeros(on, n)
     }
     fn add_into(&self, on: &Self::Stream, acc: &mut Self::Buffer, x: &Self::Buffer, n: usize) -> DeviceResult<()> {
-        self.0.add_into(on, acc, x, n)
+        self.host.add_into(on, acc, x, n)
     }
     fn copy(&self, on: &Self::Stream, src: &Self::Buffer, n: usize) -> DeviceResult<Self::Buffer> {
-        self.0.copy(on, src, n)
+        self.host.copy(on, src, n)
     }
     fn record(&self, on: &Self::Stream, timed: bool) -> DeviceResult<Self::Event> {
-        self.0.record(on, timed)
+        self.host.record(on, timed)
     }
-    fn wait(&self, _on: &Self::Stream, _event: &Self::Event) -> DeviceResult<()> {
-        Ok(())
+    fn wait(&self, on: &Self::Stream, event: &Self::Event) -> DeviceResult<()> {
+        if self.drop_waits {
+            return Ok(());
+        }
+        self.host.wait(on, event)
     }
     fn is_complete(&self, event: &Self::Event) -> DeviceResult<bool> {
-        self.0.is_complete(event)
+        Ok(!self.stalled && self.host.is_complete(event)?)
     }
     fn synchronize(&self, on: &Self::Stream) -> DeviceResult<()> {
-        self.0.synchronize(on)
+        self.host.synchronize(on)
     }
     fn seconds_between(&self, start: &Self::Event, end: &Self::Event) -> DeviceResult<f64> {
-        self.0.seconds_between(start, end)
+        self.host.seconds_between(start, end)
+    }
+}
+
+/// A device that stops finishing work is not waited for forever: each
+/// rank names the first instruction the device has not finished.
+#[test]
+fn a_device_that_makes_no_progress_is_reported_where_it_stopped() {
+    let program = build_std("1f1b", 2, 2, None).program;
+    let options = CpuOptions { timeout: std::time::Duration::from_millis(300), ..CpuOptions::default() };
+    let stalled = Flawed { host: HostDevice::new(), drop_waits: false, stalled: true };
+    match streams::run(&stalled, &program, &model_for(&program), options) {
+        Err(ExecError::Deadlock { blocked }) => {
+            let at: Vec<(u32, usize)> = blocked.iter().map(|(r, i, _)| (r.0, *i)).collect();
+            assert_eq!(at, [(0, 0), (1, 0)], "{blocked:?}");
+        }
+        other => panic!("expected the stall to be reported, got {other:?}"),
     }
 }
 
@@ -144,7 +168,8 @@ impl Device for Forgetful {
 fn a_read_not_ordered_after_its_write_is_reported() {
     for (name, m, tp) in [("1f1b", 3, 1), ("stp", 5, 2)] {
         let program = build_std_tp(name, 2, m, None, tp).program;
-        match streams::run(&Forgetful(HostDevice::new()), &program, &model_for(&program), CpuOptions::default()) {
+        let forgetful = Flawed { host: HostDevice::new(), drop_waits: true, stalled: false };
+        match streams::run(&forgetful, &program, &model_for(&program), CpuOptions::default()) {
             Err(ExecError::Runtime { message, .. }) => {
                 assert!(message.contains("without waiting for it"), "{name}: {message}")
             }
