@@ -15,9 +15,9 @@
 //! tensor-parallel shard, linking that shard of every rank; the unique ids
 //! travel over the TCP rendezvous) or staged through host memory; shards
 //! on GPUs of their own sum their partial results with an NCCL all-reduce
-//! (one communicator per process). The kernels ship as PTX, which the driver compiles; where
-//! the driver refuses it, the same kernels are compiled from CUDA C with
-//! NVRTC, if the machine has it.
+//! (one communicator per process). The kernels ship as PTX, which the
+//! driver compiles; where the driver refuses it, the same kernels are
+//! compiled from CUDA C with NVRTC, if the machine has it.
 
 use crate::cpu::{CpuOptions, CpuReport};
 use crate::device::{ColumnMajorGemm, Device, DeviceResult};
@@ -117,6 +117,8 @@ pub fn run_process(
     }
     let make_ids = move || Nccl::make_ids(tp);
     launch::linked(program, model, options, env, rendezvous, Some(&make_ids), |_, ids| {
+        // Rank 0 has it; this machine may not (cudarc would panic).
+        require_nccl().map_err(|e| ExecError::Setup(format!("rank {}: {e}", env.rank)))?;
         let mut nccl = Nccl::from_ids(&ids, env.rank, env.world_size, tp).map_err(ExecError::Setup)?;
         if per_shard {
             // The shards of this rank are all in this process: its own id.
@@ -126,6 +128,14 @@ pub fn run_process(
         let devices: Vec<&CudaDevice> = devices.iter().collect();
         streams::execute(&devices, program, model, options, &[env.rank], Peers::Fabric(&nccl))
     })
+}
+
+fn require_nccl() -> Result<(), String> {
+    // SAFETY: only checks whether the shared library can be opened.
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        return Err("NCCL (libnccl.so.2) is not on the library path; use --transport host".into());
+    }
+    Ok(())
 }
 
 /// NCCL as the stream runner's [`Fabric`]: shard `k` of every pipeline
@@ -145,10 +155,7 @@ const NCCL_ID: usize = 128;
 impl Nccl {
     /// One unique id per shard, as bytes for the rendezvous.
     fn make_ids(tp: usize) -> Result<Vec<u8>, String> {
-        // SAFETY: only checks whether the shared library can be opened.
-        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
-            return Err("NCCL (libnccl.so.2) is not on the library path; use --transport host".into());
-        }
+        require_nccl()?;
         let mut bytes = Vec::with_capacity(tp * NCCL_ID);
         for _ in 0..tp {
             let id = Id::new().map_err(|e| format!("NCCL cannot make a unique id: {e:?}"))?;
