@@ -40,10 +40,10 @@ fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
 ///
 /// Before a rank starts its k-th forward, its earlier ops must have
 /// released at least `k·activation − budget` units (an op's passes count
-/// together, so the forward's own partner may supply one release). A pass
-/// releases no earlier than its head plus its compute (a partner: at its
-/// head), so the k-th forward starts no earlier than the first time the
-/// releases possible by then add up. The forward of microbatch `i` of a
+/// together, so the forward's own partner may supply one release, a `BW`
+/// the whole activation). A pass releases no earlier than its head plus
+/// its compute (a partner: at its head), so the k-th forward starts no
+/// earlier than the first time the releases possible by then add up. The forward of microbatch `i` of a
 /// rank's `j`-th stage is at least its `j·(i+1)`-th: the forwards of the
 /// rank's earlier stages up to `i` precede it, as do its own stage's.
 /// Later forwards start later, which delays other ranks' releases; the
@@ -64,6 +64,8 @@ fn memory_floors(
     let stages = placement.len();
     let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
     let release = [0, a - memory.weight_stash, memory.weight_stash];
+    // A `B` may run fused with its `W` (`BW`) beside the forward.
+    let partner = [0, a, memory.weight_stash];
     let mut floors = vec![vec![0i64; mbs]; stages];
     // Each round raises some floor by at least one microunit; the bound
     // stays valid at every round, so stopping early only loosens it.
@@ -72,7 +74,7 @@ fn memory_floors(
         let mut moved = false;
         for r in 0..ranks {
             let owned: Vec<usize> = (0..stages).filter(|st| placement[*st].index() == r).collect();
-            let released = ReleaseCurve::new(&owned, &heads, dur, release);
+            let released = ReleaseCurve::new(&owned, &heads, dur, release, partner);
             for (j, &st) in owned.iter().enumerate() {
                 for (i, floor) in floors[st].iter_mut().enumerate() {
                     let k = ((j + 1) * (i + 1)) as i64;
@@ -92,50 +94,57 @@ fn memory_floors(
 }
 
 /// When a rank's releases can have happened: at each candidate time, the
-/// units released by passes that can have ended, plus the largest release
-/// of a pass that can have started but not ended (the forward's own
-/// partner: a pass in an earlier op has ended).
+/// units released by passes that can have ended, plus what the forward's
+/// own partner can release in its op. A partner is any pass whose head
+/// has come: one that cannot have ended yet adds all it releases — a `B`
+/// fused with its `W` into `BW` releases the whole activation — and one
+/// already counted as ended adds what it would release beyond that.
 struct ReleaseCurve {
     /// (time, units available by then), times ascending, units nondecreasing.
     points: Vec<(i64, i64)>,
 }
 
 impl ReleaseCurve {
-    fn new(owned: &[usize], heads: &PerPass, dur: [i64; 3], release: [i64; 3]) -> ReleaseCurve {
-        // (time, +units started / -units ended).
-        let mut events: Vec<(i64, i64)> = Vec::new();
+    /// `release[k]`: what a pass of kind `k` (1 B, 2 W) releases alone;
+    /// `partner[k]`: what it can release as a forward's partner.
+    fn new(owned: &[usize], heads: &PerPass, dur: [i64; 3], release: [i64; 3], partner: [i64; 3]) -> ReleaseCurve {
+        // (time, 1 = ends / 0 = starts, kind): at one time, starts before ends.
+        let mut events: Vec<(i64, u8, usize)> = Vec::new();
         for &st in owned {
             for k in 1..3 {
-                if release[k] <= 0 {
+                if partner[k] <= 0 {
                     continue;
                 }
                 for &head in &heads[k][st] {
-                    if dur[k] > 0 {
-                        events.push((head, release[k]));
-                    }
-                    events.push((head + dur[k], -release[k]));
+                    events.push((head, 0, k));
+                    events.push((head + dur[k], 1, k));
                 }
             }
         }
         events.sort_unstable();
         let mut ended = 0i64;
-        // Releases started and not ended, by size.
+        // Partners that cannot have ended, by what they release; and the
+        // most an ended one adds as a partner.
         let mut running: std::collections::BTreeMap<i64, usize> = std::collections::BTreeMap::new();
+        let mut ended_bonus = 0i64;
         let mut points: Vec<(i64, i64)> = Vec::with_capacity(events.len());
-        for (t, units) in events {
-            if units > 0 {
-                *running.entry(units).or_default() += 1;
+        for (t, ends, k) in events {
+            if ends == 0 {
+                *running.entry(partner[k]).or_default() += 1;
             } else {
-                ended -= units;
-                if let Some(n) = running.get_mut(&-units) {
+                ended += release[k];
+                ended_bonus = ended_bonus.max(partner[k] - release[k]);
+                if let Some(n) = running.get_mut(&partner[k]) {
                     *n -= 1;
                     if *n == 0 {
-                        running.remove(&-units);
+                        running.remove(&partner[k]);
                     }
                 }
             }
-            // Losing a running pass's release to `ended` never lowers the sum.
-            let available = ended + running.keys().next_back().copied().unwrap_or(0);
+            // An ending pass moves what it releases into `ended` and keeps
+            // the rest as a possible partner: the sum never drops.
+            let best_partner = running.keys().next_back().copied().unwrap_or(0).max(ended_bonus);
+            let available = ended + best_partner;
             match points.last_mut() {
                 Some(last) if last.0 == t => last.1 = available,
                 _ => points.push((t, available)),
@@ -309,26 +318,28 @@ mod tests {
 
     /// One stage on the rank, two microbatches: `B` heads 10 and 14
     /// (compute 2) release 3 units each, `W` heads 12 and 16 (compute 1)
-    /// release 1 each (activation 4, weight stash 1).
+    /// release 1 each (activation 4, weight stash 1); a `B` fused with its
+    /// `W` releases 4.
     fn curve() -> ReleaseCurve {
         let heads: PerPass = vec![vec![vec![0, 0]], vec![vec![10, 14]], vec![vec![12, 16]]];
-        ReleaseCurve::new(&[0], &heads, [1, 2, 1], [0, 3, 1])
+        ReleaseCurve::new(&[0], &heads, [1, 2, 1], [0, 3, 1], [0, 4, 1])
     }
 
     #[test]
     fn a_forward_may_start_with_the_release_it_is_braided_with() {
         let c = curve();
         assert_eq!(c.earliest(0), 0, "nothing needed: no wait");
-        // Braided with the first B, the forward starts at that B's head.
-        assert_eq!(c.earliest(3), 10);
-        // 4 units: the first B has ended (12) and the first W can be its partner.
-        assert_eq!(c.earliest(4), 12);
-        // 6 units: both Bs, the second one as the partner, once the first ended.
-        assert_eq!(c.earliest(6), 14);
-        // 7: the first B and W ended (13), the second B as partner (14).
+        // Braided with the first B fused with its W, the forward starts at that B's head.
+        assert_eq!(c.earliest(4), 10);
+        // 5 units: not at 12 (the first B as BW is 4, or ended with the
+        // first W as partner, 3 + 1), but once the first W has ended too.
+        assert_eq!(c.earliest(5), 13);
+        // 7: the first B has ended, the second (as BW) is the partner at its head.
         assert_eq!(c.earliest(7), 14);
-        // All 8 units: only once three passes ended and the fourth can be the partner.
-        assert_eq!(c.earliest(8), 16);
-        assert!(c.earliest(9) > 1_000_000, "more than is ever released: never");
+        // 8: the first B and W have ended (13), the second B as BW (14).
+        assert_eq!(c.earliest(8), 14);
+        // Past all 8 units (the count may include a partner's share twice,
+        // which only loosens the bound), never.
+        assert!(c.earliest(10) > 1_000_000, "more than is ever released: never");
     }
 }
