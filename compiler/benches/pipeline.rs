@@ -113,3 +113,31 @@ fn plan_auto(bencher: Bencher, cost: &str, m: i64) {
 fn plan_auto_greedy_braids(bencher: Bencher, m: i64) {
     plan_auto(bencher, "cost { forward = 4; backward_input = 8; backward_weight = 2; tp_collective = 1; }", m);
 }
+
+/// The lower bound alone (critical path, per-rank preemptive bound with
+/// the memory budget's floors on forwards) for the hand-written
+/// interleaved schedule, under skewed costs with a TP collective.
+#[divan::bench(args = [256], sample_count = 10)]
+fn lower_bound(bencher: Bencher, m: i64) {
+    bound_with(bencher, m, true);
+}
+
+/// The same without a memory budget: the baseline of the floors' cost.
+#[divan::bench(args = [256], sample_count = 10)]
+fn lower_bound_without_memory(bencher: Bencher, m: i64) {
+    bound_with(bencher, m, false);
+}
+
+fn bound_with(bencher: Bencher, m: i64, memory: bool) {
+    let mut s = pipeline::elaborate(&source(), &request(m)).expect("elaborates");
+    if !memory {
+        s.memory.budget = None;
+    }
+    let cost = stp_ir::simulate::CostModel {
+        backward_input: 2.0,
+        backward_weight: 0.5,
+        tp_collective: 0.25,
+        ..stp_ir::simulate::CostModel::default()
+    };
+    bencher.bench(|| stpc::opt::bound::lower_bound(&s, &cost));
+}
