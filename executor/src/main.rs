@@ -77,12 +77,19 @@ struct RunArgs {
     /// Seed of the model's weights and data.
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Hidden size of every stage's layer.
+    /// Hidden size of every stage's layer (its inner width is twice that).
     #[arg(long, default_value_t = 64)]
     hidden: usize,
     /// Rows (tokens) per microbatch.
     #[arg(long, default_value_t = 16)]
     rows: usize,
+    /// Size every stage as the model shape of this file (as for `stpc
+    /// simulate --model`: {"model": {"hidden", "ffn", "seq_len",
+    /// "micro_batch", ...}}): hidden size `hidden`, inner width `ffn`,
+    /// `seq_len · micro_batch` rows — the GEMMs the simulator's costs come
+    /// from, one layer per stage.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["hidden", "rows"])]
+    model: Option<PathBuf>,
     /// Also run the model sequentially on one thread and require the
     /// weight gradients to match: bit for bit on the cpu and streams
     /// backends (in a multi-process run, of the stages this process ran),
@@ -174,14 +181,12 @@ fn run(args: &RunArgs) -> Result<(), String> {
     }
     let program = load(&args.program)?;
     let meta = &program.schedule;
-    let model = Model::new(
-        meta.num_stages as usize,
-        meta.num_microbatches as usize,
-        args.hidden.max(1),
-        args.rows.max(1),
-        meta.tp as usize,
-        args.seed,
-    );
+    let (hidden, inner, rows) = match &args.model {
+        Some(path) => model_shape(path)?,
+        None => (args.hidden.max(1), 2 * args.hidden.max(1), args.rows.max(1)),
+    };
+    let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
+    let model = Model::with_inner(stages, mbs, hidden, inner, rows, meta.tp as usize, args.seed);
     let options = CpuOptions {
         semantics: match args.comm {
             Comm::Rendezvous => Semantics::Rendezvous,
@@ -448,11 +453,11 @@ fn run_args(args: &RunArgs) -> Vec<String> {
         args.rendezvous_timeout.to_string(),
         "--seed".into(),
         args.seed.to_string(),
-        "--hidden".into(),
-        args.hidden.to_string(),
-        "--rows".into(),
-        args.rows.to_string(),
     ];
+    match &args.model {
+        Some(path) => out.extend(["--model".into(), path.display().to_string()]),
+        None => out.extend(["--hidden".into(), args.hidden.to_string(), "--rows".into(), args.rows.to_string()]),
+    }
     if args.check {
         out.push("--check".into());
     }
@@ -534,6 +539,24 @@ fn run_on_gpu(
          use --backend cpu, or --backend streams for the CUDA backend's stream logic on the host"
             .into(),
     ))
+}
+
+/// (hidden, inner width, rows) from a `--model` file.
+fn model_shape(path: &Path) -> Result<(usize, usize, usize), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let field = |name: &str| -> Result<usize, String> {
+        let value = json.get("model").and_then(|m| m.get(name)).and_then(serde_json::Value::as_f64);
+        match value {
+            Some(v) if v >= 1.0 && v.fract() == 0.0 && v <= 1e9 => Ok(v as usize),
+            Some(v) => Err(format!("{}: model.{name} = {v} is not a positive whole number", path.display())),
+            None => Err(format!("{}: model.{name} is missing (the file's shape is {{\"model\": {{\"hidden\", \"ffn\", \"seq_len\", \"micro_batch\", ...}}}})", path.display())),
+        }
+    };
+    let (hidden, ffn) = (field("hidden")?, field("ffn")?);
+    let rows = field("seq_len")?.checked_mul(field("micro_batch")?).ok_or("seq_len · micro_batch overflows")?;
+    Ok((hidden, ffn, rows))
 }
 
 fn load(path: &Path) -> Result<Program, String> {

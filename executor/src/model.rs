@@ -139,8 +139,22 @@ impl Model {
     /// inner width is `2 · hidden`, `tp` columns per shard at least), and
     /// `microbatches` inputs, all from `seed`.
     pub fn new(stages: usize, microbatches: usize, hidden: usize, rows: usize, tp: usize, seed: u64) -> Model {
+        Model::with_inner(stages, microbatches, hidden, 2 * hidden, rows, tp, seed)
+    }
+
+    /// [`Model::new`] with each sublayer's inner width `inner` (a model's
+    /// MLP width), split in column blocks of `inner / tp` (rounded up).
+    pub fn with_inner(
+        stages: usize,
+        microbatches: usize,
+        hidden: usize,
+        inner: usize,
+        rows: usize,
+        tp: usize,
+        seed: u64,
+    ) -> Model {
         let tp = tp.max(1);
-        let block = (2 * hidden).div_ceil(tp).max(1);
+        let block = inner.div_ceil(tp).max(1);
         let mut rng = Rng::new(seed);
         let stages = (0..stages)
             .map(|_| {

@@ -157,3 +157,25 @@ fn launch_runs_the_stream_runner_one_process_per_rank() {
     assert!(stdout.contains("[rank 0] weight gradients of stages [0, 3] equal"), "{stdout}");
     assert!(stdout.contains("[rank 1] weight gradients of stages [1, 2] equal"), "{stdout}");
 }
+
+/// `--model` sizes every stage as a model shape file does (the one `stpc
+/// simulate --model` reads): hidden size, MLP width, tokens per microbatch.
+#[test]
+fn a_model_shape_file_sizes_the_stages() {
+    let dir = scratch("model");
+    let program = compile(&dir, "stp", 2, 5, 2);
+    let shape = dir.join("shape.json");
+    std::fs::write(&shape, r#"{"model": {"hidden": 8, "ffn": 24, "layers": 4, "seq_len": 3, "micro_batch": 2}}"#)
+        .expect("write");
+    let shape = shape.to_string_lossy().to_string();
+    let out = stp_exec(&["run", &program, "--model", &shape, "--check"], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("equal a sequential run's, bit for bit"), "{}", text(&out.stdout));
+    let broken = dir.join("broken.json");
+    std::fs::write(&broken, r#"{"model": {"hidden": 8, "seq_len": 3, "micro_batch": 2}}"#).expect("write");
+    let out = stp_exec(&["run", &program, "--model", &broken.to_string_lossy()], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("model.ffn is missing"), "{}", text(&out.stderr));
+    let out = stp_exec(&["run", &program, "--model", &shape, "--hidden", "16"], &[]);
+    assert!(!out.status.success(), "--model and --hidden cannot both size the stages");
+}
