@@ -64,7 +64,8 @@ struct RunArgs {
     /// Which backend runs it.
     #[arg(long, value_enum, default_value = "cpu")]
     backend: Backend,
-    /// Send semantics of the CPU backend's channels.
+    /// Send semantics of the channels between ranks (cpu backend, and
+    /// host transfers).
     #[arg(long, value_enum, default_value = "rendezvous")]
     comm: Comm,
     /// Seconds any rank may wait before the run is declared deadlocked.
@@ -132,9 +133,11 @@ enum Backend {
     /// communication stream per rank and shard, events, copies; checks
     /// that every read waits for its write. Needs no GPU.
     Streams,
-    /// One GPU: every rank and shard in this process with its own CUDA
-    /// streams, cuBLAS GEMMs, device-to-device copies (build with
-    /// `--features cuda`).
+    /// CUDA GPUs (build with `--features cuda`): cuBLAS GEMMs, a compute
+    /// and a communication stream per rank and shard. In one process every
+    /// rank on one GPU, transfers as device-to-device copies; under
+    /// WORLD_SIZE or `launch`, one pipeline rank per process (see
+    /// --transport, --gpu-per-shard).
     Cuda,
 }
 
