@@ -130,6 +130,12 @@ pub fn run_process(
     })
 }
 
+/// Binds `stream`'s GPU to the calling thread, as NCCL (which works on
+/// the current device) needs; cudarc's own calls bind it themselves.
+fn make_current(stream: &CudaQueue) -> DeviceResult<()> {
+    driver("cannot make the GPU current", stream.stream.context().bind_to_thread())
+}
+
 fn require_nccl() -> Result<(), String> {
     // SAFETY: only checks whether the shared library can be opened.
     if !unsafe { cudarc::nccl::sys::is_culib_present() } {
@@ -195,6 +201,8 @@ impl Fabric<CudaDevice> for Nccl {
         stream: &CudaQueue,
     ) -> DeviceResult<Box<dyn Link<CudaDevice> + 'f>> {
         let id = *self.ids.get(shard).ok_or_else(|| format!("no NCCL id for shard {shard}"))?;
+        // NCCL works on the thread's current device: this shard's GPU.
+        make_current(stream)?;
         let comm = Comm::from_rank(Arc::clone(&stream.stream), self.rank, self.world, id)
             .map_err(|e| format!("NCCL cannot join communicator {shard} as rank {}: {e:?}", self.rank))?;
         let shards = match self.shards {
@@ -225,6 +233,7 @@ impl Link<CudaDevice> for NcclLink {
         let mut received: Vec<CudaSlice<f32>> =
             recvs.iter().map(|(_, n)| device.zeros(stream, *n)).collect::<Result<_, _>>()?;
         let peer = |r: &Rank| i32::try_from(r.index()).map_err(|_| format!("{r} is beyond NCCL's ranks"));
+        make_current(stream)?;
         driver("NCCL cannot start a group", group_start())?;
         let mut posted = Ok(());
         for (to, buf) in sends {
@@ -250,6 +259,7 @@ impl Link<CudaDevice> for NcclLink {
     ) -> DeviceResult<CudaSlice<f32>> {
         let shards = self.shards.as_ref().ok_or("the shards share a GPU: no NCCL communicator among them")?;
         let mut sum = device.zeros(stream, len)?;
+        make_current(stream)?;
         driver("NCCL all-reduce failed", shards.all_reduce(part, &mut sum, &ReduceOp::Sum))?;
         Ok(sum)
     }
