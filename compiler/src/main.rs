@@ -533,9 +533,9 @@ fn build_and_simulate(
 ) -> Result<(pipeline::Build, CostModel, stp_ir::simulate::Timeline), Reported> {
     let file = load(target)?;
     let mut request = request(target, false);
-    // Only the shape and declared costs are needed here: no solver yet.
-    let shape = Request { solver: Solver::Greedy, ..request.clone() };
-    let elaborated = pipeline::elaborate(&file, &shape).map_err(|d| report(&d, &file, target.color))?;
+    // Only the shape and declared costs are needed here: nothing is
+    // planned until the costs are known.
+    let elaborated = pipeline::elaborate_unplanned(&file, &request).map_err(|d| report(&d, &file, target.color))?;
     let meta = &elaborated.meta;
     let cost = cost_model(args, elaborated.cost, target.tp, meta.num_ranks, meta.num_stages / meta.num_ranks.max(1))?;
     // An `auto` schedule is planned for the costs it will be simulated with.

@@ -57,6 +57,16 @@ pub fn elaborate(file: &SourceFile, request: &Request) -> Result<ComputeSchedule
     elaborate_module(&analyze(file)?, request)
 }
 
+/// The schedule as written, before any optimizer runs: its shape,
+/// declared costs and memory model (an `auto` schedule's ranks empty).
+/// What a caller needs to derive the costs a schedule will be planned
+/// with, without planning it.
+pub fn elaborate_unplanned(file: &SourceFile, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
+    let module = analyze(file)?;
+    let schedule = elab::select_schedule(&module, request.schedule.as_deref()).map_err(|d| vec![d])?;
+    elab::elaborate(&module, schedule, &request.params, request.limits)
+}
+
 fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
     let schedule = elab::select_schedule(module, request.schedule.as_deref()).map_err(|d| vec![d])?;
     let mut elaborated = elab::elaborate(module, schedule, &request.params, request.limits)?;

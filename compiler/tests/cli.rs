@@ -286,6 +286,18 @@ fn the_solver_flags_plan_auto_schedules_and_say_what_was_kept() {
     let hand = stpc(&["simulate", "1f1b", "-p", "2", "-m", "4", "--json", "--solver", "smt"]);
     let report: serde_json::Value = serde_json::from_str(&stdout(&hand)).expect("--json prints JSON");
     assert!(report["plan"].is_null());
+    // A budget no order fits: `simulate` (which first reads the schedule's
+    // shape, then plans) says what Z3 proved, as `check` does.
+    let dir = scratch("auto-budget");
+    let v = write(
+        &dir,
+        "v.sched",
+        "schedule v(p: ranks, m: microbatches) { stages 2 * p; \
+         place s -> if s < p { s } else { 2 * p - 1 - s }; memory { budget = 1; } auto; }",
+    );
+    let none = stpc(&["simulate", &v, "-p", "2", "-m", "4", "--solver", "smt"]);
+    assert_eq!(none.status.code(), Some(1));
+    assert!(stderr(&none).contains("Z3 proved that no order of the passes fits this budget"), "{}", stderr(&none));
     // A nonsensical time limit is a usage error.
     let bad = stpc(&["check", auto, "--solver", "smt", "--solver-timeout", "0"]);
     assert_eq!(bad.status.code(), Some(2));
