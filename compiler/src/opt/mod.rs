@@ -122,6 +122,9 @@ impl Incumbent {
 /// list scheduler, a local search over its order ([`reorder::polish`]),
 /// then, if asked for, Z3.
 pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
+    if let Some(too_little) = too_little_memory(s) {
+        return Err(too_little);
+    }
     let lower_bound = bound::lower_bound(s, &s.cost);
     let incumbent = greedy::schedule(s).map(|(order, makespan)| polished(s, order, makespan));
     match (solver, incumbent) {
@@ -137,6 +140,43 @@ pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>
         (Solver::Greedy, Err(stuck)) => Err(stuck),
         (Solver::Smt { timeout, progress }, incumbent) => improve(s, incumbent, lower_bound, timeout, progress),
     }
+}
+
+/// E0022 when the budget is below what one microbatch alone needs on a
+/// rank: a rank holding `k` stages has all `k` of a microbatch's
+/// activations live when it runs the forward of the last of them (each
+/// stage's forward is live until its backward, which follows the later
+/// stages' forwards), whatever is braided with it. That much suffices:
+/// one microbatch at a time through the whole pipeline never holds more.
+fn too_little_memory(s: &ComputeSchedule) -> Option<Diagnostic> {
+    let budget = s.memory.budget?;
+    let placement = &s.meta.placement;
+    let owned = |r: u32| placement.iter().enumerate().filter(|(_, o)| o.0 == r).map(|(st, _)| st).collect::<Vec<_>>();
+    let most = (0..s.meta.num_ranks).map(|r| owned(r).len()).max()?;
+    let rank = (0..s.meta.num_ranks).find(|r| owned(*r).len() == most)?;
+    let stages = owned(rank);
+    let needed = stages.len() as i64 * s.memory.activation;
+    if budget >= needed {
+        return None;
+    }
+    let list: Vec<String> = stages.iter().map(|st| st.to_string()).collect();
+    let mut d = Diagnostic::new(
+        crate::diag::Code::MemoryBudget,
+        format!("no order of the passes fits the memory budget of {budget}: rank {rank} needs at least {needed}"),
+    )
+    .with_label(s.body_span, "stpc orders the passes here");
+    if let Some(span) = s.memory.budget_span {
+        d = d.with_label(span, format!("the budget: {budget} units"));
+    }
+    d.notes.push(format!(
+        "rank {rank} holds stages {}: a microbatch's activations of every one of them are live when it runs the \
+         forward of the last (each stage's forward is live until its backward, which follows the later stages' \
+         forwards): {} × {} units",
+        list.join(", "),
+        stages.len(),
+        s.memory.activation
+    ));
+    Some(d.with_help(format!("raise the budget to at least {needed}: one microbatch at a time then fits")))
 }
 
 /// `order` after the local search, if that shortened it.
