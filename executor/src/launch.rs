@@ -196,7 +196,8 @@ fn share_secret(mesh: &mut Mesh, rank: usize, make: Secret, deadline: Instant) -
     }
 }
 
-/// NCCL's unique id is 128 bytes, one per tensor-parallel shard.
+/// The most bytes of transport ids a rank accepts (NCCL's take 128 per
+/// tensor-parallel shard).
 const MAX_SECRET: usize = 1 << 16;
 
 /// FNV-1a over the program's JSON: processes must run the same program.
