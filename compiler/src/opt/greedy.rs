@@ -75,6 +75,14 @@ enum Pairing {
 /// still hold all its activations on every rank always finish when any
 /// order does.
 pub fn schedule(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
+    let mut finalists = finalists(s)?;
+    Ok(finalists.swap_remove(0))
+}
+
+/// The fastest order of the safe admission policies and, where memory
+/// binds, the fastest of the bolder ones, fastest first: both are worth
+/// polishing, as the faster one does not always polish to the faster order.
+pub fn finalists(s: &ComputeSchedule) -> Result<Vec<super::Timed>, Diagnostic> {
     // Braids and fusions only pay when there is a collective to hide.
     let braidings: &[Braiding] = if s.cost.tp_collective > 0.0 {
         &[
@@ -97,20 +105,32 @@ pub fn schedule(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
 /// fused `BW` (what the Z3 model covers; the baseline braids are measured
 /// against).
 pub fn schedule_single_passes(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
-    portfolio(s, &[SINGLE_PASSES])
+    let mut finalists = portfolio(s, &[SINGLE_PASSES])?;
+    Ok(finalists.swap_remove(0))
 }
 
 /// The fastest order over every tie-break and admission policy, with
-/// each of `braidings`.
-fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<super::Timed, Diagnostic> {
+/// each of `braidings` — of the safe admission caps and, separately, of
+/// the bolder ones — fastest first.
+fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::Timed>, Diagnostic> {
     let meta = &s.meta;
     let most_owned =
         (0..meta.num_ranks).map(|r| meta.placement.iter().filter(|p| p.0 == r).count() as i64).max().unwrap_or(1);
     let per_microbatch = most_owned * s.memory.activation.max(1);
     let safe_cap = s.memory.budget.map(|b| b / per_microbatch).filter(|cap| *cap > 0).map(|cap| cap as usize);
-    let mut best: Option<(f64, Vec<Vec<ScheduledOp>>)> = None;
+    // The best order of the safe caps, and of the bolder ones.
+    let mut best: [Option<(f64, Vec<Vec<ScheduledOp>>)>; 2] = [None, None];
     let mut first_error = None;
-    for in_flight in std::iter::once(None).chain(safe_cap.map(Some)) {
+    // Where the safe cap keeps fewer microbatches in flight than there are
+    // ranks, memory binds, and a microbatch rarely holds its activations
+    // on every stage at once: bolder caps, which may strand a rank (their
+    // failures are dropped), often fit more in flight.
+    let bolder: Vec<Option<usize>> = safe_cap
+        .filter(|cap| *cap < meta.num_ranks as usize)
+        .map(|cap| vec![Some(cap + 1), Some(cap + 2), Some(2 * cap)])
+        .unwrap_or_default();
+    let safe = std::iter::once(None).chain(safe_cap.map(Some)).map(|cap| (0, cap));
+    for (group, in_flight) in safe.chain(bolder.into_iter().map(|cap| (1, cap))) {
         for &Braiding { pairing, fuse, wait } in braidings {
             for priority in [[0, 1, 2], [1, 0, 2], [0, 2, 1]] {
                 for deepest_first in [true, false] {
@@ -119,8 +139,8 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<super::Timed
                     match schedule_with(s, policy) {
                         Ok(order) => {
                             let makespan = super::order_makespan(s, &order);
-                            if best.as_ref().is_none_or(|(t, _)| makespan < *t) {
-                                best = Some((makespan, order));
+                            if best[group].as_ref().is_none_or(|(t, _)| makespan < *t) {
+                                best[group] = Some((makespan, order));
                             }
                         }
                         Err(e) => {
@@ -131,10 +151,12 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<super::Timed
             }
         }
     }
-    match (best, first_error) {
-        (Some((makespan, order)), _) => Ok((order, makespan)),
-        (None, Some(e)) => Err(e),
-        (None, None) => unreachable!("the unbounded policies always run"),
+    let mut found: Vec<super::Timed> = best.into_iter().flatten().map(|(makespan, order)| (order, makespan)).collect();
+    found.sort_by(|a, b| a.1.total_cmp(&b.1));
+    match (found.is_empty(), first_error) {
+        (false, _) => Ok(found),
+        (true, Some(e)) => Err(e),
+        (true, None) => unreachable!("the unbounded policies always run"),
     }
 }
 
