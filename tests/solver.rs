@@ -198,6 +198,23 @@ fn greedy_orders_fit_the_budget_on_every_cost_mix() {
             }
         }
     }
+    // Tight budgets, where the bolder admission caps run too (down to the
+    // least budget any order fits: two units on a V rank). The planner
+    // times transfers without queueing them on their link, so with slow
+    // links its claim may be short of the simulator's, never over it.
+    for budget in 2..=6 {
+        let source = V_SHAPE.replace("budget = 2 * p", &format!("budget = {budget}"));
+        for cost in costs {
+            let (b, report) = planned(&source, 4, 12, cost, Solver::Greedy);
+            assert!(b.checked.peaks().iter().all(|peak| peak.units <= budget), "budget {budget}");
+            let simulated = simulated(&b, &cost);
+            let exact = cost.p2p == 0.0;
+            assert!(
+                if exact { close(simulated, report.makespan) } else { report.makespan <= simulated + 1e-9 },
+                "budget {budget} {cost:?}: {report} simulates {simulated}"
+            );
+        }
+    }
 }
 
 /// A budget below what one microbatch needs on a rank (a V rank holds two

@@ -423,8 +423,8 @@ fn tell_plan(build: &pipeline::Build) {
         let simulated = stp_ir::simulate::simulate(&build.program, cost).map(|t| t.makespan);
         if let Some(simulated) = simulated.ok().filter(|t| (t - plan.makespan).abs() > 1e-9) {
             eprintln!(
-                "note: the simulator times this order at {simulated:.3}: planning timed each op unit by unit but not \
-                 the queueing of transfers between a pair of ranks"
+                "note: the simulator times this order at {simulated:.3}: planning does not queue transfers that \
+                 share a link (nor, with --tp, all-reduces on the tensor-parallel stream from one op to the next)"
             );
         }
     }
