@@ -62,14 +62,16 @@ pub fn elaborate(file: &SourceFile, request: &Request) -> Result<ComputeSchedule
 /// What a caller needs to derive the costs a schedule will be planned
 /// with, without planning it.
 pub fn elaborate_unplanned(file: &SourceFile, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
-    let module = analyze(file)?;
-    let schedule = elab::select_schedule(&module, request.schedule.as_deref()).map_err(|d| vec![d])?;
-    elab::elaborate(&module, schedule, &request.params, request.limits)
+    as_written(&analyze(file)?, request)
+}
+
+fn as_written(module: &Module, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
+    let schedule = elab::select_schedule(module, request.schedule.as_deref()).map_err(|d| vec![d])?;
+    elab::elaborate(module, schedule, &request.params, request.limits)
 }
 
 fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
-    let schedule = elab::select_schedule(module, request.schedule.as_deref()).map_err(|d| vec![d])?;
-    let mut elaborated = elab::elaborate(module, schedule, &request.params, request.limits)?;
+    let mut elaborated = as_written(module, request)?;
     if let Some(cost) = request.cost {
         elaborated.cost = cost;
     }

@@ -66,22 +66,17 @@ enum Pairing {
     Any,
 }
 
-/// Orders every pass of `s` (an `auto` schedule) on its rank: the
-/// fastest of a few list-scheduling policies, with its makespan.
+/// Orders every pass of `s` (an `auto` schedule) on its rank with a few
+/// list-scheduling policies: the fastest order of the safe admission
+/// policies and, where memory binds, the fastest of the bolder ones,
+/// fastest first (both are worth polishing: the faster one does not
+/// always polish to the faster order), each with its makespan.
 ///
 /// Filling memory with early forwards can strand a rank: every unit held
 /// by microbatches whose backward waits on a forward that no longer fits.
 /// Policies that admit a new microbatch only while each in-flight one can
 /// still hold all its activations on every rank always finish when any
 /// order does.
-pub fn schedule(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {
-    let mut finalists = finalists(s)?;
-    Ok(finalists.swap_remove(0))
-}
-
-/// The fastest order of the safe admission policies and, where memory
-/// binds, the fastest of the bolder ones, fastest first: both are worth
-/// polishing, as the faster one does not always polish to the faster order.
 pub fn finalists(s: &ComputeSchedule) -> Result<Vec<super::Timed>, Diagnostic> {
     // Braids and fusions only pay when there is a collective to hide.
     let braidings: &[Braiding] = if s.cost.tp_collective > 0.0 {
@@ -101,7 +96,7 @@ pub fn finalists(s: &ComputeSchedule) -> Result<Vec<super::Timed>, Diagnostic> {
     portfolio(s, braidings)
 }
 
-/// [`schedule`] restricted to orders of single passes: no braids, no
+/// The fastest of [`finalists`] restricted to orders of single passes: no braids, no
 /// fused `BW` (what the Z3 model covers; the baseline braids are measured
 /// against).
 pub fn schedule_single_passes(s: &ComputeSchedule) -> Result<super::Timed, Diagnostic> {

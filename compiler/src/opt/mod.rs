@@ -157,11 +157,12 @@ pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>
 /// one microbatch at a time through the whole pipeline never holds more.
 fn too_little_memory(s: &ComputeSchedule) -> Option<Diagnostic> {
     let budget = s.memory.budget?;
-    let placement = &s.meta.placement;
-    let owned = |r: u32| placement.iter().enumerate().filter(|(_, o)| o.0 == r).map(|(st, _)| st).collect::<Vec<_>>();
-    let most = (0..s.meta.num_ranks).map(|r| owned(r).len()).max()?;
-    let rank = (0..s.meta.num_ranks).find(|r| owned(*r).len() == most)?;
-    let stages = owned(rank);
+    let mut owned: Vec<Vec<usize>> = vec![Vec::new(); s.meta.num_ranks as usize];
+    for (stage, rank) in s.meta.placement.iter().enumerate() {
+        owned[rank.index()].push(stage);
+    }
+    // The first of the ranks holding the most stages.
+    let (rank, stages) = owned.iter().enumerate().rev().max_by_key(|(_, stages)| stages.len())?;
     let needed = stages.len() as i64 * s.memory.activation;
     if budget >= needed {
         return None;
@@ -365,15 +366,23 @@ pub fn standalone_duration(s: &ComputeSchedule, kind: PassKind) -> f64 {
 /// as the timed simulator charges it — with `--tp` unit by unit, the op's
 /// last all-reduce running on after its compute.
 pub fn op_span(s: &ComputeSchedule, passes: &[stp_ir::Pass]) -> (f64, f64) {
+    op_timing(s, passes, 0.0, &mut 0.0)
+}
+
+/// When an op holding `passes` that starts at `start` frees its rank's
+/// compute stream, and when its outputs are ready; with `--tp` its
+/// all-reduces queue on the rank's tensor-parallel stream, free from
+/// `tp_free` (moved on).
+fn op_timing(s: &ComputeSchedule, passes: &[stp_ir::Pass], start: f64, tp_free: &mut f64) -> (f64, f64) {
     match s.tp_units {
         Some(collective) => {
-            let units = stp_ir::Compute { passes: passes.to_vec(), units: Vec::new() }.canonical_units_with(collective);
-            let c = stp_ir::Compute { passes: passes.to_vec(), units };
-            stp_ir::simulate::time_units(&c, &s.cost, 0.0, &mut 0.0)
+            let mut c = stp_ir::Compute { passes: passes.to_vec(), units: Vec::new() };
+            c.units = c.canonical_units_with(collective);
+            stp_ir::simulate::time_units(&c, &s.cost, start, tp_free)
         }
         None => {
             let (compute, exposed) = s.cost.time(passes);
-            (compute + exposed, compute + exposed)
+            (start + compute + exposed, start + compute + exposed)
         }
     }
 }
@@ -440,17 +449,7 @@ pub fn partial_op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Vec<
                     break;
                 };
                 let start = free[r].max(inputs);
-                let (end, outputs) = match s.tp_units {
-                    Some(collective) => {
-                        let units = op.compute.canonical_units_with(collective);
-                        let c = stp_ir::Compute { passes: passes.clone(), units };
-                        stp_ir::simulate::time_units(&c, &s.cost, start, &mut tp_free[r])
-                    }
-                    None => {
-                        let (compute, exposed) = s.cost.time(passes);
-                        (start + compute + exposed, start + compute + exposed)
-                    }
-                };
+                let (end, outputs) = op_timing(s, passes, start, &mut tp_free[r]);
                 for pass in passes {
                     let at = slot(pass.stage.index(), pass.mb.index());
                     match pass.kind {
