@@ -248,11 +248,8 @@ pub(crate) fn execute<D: Device>(
 ) -> Result<CpuReport, ExecError> {
     let tp = program.schedule.tp as usize;
     let threads = ranks.len() * tp;
-    // With a fabric: whether it sums the shards too.
-    let peers_kind = match &peers {
-        Peers::Fabric(fabric) => Some(fabric.carries_collectives()),
-        _ => None,
-    };
+    // With a fabric that sums the shards, each shard may have a device of its own.
+    let collectives_on_links = matches!(&peers, Peers::Fabric(fabric) if fabric.carries_collectives());
     let handed: Vec<Handed<D>> = match peers {
         Peers::Local => threads::mesh(ranks.len(), tp).into_iter().map(Handed::Local).collect(),
         Peers::Staged(ports) => ports.into_iter().map(Handed::Staged).collect(),
@@ -261,7 +258,6 @@ pub(crate) fn execute<D: Device>(
     if handed.len() != threads {
         return Err(ExecError::Setup(format!("{} sets of links for {threads} shard threads", handed.len())));
     }
-    let collectives_on_links = matches!(&peers_kind, Some(true));
     if devices.is_empty() || (devices.len() > 1 && (devices.len() != tp || !collectives_on_links)) {
         return Err(ExecError::Setup(format!(
             "{} devices for {tp} tensor-parallel shards: give one device for all, or one per shard with a transport \
