@@ -270,10 +270,10 @@ fn verify_accepts_compiled_programs_and_shows_where_a_bad_one_blocks() {
 #[test]
 fn the_solver_flags_plan_auto_schedules_and_say_what_was_kept() {
     let auto = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/auto_looped.sched");
-    let common = ["simulate", auto, "-p", "3", "-m", "6", "--t-b", "2", "--t-p2p", "0.5", "--json"];
+    let common = ["simulate", auto, "-p", "3", "-m", "4", "--t-b", "2", "--t-p2p", "0.5", "--t-ar", "0.25", "--json"];
     let greedy = stpc(&common);
     assert!(greedy.status.success(), "{}", stderr(&greedy));
-    assert!(stderr(&greedy).contains("note: auto: greedy order"), "{}", stderr(&greedy));
+    assert!(stderr(&greedy).contains("note: auto: local search order"), "{}", stderr(&greedy));
     let smt = stpc(&[&common[..], &["--solver", "smt", "--solver-timeout", "60"]].concat());
     assert!(smt.status.success(), "{}", stderr(&smt));
     let report: serde_json::Value = serde_json::from_str(&stdout(&smt)).expect("--json prints JSON");

@@ -5,7 +5,11 @@
 //! first), then weight gradients, which fill the time a rank would
 //! otherwise wait. A forward runs only while the rank's live activations
 //! stay within the memory budget. Passes of a stage run in microbatch
-//! order. Some policies pair the chosen pass with another its rank could
+//! order. Other policies look further: on the rank whose next pass can
+//! end soonest, they run the pass that the other ranks' remaining work
+//! waits for most, even if it starts a little later (Giffler and
+//! Thompson's active schedules, with a critical-path priority). Some
+//! policies pair the chosen pass with another its rank could
 //! start at the same moment (a braid: each pass's TP collective hides
 //! behind the other's compute) or fuse an input gradient with its weight
 //! gradient (`BW`: the collective hides behind the weight gradient). It is
@@ -16,6 +20,7 @@ use crate::diag::{Code, Diagnostic};
 use crate::elab::{ComputeSchedule, Origin, ScheduledOp};
 use std::cmp::Ordering;
 use std::collections::VecDeque;
+use stp_ir::simulate::CostModel;
 use stp_ir::{Compute, Microbatch, Pass, PassKind, Stage};
 
 /// How the list scheduler breaks ties and admits microbatches.
@@ -36,6 +41,22 @@ struct Policy {
     fuse: bool,
     /// How long the chosen pass may wait for a partner to become ready.
     slack: f64,
+    /// Which pass runs next.
+    rule: Rule,
+}
+
+/// How the list scheduler picks the next pass.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Rule {
+    /// The pass that can start earliest (ties by [`Policy::priority`]).
+    EarliestStart,
+    /// On the rank of the pass that can end earliest, the most critical
+    /// ([`criticality`]) of those that can start within `reach` of the
+    /// way from the rank's earliest start to that end (1: any that would
+    /// otherwise have to wait for it, as Giffler and Thompson's active
+    /// schedules do). A rank may then wait for a pass on the critical
+    /// path rather than start one that would hold it up.
+    Critical { reach: f64 },
 }
 
 /// How one policy of the portfolio braids: which pairs it forms, whether
@@ -68,9 +89,10 @@ enum Pairing {
 
 /// Orders every pass of `s` (an `auto` schedule) on its rank with a few
 /// list-scheduling policies: the fastest order of the safe admission
-/// policies and, where memory binds, the fastest of the bolder ones,
-/// fastest first (both are worth polishing: the faster one does not
-/// always polish to the faster order), each with its makespan.
+/// policies, where memory binds the fastest of the bolder ones, and the
+/// fastest of the critical-path rules ([`Rule::Critical`]), fastest first
+/// (each is worth polishing: the faster one does not always polish to the
+/// faster order), each with its makespan.
 ///
 /// Filling memory with early forwards can strand a rank: every unit held
 /// by microbatches whose backward waits on a forward that no longer fits.
@@ -113,9 +135,11 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
         (0..meta.num_ranks).map(|r| meta.placement.iter().filter(|p| p.0 == r).count() as i64).max().unwrap_or(1);
     let per_microbatch = most_owned * s.memory.activation.max(1);
     let safe_cap = s.memory.budget.map(|b| b / per_microbatch).filter(|cap| *cap > 0).map(|cap| cap as usize);
-    // The best order of the safe caps, and of the bolder ones.
-    let mut best: [Option<(f64, Vec<Vec<ScheduledOp>>)>; 2] = [None, None];
+    // The best order of the safe caps, of the bolder ones, and of the
+    // critical rules (under either cap).
+    let mut best: [Option<(f64, Vec<Vec<ScheduledOp>>)>; 3] = [None, None, None];
     let mut first_error = None;
+    let critical = criticality(s);
     // Where the safe cap keeps fewer microbatches in flight than there are
     // ranks, memory binds, and a microbatch rarely holds its activations
     // on every stage at once: bolder caps, which may strand a rank (their
@@ -125,22 +149,26 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
         .map(|cap| vec![Some(cap + 1), Some(cap + 2), Some(2 * cap)])
         .unwrap_or_default();
     let safe = std::iter::once(None).chain(safe_cap.map(Some)).map(|cap| (0, cap));
-    for (group, in_flight) in safe.chain(bolder.into_iter().map(|cap| (1, cap))) {
+    // The critical rules break ties by start, so one tie-break each.
+    let rules = [[0, 1, 2], [1, 0, 2], [0, 2, 1]]
+        .into_iter()
+        .flat_map(|priority| [true, false].map(|deepest| (Rule::EarliestStart, priority, deepest)))
+        .chain(CRITICAL_REACH.map(|reach| (Rule::Critical { reach }, [0, 1, 2], true)));
+    for (cap_group, in_flight) in safe.chain(bolder.into_iter().map(|cap| (1, cap))) {
         for &Braiding { pairing, fuse, wait } in braidings {
-            for priority in [[0, 1, 2], [1, 0, 2], [0, 2, 1]] {
-                for deepest_first in [true, false] {
-                    let slack = f64::from(wait) * s.cost.tp_collective;
-                    let policy = Policy { priority, deepest_first, in_flight, pairing, fuse, slack };
-                    match schedule_with(s, policy) {
-                        Ok(order) => {
-                            let makespan = super::order_makespan(s, &order);
-                            if best[group].as_ref().is_none_or(|(t, _)| makespan < *t) {
-                                best[group] = Some((makespan, order));
-                            }
+            let slack = f64::from(wait) * s.cost.tp_collective;
+            for (rule, priority, deepest_first) in rules.clone() {
+                let policy = Policy { priority, deepest_first, in_flight, pairing, fuse, slack, rule };
+                match schedule_with(s, policy, &critical) {
+                    Ok(order) => {
+                        let makespan = super::order_makespan(s, &order);
+                        let group = if rule == Rule::EarliestStart { cap_group } else { 2 };
+                        if best[group].as_ref().is_none_or(|(t, _)| makespan < *t) {
+                            best[group] = Some((makespan, order));
                         }
-                        Err(e) => {
-                            first_error.get_or_insert(e);
-                        }
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
                     }
                 }
             }
@@ -156,7 +184,11 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
 }
 
 /// The list scheduler under one policy.
-fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic> {
+fn schedule_with(
+    s: &ComputeSchedule,
+    policy: Policy,
+    critical: &Criticality,
+) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic> {
     let in_flight = policy.in_flight;
     let [b_rank, f_rank, w_rank] = policy.priority;
     let meta = &s.meta;
@@ -181,7 +213,8 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
     let origin = Origin { span: s.body_span, iteration: Vec::new() };
     let mut remaining = 3 * stages * mbs;
     // (start, priority, tie-break, rank, pass), refilled every step.
-    let mut candidates = Candidates::new(policy.pairing != Pairing::Never, stages + ranks);
+    let keep_all = policy.pairing != Pairing::Never || policy.rule != Rule::EarliestStart;
+    let mut candidates = Candidates::new(keep_all, stages + ranks);
     while remaining > 0 {
         candidates.clear();
         for stage in 0..stages {
@@ -222,7 +255,10 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
                 candidates.push((free[r].max(ready), w_rank, 0, r, w));
             }
         }
-        let best = candidates.best;
+        let best = match policy.rule {
+            Rule::EarliestStart => candidates.best,
+            Rule::Critical { reach } => most_critical(&candidates.all, reach, cost, critical),
+        };
         let Some((start, _, _, r, chosen)) = best else {
             return Err(Diagnostic::new(
                 Code::MemoryBudget,
@@ -301,6 +337,127 @@ fn schedule_with(s: &ComputeSchedule, policy: Policy) -> Result<Vec<Vec<Schedule
 
 /// A pass that could run next: (start, priority, tie-break, rank, pass).
 type Candidate = (f64, u8, i64, usize, Pass);
+
+/// How far (as a share of the way from a rank's earliest start to the
+/// earliest end) the critical rules look for a more critical pass.
+const CRITICAL_REACH: [f64; 2] = [0.5, 1.0];
+
+/// Per pass, what it holds up on other ranks: the longest way from its
+/// start through the passes that depend on it to a pass on another rank
+/// that must still be followed by all the work of that rank depending on
+/// it (later microbatches' included). Candidates on one rank compete for
+/// the same remaining work of their own rank, so only other ranks' count:
+/// the first backward on its way up the pipeline, say, comes before a
+/// forward the rank could start a little earlier, because the busiest
+/// rank's remaining work waits for it.
+fn criticality(s: &ComputeSchedule) -> Criticality {
+    let meta = &s.meta;
+    let (stages, mbs, ranks) = (meta.num_stages as usize, meta.num_microbatches as usize, meta.num_ranks as usize);
+    let owner = |stage: usize| meta.placement[stage].index();
+    let hop = |a: usize, b: usize| if owner(a) != owner(b) { s.cost.p2p } else { 0.0 };
+    let kinds = [PassKind::F, PassKind::B, PassKind::W];
+    // Compute (what holds the rank) and latency (compute and collective:
+    // when its output is ready) of each kind on each stage.
+    let times: Vec<[(f64, f64); 3]> = (0..stages)
+        .map(|st| {
+            kinds.map(|kind| {
+                let (compute, exposed) = s.cost.time(&[Pass { kind, stage: Stage(st as u32), mb: Microbatch(0) }]);
+                (compute, compute + exposed)
+            })
+        })
+        .collect();
+    let compute = |k: usize, st: usize| times[st][k].0;
+    let latency = |k: usize, st: usize| times[st][k].1;
+    // The work on a stage's rank that one microbatch's pass of kind k
+    // leads to: a forward, the rank's later forwards and every backward
+    // and weight gradient; an input gradient, those of the rank's earlier
+    // stages and their weight gradients.
+    let load: Vec<[f64; 3]> = (0..stages)
+        .map(|stage| {
+            let mine = || (0..stages).filter(move |st| owner(*st) == owner(stage));
+            [
+                mine().map(|st| if st >= stage { compute(0, st) } else { 0.0 } + compute(1, st) + compute(2, st)).sum(),
+                mine().filter(|st| *st <= stage).map(|st| compute(1, st) + compute(2, st)).sum(),
+                compute(2, stage),
+            ]
+        })
+        .collect();
+    let at = |stage: usize, mb: usize| stage * mbs + mb;
+    let per_rank = (0..ranks)
+        .map(|rank| {
+            let mut crit = vec![vec![0.0f64; stages * mbs]; 3];
+            for i in (0..mbs).rev() {
+                let later = (mbs - i) as f64;
+                let own = |k: usize, st: usize| if owner(st) == rank { 0.0 } else { later * load[st][k] };
+                let next = |crit: &[Vec<f64>], k: usize, st: usize| {
+                    if i + 1 < mbs {
+                        compute(k, st) + crit[k][at(st, i + 1)]
+                    } else {
+                        0.0
+                    }
+                };
+                for st in 0..stages {
+                    crit[2][at(st, i)] = own(2, st).max(next(&crit, 2, st));
+                }
+                for st in 0..stages {
+                    let mut c = own(1, st).max(next(&crit, 1, st)).max(compute(1, st) + crit[2][at(st, i)]);
+                    if st > 0 {
+                        c = c.max(latency(1, st) + hop(st, st - 1) + crit[1][at(st - 1, i)]);
+                    }
+                    crit[1][at(st, i)] = c;
+                }
+                for st in (0..stages).rev() {
+                    let down = if st + 1 < stages {
+                        latency(0, st) + hop(st, st + 1) + crit[0][at(st + 1, i)]
+                    } else {
+                        latency(0, st) + crit[1][at(st, i)]
+                    };
+                    crit[0][at(st, i)] = own(0, st).max(next(&crit, 0, st)).max(down);
+                }
+            }
+            crit
+        })
+        .collect();
+    Criticality { mbs, owner: meta.placement.iter().map(|r| r.index()).collect(), per_rank }
+}
+
+/// Per pass ([`criticality`]), as seen from its own rank.
+struct Criticality {
+    mbs: usize,
+    owner: Vec<usize>,
+    /// `[rank][kind][stage * mbs + mb]`, kinds F, B, W.
+    per_rank: Vec<Vec<Vec<f64>>>,
+}
+
+impl Criticality {
+    fn of(&self, pass: Pass) -> f64 {
+        let kind = match pass.kind {
+            PassKind::F => 0,
+            PassKind::B | PassKind::BW => 1,
+            PassKind::W => 2,
+        };
+        let stage = pass.stage.index();
+        self.per_rank[self.owner[stage]][kind][stage * self.mbs + pass.mb.index()]
+    }
+}
+
+/// Under [`Rule::Critical`]: the rank whose candidate can end earliest,
+/// and on it the most critical candidate that can start within `reach`
+/// of the way to that end (ties: the earlier start).
+fn most_critical(all: &[Candidate], reach: f64, cost: &CostModel, critical: &Criticality) -> Option<Candidate> {
+    let end = |c: &Candidate| {
+        let (compute, exposed) = cost.time(&[c.4]);
+        c.0 + compute + exposed
+    };
+    let first = all.iter().min_by(|a, b| end(a).total_cmp(&end(b)).then(a.3.cmp(&b.3)))?;
+    let rank = first.3;
+    let earliest = all.iter().filter(|c| c.3 == rank).map(|c| c.0).fold(f64::INFINITY, f64::min);
+    let horizon = earliest + reach * (end(first) - earliest);
+    all.iter()
+        .filter(|c| c.3 == rank && c.0 <= horizon + 1e-12)
+        .max_by(|a, b| critical.of(a.4).total_cmp(&critical.of(b.4)).then(b.0.total_cmp(&a.0)))
+        .copied()
+}
 
 /// The passes that could run next: the best (earliest start, then
 /// priority, tie-break and rank), and all of them when braids are chosen

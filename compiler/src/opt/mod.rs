@@ -53,7 +53,8 @@ pub struct PlanReport {
     pub makespan: f64,
     /// No order can be faster than this ([`bound::lower_bound`]).
     pub lower_bound: f64,
-    /// Z3 proved no order is shorter.
+    /// No order is shorter: Z3 proved it, or the order meets the lower
+    /// bound.
     pub optimal: bool,
     /// Why the solver's answer was not used, if it was asked for and not used.
     pub fallback: Option<String>,
@@ -137,7 +138,7 @@ pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>
     match (solver, incumbent) {
         (_, Ok(i)) if i.makespan <= lower_bound + 1e-9 => {
             // An order that meets the lower bound needs no search.
-            let report = i.report(lower_bound, matches!(solver, Solver::Smt { .. }), None);
+            let report = i.report(lower_bound, true, None);
             Ok((i.order, report))
         }
         (Solver::Greedy, Ok(i)) => {
