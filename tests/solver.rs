@@ -175,9 +175,6 @@ fn the_local_search_improves_greedy_orders_and_z3_proves_them_optimal() {
     }
 }
 
-/// The greedy scheduler must not fill a rank with forwards whose
-/// backwards can never run (it once did on V placements with slow links):
-
 /// On 1F1B's placement at `budget = p` with the model-derived costs of
 /// the book's table (c), the bottleneck is rank 0 once the first backward
 /// has climbed back: a rank that starts another forward while that
@@ -192,6 +189,9 @@ fn the_critical_path_rules_keep_the_bottleneck_rank_fed() {
     assert!(found.makespan <= 1.025 * found.lower_bound, "{found:?}");
     assert!(close(simulated(&b, &cost), found.makespan), "the claim simulates");
 }
+
+/// The greedy scheduler must not fill a rank with forwards whose
+/// backwards can never run (it once did on V placements with slow links):
 /// every feasible instance gets an order within the budget.
 #[test]
 fn greedy_orders_fit_the_budget_on_every_cost_mix() {
