@@ -530,7 +530,9 @@ fn the_solver_beats_the_stp_order_by_five_percent_under_skewed_costs() {
 /// With `--tp` the program runs unit by unit, each all-reduce on the
 /// rank's tensor-parallel stream (a braided pair's alternating); the
 /// planner times orders that way too, so the order it keeps is the one
-/// the simulator times, at the makespan it claims — greedy and Z3 alike.
+/// the simulator times, at the makespan it claims — greedy and Z3 alike
+/// (where transfers take time, up to their queueing on shared links,
+/// which planning does not model).
 #[test]
 fn with_tp_the_plan_is_timed_unit_by_unit_as_the_simulator_times_it() {
     let cost = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
@@ -553,10 +555,17 @@ fn with_tp_the_plan_is_timed_unit_by_unit_as_the_simulator_times_it() {
         let report = b.checked.schedule().plan.clone().expect("a plan");
         assert!(!report.optimal || report.makespan <= report.lower_bound + 1e-9, "no per-pass proof under --tp");
         let simulated = simulated(&b, &cost);
-        assert!(
-            close(report.makespan, simulated),
-            "p={p} m={m} {cost:?}: claims {} simulates {simulated}",
-            report.makespan
-        );
+        if cost.p2p == 0.0 {
+            assert!(
+                close(report.makespan, simulated),
+                "p={p} m={m} {cost:?}: claims {} simulates {simulated}",
+                report.makespan
+            );
+        } else {
+            // Transfers that share a link queue in the simulator, not in
+            // planning: never faster than claimed, and not by much slower.
+            let claim = report.makespan;
+            assert!(claim <= simulated + 1e-9 && simulated <= 1.02 * claim, "claims {claim} simulates {simulated}");
+        }
     }
 }

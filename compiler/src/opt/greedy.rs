@@ -90,7 +90,8 @@ enum Pairing {
 /// Orders every pass of `s` (an `auto` schedule) on its rank with a few
 /// list-scheduling policies: the fastest order of the safe admission
 /// policies, where memory binds the fastest of the bolder ones, and the
-/// fastest of the critical-path rules ([`Rule::Critical`]), fastest first
+/// fastest of the near and of the far critical-path rules
+/// ([`Rule::Critical`], [`CRITICAL_REACH`]), fastest first
 /// (each is worth polishing: the faster one does not always polish to the
 /// faster order), each with its makespan.
 ///
@@ -136,8 +137,9 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
     let per_microbatch = most_owned * s.memory.activation.max(1);
     let safe_cap = s.memory.budget.map(|b| b / per_microbatch).filter(|cap| *cap > 0).map(|cap| cap as usize);
     // The best order of the safe caps, of the bolder ones, and of the
-    // critical rules (under either cap).
-    let mut best: [Option<(f64, Vec<Vec<ScheduledOp>>)>; 3] = [None, None, None];
+    // critical rules (under either cap) that look near and far: which
+    // start polishes best is not known from its own makespan.
+    let mut best: [Option<(f64, Vec<Vec<ScheduledOp>>)>; 4] = [None, None, None, None];
     let mut first_error = None;
     let critical = criticality(s);
     // Where the safe cap keeps fewer microbatches in flight than there are
@@ -162,7 +164,11 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
                 match schedule_with(s, policy, &critical) {
                     Ok(order) => {
                         let makespan = super::order_makespan(s, &order);
-                        let group = if rule == Rule::EarliestStart { cap_group } else { 2 };
+                        let group = match rule {
+                            Rule::EarliestStart => cap_group,
+                            Rule::Critical { reach } if reach <= 0.5 => 2,
+                            Rule::Critical { .. } => 3,
+                        };
                         if best[group].as_ref().is_none_or(|(t, _)| makespan < *t) {
                             best[group] = Some((makespan, order));
                         }
@@ -339,8 +345,10 @@ fn schedule_with(
 type Candidate = (f64, u8, i64, usize, Pass);
 
 /// How far (as a share of the way from a rank's earliest start to the
-/// earliest end) the critical rules look for a more critical pass.
-const CRITICAL_REACH: [f64; 2] = [0.5, 1.0];
+/// earliest end) the critical rules look for a more critical pass: the
+/// best order of the near ones (up to half-way) and of the far ones are
+/// each polished.
+const CRITICAL_REACH: [f64; 4] = [0.25, 0.5, 0.75, 1.0];
 
 /// Per pass, what it holds up on other ranks: the longest way from its
 /// start through the passes that depend on it to a pass on another rank
