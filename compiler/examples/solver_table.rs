@@ -12,11 +12,10 @@
 //!
 //! `cargo run --release -p stpc --example solver_table [-- SECONDS [SCHEDULE]]`
 //! (one schedule's rows only, when named). With `STP_PROVE=SECONDS` in
-//! the environment, each row not proved optimal also gets a bound Z3
-//! proves: bisection between the lower bound and the solver's order, each
-//! step asking Z3 for an order shorter than the midpoint for at most
-//! SECONDS; "none" raises the bound (no `auto` order is shorter, as
-//! planned; simulated makespans are never shorter than planned ones).
+//! the environment, each row not proved optimal also gets the bound Z3
+//! proves in SECONDS more ([`opt::raise_bound`]: bisection between the
+//! bound and the solver's order; no `auto` order is shorter as planned,
+//! and simulated makespans are never shorter than planned ones).
 #![allow(clippy::print_stdout)]
 
 use std::time::{Duration, Instant};
@@ -87,7 +86,11 @@ fn main() {
             };
             let proved_bound = match (prove, &smt) {
                 (Some(limit), Ok((simulated, r))) => {
-                    let raised = if r.optimal { r.makespan } else { raise_bound(&auto, bound, r.makespan, limit) };
+                    let raised = if r.optimal {
+                        r.makespan
+                    } else {
+                        opt::raise_bound(&auto, r.lower_bound, r.makespan, Duration::from_secs_f64(limit)).bound
+                    };
                     format!(" {raised:.2} | {:+.1}% |", 100.0 * (simulated / raised - 1.0))
                 }
                 _ => String::new(),
@@ -103,29 +106,6 @@ fn main() {
             );
         }
     }
-}
-
-/// A lower bound on `auto`'s planned makespan that Z3 proves, between
-/// `bound` and `upper` (an order's makespan): bisection, each step given
-/// `limit` seconds; a step Z3 cannot settle halves the step.
-fn raise_bound(auto: &ComputeSchedule, mut bound: f64, mut upper: f64, limit: f64) -> f64 {
-    let mut reach = upper;
-    for _ in 0..5 {
-        let mid = bound + (reach - bound) / 2.0;
-        if mid - bound < 1e-3 * bound {
-            break;
-        }
-        let found = opt::smt::solve(auto, mid, Duration::from_secs_f64(limit), None, None);
-        match (found.ranks, found.optimal) {
-            (None, true) => bound = mid,
-            (Some(_), _) => {
-                upper = found.makespan;
-                reach = upper;
-            }
-            (None, false) => reach = mid,
-        }
-    }
-    bound
 }
 
 /// The simulated makespan of `order`, the planned order of `auto`: checked

@@ -751,6 +751,7 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
                 "makespan": p.makespan,
                 "greedy_makespan": p.greedy_makespan,
                 "lower_bound": p.lower_bound,
+                "lower_bound_by_z3": p.bound_by_z3,
                 "optimal": p.optimal,
                 "fallback": p.fallback,
             })),
