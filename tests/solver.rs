@@ -582,7 +582,7 @@ fn z3_raises_the_lower_bound_but_never_above_the_optimum() {
     assert!(optimum.optimal && close(optimum.makespan, 25.0), "{optimum:?}");
     let s = b.checked.schedule();
     let bound = stpc::opt::bound::lower_bound(s, &cost);
-    let raised = stpc::opt::raise_bound(s, bound, 25.5, Duration::from_secs(20));
+    let raised = stpc::opt::raise_bound(s, bound, 25.5, Duration::from_secs(20), Duration::from_secs(10));
     assert!(raised.bound > bound + 1e-9, "{} vs {bound}", raised.bound);
     assert!(raised.bound <= optimum.makespan + 1e-9, "{} above the optimum", raised.bound);
     // On p = 3, m = 8 the search leaves time over, and the note says what

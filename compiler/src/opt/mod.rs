@@ -252,7 +252,7 @@ fn improve(
     if !found.optimal && found.stopped.is_none() && searched && s.tp_units.is_none() {
         let left = timeout.saturating_sub(started.elapsed());
         if left >= MIN_REFUTATION {
-            let raised = raise_bound(s, lower_bound, found.makespan, left);
+            let raised = raise_bound(s, lower_bound, found.makespan, left, left / 2);
             if raised.bound > lower_bound {
                 (lower_bound, bound_by_z3) = (raised.bound, true);
             }
@@ -375,29 +375,31 @@ pub struct Raised {
     pub optimal: bool,
 }
 
-/// Raises `bound` towards `upper` (the makespan of an order in hand) a
-/// quarter of the gap at a time: Z3 is asked for an order shorter than
-/// the next step, with all the time left; "none" raises the bound to it,
-/// an order found lowers the top (and is kept). Refuting a makespan
-/// below the optimum is often much easier for Z3 than finding an order
-/// near it (at p = 4, m = 12 on 1F1B's placement under skewed costs,
-/// seconds against more than a minute), and easier the lower the step,
-/// so the steps climb from the bound.
+/// Raises `bound` towards `upper` (the makespan of an order in hand) by
+/// bisection: Z3 is asked, for at most `step` (and what is left of
+/// `budget`), for an order shorter than the midpoint; "none" raises the
+/// bound to it, an order found lowers the top (and is kept), and a step
+/// Z3 cannot settle is retried halfway down. Refuting a makespan below
+/// the optimum is often much easier for Z3 than finding an order near it
+/// (at p = 4, m = 12 on 1F1B's placement under skewed costs, seconds to
+/// tens of seconds against more than a minute).
 #[cfg(feature = "smt")]
-pub fn raise_bound(s: &ComputeSchedule, mut bound: f64, mut upper: f64, budget: Duration) -> Raised {
+pub fn raise_bound(s: &ComputeSchedule, mut bound: f64, mut upper: f64, budget: Duration, step: Duration) -> Raised {
     let started = std::time::Instant::now();
     let mut raised = Raised { bound, shorter: None, optimal: false };
+    let mut reach = upper;
     loop {
         let left = budget.saturating_sub(started.elapsed());
-        let step = bound + (upper - bound) / 4.0;
-        if left < MIN_REFUTATION / 2 || step - bound < 1e-3 * bound.max(1.0) {
+        let mid = bound + (reach - bound) / 2.0;
+        if left < MIN_REFUTATION / 2 || mid - bound < 1e-3 * bound.max(1.0) {
             break;
         }
-        let found = smt::solve(s, step, left, None, None);
+        let found = smt::solve(s, mid, left.min(step), None, None);
         match found.ranks {
-            None if found.optimal => bound = step,
+            None if found.optimal => bound = mid,
             Some(order) => {
                 upper = found.makespan;
+                reach = upper;
                 raised.optimal = found.optimal;
                 raised.shorter = Some((order, found.makespan));
                 if found.optimal {
@@ -405,7 +407,7 @@ pub fn raise_bound(s: &ComputeSchedule, mut bound: f64, mut upper: f64, budget: 
                     break;
                 }
             }
-            None => break,
+            None => reach = mid,
         }
     }
     raised.bound = bound;
