@@ -20,7 +20,6 @@ use crate::diag::{Code, Diagnostic};
 use crate::elab::{ComputeSchedule, Origin, ScheduledOp};
 use std::cmp::Ordering;
 use std::collections::VecDeque;
-use stp_ir::simulate::CostModel;
 use stp_ir::{Compute, Microbatch, Pass, PassKind, Stage};
 
 /// How the list scheduler breaks ties and admits microbatches.
@@ -263,7 +262,7 @@ fn schedule_with(
         }
         let best = match policy.rule {
             Rule::EarliestStart => candidates.best,
-            Rule::Critical { reach } => most_critical(&candidates.all, reach, cost, critical),
+            Rule::Critical { reach } => most_critical(&candidates.all, reach, critical),
         };
         let Some((start, _, _, r, chosen)) = best else {
             return Err(Diagnostic::new(
@@ -426,41 +425,54 @@ fn criticality(s: &ComputeSchedule) -> Criticality {
             crit
         })
         .collect();
-    Criticality { mbs, owner: meta.placement.iter().map(|r| r.index()).collect(), per_rank }
+    let length = times.iter().map(|kinds| kinds.map(|(_, latency)| latency)).collect();
+    Criticality { mbs, owner: meta.placement.iter().map(|r| r.index()).collect(), length, per_rank }
 }
 
 /// Per pass ([`criticality`]), as seen from its own rank.
 struct Criticality {
     mbs: usize,
     owner: Vec<usize>,
+    /// Per stage and kind (F, B, W), how long one pass alone holds its rank.
+    length: Vec<[f64; 3]>,
     /// `[rank][kind][stage * mbs + mb]`, kinds F, B, W.
     per_rank: Vec<Vec<Vec<f64>>>,
 }
 
 impl Criticality {
     fn of(&self, pass: Pass) -> f64 {
-        let kind = match pass.kind {
-            PassKind::F => 0,
-            PassKind::B | PassKind::BW => 1,
-            PassKind::W => 2,
-        };
         let stage = pass.stage.index();
-        self.per_rank[self.owner[stage]][kind][stage * self.mbs + pass.mb.index()]
+        self.per_rank[self.owner[stage]][kind_index(pass.kind)][stage * self.mbs + pass.mb.index()]
+    }
+
+    fn length(&self, pass: Pass) -> f64 {
+        self.length[pass.stage.index()][kind_index(pass.kind)]
+    }
+}
+
+/// F, B (or `BW`), W: 0, 1, 2.
+fn kind_index(kind: PassKind) -> usize {
+    match kind {
+        PassKind::F => 0,
+        PassKind::B | PassKind::BW => 1,
+        PassKind::W => 2,
     }
 }
 
 /// Under [`Rule::Critical`]: the rank whose candidate can end earliest,
 /// and on it the most critical candidate that can start within `reach`
 /// of the way to that end (ties: the earlier start).
-fn most_critical(all: &[Candidate], reach: f64, cost: &CostModel, critical: &Criticality) -> Option<Candidate> {
-    let end = |c: &Candidate| {
-        let (compute, exposed) = cost.time(&[c.4]);
-        c.0 + compute + exposed
-    };
-    let first = all.iter().min_by(|a, b| end(a).total_cmp(&end(b)).then(a.3.cmp(&b.3)))?;
-    let rank = first.3;
+fn most_critical(all: &[Candidate], reach: f64, critical: &Criticality) -> Option<Candidate> {
+    let (mut first, mut first_end) = (None::<&Candidate>, f64::INFINITY);
+    for c in all {
+        let end = c.0 + critical.length(c.4);
+        if end < first_end || (end == first_end && first.is_some_and(|f| c.3 < f.3)) {
+            (first, first_end) = (Some(c), end);
+        }
+    }
+    let rank = first?.3;
     let earliest = all.iter().filter(|c| c.3 == rank).map(|c| c.0).fold(f64::INFINITY, f64::min);
-    let horizon = earliest + reach * (end(first) - earliest);
+    let horizon = earliest + reach * (first_end - earliest);
     all.iter()
         .filter(|c| c.3 == rank && c.0 <= horizon + 1e-12)
         .max_by(|a, b| critical.of(a.4).total_cmp(&critical.of(b.4)).then(b.0.total_cmp(&a.0)))
