@@ -211,8 +211,9 @@ struct Target {
     #[arg(long, value_enum, default_value = "greedy")]
     solver: SolverArg,
     /// With --solver smt: the most seconds Z3 may search in all (a third
-    /// for the whole step, the rest for windows); the shortest order found
-    /// by then is kept.
+    /// for the whole step, the rest for windows, what they leave over to
+    /// prove a higher lower bound); the shortest order found by then is
+    /// kept.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_timeout)]
     solver_timeout: f64,
     /// When to colour diagnostics.
