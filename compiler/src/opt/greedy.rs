@@ -390,59 +390,62 @@ fn criticality(s: &ComputeSchedule) -> Criticality {
         })
         .collect();
     let at = |stage: usize, mb: usize| stage * mbs + mb;
-    let per_rank = (0..ranks)
-        .map(|rank| {
-            let mut crit = vec![vec![0.0f64; stages * mbs]; 3];
-            for i in (0..mbs).rev() {
-                let later = (mbs - i) as f64;
-                let own = |k: usize, st: usize| if owner(st) == rank { 0.0 } else { later * load[st][k] };
-                let next = |crit: &[Vec<f64>], k: usize, st: usize| {
-                    if i + 1 < mbs {
-                        compute(k, st) + crit[k][at(st, i + 1)]
-                    } else {
-                        0.0
-                    }
-                };
-                for st in 0..stages {
-                    crit[2][at(st, i)] = own(2, st).max(next(&crit, 2, st));
+    // Each rank's view of every pass, one rank at a time; a pass keeps
+    // its own rank's.
+    let mut of = vec![vec![0.0f64; stages * mbs]; 3];
+    let mut crit = vec![vec![0.0f64; stages * mbs]; 3];
+    for rank in 0..ranks {
+        for i in (0..mbs).rev() {
+            let later = (mbs - i) as f64;
+            let own = |k: usize, st: usize| if owner(st) == rank { 0.0 } else { later * load[st][k] };
+            let next = |crit: &[Vec<f64>], k: usize, st: usize| {
+                if i + 1 < mbs {
+                    compute(k, st) + crit[k][at(st, i + 1)]
+                } else {
+                    0.0
                 }
-                for st in 0..stages {
-                    let mut c = own(1, st).max(next(&crit, 1, st)).max(compute(1, st) + crit[2][at(st, i)]);
-                    if st > 0 {
-                        c = c.max(latency(1, st) + hop(st, st - 1) + crit[1][at(st - 1, i)]);
-                    }
-                    crit[1][at(st, i)] = c;
-                }
-                for st in (0..stages).rev() {
-                    let down = if st + 1 < stages {
-                        latency(0, st) + hop(st, st + 1) + crit[0][at(st + 1, i)]
-                    } else {
-                        latency(0, st) + crit[1][at(st, i)]
-                    };
-                    crit[0][at(st, i)] = own(0, st).max(next(&crit, 0, st)).max(down);
-                }
+            };
+            for st in 0..stages {
+                crit[2][at(st, i)] = own(2, st).max(next(&crit, 2, st));
             }
-            crit
-        })
-        .collect();
+            for st in 0..stages {
+                let mut c = own(1, st).max(next(&crit, 1, st)).max(compute(1, st) + crit[2][at(st, i)]);
+                if st > 0 {
+                    c = c.max(latency(1, st) + hop(st, st - 1) + crit[1][at(st - 1, i)]);
+                }
+                crit[1][at(st, i)] = c;
+            }
+            for st in (0..stages).rev() {
+                let down = if st + 1 < stages {
+                    latency(0, st) + hop(st, st + 1) + crit[0][at(st + 1, i)]
+                } else {
+                    latency(0, st) + crit[1][at(st, i)]
+                };
+                crit[0][at(st, i)] = own(0, st).max(next(&crit, 0, st)).max(down);
+            }
+        }
+        for st in (0..stages).filter(|st| owner(*st) == rank) {
+            for (mine, theirs) in of.iter_mut().zip(&crit) {
+                mine[at(st, 0)..at(st, mbs)].copy_from_slice(&theirs[at(st, 0)..at(st, mbs)]);
+            }
+        }
+    }
     let length = times.iter().map(|kinds| kinds.map(|(_, latency)| latency)).collect();
-    Criticality { mbs, owner: meta.placement.iter().map(|r| r.index()).collect(), length, per_rank }
+    Criticality { mbs, length, of }
 }
 
 /// Per pass ([`criticality`]), as seen from its own rank.
 struct Criticality {
     mbs: usize,
-    owner: Vec<usize>,
     /// Per stage and kind (F, B, W), how long one pass alone holds its rank.
     length: Vec<[f64; 3]>,
-    /// `[rank][kind][stage * mbs + mb]`, kinds F, B, W.
-    per_rank: Vec<Vec<Vec<f64>>>,
+    /// `[kind][stage * mbs + mb]`, kinds F, B, W.
+    of: Vec<Vec<f64>>,
 }
 
 impl Criticality {
     fn of(&self, pass: Pass) -> f64 {
-        let stage = pass.stage.index();
-        self.per_rank[self.owner[stage]][kind_index(pass.kind)][stage * self.mbs + pass.mb.index()]
+        self.of[kind_index(pass.kind)][pass.stage.index() * self.mbs + pass.mb.index()]
     }
 
     fn length(&self, pass: Pass) -> f64 {
