@@ -384,7 +384,7 @@ fn check(target: &Target) -> Result<(), Reported> {
     let file = load(target)?;
     let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
     let s = build.checked.schedule();
-    tell_plan(&build);
+    tell_plan(&build, None);
     let params: Vec<String> = s.meta.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
     outln!(
         "ok: {} ({}): {} ranks, {} stages, {} microbatches, {} ops",
@@ -406,8 +406,10 @@ fn draw_progress(best: f64, elapsed: std::time::Duration) {
     eprint!("\r\x1b[2Ksmt: best makespan {best:.3} after {:.1} s", elapsed.as_secs_f64());
 }
 
-/// Says on standard error how an `auto` schedule was ordered.
-fn tell_plan(build: &pipeline::Build) {
+/// Says on standard error how an `auto` schedule was ordered;
+/// `simulated`: the program's simulated makespan under the schedule's
+/// costs, when the caller has it (else it is simulated here, if needed).
+fn tell_plan(build: &pipeline::Build, simulated: Option<f64>) {
     let plan = &build.checked.schedule().plan;
     if std::io::stderr().is_terminal() && plan.is_some() {
         // Clears the solver's status line, if it drew one.
@@ -421,8 +423,8 @@ fn tell_plan(build: &pipeline::Build) {
         // With --tp the plan times ops unit by unit, as the simulator does,
         // but not the queueing of transfers between a pair of ranks.
         let cost = &build.checked.schedule().cost;
-        let simulated = stp_ir::simulate::simulate(&build.program, cost).map(|t| t.makespan);
-        if let Some(simulated) = simulated.ok().filter(|t| (t - plan.makespan).abs() > 1e-9) {
+        let simulated = simulated.or_else(|| stp_ir::simulate::simulate(&build.program, cost).ok().map(|t| t.makespan));
+        if let Some(simulated) = simulated.filter(|t| (t - plan.makespan).abs() > 1e-9) {
             eprintln!(
                 "note: the simulator times this order at {simulated:.3}: planning does not queue transfers that \
                  share a link (nor, with --tp, all-reduces on the tensor-parallel stream from one op to the next)"
@@ -446,7 +448,7 @@ fn sweep(target: &Target) -> Result<(), Reported> {
 fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_each: bool) -> Result<(), Reported> {
     let file = load(target)?;
     let build = pipeline::build(&file, &request(target, verify_each)).map_err(|d| report(&d, &file, target.color))?;
-    tell_plan(&build);
+    tell_plan(&build, None);
     let program = build.program;
     let mut formats: Vec<Emit> = emits
         .iter()
@@ -542,11 +544,11 @@ fn build_and_simulate(
     // An `auto` schedule is planned for the costs it will be simulated with.
     request.cost = Some(cost);
     let build = pipeline::build(&file, &request).map_err(|d| report(&d, &file, target.color))?;
-    tell_plan(&build);
     let timeline = stp_ir::simulate::simulate(&build.program, &cost).map_err(|d| {
         eprintln!("internal error: a checked program deadlocked in the timed simulation:\n{d}");
         Reported
     })?;
+    tell_plan(&build, Some(timeline.makespan));
     Ok((build, cost, timeline))
 }
 
@@ -722,7 +724,7 @@ fn import_torch(csv: &Path, output: Option<&Path>, name: &str, color: ColorArg) 
 fn export_torch(target: &Target, comms: bool, output: Option<&Path>) -> Result<(), Reported> {
     let file = load(target)?;
     let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
-    tell_plan(&build);
+    tell_plan(&build, None);
     let csv = emit::torch::torch_csv(&build.program, comms);
     for note in &csv.notes {
         eprintln!("note: {note}");

@@ -258,8 +258,6 @@ fn improve(
             }
             if let Some((order, makespan)) = raised.shorter {
                 found = smt::SmtPlan { ranks: Some(order), makespan, optimal: raised.optimal, stopped: None };
-            } else if raised.optimal {
-                found.optimal = true;
             }
         }
     }
@@ -371,7 +369,7 @@ pub struct Raised {
     /// An order shorter than the one given, if Z3 found one on the way,
     /// with its makespan.
     pub shorter: Option<Timed>,
-    /// Whether Z3 proved the shortest order it had optimal.
+    /// Whether Z3 proved that order optimal.
     pub optimal: bool,
 }
 
@@ -386,7 +384,7 @@ pub struct Raised {
 #[cfg(feature = "smt")]
 pub fn raise_bound(s: &ComputeSchedule, mut bound: f64, mut upper: f64, budget: Duration, step: Duration) -> Raised {
     let started = std::time::Instant::now();
-    let mut raised = Raised { bound, shorter: None, optimal: false };
+    let (mut shorter, mut optimal) = (None, false);
     let mut reach = upper;
     loop {
         let left = budget.saturating_sub(started.elapsed());
@@ -398,20 +396,17 @@ pub fn raise_bound(s: &ComputeSchedule, mut bound: f64, mut upper: f64, budget: 
         match found.ranks {
             None if found.optimal => bound = mid,
             Some(order) => {
-                upper = found.makespan;
-                reach = upper;
-                raised.optimal = found.optimal;
-                raised.shorter = Some((order, found.makespan));
-                if found.optimal {
-                    bound = found.makespan;
+                (upper, reach, optimal) = (found.makespan, found.makespan, found.optimal);
+                shorter = Some((order, found.makespan));
+                if optimal {
+                    bound = upper;
                     break;
                 }
             }
             None => reach = mid,
         }
     }
-    raised.bound = bound;
-    raised
+    Raised { bound, shorter, optimal }
 }
 
 #[cfg(not(feature = "smt"))]
