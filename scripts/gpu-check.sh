@@ -46,12 +46,12 @@ else
   exit 2
 fi
 
-# cudarc opens libcublas.so / libnvrtc.so by these names; toolkits and
+# cudarc opens libcublas.so / libnvrtc.so / libnccl.so by these names; toolkits and
 # pip wheels often ship only libcublas.so.13 and the like.
 libs=$(mktemp -d)
 trap 'rm -rf "$libs" "$work"' EXIT
 work=$(mktemp -d)
-for lib in cublas cublasLt nvrtc; do
+for lib in cublas cublasLt nvrtc nccl; do
   found=$( (ldconfig -p 2>/dev/null | awk -v l="lib$lib.so" '$1 ~ "^"l {print $NF}';
             find /usr/local/cuda*/ /usr/lib /opt "$(python3 -c 'import site; print(site.getsitepackages()[0])' 2>/dev/null || echo /nonexistent)" \
                  -name "lib$lib.so*" 2>/dev/null) | head -1 || true)
