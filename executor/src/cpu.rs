@@ -21,11 +21,16 @@ pub struct CpuOptions {
     pub semantics: Semantics,
     /// How long any thread may wait before the run is declared deadlocked.
     pub timeout: Duration,
+    /// Stream backends: wait for the device after every instruction, so no
+    /// two streams' work overlaps. A debugging aid: a result that is wrong
+    /// only without it points at a missing wait between streams (or a
+    /// buffer reused before a reader on another stream was done).
+    pub serialize: bool,
 }
 
 impl Default for CpuOptions {
     fn default() -> CpuOptions {
-        CpuOptions { semantics: Semantics::Rendezvous, timeout: Duration::from_secs(2) }
+        CpuOptions { semantics: Semantics::Rendezvous, timeout: Duration::from_secs(2), serialize: false }
     }
 }
 

@@ -469,6 +469,10 @@ impl<'a, D: Device> Worker<'a, D> {
             let after = self.device.record(self.stream_of(instr), true);
             let span = before.and_then(|b| after.map(|a| (i, b, a)));
             self.spans.push(self.check(i, span)?);
+            if self.options.serialize {
+                self.check(i, self.device.synchronize(&self.compute))?;
+                self.check(i, self.device.synchronize(&self.comm))?;
+            }
             self.release_finished();
         }
         peak_stashes = peak_stashes.max(self.live_stashes());
