@@ -28,7 +28,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TOLERANCE=${TOLERANCE:-1e-3}
+TOLERANCE=${TOLERANCE:-1e-4}
 BACKEND=${BACKEND:-cuda}
 SMALL=(--hidden 64 --rows 32)
 LARGE=(--hidden "${HIDDEN:-1024}" --rows "${ROWS:-4096}")

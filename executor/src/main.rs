@@ -100,7 +100,7 @@ struct RunArgs {
     /// With --check on cuda: the largest difference allowed in a gradient
     /// tensor, relative to that tensor's largest value (cuBLAS sums in
     /// another order than the CPU, and the GPU's tanh differs in its last bits).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-4)]
     tolerance: f32,
     /// With --backend cuda: the GPU (default: LOCAL_RANK if set, else 0).
     #[arg(long)]
