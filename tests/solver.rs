@@ -555,17 +555,56 @@ fn with_tp_the_plan_is_timed_unit_by_unit_as_the_simulator_times_it() {
         let report = b.checked.schedule().plan.clone().expect("a plan");
         assert!(!report.optimal || report.makespan <= report.lower_bound + 1e-9, "no per-pass proof under --tp");
         let simulated = simulated(&b, &cost);
-        if cost.p2p == 0.0 {
-            assert!(
-                close(report.makespan, simulated),
-                "p={p} m={m} {cost:?}: claims {} simulates {simulated}",
-                report.makespan
-            );
+        assert!(
+            close(report.makespan, simulated),
+            "p={p} m={m} {cost:?}: claims {} simulates {simulated}",
+            report.makespan
+        );
+    }
+}
+
+/// Transfers with one peer share a stream in the simulator (as NCCL's do),
+/// which planning does not model: lowering moves receives between groups
+/// until the step runs as planned. On ZB-V's placement under the 12.1B
+/// model's costs (p2p = 6.5% of a forward) the greedy order simulated 0.85%
+/// slower than planned before receives were placed (0.5% without the
+/// link-order timing in planning either).
+#[test]
+fn receives_are_placed_so_that_the_step_runs_as_planned() {
+    use stpc::cost::{model::cost_model, Hardware, ModelShape, Parallelism};
+    let qwen = ModelShape { hidden: 4096.0, ffn: 22016.0, layers: 34.0, seq_len: 4096.0, micro_batch: 1.0 };
+    let c = cost_model(&qwen, &Hardware::a800(), &Parallelism { tp: 4, pp: 4, chunks: 2 });
+    let cost = CostModel {
+        forward: 1.0,
+        backward_input: c.backward_input / c.forward,
+        backward_weight: c.backward_weight / c.forward,
+        tp_collective: c.tp_collective / c.forward,
+        p2p: c.p2p / c.forward,
+    };
+    assert!(cost.p2p > 0.05, "the model's transfers take time: {cost:?}");
+    let stp = stp_stdlib::get("zb-v").expect("zb-v");
+    let file = SourceFile::new(stp.path(), stp.source);
+    for place_receives in [true, false] {
+        let mut request = Request {
+            params: stpc::elab::ParamArgs { ranks: Some(4), microbatches: Some(12), ..Default::default() },
+            cost: Some(cost),
+            ..Default::default()
+        };
+        request.lower.place_receives = place_receives;
+        let hand = build(&file, &request).expect("zb-v compiles");
+        let mut auto = hand.checked.schedule().clone();
+        auto.auto = true;
+        auto.memory.budget = hand.checked.peaks().iter().map(|peak| peak.units).max();
+        let (order, report) = stpc::opt::plan(&auto, Solver::Greedy).expect("greedy orders it");
+        let checked = stpc::check::check(stpc::elab::ComputeSchedule { ranks: order, ..auto }).expect("checks");
+        let lowered =
+            stpc::lower::lower(&checked, request.lower, stp_ir::simulate::Semantics::Rendezvous).expect("lowers");
+        let simulated = simulate(&lowered.program, &cost).expect("runs").makespan;
+        if place_receives {
+            assert!(lowered.placed > 0);
+            assert!(close(report.makespan, simulated), "claims {} simulates {simulated}", report.makespan);
         } else {
-            // Transfers that share a link queue in the simulator, not in
-            // planning: never faster than claimed, and not by much slower.
-            let claim = report.makespan;
-            assert!(claim <= simulated + 1e-9 && simulated <= 1.02 * claim, "claims {claim} simulates {simulated}");
+            assert!(simulated > report.makespan + 0.1, "without placement: {simulated} vs {}", report.makespan);
         }
     }
 }
@@ -591,4 +630,33 @@ fn z3_raises_the_lower_bound_but_never_above_the_optimum() {
     let combinatorial = stpc::opt::bound::lower_bound(b.checked.schedule(), &cost);
     assert!(found.bound_by_z3 && found.lower_bound > combinatorial + 1e-9, "{found:?}");
     assert!(found.lower_bound <= found.makespan && found.to_string().contains("proved by Z3"), "{found}");
+}
+
+/// Placing receives never slows a standard schedule and keeps every
+/// program valid (the pass verifies what it keeps; this holds it to it),
+/// with transfers slow enough for the pair streams to queue.
+#[test]
+fn placing_receives_never_slows_a_standard_schedule() {
+    let cost = CostModel { backward_input: 2.0, backward_weight: 0.5, p2p: 0.3, ..CostModel::default() };
+    let mut moved_somewhere = false;
+    for name in ["1f1b", "zb-h1", "zb-v", "dualpipe-v", "stp", "interleaved-1f1b"] {
+        let s = stp_stdlib::get(name).expect("a standard schedule");
+        let file = SourceFile::new(s.path(), s.source);
+        let chunks = (name == "interleaved-1f1b").then_some(2);
+        let mut makespans = Vec::new();
+        for place_receives in [false, true] {
+            let mut request = Request {
+                params: stpc::elab::ParamArgs { ranks: Some(4), microbatches: Some(12), chunks, ..Default::default() },
+                cost: Some(cost),
+                ..Default::default()
+            };
+            request.lower.place_receives = place_receives;
+            let b = build(&file, &request).unwrap_or_else(|d| panic!("{name} compiles: {d:?}"));
+            stp_ir::verify(&b.program).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            makespans.push(simulated(&b, &cost));
+        }
+        assert!(makespans[1] <= makespans[0] + 1e-9, "{name}: {makespans:?}");
+        moved_somewhere |= makespans[1] < makespans[0] - 1e-9;
+    }
+    assert!(moved_somewhere, "some standard schedule queues on its links at p2p = 0.3");
 }

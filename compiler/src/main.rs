@@ -200,7 +200,8 @@ struct Target {
     sequence_parallel: bool,
     /// Post every receive right before the op that needs it (as PyTorch's
     /// schedule runtime does) instead of moving receives earlier where
-    /// that avoids a deadlock.
+    /// that avoids a deadlock, or between groups where that shortens the
+    /// simulated step.
     #[arg(long)]
     no_hoist: bool,
     /// How to order the passes of an `auto` schedule: greedy (a list
@@ -884,6 +885,7 @@ fn request(target: &Target, verify_each: bool) -> Request {
         lower: LowerOptions {
             verify_each,
             hoist: !target.no_hoist,
+            place_receives: !target.no_hoist,
             tp: target.tp,
             sequence_parallel: target.sequence_parallel,
         },

@@ -15,6 +15,10 @@
 //! 4. `insert_frees`: a free after each buffer's last use on its rank.
 //! 5. `split_tp_units` (tensor parallelism, `tp > 1`): every compute lists
 //!    its units and their all-reduces; braided pairs interleave them.
+//! 6. `place_receives` (rendezvous runtimes, transfers that take time):
+//!    moves receives between groups wherever that shortens the timed
+//!    simulation under the schedule's cost model — transfers with one peer
+//!    share a stream, so a receive in the wrong group holds back the rest.
 //!
 //! The result is verified with [`stp_ir::verify`] after the last pass, or
 //! after every pass with [`LowerOptions::verify_each`]. A verification
@@ -23,6 +27,7 @@
 mod group_transfers;
 mod insert_frees;
 mod insert_transfers;
+mod place_receives;
 mod split_tp_units;
 
 use crate::check::CheckedSchedule;
@@ -38,6 +43,9 @@ pub struct LowerOptions {
     /// posted right before the op that needs it, as PyTorch's schedule
     /// runtime does, and programs that then deadlock are refused.
     pub hoist: bool,
+    /// Run `place_receives` (on by default): move receives between groups
+    /// where the timed simulation says the step gets shorter.
+    pub place_receives: bool,
     /// Tensor-parallel group size behind each pipeline rank (1: none).
     pub tp: u32,
     /// With tensor parallelism, use sequence parallelism's reduce-scatter
@@ -47,7 +55,7 @@ pub struct LowerOptions {
 
 impl Default for LowerOptions {
     fn default() -> LowerOptions {
-        LowerOptions { verify_each: false, hoist: true, tp: 1, sequence_parallel: false }
+        LowerOptions { verify_each: false, hoist: true, place_receives: true, tp: 1, sequence_parallel: false }
     }
 }
 
@@ -79,6 +87,8 @@ pub struct Lowered {
     pub program: Program,
     /// How many receives `hoist_receives` moved into earlier groups.
     pub hoisted: usize,
+    /// How many moves of receives `place_receives` kept.
+    pub placed: usize,
     /// Set when the program deadlocks under the requested semantics even
     /// after regrouping: the checker reports it.
     pub deadlock: Option<Deadlock>,
@@ -113,7 +123,16 @@ pub fn lower(checked: &CheckedSchedule, options: LowerOptions, semantics: Semant
     }
     split_tp_units::run(&mut program, options.tp, options.sequence_parallel);
     verify(&program).map_err(|errors| LowerError { pass: "split_tp_units", errors })?;
-    Ok(Lowered { program, hoisted, deadlock })
+    let placed = match semantics {
+        Semantics::Rendezvous if options.place_receives && deadlock.is_none() => {
+            place_receives::run(&mut program, &schedule.cost)
+        }
+        _ => 0,
+    };
+    if placed > 0 {
+        verify(&program).map_err(|errors| LowerError { pass: "place_receives", errors })?;
+    }
+    Ok(Lowered { program, hoisted, placed, deadlock })
 }
 
 fn verify_ignoring_leaks(program: &Program, pass: &'static str) -> Result<(), LowerError> {

@@ -477,7 +477,8 @@ pub fn last_end(times: &[Vec<(f64, f64)>]) -> f64 {
 }
 
 /// Per rank, each op's (start, end) when every op starts as soon as its
-/// rank is free and its inputs have arrived; an op lasts its passes'
+/// rank is free and its inputs have arrived (a transfer takes `p2p`, one
+/// at a time on each link, in the order they are sent); an op lasts its passes'
 /// compute plus their exposed TP collective, as the timed simulator
 /// charges it (with `--tp`, unit by unit, each collective on the rank's
 /// tensor-parallel stream: the op ends when its rank's compute stream is
@@ -494,44 +495,66 @@ pub fn partial_op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Vec<
     let meta = &s.meta;
     let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
     let owner = |stage: usize| meta.placement[stage].index();
-    let hop = |a: usize, b: usize| if owner(a) != owner(b) { s.cost.p2p } else { 0.0 };
     let slot = |stage: usize, mb: usize| stage * mbs + mb;
-    let (mut f_end, mut b_end) = (vec![None::<f64>; stages * mbs], vec![None::<f64>; stages * mbs]);
-    let ready = |pass: &stp_ir::Pass, f_end: &[Option<f64>], b_end: &[Option<f64>]| -> Option<f64> {
+    // When each pass's output is ready on its own rank (`f_end`, for its
+    // backward) and has arrived where the neighbouring stage runs.
+    let mut f_end = vec![None::<f64>; stages * mbs];
+    let (mut f_sent, mut b_sent) = (vec![None::<f64>; stages * mbs], vec![None::<f64>; stages * mbs]);
+    let ready = |pass: &stp_ir::Pass, f_end: &[Option<f64>], f_sent: &[Option<f64>], b_sent: &[Option<f64>]| {
         let (st, i) = (pass.stage.index(), pass.mb.index());
         match pass.kind {
             PassKind::F if st == 0 => Some(0.0),
-            PassKind::F => f_end[slot(st - 1, i)].map(|t| t + hop(st - 1, st)),
+            PassKind::F => f_sent[slot(st - 1, i)],
             PassKind::B | PassKind::BW => {
-                let down =
-                    if st + 1 == stages { Some(0.0) } else { b_end[slot(st + 1, i)].map(|t| t + hop(st + 1, st)) };
+                let down = if st + 1 == stages { Some(0.0) } else { b_sent[slot(st + 1, i)] };
                 down.zip(f_end[slot(st, i)]).map(|(d, f)| d.max(f))
             }
             // The stash its `B` leaves, not the gradient `B` all-reduces.
-            PassKind::W => b_end[slot(st, i)].map(|_| 0.0),
+            PassKind::W => b_sent[slot(st, i)].map(|_| 0.0),
         }
     };
+    let n = ranks.len();
+    // A link carries one message at a time, in the order they are sent
+    // (as the simulator's point-to-point streams do).
+    let mut link_free = vec![0.0f64; n * n];
+    let mut send = |from: usize, to: usize, at: f64| {
+        if from == to {
+            return at;
+        }
+        let arrives = at.max(link_free[from * n + to]) + s.cost.p2p;
+        link_free[from * n + to] = arrives;
+        arrives
+    };
     let mut times: Vec<Vec<(f64, f64)>> = ranks.iter().map(|ops| Vec::with_capacity(ops.len())).collect();
-    let mut free = vec![0.0f64; ranks.len()];
-    let mut tp_free = vec![0.0f64; ranks.len()];
+    let mut free = vec![0.0f64; n];
+    let mut tp_free = vec![0.0f64; n];
     let mut progressed = true;
     while progressed {
         progressed = false;
         for (r, ops) in ranks.iter().enumerate() {
             while let Some(op) = ops.get(times[r].len()) {
                 let passes = &op.compute.passes;
-                let Some(inputs) =
-                    passes.iter().map(|p| ready(p, &f_end, &b_end)).try_fold(0.0f64, |acc, t| t.map(|t| acc.max(t)))
+                let Some(inputs) = passes
+                    .iter()
+                    .map(|p| ready(p, &f_end, &f_sent, &b_sent))
+                    .try_fold(0.0f64, |acc, t| t.map(|t| acc.max(t)))
                 else {
                     break;
                 };
                 let start = free[r].max(inputs);
                 let (end, outputs) = op_timing(s, passes, start, &mut tp_free[r]);
                 for pass in passes {
-                    let at = slot(pass.stage.index(), pass.mb.index());
+                    let (st, i) = (pass.stage.index(), pass.mb.index());
                     match pass.kind {
-                        PassKind::F => f_end[at] = Some(outputs),
-                        PassKind::B | PassKind::BW => b_end[at] = Some(outputs),
+                        PassKind::F => {
+                            f_end[slot(st, i)] = Some(outputs);
+                            let to = if st + 1 < stages { owner(st + 1) } else { r };
+                            f_sent[slot(st, i)] = Some(send(r, to, outputs));
+                        }
+                        PassKind::B | PassKind::BW => {
+                            let to = if st > 0 { owner(st - 1) } else { r };
+                            b_sent[slot(st, i)] = Some(send(r, to, outputs));
+                        }
                         PassKind::W => {}
                     }
                 }

@@ -149,6 +149,8 @@ struct Posted {
     rank: usize,
     slot: usize,
     at: f64,
+    /// When its data was ready (a send), else 0.
+    ready: f64,
 }
 
 #[derive(Default)]
@@ -171,6 +173,9 @@ struct RankState {
     transfer_ends: Vec<f64>,
     /// The current group: (link, seq, direction, posted at, completion time once done).
     group: Vec<(u32, u32, Direction, f64, Option<f64>)>,
+    /// Groups (instruction, peer) with a transfer posted late because the
+    /// stream to its peer was still busy with earlier transfers.
+    held: Vec<(usize, Rank)>,
     posted: bool,
     spans: Vec<Span>,
     busy: f64,
@@ -276,6 +281,31 @@ enum Dep {
 /// Runs `program` under `cost` with rendezvous sends. The program should
 /// be verified; a deadlock is returned as such.
 pub fn simulate(program: &Program, cost: &CostModel) -> Result<Timeline, Deadlock> {
+    let ranks = run_program(program, cost)?;
+    Ok(timeline(ranks))
+}
+
+/// What held transfers back in a timed run: per rank, the groups
+/// (instruction index) with a transfer posted late because the stream to
+/// that peer was still busy, and the peer. Where these are, moving a
+/// receive to another group may shorten the step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeldBack {
+    /// The run's makespan.
+    pub makespan: f64,
+    /// Per rank: (instruction, peer), in the order they happened.
+    pub groups: Vec<Vec<(usize, Rank)>>,
+}
+
+/// Runs `program` as [`simulate`] does and says where transfers waited for
+/// a busy stream.
+pub fn held_back(program: &Program, cost: &CostModel) -> Result<HeldBack, Deadlock> {
+    let mut ranks = run_program(program, cost)?;
+    let groups = ranks.iter_mut().map(|r| std::mem::take(&mut r.held)).collect();
+    Ok(HeldBack { makespan: timeline(ranks).makespan, groups })
+}
+
+fn run_program(program: &Program, cost: &CostModel) -> Result<Vec<RankState>, Deadlock> {
     let index = TransferIndex::new(program);
     let deps = writers(program, &index);
     let n = program.ranks.len();
@@ -314,6 +344,10 @@ pub fn simulate(program: &Program, cost: &CostModel) -> Result<Timeline, Deadloc
     if !blocked.is_empty() {
         return Err(Deadlock { semantics: Semantics::Rendezvous, blocked });
     }
+    Ok(ranks)
+}
+
+fn timeline(ranks: Vec<RankState>) -> Timeline {
     let makespan = ranks.iter().flat_map(|r| r.spans.iter().map(|s| s.end)).fold(0.0, f64::max);
     let ranks = ranks
         .into_iter()
@@ -333,7 +367,7 @@ pub fn simulate(program: &Program, cost: &CostModel) -> Result<Timeline, Deadloc
             }
         })
         .collect();
-    Ok(Timeline { makespan, ranks })
+    Timeline { makespan, ranks }
 }
 
 /// Per rank, per instruction: where the buffers it reads were made (for a
@@ -444,7 +478,7 @@ fn run_rank(
                             Direction::Send => &mut link.waiting_sends,
                             Direction::Recv => &mut link.waiting_recvs,
                         };
-                        waiting.push((info.seq, Posted { rank: r, slot, at }));
+                        waiting.push((info.seq, Posted { rank: r, slot, at, ready }));
                     }
                     state.posted = true;
                 }
@@ -471,9 +505,13 @@ fn run_rank(
                             Direction::Send => &mut link.waiting_sends,
                             Direction::Recv => &mut link.waiting_recvs,
                         };
-                        if let Some(j) = mine.iter().position(|(s, _)| *s == seq) {
-                            mine.swap_remove(j);
-                        }
+                        let own = mine.iter().position(|(s, _)| *s == seq).map(|j| mine.swap_remove(j).1);
+                        let own = own.unwrap_or(Posted { rank: r, slot, at, ready: 0.0 });
+                        let (sender, receiver) = match dir {
+                            Direction::Send => (own, other),
+                            Direction::Recv => (other, own),
+                        };
+                        note_held(ranks, sender, receiver);
                         let end = at.max(other.at).max(link.last_end) + cost.p2p;
                         link.last_end = end;
                         link.done += 1;
@@ -499,6 +537,21 @@ fn run_rank(
         }
     }
     woken
+}
+
+/// Records a transfer posted later than it could have been because a
+/// stream to the peer was busy: the receive after its send (receives are
+/// otherwise posted at once), or the send after both its data and its
+/// receive were ready.
+fn note_held(ranks: &mut [RankState], sender: Posted, receiver: Posted) {
+    const EPS: f64 = 1e-9;
+    if receiver.at > sender.at + EPS {
+        let pc = ranks[receiver.rank].pc;
+        ranks[receiver.rank].held.push((pc, Rank(sender.rank as u32)));
+    } else if sender.at > sender.ready + EPS && sender.at > receiver.at + EPS {
+        let pc = ranks[sender.rank].pc;
+        ranks[sender.rank].held.push((pc, Rank(receiver.rank as u32)));
+    }
 }
 
 /// Marks slot `slot` of rank `r`'s current group complete at `end`.
