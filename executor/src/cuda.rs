@@ -204,12 +204,11 @@ impl Fabric<CudaDevice> for Nccl {
         // NCCL works on the thread's current device: this shard's GPU.
         make_current(stream)?;
         let comm = Comm::from_rank(Arc::clone(&stream.stream), self.rank, self.world, id)
-            .map_err(|e| format!("NCCL cannot join communicator {shard} as rank {}: {e:?}", self.rank))?;
+            .map_err(|e| format!("NCCL cannot join communicator {shard} as rank {}: {}", self.rank, nccl_reason(&e)))?;
         let shards = match self.shards {
-            Some(id) => Some(
-                Comm::from_rank(Arc::clone(&stream.stream), shard, self.tp, id)
-                    .map_err(|e| format!("NCCL cannot join the shards' communicator as shard {shard}: {e:?}"))?,
-            ),
+            Some(id) => Some(Comm::from_rank(Arc::clone(&stream.stream), shard, self.tp, id).map_err(|e| {
+                format!("NCCL cannot join the shards' communicator as shard {shard}: {}", nccl_reason(&e))
+            })?),
             None => None,
         };
         Ok(Box::new(NcclLink { comm, shards }))
@@ -234,17 +233,17 @@ impl Link<CudaDevice> for NcclLink {
             recvs.iter().map(|(_, n)| device.zeros(stream, *n)).collect::<Result<_, _>>()?;
         let peer = |r: &Rank| i32::try_from(r.index()).map_err(|_| format!("{r} is beyond NCCL's ranks"));
         make_current(stream)?;
-        driver("NCCL cannot start a group", group_start())?;
+        nccl("NCCL cannot start a group", group_start())?;
         let mut posted = Ok(());
         for (to, buf) in sends {
-            posted = posted.and_then(|()| driver("NCCL cannot post a send", self.comm.send(*buf, peer(to)?)));
+            posted = posted.and_then(|()| nccl("NCCL cannot post a send", self.comm.send(*buf, peer(to)?)));
         }
         for ((from, _), buf) in recvs.iter().zip(received.iter_mut()) {
-            posted = posted
-                .and_then(|()| driver("NCCL cannot post a receive", self.comm.recv(buf, peer(from)?)).map(|_| ()));
+            posted =
+                posted.and_then(|()| nccl("NCCL cannot post a receive", self.comm.recv(buf, peer(from)?)).map(|_| ()));
         }
         // The group is closed even when a post failed.
-        let ended = driver("NCCL cannot end a group", group_end());
+        let ended = nccl("NCCL cannot end a group", group_end());
         posted?;
         ended?;
         Ok(received)
@@ -260,7 +259,7 @@ impl Link<CudaDevice> for NcclLink {
         let shards = self.shards.as_ref().ok_or("the shards share a GPU: no NCCL communicator among them")?;
         let mut sum = device.zeros(stream, len)?;
         make_current(stream)?;
-        driver("NCCL all-reduce failed", shards.all_reduce(part, &mut sum, &ReduceOp::Sum))?;
+        nccl("NCCL all-reduce failed", shards.all_reduce(part, &mut sum, &ReduceOp::Sum))?;
         Ok(sum)
     }
 }
@@ -344,6 +343,27 @@ fn grid(n: usize) -> DeviceResult<(u32, LaunchConfig)> {
 
 fn launched<T>(result: Result<T, cudarc::driver::DriverError>) -> DeviceResult<()> {
     result.map(|_| ()).map_err(|e| format!("a kernel launch failed: {e:?}"))
+}
+
+/// An NCCL call's failure in words: NCCL's result code, and what it
+/// usually means where that is known.
+fn nccl<T>(what: &str, result: Result<T, cudarc::nccl::result::NcclError>) -> DeviceResult<T> {
+    result.map_err(|e| format!("{what}: {}", nccl_reason(&e)))
+}
+
+fn nccl_reason(e: &cudarc::nccl::result::NcclError) -> String {
+    use cudarc::nccl::sys::ncclResult_t;
+    let hint = match e.0 {
+        ncclResult_t::ncclInvalidUsage => {
+            " (NCCL refuses two ranks of one communicator on the same GPU: give every pipeline rank a GPU of its \
+             own, or use --transport host)"
+        }
+        ncclResult_t::ncclSystemError | ncclResult_t::ncclRemoteError => {
+            " (a network or peer failure: is every rank reachable, and still running?)"
+        }
+        _ => "",
+    };
+    format!("{:?}{hint}", e.0)
 }
 
 fn driver<T, E: std::fmt::Debug>(what: &str, result: Result<T, E>) -> DeviceResult<T> {

@@ -389,6 +389,14 @@ fn launch_local(nproc: Option<usize>, master_port: Option<u16>, args: &RunArgs) 
             program.ranks.len()
         ));
     }
+    let nccl =
+        matches!(args.transport, Some(Transport::Nccl)) || (args.transport.is_none() && args.backend == Backend::Cuda);
+    if let (true, Some(device), true) = (nccl, args.device, world > 1) {
+        return Err(format!(
+            "--device {device} puts all {world} processes on GPU {device}, and NCCL refuses two ranks on one GPU: \
+             leave --device out (rank r then uses GPU r), or add --transport host"
+        ));
+    }
     let port = match master_port {
         Some(port) => port,
         None => std::net::TcpListener::bind(("127.0.0.1", 0))

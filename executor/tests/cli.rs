@@ -101,6 +101,15 @@ fn torchrun_variables_that_do_not_fit_are_explained() {
     let out = stp_exec(&["launch", &program, "--nproc", "3"], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--nproc 3, but the program has 2 pipeline ranks"), "{}", text(&out.stderr));
+    // Every process on one GPU over NCCL fails inside NCCL (seen on an
+    // H200 as "ncclInvalidUsage"): refused before anything starts.
+    let out = stp_exec(&["launch", &program, "--backend", "cuda", "--device", "0"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("--device 0 puts all 2 processes on GPU 0, and NCCL refuses two ranks on one GPU"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 /// When one process fails (here rank 0 cannot listen: the port is taken),
