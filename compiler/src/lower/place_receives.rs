@@ -57,7 +57,7 @@ pub(super) fn run(program: &mut Program, cost: &CostModel) -> usize {
         let mut best = held.makespan;
         let moved = suspects(program, &held)
             .into_iter()
-            .any(|(rank, at, slot)| try_moves(program, cost, rank, (at, slot), &mut best, &mut trials_left).is_some());
+            .any(|(rank, at, slot)| try_moves(program, cost, rank, (at, slot), &mut best, &mut trials_left));
         if !moved {
             break;
         }
@@ -99,15 +99,15 @@ fn try_moves(
     (at, slot): (usize, usize),
     best: &mut f64,
     trials_left: &mut usize,
-) -> Option<usize> {
-    let Instr::Comm(ops) = &program.ranks[rank].instrs[at] else { return None };
+) -> bool {
+    let Instr::Comm(ops) = &program.ranks[rank].instrs[at] else { return false };
     let t = ops[slot];
     if t.dir != Direction::Recv {
-        return None;
+        return false;
     }
     for to in destinations(program, rank, at, slot, t) {
         if *trials_left == 0 {
-            return None;
+            return false;
         }
         *trials_left -= 1;
         let trial = moved(program, rank, (at, slot), to);
@@ -115,10 +115,10 @@ fn try_moves(
         if timeline.makespan < *best - 1e-9 && verify(&trial).is_ok() {
             *best = timeline.makespan;
             *program = trial;
-            return Some(to);
+            return true;
         }
     }
-    None
+    false
 }
 
 /// The groups the receive `t` at (`at`, `slot`) may join: up to [`REACH`]
