@@ -530,9 +530,10 @@ fn the_solver_beats_the_stp_order_by_five_percent_under_skewed_costs() {
 /// With `--tp` the program runs unit by unit, each all-reduce on the
 /// rank's tensor-parallel stream (a braided pair's alternating); the
 /// planner times orders that way too, so the order it keeps is the one
-/// the simulator times, at the makespan it claims — greedy and Z3 alike
-/// (where transfers take time, up to their queueing on shared links,
-/// which planning does not model).
+/// the simulator times, at the makespan it claims — greedy and Z3 alike,
+/// with transfer time too (links carry one message at a time in both;
+/// lowering places receives so that a pair's shared stream costs
+/// nothing).
 #[test]
 fn with_tp_the_plan_is_timed_unit_by_unit_as_the_simulator_times_it() {
     let cost = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };

@@ -7,8 +7,8 @@
 //! Qwen2-shaped 12.1B model on A800-like GPUs at TP 4, PP 4, two chunks,
 //! 4096-token sequences (the simulator's model formulas), in units of its
 //! T_F. Every makespan is the simulator's, of the checked and lowered
-//! program: planning does not queue transfers that share a link, so a
-//! plan's own claim can be a little shorter where transfers take time.
+//! program (where transfers take time, lowering places receives so that
+//! it runs as planned; see `place_receives`).
 //!
 //! `cargo run --release -p stpc --example solver_table [-- SECONDS [SCHEDULE]]`
 //! (one schedule's rows only, when named). With `STP_PROVE=SECONDS` in

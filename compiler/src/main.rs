@@ -421,14 +421,17 @@ fn tell_plan(build: &pipeline::Build, simulated: Option<f64>) {
     }
     if let Some(plan) = plan {
         eprintln!("note: {plan}");
-        // With --tp the plan times ops unit by unit, as the simulator does,
-        // but not the queueing of transfers between a pair of ranks.
+        // Planning times links one message at a time and, with --tp, ops
+        // unit by unit, as the simulator does, but not the one stream a
+        // pair of ranks shares for both directions (lowering's
+        // `place_receives` removes most of that difference).
         let cost = &build.checked.schedule().cost;
         let simulated = simulated.or_else(|| stp_ir::simulate::simulate(&build.program, cost).ok().map(|t| t.makespan));
         if let Some(simulated) = simulated.filter(|t| (t - plan.makespan).abs() > 1e-9) {
             eprintln!(
-                "note: the simulator times this order at {simulated:.3}: planning does not queue transfers that \
-                 share a link (nor, with --tp, all-reduces on the tensor-parallel stream from one op to the next)"
+                "note: the simulator times this order at {simulated:.3}: planning does not make the transfers \
+                 between two ranks share one stream (nor, with --tp, all-reduces on the tensor-parallel stream from \
+                 one op to the next)"
             );
         }
     }

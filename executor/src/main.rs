@@ -389,8 +389,8 @@ fn launch_local(nproc: Option<usize>, master_port: Option<u16>, args: &RunArgs) 
             program.ranks.len()
         ));
     }
-    let nccl =
-        matches!(args.transport, Some(Transport::Nccl)) || (args.transport.is_none() && args.backend == Backend::Cuda);
+    // NCCL is the cuda backend's default (and needs it: see `run`).
+    let nccl = args.backend == Backend::Cuda && args.transport != Some(Transport::Host);
     if let (true, Some(device), true) = (nccl, args.device, world > 1) {
         return Err(format!(
             "--device {device} puts all {world} processes on GPU {device}, and NCCL refuses two ranks on one GPU: \

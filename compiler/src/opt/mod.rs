@@ -382,9 +382,10 @@ pub struct Raised {
 /// (at p = 4, m = 12 on 1F1B's placement under skewed costs, seconds to
 /// tens of seconds against more than a minute).
 #[cfg(feature = "smt")]
-pub fn raise_bound(s: &ComputeSchedule, mut bound: f64, mut upper: f64, budget: Duration, step: Duration) -> Raised {
+pub fn raise_bound(s: &ComputeSchedule, mut bound: f64, upper: f64, budget: Duration, step: Duration) -> Raised {
     let started = std::time::Instant::now();
     let (mut shorter, mut optimal) = (None, false);
+    // Bisection's top: `upper`, then the shortest order found.
     let mut reach = upper;
     loop {
         let left = budget.saturating_sub(started.elapsed());
@@ -396,10 +397,10 @@ pub fn raise_bound(s: &ComputeSchedule, mut bound: f64, mut upper: f64, budget: 
         match found.ranks {
             None if found.optimal => bound = mid,
             Some(order) => {
-                (upper, reach, optimal) = (found.makespan, found.makespan, found.optimal);
+                (reach, optimal) = (found.makespan, found.optimal);
                 shorter = Some((order, found.makespan));
                 if optimal {
-                    bound = upper;
+                    bound = reach;
                     break;
                 }
             }

@@ -300,9 +300,9 @@ pub struct HeldBack {
 /// Runs `program` as [`simulate`] does and says where transfers waited for
 /// a busy stream.
 pub fn held_back(program: &Program, cost: &CostModel) -> Result<HeldBack, Deadlock> {
-    let mut ranks = run_program(program, cost)?;
-    let groups = ranks.iter_mut().map(|r| std::mem::take(&mut r.held)).collect();
-    Ok(HeldBack { makespan: timeline(ranks).makespan, groups })
+    let ranks = run_program(program, cost)?;
+    let makespan = makespan(&ranks);
+    Ok(HeldBack { makespan, groups: ranks.into_iter().map(|r| r.held).collect() })
 }
 
 fn run_program(program: &Program, cost: &CostModel) -> Result<Vec<RankState>, Deadlock> {
@@ -347,8 +347,13 @@ fn run_program(program: &Program, cost: &CostModel) -> Result<Vec<RankState>, De
     Ok(ranks)
 }
 
+/// When the last instruction of any rank ends.
+fn makespan(ranks: &[RankState]) -> f64 {
+    ranks.iter().flat_map(|r| r.spans.iter().map(|s| s.end)).fold(0.0, f64::max)
+}
+
 fn timeline(ranks: Vec<RankState>) -> Timeline {
-    let makespan = ranks.iter().flat_map(|r| r.spans.iter().map(|s| s.end)).fold(0.0, f64::max);
+    let makespan = makespan(&ranks);
     let ranks = ranks
         .into_iter()
         .enumerate()
