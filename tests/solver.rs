@@ -661,3 +661,40 @@ fn placing_receives_never_slows_a_standard_schedule() {
     }
     assert!(moved_somewhere, "some standard schedule queues on its links at p2p = 0.3");
 }
+
+/// With `max_deferred`, a rank cannot keep every weight gradient for the
+/// drain: the bound charges the input gradients that must follow its last
+/// `B` (bound.rs, `drain_floor`). It rises above the bound without the
+/// cap and stays at or below the optimum Z3 proves, on both placements
+/// (instances Z3 settles in a second or two). With heavy weight gradients
+/// the bound is close enough to the optimum that leaving out the `W`s a
+/// rank may still run after its last `B` would pass it.
+#[test]
+fn the_deferred_cap_raises_the_bound_but_never_above_the_optimum() {
+    let light = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
+    let heavy_w = CostModel { backward_weight: 1.5, ..light };
+    let capped = |source: &str, cap: i64| {
+        source.replace("memory { budget = ", &format!("memory {{ max_deferred = {cap}; budget = "))
+    };
+    let mut raised = 0;
+    for cost in [light, heavy_w] {
+        for (source, p, m, caps) in [(LOOPED, 2, 4, 0..=2), (LOOPED, 3, 4, 0..=2), (V_SHAPE, 2, 4, 0..=0)] {
+            let uncapped = planned(source, p, m, cost, Solver::Greedy).0;
+            let free = stpc::opt::bound::lower_bound(uncapped.checked.schedule(), &cost);
+            for cap in caps {
+                let (b, found) = planned(&capped(source, cap), p, m, cost, Solver::Greedy);
+                let s = b.checked.schedule();
+                assert_eq!(s.memory.max_deferred, Some(cap), "the cap is declared");
+                let bound = stpc::opt::bound::lower_bound(s, &cost);
+                let case = format!("{cost:?} p={p} m={m} cap={cap}");
+                assert!(bound >= free - 1e-9, "{case}: {bound} below the uncapped {free}");
+                raised += usize::from(bound > free + 1e-9);
+                // Z3 alone (its model knows nothing of this bound) settles the optimum.
+                let z3 = stpc::opt::smt::solve(s, found.makespan, Duration::from_secs(30), None, None);
+                assert!(z3.optimal, "{case}: Z3 settles it");
+                assert!(bound <= z3.makespan + 1e-9, "{case}: bound {bound} above the optimum {}", z3.makespan);
+            }
+        }
+    }
+    assert!(raised >= 10, "the cap raised the bound in only {raised} of 14 cases");
+}

@@ -32,7 +32,57 @@ fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     // Any order counts here, hand-written ones braiding `F & F` too.
     let floors = memory_floors(&meta.placement, &s.memory, dur, lat, &hop, mbs);
     let (heads, tails) = heads_and_tails(stages, mbs, dur, lat, false, &hop, floors.as_deref());
-    preemptive_floor(&meta.placement, &heads, &tails, dur) as f64 / 1e6
+    let floor = preemptive_floor(&meta.placement, &heads, &tails, dur);
+    // Only stpc's own orders count every `B` without its `W` as deferred;
+    // a hand order's cap covers only the `W`s it wrote `defer`.
+    let drain = match s.memory.max_deferred {
+        Some(cap) if s.auto => drain_floor(&meta.placement, &heads, &tails, dur, cap),
+        _ => 0,
+    };
+    floor.max(drain) as f64 / 1e6
+}
+
+/// With at most `cap` weight gradients deferred at once, a rank cannot
+/// keep its weight gradients for the drain: once the op holding its last
+/// `B` ends, at most `cap` `W`s are left, and what must follow that `B`
+/// (the input gradients of the stages before, on other ranks) still has
+/// to run. The last `B` is one of its first stage's (every other `B` of
+/// the rank feeds one of those); so the rank needs the time to do all its
+/// work but `cap` `W`s, from when it can, plus the least tail of those.
+fn drain_floor(placement: &[stp_ir::Rank], heads: &PerPass, tails: &PerPass, dur: [i64; 3], cap: i64) -> i64 {
+    let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
+    (0..ranks)
+        .filter_map(|r| {
+            let owned: Vec<usize> = (0..placement.len()).filter(|st| placement[*st].index() == r).collect();
+            let first = *owned.first()?;
+            let tail = tails[1][first].iter().copied().min()?;
+            // (head, compute, is a W) of every pass of the rank.
+            let mut jobs: Vec<(i64, i64, bool)> = owned
+                .iter()
+                .flat_map(|&st| (0..3).flat_map(move |k| heads[k][st].iter().map(move |&h| (h, dur[k], k == 2))))
+                .filter(|job| job.1 > 0)
+                .collect();
+            jobs.sort_unstable_by_key(|job| std::cmp::Reverse(job.0));
+            Some(work_but_deferred(&jobs, cap, dur[2]) + tail)
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// The earliest one machine can have done every job of `latest_first`
+/// ((head, compute, is a W), heads descending) but `cap` of the `W`s,
+/// whichever it leaves: the largest, over heads, of that head plus the
+/// work of the jobs from it on less `cap` `W`s among them (fewer if there
+/// are fewer). Whatever it leaves, each term is at least that, so the
+/// largest is a bound.
+fn work_but_deferred(latest_first: &[(i64, i64, bool)], cap: i64, w: i64) -> i64 {
+    let (mut work, mut ws, mut best) = (0i64, 0i64, 0i64);
+    for &(head, compute, is_w) in latest_first {
+        work += compute;
+        ws += i64::from(is_w);
+        best = best.max(head + work - ws.min(cap) * w);
+    }
+    best
 }
 
 /// Per forward (`[stage][mb]`), the earliest it can start under the
