@@ -666,7 +666,10 @@ fn placing_receives_never_slows_a_standard_schedule() {
 /// drain: the bound charges the input gradients that must follow its last
 /// `B` (bound.rs, `drain_floor`). It rises above the bound without the
 /// cap and stays at or below the optimum Z3 proves, on both placements
-/// (instances Z3 settles in a second or two). With heavy weight gradients
+/// (instances Z3 settles in a second or two; the bounds of `auto`
+/// schedules also space a stage's passes of one kind by their compute and
+/// charge each rank's first forward its collective, so this holds those
+/// against the optimum too). With heavy weight gradients
 /// the bound is close enough to the optimum that leaving out the `W`s a
 /// rank may still run after its last `B` would pass it.
 #[test]

@@ -29,14 +29,21 @@ fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let lat = latencies(dur, micro(cost.tp_collective));
     let owner = |stage: usize| meta.placement[stage].index();
     let hop = |a: usize, b: usize| if owner(a) != owner(b) { micro(cost.p2p) } else { 0 };
-    // Any order counts here, hand-written ones braiding `F & F` too.
-    let floors = memory_floors(&meta.placement, &s.memory, dur, lat, &hop, mbs);
-    let (heads, tails) = heads_and_tails(stages, mbs, dur, lat, false, &hop, floors.as_deref());
-    let floor = preemptive_floor(&meta.placement, &heads, &tails, dur);
+    // stpc's own orders never put two passes of one stage and kind in one
+    // op; a hand order may (`F & F` of one stage).
+    let apart = s.auto;
+    let floors = memory_floors(&meta.placement, &s.memory, dur, lat, apart, &hop, mbs);
+    let (heads, tails) = heads_and_tails(stages, mbs, dur, lat, apart, &hop, floors.as_deref());
+    // In stpc's own orders a rank's first forward runs alone (every other
+    // pass of the rank follows it: it is not braided with its own stage's
+    // next forward), so its collective is exposed — unless, with `--tp`,
+    // it overlaps the next op.
+    let first_alone = if apart && s.tp_units.is_none() { micro(cost.tp_collective) } else { 0 };
+    let floor = preemptive_floor(&meta.placement, &heads, &tails, dur, first_alone);
     // Only stpc's own orders count every `B` without its `W` as deferred;
     // a hand order's cap covers only the `W`s it wrote `defer`.
     let drain = match s.memory.max_deferred {
-        Some(cap) if s.auto => drain_floor(&meta.placement, &heads, &tails, dur, cap),
+        Some(cap) if s.auto => drain_floor(&meta.placement, &heads, &tails, dur, first_alone, cap),
         _ => 0,
     };
     floor.max(drain) as f64 / 1e6
@@ -49,18 +56,22 @@ fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
 /// to run. The last `B` is one of its first stage's (every other `B` of
 /// the rank feeds one of those); so the rank needs the time to do all its
 /// work but `cap` `W`s, from when it can, plus the least tail of those.
-fn drain_floor(placement: &[stp_ir::Rank], heads: &PerPass, tails: &PerPass, dur: [i64; 3], cap: i64) -> i64 {
+fn drain_floor(
+    placement: &[stp_ir::Rank],
+    heads: &PerPass,
+    tails: &PerPass,
+    dur: [i64; 3],
+    first_alone: i64,
+    cap: i64,
+) -> i64 {
     let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
     (0..ranks)
         .filter_map(|r| {
-            let owned: Vec<usize> = (0..placement.len()).filter(|st| placement[*st].index() == r).collect();
-            let first = *owned.first()?;
+            let first = placement.iter().position(|rank| rank.index() == r)?;
             let tail = tails[1][first].iter().copied().min()?;
-            // (head, compute, is a W) of every pass of the rank.
-            let mut jobs: Vec<(i64, i64, bool)> = owned
-                .iter()
-                .flat_map(|&st| (0..3).flat_map(move |k| heads[k][st].iter().map(move |&h| (h, dur[k], k == 2))))
-                .filter(|job| job.1 > 0)
+            // (head, time on the rank, is a W) of every pass of the rank.
+            let mut jobs: Vec<(i64, i64, bool)> = rank_passes(placement, r, heads, dur, first_alone)
+                .map(|(k, _, _, head, time)| (head, time, k == 2))
                 .collect();
             jobs.sort_unstable_by_key(|job| std::cmp::Reverse(job.0));
             Some(work_but_deferred(&jobs, cap, dur[2]) + tail)
@@ -103,6 +114,7 @@ fn memory_floors(
     memory: &MemoryModel,
     dur: [i64; 3],
     lat: [i64; 3],
+    apart: bool,
     hop: &dyn Fn(usize, usize) -> i64,
     mbs: usize,
 ) -> Option<Vec<Vec<i64>>> {
@@ -120,7 +132,7 @@ fn memory_floors(
     // Each round raises some floor by at least one microunit; the bound
     // stays valid at every round, so stopping early only loosens it.
     for _ in 0..64 {
-        let (heads, _) = heads_and_tails(stages, mbs, dur, lat, false, hop, Some(&floors));
+        let (heads, _) = heads_and_tails(stages, mbs, dur, lat, apart, hop, Some(&floors));
         let mut moved = false;
         for r in 0..ranks {
             let owned: Vec<usize> = (0..stages).filter(|st| placement[*st].index() == r).collect();
@@ -226,22 +238,48 @@ pub fn latencies(dur: [i64; 3], collective: i64) -> [i64; 3] {
 /// pass with the longest tail) reaches that best exactly, so it is a lower
 /// bound for real, uncut orders. It sees what the window bound does not:
 /// a rank whose late passes arrive late, or whose passes with long tails
-/// cannot all go first.
-pub fn preemptive_floor(placement: &[stp_ir::Rank], heads: &PerPass, tails: &PerPass, dur: [i64; 3]) -> i64 {
-    let mbs = heads.first().and_then(|h| h.first()).map_or(0, Vec::len);
+/// cannot all go first. `first_alone` is added to the time of each rank's
+/// first forward (of its first stage, microbatch 0) where that pass
+/// always runs alone, exposing its collective.
+pub fn preemptive_floor(
+    placement: &[stp_ir::Rank],
+    heads: &PerPass,
+    tails: &PerPass,
+    dur: [i64; 3],
+    first_alone: i64,
+) -> i64 {
     let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
     (0..ranks)
         .map(|r| {
-            let jobs: Vec<(i64, i64, i64)> = (0..placement.len())
-                .filter(|st| placement[*st].index() == r)
-                .flat_map(|st| (0..3).flat_map(move |k| (0..mbs).map(move |i| (k, st, i))))
-                .filter(|&(k, _, _)| dur[k] > 0)
-                .map(|(k, st, i)| (heads[k][st][i], dur[k], tails[k][st][i]))
+            let jobs = rank_passes(placement, r, heads, dur, first_alone)
+                .map(|(k, st, i, head, compute)| (head, compute, tails[k][st][i]))
                 .collect();
             jackson_preemptive(jobs)
         })
         .max()
         .unwrap_or(0)
+}
+
+/// Every pass of rank `r` that takes time, as (kind, stage, microbatch,
+/// head, time on the rank): its compute, plus `first_alone` for the
+/// rank's first forward.
+fn rank_passes<'a>(
+    placement: &'a [stp_ir::Rank],
+    r: usize,
+    heads: &'a PerPass,
+    dur: [i64; 3],
+    first_alone: i64,
+) -> impl Iterator<Item = (usize, usize, usize, i64, i64)> + 'a {
+    let mbs = heads.first().and_then(|h| h.first()).map_or(0, Vec::len);
+    let first = placement.iter().position(|rank| rank.index() == r);
+    (0..placement.len())
+        .filter(move |st| placement[*st].index() == r)
+        .flat_map(move |st| (0..3).flat_map(move |k| (0..mbs).map(move |i| (k, st, i))))
+        .filter(move |&(k, _, _)| dur[k] > 0)
+        .map(move |(k, st, i)| {
+            let alone = if (k, Some(st), i) == (0, first, 0) { first_alone } else { 0 };
+            (k, st, i, heads[k][st][i], dur[k] + alone)
+        })
 }
 
 /// The optimal preemptive makespan (latest end plus tail) of one machine

@@ -227,7 +227,7 @@ fn search(
         heads[2] = input_heads;
     }
     let ranks = meta.num_ranks as usize;
-    let floor = super::bound::preemptive_floor(&meta.placement, &heads, &tails, compute);
+    let floor = super::bound::preemptive_floor(&meta.placement, &heads, &tails, compute, 0);
     if scaled(upper) <= floor {
         // The order in hand already meets a bound no order can beat.
         return SmtPlan { ranks: None, makespan: upper, optimal: true, stopped: None };
