@@ -227,7 +227,14 @@ fn search(
         heads[2] = input_heads;
     }
     let ranks = meta.num_ranks as usize;
-    let floor = super::bound::preemptive_floor(&meta.placement, &heads, &tails, compute, 0);
+    // The whole bound (its drain and first-forward terms too) holds for
+    // every order this model allows, rounded down to the model's grid;
+    // not under `--tp`, whose timing the model only approximates.
+    let bound = match s.tp_units {
+        None => (super::bound::lower_bound(s, &s.cost) * SCALE + 1e-6).floor() as i64,
+        Some(_) => 0,
+    };
+    let floor = super::bound::preemptive_floor(&meta.placement, &heads, &tails, compute, 0).max(bound);
     if scaled(upper) <= floor {
         // The order in hand already meets a bound no order can beat.
         return SmtPlan { ranks: None, makespan: upper, optimal: true, stopped: None };
