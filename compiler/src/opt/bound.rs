@@ -46,7 +46,69 @@ fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
         Some(cap) if s.auto => drain_floor(&meta.placement, &heads, &tails, dur, first_alone, cap),
         _ => 0,
     };
-    floor.max(drain) as f64 / 1e6
+    let window = window_floor(&meta.placement, &s.memory, &heads, dur, first_alone);
+    floor.max(drain).max(window) as f64 / 1e6
+}
+
+/// A rank's work before a time `t` is limited by what can run by then:
+/// passes not before their heads, and its k-th forward (of whichever
+/// stage) not before `k·activation − budget` units can have been released
+/// (a braided partner's release included). The rest of its work follows
+/// `t`. This sees what the per-forward floors cannot: a rank holding
+/// several stages fills its budget with forwards of any of them, then
+/// waits for its first backward.
+fn window_floor(
+    placement: &[stp_ir::Rank],
+    memory: &MemoryModel,
+    heads: &PerPass,
+    dur: [i64; 3],
+    first_alone: i64,
+) -> i64 {
+    let Some(budget) = memory.budget else { return 0 };
+    let a = memory.activation;
+    if a <= 0 || budget < a {
+        return 0;
+    }
+    let release = [0, a - memory.weight_stash, memory.weight_stash];
+    let partner = [0, a, memory.weight_stash];
+    let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
+    (0..ranks)
+        .map(|r| {
+            let owned: Vec<usize> = (0..placement.len()).filter(|st| placement[*st].index() == r).collect();
+            let released = ReleaseCurve::new(&owned, heads, dur, release, partner);
+            let jobs: Vec<(usize, i64, i64)> = rank_passes(placement, r, heads, dur, first_alone)
+                .map(|(k, _, _, head, time)| (k, head, time))
+                .collect();
+            let total: i64 = jobs.iter().map(|j| j.2).sum();
+            let start = jobs.iter().map(|j| j.1).min().unwrap_or(0);
+            // The k-th forward to start starts no earlier than the k-th
+            // smallest head, nor before `k·activation − budget` units can
+            // have been released.
+            let mut forwards: Vec<(i64, i64)> = jobs.iter().filter(|j| j.0 == 0).map(|j| (j.1, j.2)).collect();
+            forwards.sort_unstable();
+            for (k, forward) in forwards.iter_mut().enumerate() {
+                forward.0 = forward.0.max(released.earliest((k as i64 + 1) * a - budget));
+            }
+            // Times where the bound can change: where a backward or
+            // weight gradient may start, or releases become possible.
+            let mut times: Vec<i64> = jobs.iter().filter(|j| j.0 != 0).map(|j| j.1).collect();
+            times.extend(released.points.iter().map(|p| p.0));
+            times.sort_unstable();
+            times.dedup();
+            times
+                .into_iter()
+                .map(|t| {
+                    let by = |head: i64, time: i64| time.min(t - head).max(0);
+                    let forward_work: i64 = forwards.iter().map(|&(from, time)| by(from, time)).sum();
+                    let other_work: i64 = jobs.iter().filter(|j| j.0 != 0).map(|j| by(j.1, j.2)).sum();
+                    let before = (t - start).max(0).min(forward_work + other_work);
+                    t + total - before
+                })
+                .max()
+                .unwrap_or(0)
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// With at most `cap` weight gradients deferred at once, a rank cannot
