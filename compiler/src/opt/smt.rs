@@ -169,26 +169,6 @@ pub fn solve(
     progress: Option<super::Progress>,
     neighbourhood: Option<Neighbourhood>,
 ) -> SmtPlan {
-    run(s, upper, budget, progress, neighbourhood, true)
-}
-
-/// [`solve`] over every order without the combinatorial lower bound
-/// ([`super::bound::lower_bound`]) as a floor on the makespan (the heads,
-/// tails and per-rank floor the model derives itself stay): Z3's own
-/// proof, to check that bound against.
-pub fn solve_unaided(s: &ComputeSchedule, upper: f64, budget: Duration) -> SmtPlan {
-    run(s, upper, budget, None, None, false)
-}
-
-/// [`solve`], given the lower bound as a floor or not (`aided`).
-fn run(
-    s: &ComputeSchedule,
-    upper: f64,
-    budget: Duration,
-    progress: Option<super::Progress>,
-    neighbourhood: Option<Neighbourhood>,
-    aided: bool,
-) -> SmtPlan {
     let schedule = s.clone();
     let (answer, answered) = mpsc::channel();
     // Once given up, the search no longer reports progress.
@@ -200,7 +180,7 @@ fn run(
                 tell(best, elapsed);
             }
         };
-        let _ = answer.send(search(&schedule, upper, budget, &tell, neighbourhood.as_ref(), aided));
+        let _ = answer.send(search(&schedule, upper, budget, &tell, neighbourhood.as_ref()));
     });
     let found = answered.recv_timeout(budget + GRACE);
     wanted.store(false, Ordering::SeqCst);
@@ -222,7 +202,6 @@ fn search(
     budget: Duration,
     progress: &dyn Fn(f64, Duration),
     neighbourhood: Option<&Neighbourhood>,
-    aided: bool,
 ) -> SmtPlan {
     let meta = &s.meta;
     let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
@@ -248,14 +227,7 @@ fn search(
         heads[2] = input_heads;
     }
     let ranks = meta.num_ranks as usize;
-    // The whole bound (its drain and first-forward terms too) holds for
-    // every order this model allows, rounded down to the model's grid;
-    // not under `--tp`, whose timing the model only approximates.
-    let bound = match s.tp_units {
-        None if aided => (super::bound::lower_bound(s, &s.cost) * SCALE + 1e-6).floor() as i64,
-        _ => 0,
-    };
-    let floor = super::bound::preemptive_floor(&meta.placement, &heads, &tails, compute, 0).max(bound);
+    let floor = super::bound::preemptive_floor(&meta.placement, &heads, &tails, compute, 0);
     if scaled(upper) <= floor {
         // The order in hand already meets a bound no order can beat.
         return SmtPlan { ranks: None, makespan: upper, optimal: true, stopped: None };
