@@ -71,44 +71,44 @@ fn window_floor(
     }
     let release = [0, a - memory.weight_stash, memory.weight_stash];
     let partner = [0, a, memory.weight_stash];
+    worst_rank(placement, |r| {
+        let owned: Vec<usize> = (0..placement.len()).filter(|st| placement[*st].index() == r).collect();
+        let released = ReleaseCurve::new(&owned, heads, dur, release, partner);
+        let jobs: Vec<(usize, i64, i64)> =
+            rank_passes(placement, r, heads, dur, first_alone).map(|(k, _, _, head, time)| (k, head, time)).collect();
+        let total: i64 = jobs.iter().map(|j| j.2).sum();
+        let start = jobs.iter().map(|j| j.1).min().unwrap_or(0);
+        // The k-th forward to start starts no earlier than the k-th
+        // smallest head, nor before `k·activation − budget` units can
+        // have been released.
+        let mut forwards: Vec<(i64, i64)> = jobs.iter().filter(|j| j.0 == 0).map(|j| (j.1, j.2)).collect();
+        forwards.sort_unstable();
+        for (k, forward) in forwards.iter_mut().enumerate() {
+            forward.0 = forward.0.max(released.earliest((k as i64 + 1) * a - budget));
+        }
+        // Times where the bound can change: where a backward or
+        // weight gradient may start, or releases become possible.
+        let mut times: Vec<i64> = jobs.iter().filter(|j| j.0 != 0).map(|j| j.1).collect();
+        times.extend(released.points.iter().map(|p| p.0));
+        times.sort_unstable();
+        times.dedup();
+        times
+            .into_iter()
+            .map(|t| {
+                let by = |head: i64, time: i64| time.min(t - head).max(0);
+                let forward_work: i64 = forwards.iter().map(|&(from, time)| by(from, time)).sum();
+                let other_work: i64 = jobs.iter().filter(|j| j.0 != 0).map(|j| by(j.1, j.2)).sum();
+                let before = (t - start).max(0).min(forward_work + other_work);
+                t + total - before
+            })
+            .max()
+    })
+}
+
+/// The largest of `floor` over the ranks of `placement` (0 if none has one).
+fn worst_rank(placement: &[stp_ir::Rank], floor: impl FnMut(usize) -> Option<i64>) -> i64 {
     let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
-    (0..ranks)
-        .map(|r| {
-            let owned: Vec<usize> = (0..placement.len()).filter(|st| placement[*st].index() == r).collect();
-            let released = ReleaseCurve::new(&owned, heads, dur, release, partner);
-            let jobs: Vec<(usize, i64, i64)> = rank_passes(placement, r, heads, dur, first_alone)
-                .map(|(k, _, _, head, time)| (k, head, time))
-                .collect();
-            let total: i64 = jobs.iter().map(|j| j.2).sum();
-            let start = jobs.iter().map(|j| j.1).min().unwrap_or(0);
-            // The k-th forward to start starts no earlier than the k-th
-            // smallest head, nor before `k·activation − budget` units can
-            // have been released.
-            let mut forwards: Vec<(i64, i64)> = jobs.iter().filter(|j| j.0 == 0).map(|j| (j.1, j.2)).collect();
-            forwards.sort_unstable();
-            for (k, forward) in forwards.iter_mut().enumerate() {
-                forward.0 = forward.0.max(released.earliest((k as i64 + 1) * a - budget));
-            }
-            // Times where the bound can change: where a backward or
-            // weight gradient may start, or releases become possible.
-            let mut times: Vec<i64> = jobs.iter().filter(|j| j.0 != 0).map(|j| j.1).collect();
-            times.extend(released.points.iter().map(|p| p.0));
-            times.sort_unstable();
-            times.dedup();
-            times
-                .into_iter()
-                .map(|t| {
-                    let by = |head: i64, time: i64| time.min(t - head).max(0);
-                    let forward_work: i64 = forwards.iter().map(|&(from, time)| by(from, time)).sum();
-                    let other_work: i64 = jobs.iter().filter(|j| j.0 != 0).map(|j| by(j.1, j.2)).sum();
-                    let before = (t - start).max(0).min(forward_work + other_work);
-                    t + total - before
-                })
-                .max()
-                .unwrap_or(0)
-        })
-        .max()
-        .unwrap_or(0)
+    (0..ranks).filter_map(floor).max().unwrap_or(0)
 }
 
 /// With at most `cap` weight gradients deferred at once, a rank cannot
@@ -126,20 +126,16 @@ fn drain_floor(
     first_alone: i64,
     cap: i64,
 ) -> i64 {
-    let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
-    (0..ranks)
-        .filter_map(|r| {
-            let first = placement.iter().position(|rank| rank.index() == r)?;
-            let tail = tails[1][first].iter().copied().min()?;
-            // (head, time on the rank, is a W) of every pass of the rank.
-            let mut jobs: Vec<(i64, i64, bool)> = rank_passes(placement, r, heads, dur, first_alone)
-                .map(|(k, _, _, head, time)| (head, time, k == 2))
-                .collect();
-            jobs.sort_unstable_by_key(|job| std::cmp::Reverse(job.0));
-            Some(work_but_deferred(&jobs, cap, dur[2]) + tail)
-        })
-        .max()
-        .unwrap_or(0)
+    worst_rank(placement, |r| {
+        let first = placement.iter().position(|rank| rank.index() == r)?;
+        let tail = tails[1][first].iter().copied().min()?;
+        // (head, time on the rank, is a W) of every pass of the rank.
+        let mut jobs: Vec<(i64, i64, bool)> = rank_passes(placement, r, heads, dur, first_alone)
+            .map(|(k, _, _, head, time)| (head, time, k == 2))
+            .collect();
+        jobs.sort_unstable_by_key(|job| std::cmp::Reverse(job.0));
+        Some(work_but_deferred(&jobs, cap, dur[2]) + tail)
+    })
 }
 
 /// The earliest one machine can have done every job of `latest_first`
@@ -310,16 +306,12 @@ pub fn preemptive_floor(
     dur: [i64; 3],
     first_alone: i64,
 ) -> i64 {
-    let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
-    (0..ranks)
-        .map(|r| {
-            let jobs = rank_passes(placement, r, heads, dur, first_alone)
-                .map(|(k, st, i, head, compute)| (head, compute, tails[k][st][i]))
-                .collect();
-            jackson_preemptive(jobs)
-        })
-        .max()
-        .unwrap_or(0)
+    worst_rank(placement, |r| {
+        let jobs = rank_passes(placement, r, heads, dur, first_alone)
+            .map(|(k, st, i, head, compute)| (head, compute, tails[k][st][i]))
+            .collect();
+        Some(jackson_preemptive(jobs))
+    })
 }
 
 /// Every pass of rank `r` that takes time, as (kind, stage, microbatch,
