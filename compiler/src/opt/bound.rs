@@ -86,23 +86,44 @@ fn window_floor(
         for (k, forward) in forwards.iter_mut().enumerate() {
             forward.0 = forward.0.max(released.earliest((k as i64 + 1) * a - budget));
         }
+        let mut earliest = forwards;
+        earliest.extend(jobs.iter().filter(|j| j.0 != 0).map(|j| (j.1, j.2)));
         // Times where the bound can change: where a backward or
         // weight gradient may start, or releases become possible.
         let mut times: Vec<i64> = jobs.iter().filter(|j| j.0 != 0).map(|j| j.1).collect();
         times.extend(released.points.iter().map(|p| p.0));
         times.sort_unstable();
         times.dedup();
-        times
-            .into_iter()
-            .map(|t| {
-                let by = |head: i64, time: i64| time.min(t - head).max(0);
-                let forward_work: i64 = forwards.iter().map(|&(from, time)| by(from, time)).sum();
-                let other_work: i64 = jobs.iter().filter(|j| j.0 != 0).map(|j| by(j.1, j.2)).sum();
-                let before = (t - start).max(0).min(forward_work + other_work);
-                t + total - before
-            })
-            .max()
+        let work = work_by(earliest, &times);
+        times.iter().zip(work).map(|(&t, work)| t + total - (t - start).max(0).min(work)).max()
     })
+}
+
+/// For each of `times` (ascending), the most work jobs `(earliest start,
+/// time)` can have done by then: each `min(time, t − start)` if it has
+/// started. One sweep: a job's work grows by one per unit of time from
+/// its start to its end.
+fn work_by(mut jobs: Vec<(i64, i64)>, times: &[i64]) -> Vec<i64> {
+    let mut ends: Vec<(i64, i64, i64)> = jobs.iter().map(|&(from, time)| (from + time, from, time)).collect();
+    jobs.sort_unstable();
+    ends.sort_unstable();
+    let (mut started, mut ended) = (jobs.iter().peekable(), ends.iter().peekable());
+    // Jobs under way: how many, the sum of their starts; work of those done.
+    let (mut running, mut starts, mut done) = (0i64, 0i64, 0i64);
+    times
+        .iter()
+        .map(|&t| {
+            while let Some(&&(from, _)) = started.peek().filter(|job| job.0 < t) {
+                (running, starts) = (running + 1, starts + from);
+                started.next();
+            }
+            while let Some(&&(_, from, time)) = ended.peek().filter(|job| job.0 <= t) {
+                (running, starts, done) = (running - 1, starts - from, done + time);
+                ended.next();
+            }
+            done + running * t - starts
+        })
+        .collect()
 }
 
 /// The largest of `floor` over the ranks of `placement` (0 if none has one).
@@ -465,6 +486,15 @@ mod tests {
     fn curve() -> ReleaseCurve {
         let heads: PerPass = vec![vec![vec![0, 0]], vec![vec![10, 14]], vec![vec![12, 16]]];
         ReleaseCurve::new(&[0], &heads, [1, 2, 1], [0, 3, 1], [0, 4, 1])
+    }
+
+    #[test]
+    fn the_sweep_counts_work_as_each_job_would_alone() {
+        let jobs = vec![(0, 3), (2, 1), (2, 4), (5, 2), (9, 1), (1, 1)];
+        let times: Vec<i64> = (-1..14).collect();
+        let direct: Vec<i64> =
+            times.iter().map(|&t| jobs.iter().map(|&(from, time)| time.min(t - from).max(0)).sum()).collect();
+        assert_eq!(work_by(jobs, &times), direct);
     }
 
     #[test]
