@@ -115,8 +115,9 @@ fn plan_auto_greedy_braids(bencher: Bencher, m: i64) {
 }
 
 /// The lower bound alone (critical path, per-rank preemptive bound with
-/// the memory budget's floors on forwards) for the hand-written
-/// interleaved schedule, under skewed costs with a TP collective.
+/// the memory budget's floors on forwards, and each rank's window floor)
+/// for the hand-written interleaved schedule, under skewed costs with a
+/// TP collective.
 #[divan::bench(args = [256], sample_count = 10)]
 fn lower_bound(bencher: Bencher, m: i64) {
     bound_with(bencher, m, true);
