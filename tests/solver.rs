@@ -625,13 +625,21 @@ fn z3_raises_the_lower_bound_but_never_above_the_optimum() {
     let raised = stpc::opt::raise_bound(s, bound, 25.5, Duration::from_secs(20), Duration::from_secs(10));
     assert!(raised.bound > bound + 1e-9, "{} vs {bound}", raised.bound);
     assert!(raised.bound <= optimum.makespan + 1e-9, "{} above the optimum", raised.bound);
-    // On p = 3, m = 8 the search leaves time over, and the note says what
-    // Z3 proved. (20 s: with 10 s, a debug build on a loaded 2-core
-    // machine once spent it all on the search.)
+    // On p = 3, m = 8 the note says what Z3 proved: a raised bound when
+    // the search leaves time over, or the order optimal when the whole
+    // model settles it first (how far Z3 gets in its share of the time
+    // varies with the machine's load: with 10 s, a debug build on a
+    // loaded 2-core machine once spent it all on the search; with 20 s
+    // an unloaded one proved 35.25 optimal).
     let (b, found) = planned(LOOPED, 3, 8, cost, smt(20));
     let combinatorial = stpc::opt::bound::lower_bound(b.checked.schedule(), &cost);
-    assert!(found.bound_by_z3 && found.lower_bound > combinatorial + 1e-9, "{found:?}");
-    assert!(found.lower_bound <= found.makespan && found.to_string().contains("proved by Z3"), "{found}");
+    assert!(found.lower_bound <= found.makespan + 1e-9, "{found:?}");
+    if found.optimal {
+        assert!(found.to_string().contains("proved optimal"), "{found}");
+    } else {
+        assert!(found.bound_by_z3 && found.lower_bound > combinatorial + 1e-9, "{found:?}");
+        assert!(found.to_string().contains("proved by Z3"), "{found}");
+    }
 }
 
 /// Placing receives never slows a standard schedule and keeps every
