@@ -64,16 +64,9 @@ fn window_floor(
     dur: [i64; 3],
     first_alone: i64,
 ) -> i64 {
-    let Some(budget) = memory.budget else { return 0 };
-    let a = memory.activation;
-    if a <= 0 || budget < a {
-        return 0;
-    }
-    let release = [0, a - memory.weight_stash, memory.weight_stash];
-    let partner = [0, a, memory.weight_stash];
+    let Some(budget) = Budget::of(memory) else { return 0 };
     worst_rank(placement, |r| {
-        let owned: Vec<usize> = (0..placement.len()).filter(|st| placement[*st].index() == r).collect();
-        let released = ReleaseCurve::new(&owned, heads, dur, release, partner);
+        let released = ReleaseCurve::new(&owned_by(placement, r), heads, dur, &budget);
         let jobs: Vec<(usize, i64, i64)> =
             rank_passes(placement, r, heads, dur, first_alone).map(|(k, _, _, head, time)| (k, head, time)).collect();
         let total: i64 = jobs.iter().map(|j| j.2).sum();
@@ -84,7 +77,7 @@ fn window_floor(
         let mut forwards: Vec<(i64, i64)> = jobs.iter().filter(|j| j.0 == 0).map(|j| (j.1, j.2)).collect();
         forwards.sort_unstable();
         for (k, forward) in forwards.iter_mut().enumerate() {
-            forward.0 = forward.0.max(released.earliest((k as i64 + 1) * a - budget));
+            forward.0 = forward.0.max(budget.kth_forward(&released, k as i64 + 1));
         }
         let mut earliest = forwards;
         earliest.extend(jobs.iter().filter(|j| j.0 != 0).map(|j| (j.1, j.2)));
@@ -175,6 +168,41 @@ fn work_but_deferred(latest_first: &[(i64, i64, bool)], cap: i64, w: i64) -> i64
     best
 }
 
+/// A memory budget as the bound counts it: the units a rank may hold,
+/// one forward's activation, and what a pass of each kind (F, B, W)
+/// releases alone and as a forward's partner (a `B` may run fused with
+/// its `W`, `BW`, beside the forward).
+struct Budget {
+    units: i64,
+    activation: i64,
+    release: [i64; 3],
+    partner: [i64; 3],
+}
+
+impl Budget {
+    /// `None` without a budget, or with one below a single activation.
+    fn of(memory: &MemoryModel) -> Option<Budget> {
+        let (units, a) = (memory.budget?, memory.activation);
+        (a > 0 && units >= a).then(|| Budget {
+            units,
+            activation: a,
+            release: [0, a - memory.weight_stash, memory.weight_stash],
+            partner: [0, a, memory.weight_stash],
+        })
+    }
+
+    /// The earliest a rank's `k`-th forward can start: once its earlier
+    /// ops can have released `k·activation − budget` units.
+    fn kth_forward(&self, released: &ReleaseCurve, k: i64) -> i64 {
+        released.earliest(k * self.activation - self.units)
+    }
+}
+
+/// The stages rank `r` holds, in order.
+fn owned_by(placement: &[stp_ir::Rank], r: usize) -> Vec<usize> {
+    (0..placement.len()).filter(|st| placement[*st].index() == r).collect()
+}
+
 /// Per forward (`[stage][mb]`), the earliest it can start under the
 /// memory budget, or `None` without one.
 ///
@@ -197,16 +225,9 @@ fn memory_floors(
     hop: &dyn Fn(usize, usize) -> i64,
     mbs: usize,
 ) -> Option<Vec<Vec<i64>>> {
-    let budget = memory.budget?;
-    let a = memory.activation;
-    if a <= 0 || budget < a {
-        return None;
-    }
+    let budget = Budget::of(memory)?;
     let stages = placement.len();
     let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
-    let release = [0, a - memory.weight_stash, memory.weight_stash];
-    // A `B` may run fused with its `W` (`BW`) beside the forward.
-    let partner = [0, a, memory.weight_stash];
     let mut floors = vec![vec![0i64; mbs]; stages];
     // Each round raises some floor by at least one microunit; the bound
     // stays valid at every round, so stopping early only loosens it.
@@ -214,12 +235,11 @@ fn memory_floors(
         let (heads, _) = heads_and_tails(stages, mbs, dur, lat, apart, hop, Some(&floors));
         let mut moved = false;
         for r in 0..ranks {
-            let owned: Vec<usize> = (0..stages).filter(|st| placement[*st].index() == r).collect();
-            let released = ReleaseCurve::new(&owned, &heads, dur, release, partner);
+            let owned = owned_by(placement, r);
+            let released = ReleaseCurve::new(&owned, &heads, dur, &budget);
             for (j, &st) in owned.iter().enumerate() {
                 for (i, floor) in floors[st].iter_mut().enumerate() {
-                    let k = ((j + 1) * (i + 1)) as i64;
-                    let t = released.earliest(k * a - budget);
+                    let t = budget.kth_forward(&released, ((j + 1) * (i + 1)) as i64);
                     if t > *floor {
                         *floor = t;
                         moved = true;
@@ -246,9 +266,10 @@ struct ReleaseCurve {
 }
 
 impl ReleaseCurve {
-    /// `release[k]`: what a pass of kind `k` (1 B, 2 W) releases alone;
-    /// `partner[k]`: what it can release as a forward's partner.
-    fn new(owned: &[usize], heads: &PerPass, dur: [i64; 3], release: [i64; 3], partner: [i64; 3]) -> ReleaseCurve {
+    /// The releases of the passes of stages `owned` (one rank's) under
+    /// `budget`'s accounting.
+    fn new(owned: &[usize], heads: &PerPass, dur: [i64; 3], budget: &Budget) -> ReleaseCurve {
+        let (release, partner) = (budget.release, budget.partner);
         // (time, 1 = ends / 0 = starts, kind): at one time, starts before ends.
         let mut events: Vec<(i64, u8, usize)> = Vec::new();
         for &st in owned {
@@ -485,7 +506,8 @@ mod tests {
     /// `W` releases 4.
     fn curve() -> ReleaseCurve {
         let heads: PerPass = vec![vec![vec![0, 0]], vec![vec![10, 14]], vec![vec![12, 16]]];
-        ReleaseCurve::new(&[0], &heads, [1, 2, 1], [0, 3, 1], [0, 4, 1])
+        let budget = Budget { units: 0, activation: 4, release: [0, 3, 1], partner: [0, 4, 1] };
+        ReleaseCurve::new(&[0], &heads, [1, 2, 1], &budget)
     }
 
     #[test]
