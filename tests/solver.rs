@@ -190,6 +190,22 @@ fn the_critical_path_rules_keep_the_bottleneck_rank_fed() {
     assert!(close(simulated(&b, &cost), found.makespan), "the claim simulates");
 }
 
+/// A braid hides two collectives but lengthens both passes; on the first
+/// backward's way up an interleaved pipeline under skewed costs it delays
+/// the busiest rank's first input gradient (one braid per stage on the
+/// way: 2.25 in all). Policies that run a pass alone when its start plus
+/// what it holds up reaches the lower bound find a greedy order 4.2% above
+/// the bound (93.50 against 89.75); without them the best is 5.0% (94.25).
+#[test]
+fn braids_that_would_delay_the_critical_path_are_spared() {
+    let interleaved =
+        "schedule il(p: ranks, m: microbatches) { stages 2 * p; place s -> s % p; memory { budget = 11; } auto; }";
+    let cost = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
+    let (b, found) = planned(interleaved, 4, 12, cost, Solver::Greedy);
+    assert!(found.makespan <= 1.045 * found.lower_bound, "{found}");
+    assert!(close(simulated(&b, &cost), found.makespan), "the claim simulates");
+}
+
 /// The greedy scheduler must not fill a rank with forwards whose
 /// backwards can never run (it once did on V placements with slow links):
 /// every feasible instance gets an order within the budget.
@@ -566,10 +582,13 @@ fn with_tp_the_plan_is_timed_unit_by_unit_as_the_simulator_times_it() {
 
 /// Transfers with one peer share a stream in the simulator (as NCCL's do),
 /// which planning does not model: lowering moves receives between groups
-/// until the step runs as planned. On ZB-V's placement under the 12.1B
-/// model's costs (p2p = 6.5% of a forward) the greedy order simulated 0.85%
-/// slower than planned before receives were placed (0.5% without the
-/// link-order timing in planning either).
+/// where the step then runs faster. On ZB-V's placement under the 12.1B
+/// model's costs (p2p = 6.5% of a forward) the order `plan` keeps runs
+/// exactly as planned; of the greedy scheduler's other orders, some run
+/// slower than planned with receives where the earlier passes put them
+/// (78.05 planned, 78.51 simulated), and placing them wins back most of
+/// it (78.25: what is left is a receive that waits on its peer's stream
+/// behind a transfer that no single move of a receive frees).
 #[test]
 fn receives_are_placed_so_that_the_step_runs_as_planned() {
     use stpc::cost::{model::cost_model, Hardware, ModelShape, Parallelism};
@@ -583,31 +602,37 @@ fn receives_are_placed_so_that_the_step_runs_as_planned() {
         p2p: c.p2p / c.forward,
     };
     assert!(cost.p2p > 0.05, "the model's transfers take time: {cost:?}");
-    let stp = stp_stdlib::get("zb-v").expect("zb-v");
-    let file = SourceFile::new(stp.path(), stp.source);
-    for place_receives in [true, false] {
-        let mut request = Request {
-            params: stpc::elab::ParamArgs { ranks: Some(4), microbatches: Some(12), ..Default::default() },
-            cost: Some(cost),
-            ..Default::default()
-        };
-        request.lower.place_receives = place_receives;
-        let hand = build(&file, &request).expect("zb-v compiles");
-        let mut auto = hand.checked.schedule().clone();
-        auto.auto = true;
-        auto.memory.budget = hand.checked.peaks().iter().map(|peak| peak.units).max();
-        let (order, report) = stpc::opt::plan(&auto, Solver::Greedy).expect("greedy orders it");
-        let checked = stpc::check::check(stpc::elab::ComputeSchedule { ranks: order, ..auto }).expect("checks");
-        let lowered =
-            stpc::lower::lower(&checked, request.lower, stp_ir::simulate::Semantics::Rendezvous).expect("lowers");
-        let simulated = simulate(&lowered.program, &cost).expect("runs").makespan;
-        if place_receives {
-            assert!(lowered.placed > 0);
-            assert!(close(report.makespan, simulated), "claims {} simulates {simulated}", report.makespan);
-        } else {
-            assert!(simulated > report.makespan + 0.1, "without placement: {simulated} vs {}", report.makespan);
+    let zbv = stp_stdlib::get("zb-v").expect("zb-v");
+    let file = SourceFile::new(zbv.path(), zbv.source);
+    let request = Request {
+        params: stpc::elab::ParamArgs { ranks: Some(4), microbatches: Some(12), ..Default::default() },
+        cost: Some(cost),
+        ..Default::default()
+    };
+    let hand = build(&file, &request).expect("zb-v compiles");
+    let mut auto = hand.checked.schedule().clone();
+    auto.auto = true;
+    auto.memory.budget = hand.checked.peaks().iter().map(|peak| peak.units).max();
+    let simulated = |order: Vec<Vec<stpc::elab::ScheduledOp>>, place_receives| {
+        let checked = stpc::check::check(stpc::elab::ComputeSchedule { ranks: order, ..auto.clone() }).expect("checks");
+        let options = stpc::lower::LowerOptions { place_receives, ..request.lower };
+        let lowered = stpc::lower::lower(&checked, options, stp_ir::simulate::Semantics::Rendezvous).expect("lowers");
+        simulate(&lowered.program, &cost).expect("runs").makespan
+    };
+    let (kept, report) = stpc::opt::plan(&auto, Solver::Greedy).expect("greedy orders it");
+    assert!(close(report.makespan, simulated(kept, true)), "{report}");
+    let mut helped = 0;
+    for (order, planned) in stpc::opt::greedy::finalists(&auto).expect("greedy orders it") {
+        let (placed, unplaced) = (simulated(order.clone(), true), simulated(order, false));
+        assert!(placed <= unplaced + 1e-9, "placing receives slowed the step: {placed} vs {unplaced}");
+        assert!(placed >= planned - 1e-9, "simulated {placed} below the plan's {planned}");
+        if unplaced > planned + 0.1 {
+            let (excess, left) = (unplaced - planned, placed - planned);
+            assert!(left < excess / 2.0, "planned {planned}: {unplaced} unplaced, {placed} placed");
+            helped += 1;
         }
     }
+    assert!(helped > 0, "no order needs its receives placed: the test no longer tests placement");
 }
 
 /// Time Z3 has left after its search goes to the bound: makespans below

@@ -12,7 +12,9 @@
 //! policies pair the chosen pass with another its rank could
 //! start at the same moment (a braid: each pass's TP collective hides
 //! behind the other's compute) or fuse an input gradient with its weight
-//! gradient (`BW`: the collective hides behind the weight gradient). It is
+//! gradient (`BW`: the collective hides behind the weight gradient); some
+//! of those never braid a pass whose delay would reach the busiest rank
+//! (a braid lengthens both its passes). It is
 //! the baseline the solver must beat, and its schedule is checked like any
 //! other.
 
@@ -42,6 +44,10 @@ struct Policy {
     slack: f64,
     /// Which pass runs next.
     rule: Rule,
+    /// A pass whose start plus criticality reaches this runs alone: a
+    /// braid lengthens both passes, and on the critical path that delay
+    /// reaches the busiest rank.
+    spare_above: Option<f64>,
 }
 
 /// How the list scheduler picks the next pass.
@@ -88,9 +94,11 @@ enum Pairing {
 
 /// Orders every pass of `s` (an `auto` schedule) on its rank with a few
 /// list-scheduling policies: the fastest order of the safe admission
-/// policies, where memory binds the fastest of the bolder ones, and the
+/// policies, where memory binds the fastest of the bolder ones, the
 /// fastest of the near and of the far critical-path rules
-/// ([`Rule::Critical`], [`CRITICAL_REACH`]), fastest first
+/// ([`Rule::Critical`], [`CRITICAL_REACH`]), and the fastest of those
+/// that never braid a pass on the critical path ([`Policy::spare_above`]),
+/// fastest first
 /// (each is worth polishing: the faster one does not always polish to the
 /// faster order), each with its makespan.
 ///
@@ -135,10 +143,11 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
         (0..meta.num_ranks).map(|r| meta.placement.iter().filter(|p| p.0 == r).count() as i64).max().unwrap_or(1);
     let per_microbatch = most_owned * s.memory.activation.max(1);
     let safe_cap = s.memory.budget.map(|b| b / per_microbatch).filter(|cap| *cap > 0).map(|cap| cap as usize);
-    // The best order of the safe caps, of the bolder ones, and of the
-    // critical rules (under either cap) that look near and far: which
-    // start polishes best is not known from its own makespan.
-    let mut best: [Option<(f64, Vec<Vec<ScheduledOp>>)>; 4] = [None, None, None, None];
+    // The best order of the safe caps, of the bolder ones, of the
+    // critical rules (under either cap) that look near and far, and of
+    // the sparing policies: which start polishes best is not known from
+    // its own makespan.
+    let mut best: [Option<(f64, Vec<Vec<ScheduledOp>>)>; 5] = [None, None, None, None, None];
     let mut first_error = None;
     let critical = criticality(s);
     // Where the safe cap keeps fewer microbatches in flight than there are
@@ -155,15 +164,24 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
         .into_iter()
         .flat_map(|priority| [true, false].map(|deepest| (Rule::EarliestStart, priority, deepest)))
         .chain(CRITICAL_REACH.map(|reach| (Rule::Critical { reach }, [0, 1, 2], true)));
+    // Some policies refuse braids that would delay the critical path past
+    // the lower bound (their own group: they trade a few exposed
+    // collectives for an earlier first backward on the busiest rank).
+    let sparing = [None, Some(super::bound::lower_bound(s, &s.cost))];
+    let policies = braidings.iter().flat_map(|b| sparing.map(|spare_above| (*b, spare_above)));
     for (cap_group, in_flight) in safe.chain(bolder.into_iter().map(|cap| (1, cap))) {
-        for &Braiding { pairing, fuse, wait } in braidings {
+        for (Braiding { pairing, fuse, wait }, spare_above) in policies.clone() {
+            if spare_above.is_some() && pairing == Pairing::Never {
+                continue;
+            }
             let slack = f64::from(wait) * s.cost.tp_collective;
             for (rule, priority, deepest_first) in rules.clone() {
-                let policy = Policy { priority, deepest_first, in_flight, pairing, fuse, slack, rule };
+                let policy = Policy { priority, deepest_first, in_flight, pairing, fuse, slack, rule, spare_above };
                 match schedule_with(s, policy, &critical) {
                     Ok(order) => {
                         let makespan = super::order_makespan(s, &order);
                         let group = match rule {
+                            _ if spare_above.is_some() => 4,
                             Rule::EarliestStart => cap_group,
                             Rule::Critical { reach } if reach <= 0.5 => 2,
                             Rule::Critical { .. } => 3,
@@ -281,6 +299,12 @@ fn schedule_with(
         let window = start + policy.slack;
         let mut partner =
             partner_of(chosen, policy.pairing, candidates.all.iter().filter(|c| c.3 == r && c.0 <= window));
+        if let Some(limit) = policy.spare_above {
+            let on_critical_path = |p: Pass| start + critical.of(p) >= limit;
+            if on_critical_path(chosen) || partner.is_some_and(on_critical_path) {
+                partner = None;
+            }
+        }
         // With the queue of deferred weight gradients full, a `B` runs
         // only fused with its `W`, alone.
         let full = s.memory.max_deferred.is_some_and(|cap| deferred[r].len() as i64 >= cap);
