@@ -78,6 +78,23 @@ const fn braiding(pairing: Pairing, fuse: bool, wait: u8) -> Braiding {
     Braiding { pairing, fuse, wait }
 }
 
+/// Which braids a policy refuses ([`Policy::spare_above`]), and what it
+/// counts as critical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sparing {
+    /// None: any braid the pairing allows.
+    Never,
+    /// Those of a pass on the critical path ([`criticality`]).
+    OnCriticalPath,
+    /// The same, where a backward also holds up the forwards that wait
+    /// for the memory it frees.
+    MemoryBound,
+}
+
+impl Sparing {
+    const ALL: [Sparing; 3] = [Sparing::Never, Sparing::OnCriticalPath, Sparing::MemoryBound];
+}
+
 /// No braids, no fused `BW`: orders of single passes.
 const SINGLE_PASSES: Braiding = braiding(Pairing::Never, false, 0);
 
@@ -147,9 +164,9 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
     // critical rules (under either cap) that look near and far, and of
     // the sparing policies: which start polishes best is not known from
     // its own makespan.
-    let mut best: [Option<(f64, Vec<Vec<ScheduledOp>>)>; 5] = [None, None, None, None, None];
+    let mut best: [Option<(f64, Vec<Vec<ScheduledOp>>)>; 6] = Default::default();
     let mut first_error = None;
-    let critical = criticality(s);
+    let criticalities = [criticality(s, false), criticality(s, true)];
     // Where the safe cap keeps fewer microbatches in flight than there are
     // ranks, memory binds, and a microbatch rarely holds its activations
     // on every stage at once: bolder caps, which may strand a rank (their
@@ -165,26 +182,29 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
         .flat_map(|priority| [true, false].map(|deepest| (Rule::EarliestStart, priority, deepest)))
         .chain(CRITICAL_REACH.map(|reach| (Rule::Critical { reach }, [0, 1, 2], true)));
     // Some policies refuse braids that would delay the critical path past
-    // the lower bound (their own group: they trade a few exposed
+    // the lower bound (their own groups: they trade a few exposed
     // collectives for an earlier first backward on the busiest rank).
-    let sparing = [None, Some(super::bound::lower_bound(s, &s.cost))];
-    let policies = braidings.iter().flat_map(|b| sparing.map(|spare_above| (*b, spare_above)));
+    let lower_bound = super::bound::lower_bound(s, &s.cost);
+    let policies = braidings.iter().flat_map(|b| Sparing::ALL.map(|sparing| (*b, sparing)));
     for (cap_group, in_flight) in safe.chain(bolder.into_iter().map(|cap| (1, cap))) {
-        for (Braiding { pairing, fuse, wait }, spare_above) in policies.clone() {
-            if spare_above.is_some() && pairing == Pairing::Never {
+        for (Braiding { pairing, fuse, wait }, sparing) in policies.clone() {
+            if sparing != Sparing::Never && pairing == Pairing::Never {
                 continue;
             }
             let slack = f64::from(wait) * s.cost.tp_collective;
+            let critical = &criticalities[usize::from(sparing == Sparing::MemoryBound)];
+            let spare_above = (sparing != Sparing::Never).then_some(lower_bound);
             for (rule, priority, deepest_first) in rules.clone() {
                 let policy = Policy { priority, deepest_first, in_flight, pairing, fuse, slack, rule, spare_above };
-                match schedule_with(s, policy, &critical) {
+                match schedule_with(s, policy, critical) {
                     Ok(order) => {
                         let makespan = super::order_makespan(s, &order);
-                        let group = match rule {
-                            _ if spare_above.is_some() => 4,
-                            Rule::EarliestStart => cap_group,
-                            Rule::Critical { reach } if reach <= 0.5 => 2,
-                            Rule::Critical { .. } => 3,
+                        let group = match (sparing, rule) {
+                            (Sparing::MemoryBound, _) => 5,
+                            (Sparing::OnCriticalPath, _) => 4,
+                            (Sparing::Never, Rule::EarliestStart) => cap_group,
+                            (Sparing::Never, Rule::Critical { reach }) if reach <= 0.5 => 2,
+                            (Sparing::Never, Rule::Critical { .. }) => 3,
                         };
                         if best[group].as_ref().is_none_or(|(t, _)| makespan < *t) {
                             best[group] = Some((makespan, order));
@@ -299,11 +319,11 @@ fn schedule_with(
         let window = start + policy.slack;
         let mut partner =
             partner_of(chosen, policy.pairing, candidates.all.iter().filter(|c| c.3 == r && c.0 <= window));
-        if let Some(limit) = policy.spare_above {
-            let on_critical_path = |p: Pass| start + critical.of(p) >= limit;
-            if on_critical_path(chosen) || partner.is_some_and(on_critical_path) {
-                partner = None;
-            }
+        // A sparing policy runs a pass on the critical path alone (the
+        // bound's own argument often is that path: equal is on it).
+        let on_critical_path = |p: Pass| policy.spare_above.is_some_and(|limit| start + critical.of(p) >= limit - 1e-6);
+        if on_critical_path(chosen) || partner.is_some_and(on_critical_path) {
+            partner = None;
         }
         // With the queue of deferred weight gradients full, a `B` runs
         // only fused with its `W`, alone.
@@ -380,8 +400,10 @@ const CRITICAL_REACH: [f64; 4] = [0.25, 0.5, 0.75, 1.0];
 /// the same remaining work of their own rank, so only other ranks' count:
 /// the first backward on its way up the pipeline, say, comes before a
 /// forward the rank could start a little earlier, because the busiest
-/// rank's remaining work waits for it.
-fn criticality(s: &ComputeSchedule) -> Criticality {
+/// rank's remaining work waits for it. With `memory_bound`, what a
+/// backward holds up on its rank also counts the forwards that wait for
+/// memory: no more than the budget's worth run before its first backward.
+fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
     let meta = &s.meta;
     let (stages, mbs, ranks) = (meta.num_stages as usize, meta.num_microbatches as usize, meta.num_ranks as usize);
     let owner = |stage: usize| meta.placement[stage].index();
@@ -414,6 +436,18 @@ fn criticality(s: &ComputeSchedule) -> Criticality {
         })
         .collect();
     let at = |stage: usize, mb: usize| stage * mbs + mb;
+    // With a memory budget, a rank runs at most so many forwards before
+    // its first backward frees memory; the rest wait for backwards, so an
+    // early backward holds up forwards too.
+    let owned = |stage: usize| (0..stages).filter(|st| owner(*st) == owner(stage)).count();
+    let room = s.memory.budget.map(|b| (b / s.memory.activation.max(1)).max(1) as usize);
+    let held_back_forwards = |stage: usize, mb: usize| match (room, memory_bound) {
+        (Some(room), true) => {
+            let forwards = owned(stage) * mbs;
+            forwards.saturating_sub(room + mb * owned(stage)) as f64 * compute(0, stage)
+        }
+        _ => 0.0,
+    };
     // Each rank's view of every pass, one rank at a time; a pass keeps
     // its own rank's.
     let mut of = vec![vec![0.0f64; stages * mbs]; 3];
@@ -421,7 +455,15 @@ fn criticality(s: &ComputeSchedule) -> Criticality {
     for rank in 0..ranks {
         for i in (0..mbs).rev() {
             let later = (mbs - i) as f64;
-            let own = |k: usize, st: usize| if owner(st) == rank { 0.0 } else { later * load[st][k] };
+            let own = |k: usize, st: usize| {
+                if owner(st) == rank {
+                    0.0
+                } else if k == 1 {
+                    later * load[st][k] + held_back_forwards(st, i)
+                } else {
+                    later * load[st][k]
+                }
+            };
             let next = |crit: &[Vec<f64>], k: usize, st: usize| {
                 if i + 1 < mbs {
                     compute(k, st) + crit[k][at(st, i + 1)]

@@ -108,6 +108,9 @@ struct Incumbent {
     greedy: f64,
     /// "greedy", or "local search" when the search improved it.
     kept: &'static str,
+    /// The next fastest polished finalist, if another: Z3's windows
+    /// sometimes reach a shorter order from it.
+    runner_up: Option<Timed>,
 }
 
 impl Incumbent {
@@ -137,9 +140,14 @@ pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>
     // fastest greedy order).
     let incumbent = greedy::finalists(s).map(|finalists| {
         let greedy = finalists.iter().map(|f| f.1).fold(f64::INFINITY, f64::min);
-        let polished = finalists.into_iter().map(|(order, makespan)| polished(s, order, makespan));
-        let best = polished.min_by(|a, b| a.makespan.total_cmp(&b.makespan)).expect("one finalist at least");
-        Incumbent { greedy, kept: if best.makespan < greedy - 1e-9 { "local search" } else { "greedy" }, ..best }
+        let mut polished: Vec<Incumbent> =
+            finalists.into_iter().map(|(order, makespan)| polished(s, order, makespan)).collect();
+        polished.sort_by(|a, b| a.makespan.total_cmp(&b.makespan));
+        let mut ranked = polished.into_iter();
+        let best = ranked.next().expect("one finalist at least");
+        let runner_up = ranked.find(|i| i.order != best.order).map(|i| (i.order, i.makespan));
+        let kept = if best.makespan < greedy - 1e-9 { "local search" } else { "greedy" };
+        Incumbent { greedy, kept, runner_up, ..best }
     });
     match (solver, incumbent) {
         (_, Ok(i)) if i.makespan <= lower_bound + 1e-9 => {
@@ -196,7 +204,7 @@ fn too_little_memory(s: &ComputeSchedule) -> Option<Diagnostic> {
 
 /// `order` after the local search, if that shortened it.
 fn polished(s: &ComputeSchedule, order: Vec<Vec<ScheduledOp>>, makespan: f64) -> Incumbent {
-    let kept = |order| Incumbent { order, makespan, greedy: makespan, kept: "greedy" };
+    let kept = |order| Incumbent { order, makespan, greedy: makespan, kept: "greedy", runner_up: None };
     if !reorder::can_polish(&order, POLISH_WINDOW) {
         return kept(order);
     }
@@ -208,7 +216,7 @@ fn polished(s: &ComputeSchedule, order: Vec<Vec<ScheduledOp>>, makespan: f64) ->
     }
     match op_times(&trial, &trial.ranks).map(|t| last_end(&t)) {
         Some(better) if better < makespan - 1e-9 => {
-            Incumbent { order: trial.ranks, makespan: better, greedy: makespan, kept: "local search" }
+            Incumbent { order: trial.ranks, makespan: better, greedy: makespan, kept: "local search", runner_up: None }
         }
         _ => kept(unchanged),
     }
@@ -237,11 +245,17 @@ fn improve(
     // Windows build the whole model too: not where it was refused as too large.
     let best = found.ranks.as_ref().or(incumbent.as_ref().ok().map(|i| &i.order));
     if let (false, None, Some(order)) = (found.optimal, &found.stopped, best) {
-        let left = timeout.saturating_sub(started.elapsed());
-        if let Some((order, makespan)) = rolling_horizon(s, order.clone(), found.makespan, left, lower_bound, progress)
-        {
-            found = smt::SmtPlan { ranks: Some(order), makespan, optimal: false, stopped: None };
-            rolled = true;
+        // The best order so far and, with the time its windows leave, the
+        // runner-up.
+        let runner_up = incumbent.as_ref().ok().and_then(|i| i.runner_up.clone());
+        let starts: Vec<Timed> = std::iter::once((order.clone(), found.makespan)).chain(runner_up).collect();
+        for (start, makespan) in starts {
+            let left = timeout.saturating_sub(started.elapsed());
+            let rolled_to = rolling_horizon(s, start, makespan, left, lower_bound, progress);
+            if let Some((order, makespan)) = rolled_to.filter(|(_, m)| *m < found.makespan - 1e-9) {
+                found = smt::SmtPlan { ranks: Some(order), makespan, optimal: false, stopped: None };
+                rolled = true;
+            }
         }
     }
     // Time left over goes to the bound: Z3 refutes makespans between it
