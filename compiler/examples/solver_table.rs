@@ -85,6 +85,14 @@ fn main() {
                 Ok((makespan, r)) => (Ok(*makespan), r.optimal),
                 Err(_) => (Err(()), false),
             };
+            // Planning cannot see that transfers with one peer share a
+            // stream; lowering places receives so that the step runs as
+            // planned, and says here where it could not.
+            if let Ok((simulated, r)) = &smt {
+                if (simulated - r.makespan).abs() > 1e-9 {
+                    eprintln!("{name} {label}: planned {:.3}, simulated {simulated:.3}", r.makespan);
+                }
+            }
             let proved_bound = match (prove, &smt) {
                 (Some(limit), Ok((simulated, r))) => {
                     let raised = if r.optimal {

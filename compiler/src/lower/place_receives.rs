@@ -16,7 +16,8 @@
 //! receives from that peer in that group and the few before it are tried
 //! in each of the [`REACH`] groups before and after their own (never past
 //! an instruction that reads the buffer, never past another receive on
-//! the link, so every link's k-th send still meets its k-th receive); a
+//! the link, so every link's k-th send still meets its k-th receive: it
+//! may join that receive's group, just ahead of it); a
 //! move is kept when the simulated makespan drops and the program still
 //! verifies, and the search starts over from the new program's waits. It
 //! stops when no suspect moves or [`WORK`] is spent. Sends never move:
@@ -149,12 +150,10 @@ fn destinations(program: &Program, rank: usize, at: usize, slot: usize, t: Trans
             break;
         }
         if let Instr::Comm(ops) = instr {
-            if ops.iter().any(same_link) {
-                break;
-            }
             out.push(j);
             later += 1;
-            if later == REACH {
+            // It may join the next receive on its link, just ahead of it.
+            if later == REACH || ops.iter().any(same_link) {
                 break;
             }
         }
@@ -163,7 +162,8 @@ fn destinations(program: &Program, rank: usize, at: usize, slot: usize, t: Trans
 }
 
 /// `program` with the receive at (`at`, `slot`) of `rank` moved to the end
-/// of group `to` (its old group dropped if that leaves it empty).
+/// of group `to`, or just ahead of a later receive on its link there (its
+/// old group dropped if that leaves it empty).
 fn moved(program: &Program, rank: usize, (at, slot): (usize, usize), to: usize) -> Program {
     let mut trial = program.clone();
     let instrs = &mut trial.ranks[rank].instrs;
@@ -171,7 +171,11 @@ fn moved(program: &Program, rank: usize, (at, slot): (usize, usize), to: usize) 
     let t = ops.remove(slot);
     let emptied = ops.is_empty();
     if let Instr::Comm(ops) = &mut instrs[to] {
-        ops.push(t);
+        let same_link = |o: &Transfer| o.dir == Direction::Recv && o.peer == t.peer;
+        match ops.iter().position(same_link).filter(|_| to > at) {
+            Some(ahead) => ops.insert(ahead, t),
+            None => ops.push(t),
+        }
     }
     if emptied {
         instrs.remove(at);

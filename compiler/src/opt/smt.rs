@@ -590,7 +590,12 @@ fn search(
         }
     }
     match best {
-        Some((found, ranks)) => SmtPlan { ranks: Some(ranks), makespan: found as f64 / SCALE, optimal, stopped: None },
+        // The order's own makespan, not the model's rounding of it: the
+        // claim must be what the simulator times.
+        Some((_, ranks)) => {
+            let makespan = super::order_makespan(s, &ranks);
+            SmtPlan { ranks: Some(ranks), makespan, optimal, stopped: None }
+        }
         None => SmtPlan { ranks: None, makespan: upper, optimal, stopped: None },
     }
 }
