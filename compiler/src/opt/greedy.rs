@@ -91,6 +91,13 @@ enum Sparing {
     MemoryBound,
 }
 
+/// The longest wait for a partner (in `T_AR`) of the sparing policies.
+/// Those that wait longer found nothing the others did not at p = 4,
+/// m = 12 on any standard placement and cost mix of the book's table, and
+/// took the portfolio at p = 32, m = 256, v = 2 from 4 s to 11 s (for a
+/// 0.4% shorter order).
+const SPARING_WAIT: u8 = 1;
+
 impl Sparing {
     const ALL: [Sparing; 3] = [Sparing::Never, Sparing::OnCriticalPath, Sparing::MemoryBound];
 }
@@ -188,7 +195,7 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
     let policies = braidings.iter().flat_map(|b| Sparing::ALL.map(|sparing| (*b, sparing)));
     for (cap_group, in_flight) in safe.chain(bolder.into_iter().map(|cap| (1, cap))) {
         for (Braiding { pairing, fuse, wait }, sparing) in policies.clone() {
-            if sparing != Sparing::Never && pairing == Pairing::Never {
+            if sparing != Sparing::Never && (pairing == Pairing::Never || wait > SPARING_WAIT) {
                 continue;
             }
             let slack = f64::from(wait) * s.cost.tp_collective;
