@@ -91,6 +91,12 @@ enum Sparing {
     MemoryBound,
 }
 
+/// The most passes for which the portfolio runs the sparing policies: at
+/// p = 16, m = 128, v = 2 (12,288) the whole portfolio takes 1.5 s here;
+/// at p = 32, m = 256, v = 2 (49,152) they took it from 3.8 s to 9.4 s
+/// (`plan_auto_greedy_braids`).
+const SPARING_PASSES: usize = 16_384;
+
 /// The longest wait for a partner (in `T_AR`) of the sparing policies.
 /// Those that wait longer found nothing the others did not at p = 4,
 /// m = 12 on any standard placement and cost mix of the book's table, and
@@ -173,7 +179,15 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
     // its own makespan.
     let mut best: [Option<(f64, Vec<Vec<ScheduledOp>>)>; 6] = Default::default();
     let mut first_error = None;
-    let criticalities = [criticality(s, false), criticality(s, true)];
+    // Some policies refuse braids that would delay the critical path past
+    // the lower bound (their own groups: they trade a few exposed
+    // collectives for an earlier first backward on the busiest rank);
+    // not on the largest instances, nor without braids.
+    let passes = 3 * meta.num_stages as usize * meta.num_microbatches as usize;
+    let may_spare = passes <= SPARING_PASSES && braidings.iter().any(|b| b.pairing != Pairing::Never);
+    let lower_bound = if may_spare { super::bound::lower_bound(s, &s.cost) } else { f64::INFINITY };
+    let critical = criticality(s, false);
+    let memory_bound = may_spare.then(|| criticality(s, true));
     // Where the safe cap keeps fewer microbatches in flight than there are
     // ranks, memory binds, and a microbatch rarely holds its activations
     // on every stage at once: bolder caps, which may strand a rank (their
@@ -188,25 +202,24 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
         .into_iter()
         .flat_map(|priority| [true, false].map(|deepest| (Rule::EarliestStart, priority, deepest)))
         .chain(CRITICAL_REACH.map(|reach| (Rule::Critical { reach }, [0, 1, 2], true)));
-    // Some policies refuse braids that would delay the critical path past
-    // the lower bound (their own groups: they trade a few exposed
-    // collectives for an earlier first backward on the busiest rank).
-    let lower_bound = super::bound::lower_bound(s, &s.cost);
     let policies = braidings.iter().flat_map(|b| Sparing::ALL.map(|sparing| (*b, sparing)));
     for (cap_group, in_flight) in safe.chain(bolder.into_iter().map(|cap| (1, cap))) {
-        for (Braiding { pairing, fuse, wait }, sparing) in policies.clone() {
-            if sparing != Sparing::Never && (pairing == Pairing::Never || wait > SPARING_WAIT) {
-                continue;
-            }
+        for (Braiding { pairing, fuse, wait }, kind) in policies.clone() {
+            let spares = may_spare && pairing != Pairing::Never && wait <= SPARING_WAIT;
+            let critical = match kind {
+                Sparing::Never => &critical,
+                Sparing::OnCriticalPath if spares => &critical,
+                Sparing::MemoryBound if spares => memory_bound.as_ref().unwrap_or(&critical),
+                _ => continue,
+            };
             let slack = f64::from(wait) * s.cost.tp_collective;
-            let critical = &criticalities[usize::from(sparing == Sparing::MemoryBound)];
-            let spare_above = (sparing != Sparing::Never).then_some(lower_bound);
+            let spare_above = (kind != Sparing::Never).then_some(lower_bound);
             for (rule, priority, deepest_first) in rules.clone() {
                 let policy = Policy { priority, deepest_first, in_flight, pairing, fuse, slack, rule, spare_above };
                 match schedule_with(s, policy, critical) {
                     Ok(order) => {
                         let makespan = super::order_makespan(s, &order);
-                        let group = match (sparing, rule) {
+                        let group = match (kind, rule) {
                             (Sparing::MemoryBound, _) => 5,
                             (Sparing::OnCriticalPath, _) => 4,
                             (Sparing::Never, Rule::EarliestStart) => cap_group,
