@@ -109,7 +109,8 @@ struct Incumbent {
     /// "greedy", or "local search" when the search improved it.
     kept: &'static str,
     /// The next fastest polished finalist, if another: Z3's windows
-    /// sometimes reach a shorter order from it.
+    /// sometimes reach a shorter order from it (unused without Z3).
+    #[cfg_attr(not(feature = "smt"), allow(dead_code))]
     runner_up: Option<Timed>,
 }
 
@@ -249,12 +250,18 @@ fn improve(
         // runner-up.
         let runner_up = incumbent.as_ref().ok().and_then(|i| i.runner_up.clone());
         let starts: Vec<Timed> = std::iter::once((order.clone(), found.makespan)).chain(runner_up).collect();
-        for (start, makespan) in starts {
+        for (n, (start, makespan)) in starts.into_iter().enumerate() {
             let left = timeout.saturating_sub(started.elapsed());
-            let rolled_to = rolling_horizon(s, start, makespan, left, lower_bound, progress);
+            // The runner-up's progress is not the best's: it is told only
+            // when it ends below it.
+            let tell = if n == 0 { progress } else { None };
+            let rolled_to = rolling_horizon(s, start, makespan, left, lower_bound, tell);
             if let Some((order, makespan)) = rolled_to.filter(|(_, m)| *m < found.makespan - 1e-9) {
                 found = smt::SmtPlan { ranks: Some(order), makespan, optimal: false, stopped: None };
                 rolled = true;
+                if let (Some(tell), true) = (progress, n > 0) {
+                    tell(makespan, started.elapsed());
+                }
             }
         }
     }
