@@ -641,11 +641,15 @@ fn lowered_makespan(
 fn receives_are_placed_so_that_the_step_runs_as_planned() {
     let cost = paper_costs();
     assert!(cost.p2p > 0.05, "the model's transfers take time: {cost:?}");
+    // Each greedy finalist's (planned, placed, unplaced) makespans.
+    let outcomes = |auto: &stpc::elab::ComputeSchedule, request: &Request| -> Vec<(f64, f64, f64)> {
+        let finalists = stpc::opt::greedy::finalists(auto).expect("greedy orders it");
+        let simulated = |order: &Vec<_>, place| lowered_makespan(auto, request, order.clone(), place);
+        finalists.iter().map(|(order, planned)| (*planned, simulated(order, true), simulated(order, false))).collect()
+    };
     let (stp, request) = auto_on_placement_of("stp", cost);
     let mut placed_exactly = 0;
-    for (order, planned) in stpc::opt::greedy::finalists(&stp).expect("greedy orders it") {
-        let (placed, unplaced) =
-            (lowered_makespan(&stp, &request, order.clone(), true), lowered_makespan(&stp, &request, order, false));
+    for (planned, placed, unplaced) in outcomes(&stp, &request) {
         assert!(close(placed, planned), "STP's placement: planned {planned}, simulated {placed}");
         placed_exactly += usize::from(unplaced > planned + 0.1);
     }
@@ -654,9 +658,7 @@ fn receives_are_placed_so_that_the_step_runs_as_planned() {
     let (kept, report) = stpc::opt::plan(&zbv, Solver::Greedy).expect("greedy orders it");
     assert!(close(report.makespan, lowered_makespan(&zbv, &request, kept, true)), "{report}");
     let mut helped = 0;
-    for (order, planned) in stpc::opt::greedy::finalists(&zbv).expect("greedy orders it") {
-        let (placed, unplaced) =
-            (lowered_makespan(&zbv, &request, order.clone(), true), lowered_makespan(&zbv, &request, order, false));
+    for (planned, placed, unplaced) in outcomes(&zbv, &request) {
         assert!(placed <= unplaced + 1e-9, "placing receives slowed the step: {placed} vs {unplaced}");
         assert!(placed >= planned - 1e-9, "simulated {placed} below the plan's {planned}");
         if unplaced > planned + 0.1 {

@@ -459,14 +459,13 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
     // With a memory budget, a rank runs at most so many forwards before
     // its first backward frees memory; the rest wait for backwards, so an
     // early backward holds up forwards too.
-    let owned = |stage: usize| (0..stages).filter(|st| owner(*st) == owner(stage)).count();
-    let room = s.memory.budget.map(|b| (b / s.memory.activation.max(1)).max(1) as usize);
-    let held_back_forwards = |stage: usize, mb: usize| match (room, memory_bound) {
-        (Some(room), true) => {
-            let forwards = owned(stage) * mbs;
-            forwards.saturating_sub(room + mb * owned(stage)) as f64 * compute(0, stage)
-        }
-        _ => 0.0,
+    let room = s.memory.budget.filter(|_| memory_bound).map(|b| (b / s.memory.activation.max(1)).max(1) as usize);
+    let stages_of_rank: Vec<usize> = (0..ranks).map(|r| (0..stages).filter(|st| owner(*st) == r).count()).collect();
+    let held_back_forwards = |stage: usize, mb: usize| {
+        room.map_or(0.0, |room| {
+            let owned = stages_of_rank[owner(stage)];
+            (owned * mbs).saturating_sub(room + mb * owned) as f64 * compute(0, stage)
+        })
     };
     // Each rank's view of every pass, one rank at a time; a pass keeps
     // its own rank's.
@@ -476,12 +475,11 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
         for i in (0..mbs).rev() {
             let later = (mbs - i) as f64;
             let own = |k: usize, st: usize| {
+                let held_back = if k == 1 { held_back_forwards(st, i) } else { 0.0 };
                 if owner(st) == rank {
                     0.0
-                } else if k == 1 {
-                    later * load[st][k] + held_back_forwards(st, i)
                 } else {
-                    later * load[st][k]
+                    later * load[st][k] + held_back
                 }
             };
             let next = |crit: &[Vec<f64>], k: usize, st: usize| {
