@@ -241,7 +241,7 @@ const RESTART_RUNS: usize = 20_000;
 
 /// How many of the restarts' fastest distinct orders are polished.
 #[cfg(feature = "smt")]
-const RESTART_KEEP: usize = 4;
+const RESTART_KEEP: usize = 8;
 
 /// Up to this many passes the whole model gets a third of the solver's
 /// time, above it a tenth. At p = 4, m = 12 on the V and interleaved
