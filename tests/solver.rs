@@ -554,7 +554,7 @@ fn the_rolling_horizon_shortens_an_order_the_whole_model_cannot() {
 /// and its `max_deferred`), under T_B = 2, T_W = 0.5, T_AR = 0.25 at
 /// p = 4, m = 12, the solver's order is at least 5% faster than the hand
 /// order. (20 s rather than the default 10 leaves room for a loaded
-/// machine; the book's table, measured with 10 s, has 5.3%.)
+/// machine; the book's table, measured with 10 s, has 6.0%.)
 #[test]
 fn the_solver_beats_the_stp_order_by_five_percent_under_skewed_costs() {
     let cost = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
