@@ -18,6 +18,7 @@
 //! the baseline the solver must beat, and its schedule is checked like any
 //! other.
 
+use super::random::XorShift;
 use crate::diag::{Code, Diagnostic};
 use crate::elab::{ComputeSchedule, Origin, ScheduledOp};
 use std::cmp::Ordering;
@@ -319,33 +320,6 @@ pub fn restarts(s: &ComputeSchedule, runs: usize, deadline: std::time::Instant, 
         }
     }
     kept
-}
-
-/// Marsaglia's xorshift64: the restarts need cheap, reproducible draws,
-/// not good ones.
-struct XorShift(u64);
-
-impl XorShift {
-    fn new(seed: u64) -> XorShift {
-        XorShift(seed.max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// Uniform in `0..n` (up to a bias no restart notices).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// Uniform in `[0, 1)`.
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// The list scheduler under one policy.

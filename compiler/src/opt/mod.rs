@@ -11,7 +11,9 @@
 pub mod bound;
 pub mod braid;
 pub mod greedy;
+pub mod late_acceptance;
 pub mod place_w;
+pub mod random;
 pub mod reorder;
 #[cfg(feature = "smt")]
 pub mod smt;
@@ -234,14 +236,60 @@ fn fastest(mut candidates: Vec<Incumbent>) -> Incumbent {
 #[cfg(feature = "smt")]
 const RESTART_SHARE: u32 = 5;
 
-/// The most restarts: about 1.1 s at p = 4, m = 12, v = 2 here. At that
-/// size, under (b) costs, 20,000 found all that 100,000 did.
+/// The most restarts, in passes scheduled: 20,000 restarts at p = 4,
+/// m = 12, v = 2 (288 passes; about 1.1 s here; 100,000 found nothing
+/// more under (b) costs), fewer on larger instances.
 #[cfg(feature = "smt")]
-const RESTART_RUNS: usize = 20_000;
+const RESTART_WORK: usize = 5_760_000;
 
 /// How many of the restarts' fastest distinct orders are polished.
 #[cfg(feature = "smt")]
 const RESTART_KEEP: usize = 8;
+
+/// At most this share of the solver's time goes to late acceptance
+/// ([`late_acceptance`]), after the restarts, on instances of more than
+/// [`WHOLE_MODEL_PASSES`] passes (on smaller ones the whole model often
+/// settles the instance: the solver tests, mostly such instances, took
+/// 380 s instead of 100 s with it).
+#[cfg(feature = "smt")]
+const LATE_SHARE: u32 = 3;
+
+/// The most work of each late-acceptance phase, in ops re-timed (each
+/// move re-times every op): 1.25 million moves at p = 4, m = 12, v = 2
+/// (about 200 ops), where about 1.1 million fit in each phase's 1.7 s
+/// here, so that the clock binds there; far fewer on large instances,
+/// whose every move costs more (at p = 8, m = 64, v = 2 under (b), 100,000
+/// moves, 2.5 s a phase; the clock alone let it take 40 s of a 600 s
+/// limit there and find nothing).
+#[cfg(feature = "smt")]
+const LATE_WORK: usize = 250_000_000;
+
+/// Late acceptance from the incumbent until `deadline`: half the time
+/// comparing orders by makespan then sum of op ends, half (from the best
+/// so far) by makespan plus a fiftieth of the mean op end. At p = 4,
+/// m = 12 under (b) costs, each found orders the other did not
+/// (interleaved 1F1B: 91.50 and none; ZB-V: none and 94.00 — the
+/// windows then 93.75). The order it leaves becomes the runner-up.
+#[cfg(feature = "smt")]
+fn late_accepted(s: &ComputeSchedule, mut incumbent: Incumbent, floor: f64, deadline: std::time::Instant) -> Incumbent {
+    use late_acceptance::Acceptance;
+    for (phase, acceptance) in [Acceptance::Lexicographic, Acceptance::Blended { weight: 0.02 }].into_iter().enumerate()
+    {
+        let now = std::time::Instant::now();
+        let until = if phase == 0 { now + deadline.saturating_duration_since(now) / 2 } else { deadline };
+        let ops: usize = incumbent.order.iter().map(Vec::len).sum();
+        let limits = (until, LATE_WORK / ops.max(1), floor);
+        if let Some((order, makespan)) =
+            late_acceptance::search(s, incumbent.order.clone(), incumbent.makespan, limits, acceptance)
+        {
+            let replaced = std::mem::replace(&mut incumbent.order, order);
+            incumbent.runner_up = Some((replaced, incumbent.makespan));
+            incumbent.makespan = makespan;
+            incumbent.kept = "late acceptance";
+        }
+    }
+    incumbent
+}
 
 /// Up to this many passes the whole model gets a third of the solver's
 /// time, above it a tenth. At p = 4, m = 12 on the V and interleaved
@@ -259,7 +307,8 @@ const WHOLE_MODEL_PASSES: usize = 200;
 /// needs them broken the other.
 #[cfg(feature = "smt")]
 fn restarted(s: &ComputeSchedule, incumbent: Incumbent, deadline: std::time::Instant) -> Incumbent {
-    let found = greedy::restarts(s, RESTART_RUNS, deadline, RESTART_KEEP);
+    let passes = 3 * s.meta.num_stages as usize * s.meta.num_microbatches as usize;
+    let found = greedy::restarts(s, RESTART_WORK / passes.max(1), deadline, RESTART_KEEP);
     let candidates: Vec<Incumbent> = found
         .into_iter()
         .map(|(order, makespan)| {
@@ -300,13 +349,27 @@ fn improve(
         }
         restarted
     });
+    // Where the whole model settles the instance, late acceptance would
+    // only take its time.
+    let passes = 3 * s.meta.num_stages as usize * s.meta.num_microbatches as usize;
+    let large = passes > WHOLE_MODEL_PASSES;
+    let incumbent = incumbent.map(|i| {
+        let before = i.makespan;
+        if !large {
+            return i;
+        }
+        let accepted = late_accepted(s, i, lower_bound, started + timeout / RESTART_SHARE + timeout / LATE_SHARE);
+        if let (Some(tell), true) = (progress, accepted.makespan < before - 1e-9) {
+            tell(accepted.makespan, started.elapsed());
+        }
+        accepted
+    });
     let greedy_makespan = incumbent.as_ref().ok().map(|i| i.greedy);
     let upper = incumbent.as_ref().map_or_else(|_| serial_makespan(s) + 1.0, |i| i.makespan);
     // The whole model first, with a third of the time (a tenth on larger
     // instances): it settles small instances. If it neither proves nor
     // improves, the rest of the time goes to windows of the best order.
-    let passes = 3 * s.meta.num_stages as usize * s.meta.num_microbatches as usize;
-    let share = if passes <= WHOLE_MODEL_PASSES { 3 } else { 10 };
+    let share = if large { 10 } else { 3 };
     let whole = if incumbent.is_ok() { timeout / share } else { timeout };
     let whole = whole.min(timeout.saturating_sub(started.elapsed()));
     let mut found = smt::solve(s, upper, whole, progress, None);

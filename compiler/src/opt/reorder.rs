@@ -222,7 +222,7 @@ fn better(after: Score, current: Score) -> bool {
 /// split into its passes (both orders), or two single passes that may
 /// share an op braided (a `B` and its own `W` fused into `BW`). Each is
 /// (how many ops it replaces, the ops replacing them).
-fn alternatives(ops: &[ScheduledOp], i: usize) -> Vec<(usize, Vec<ScheduledOp>)> {
+pub(super) fn alternatives(ops: &[ScheduledOp], i: usize) -> Vec<(usize, Vec<ScheduledOp>)> {
     let with = |passes: Vec<Pass>| ScheduledOp {
         compute: Compute { passes, units: Vec::new() },
         origin: ops[i].origin.clone(),
@@ -250,7 +250,7 @@ fn alternatives(ops: &[ScheduledOp], i: usize) -> Vec<(usize, Vec<ScheduledOp>)>
 }
 
 /// How far the rank's deferred weight gradients go over `max_deferred`.
-fn deferred_excess(ops: &[ScheduledOp], model: &MemoryModel) -> i64 {
+pub(super) fn deferred_excess(ops: &[ScheduledOp], model: &MemoryModel) -> i64 {
     let Some(cap) = model.max_deferred else { return 0 };
     let mut deferred = 0i64;
     let mut excess = 0i64;
@@ -269,7 +269,7 @@ fn deferred_excess(ops: &[ScheduledOp], model: &MemoryModel) -> i64 {
     excess.max(0)
 }
 
-fn move_op<T>(items: &mut [T], from: usize, to: usize) {
+pub(super) fn move_op<T>(items: &mut [T], from: usize, to: usize) {
     if from < to {
         items[from..=to].rotate_left(1);
     } else {
@@ -278,7 +278,7 @@ fn move_op<T>(items: &mut [T], from: usize, to: usize) {
 }
 
 /// The rank's most live activation units at any op boundary.
-fn peak(ops: &[ScheduledOp], model: &MemoryModel) -> i64 {
+pub(super) fn peak(ops: &[ScheduledOp], model: &MemoryModel) -> i64 {
     let mut live = 0i64;
     let mut most = 0i64;
     for op in ops {
