@@ -206,16 +206,18 @@ struct Target {
     no_hoist: bool,
     /// How to order the passes of an `auto` schedule: greedy (a list
     /// scheduler and a bounded local search; about a second at most) or smt
-    /// (the same, then randomized restarts of the list scheduler, then Z3
-    /// searches the whole step for a shorter order and may prove it
-    /// optimal, then windows of the best order with the rest kept).
+    /// (the same, then randomized restarts of the list scheduler and, on
+    /// large instances, late acceptance hill climbing; then Z3 searches
+    /// the whole step for a shorter order and may prove it optimal, then
+    /// windows of the best order with the rest kept).
     #[arg(long, value_enum, default_value = "greedy")]
     solver: SolverArg,
     /// With --solver smt: the most seconds the search may take in all (up
-    /// to a fifth for randomized restarts, a third — a tenth above 200
-    /// passes — for Z3 on the whole step, the rest for windows, what they
-    /// leave over to prove a higher lower bound); the shortest order found
-    /// by then is kept.
+    /// to a fifth for randomized restarts; above 200 passes a third for
+    /// late acceptance and a tenth for Z3 on the whole step, else a third
+    /// for the whole step; the rest for windows, what they leave over to
+    /// prove a higher lower bound); the shortest order found by then is
+    /// kept.
     #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_timeout)]
     solver_timeout: f64,
     /// When to colour diagnostics.
