@@ -3,8 +3,8 @@
 //! local search's moves ([`super::reorder`]: an op moved within its rank,
 //! a braid split, two neighbouring single ops braided or fused), drawn at
 //! random; a move is kept when the order still fits the memory budget,
-//! every op can still run, and its makespan (then sum of op ends) is no
-//! worse than the order had a fixed number of moves ago. Accepting
+//! every op can still run, and it compares ([`Acceptance`]) no worse than
+//! the current order or than the order [`HISTORY`] moves ago. Accepting
 //! sideways and briefly worse orders lets it leave the local optima the
 //! polishing search stops at.
 
