@@ -169,7 +169,6 @@ pub fn schedule_single_passes(s: &ComputeSchedule) -> Result<super::Timed, Diagn
 /// each of `braidings` — of the safe admission caps and, separately, of
 /// the bolder ones — fastest first.
 fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::Timed>, Diagnostic> {
-    let meta = &s.meta;
     let (safe, bolder) = admission_caps(s);
     // The best order of the safe caps, of the bolder ones, of the
     // critical rules (under either cap) that look near and far, and of
@@ -181,8 +180,7 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
     // the lower bound (their own groups: they trade a few exposed
     // collectives for an earlier first backward on the busiest rank);
     // not on the largest instances, nor without braids.
-    let passes = 3 * meta.num_stages as usize * meta.num_microbatches as usize;
-    let may_spare = passes <= SPARING_PASSES && braidings.iter().any(|b| b.pairing != Pairing::Never);
+    let may_spare = super::pass_count(s) <= SPARING_PASSES && braidings.iter().any(|b| b.pairing != Pairing::Never);
     let lower_bound = if may_spare { super::bound::lower_bound(s, &s.cost) } else { f64::INFINITY };
     let critical = criticality(s, false);
     let memory_bound = may_spare.then(|| criticality(s, true));

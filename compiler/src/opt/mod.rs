@@ -221,6 +221,12 @@ fn polished(s: &ComputeSchedule, order: Vec<Vec<ScheduledOp>>, makespan: f64) ->
     }
 }
 
+/// How many passes the step holds: an F, a B and a W per stage and
+/// microbatch.
+fn pass_count(s: &ComputeSchedule) -> usize {
+    3 * s.meta.num_stages as usize * s.meta.num_microbatches as usize
+}
+
 /// The fastest of `candidates` (at least one), with the next fastest
 /// other order as its runner-up.
 fn fastest(mut candidates: Vec<Incumbent>) -> Incumbent {
@@ -308,8 +314,7 @@ const WHOLE_MODEL_PASSES: usize = 200;
 /// needs them broken the other.
 #[cfg(feature = "smt")]
 fn restarted(s: &ComputeSchedule, incumbent: Incumbent, deadline: std::time::Instant) -> Incumbent {
-    let passes = 3 * s.meta.num_stages as usize * s.meta.num_microbatches as usize;
-    let found = greedy::restarts(s, RESTART_WORK / passes.max(1), deadline, RESTART_KEEP);
+    let found = greedy::restarts(s, RESTART_WORK / pass_count(s).max(1), deadline, RESTART_KEEP);
     let candidates: Vec<Incumbent> = found
         .into_iter()
         .map(|(order, makespan)| {
@@ -344,8 +349,7 @@ fn improve(
     let started = std::time::Instant::now();
     // Where the whole model settles the instance, late acceptance would
     // only take its time.
-    let passes = 3 * s.meta.num_stages as usize * s.meta.num_microbatches as usize;
-    let large = passes > WHOLE_MODEL_PASSES;
+    let large = pass_count(s) > WHOLE_MODEL_PASSES;
     let tell_if_shorter = |before: f64, after: f64| {
         if let (Some(tell), true) = (progress, after < before - 1e-9) {
             tell(after, started.elapsed());
