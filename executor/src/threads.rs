@@ -9,7 +9,7 @@ use crate::model::{self, Model, ShardGrads, Tensor};
 use crate::ExecError;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use stp_ir::simulate::Semantics;
@@ -217,8 +217,13 @@ pub(crate) trait Party<M>: Waiter {
     fn incoming(&mut self, buffer: Buffer, message: M, instr: usize) -> Result<(), ExecError>;
 }
 
-/// Posts a group: every send at once, then every receive in order; under
-/// rendezvous semantics the group ends when its sends have been received.
+/// Posts a group with NCCL's semantics (the IR's one semantics of a
+/// group): every send at once, then the receives as their messages arrive,
+/// in any order across peers and in listed order from any one peer (the
+/// link's FIFO). Under rendezvous semantics each receive is acknowledged
+/// the moment it completes, so a peer's send never waits on an unrelated
+/// transfer of this group, and the group ends when its sends have been
+/// received.
 pub(crate) fn exchange<M, P: Party<M>>(party: &mut P, ops: &[Transfer], instr: usize) -> Result<(), ExecError> {
     let rendezvous = party.options().semantics == Semantics::Rendezvous;
     let timeout = party.options().timeout;
@@ -230,20 +235,7 @@ pub(crate) fn exchange<M, P: Party<M>>(party: &mut P, ops: &[Transfer], instr: u
             .ok_or_else(|| party.fail(instr, format!("no link to {}", t.peer)))?;
         port.send((t.buffer, message)).map_err(|_| party.fail(instr, format!("{} has stopped", t.peer)))?;
     }
-    for t in ops.iter().filter(|t| t.dir == Direction::Recv) {
-        let ports = party.ports();
-        let (buffer, message) =
-            party.board().wait(timeout, || ports?.data_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
-        if buffer != t.buffer {
-            return Err(party.fail(instr, format!("expected {} from {}, but {buffer} arrived", t.buffer, t.peer)));
-        }
-        party.incoming(buffer, message, instr)?;
-        if rendezvous {
-            if let Some(ack) = party.ports().and_then(|p| p.ack_out.get(&t.peer)) {
-                let _ = ack.send(buffer);
-            }
-        }
-    }
+    receive_as_they_arrive(party, ops, instr, rendezvous, timeout)?;
     if rendezvous {
         for t in ops.iter().filter(|t| t.dir == Direction::Send) {
             let ports = party.ports();
@@ -251,6 +243,68 @@ pub(crate) fn exchange<M, P: Party<M>>(party: &mut P, ops: &[Transfer], instr: u
                 party.board().wait(timeout, || ports?.ack_in.get(&t.peer).map(|rx| rx.recv_timeout(slice())))?;
             if acked != t.buffer {
                 return Err(party.fail(instr, format!("{} acknowledged {acked}, not {}", t.peer, t.buffer)));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Completes the group's receives in whatever order their peers post the
+/// matching sends: a receive from a slow peer does not hold back another
+/// peer's message (nor, under rendezvous semantics, its acknowledgement).
+fn receive_as_they_arrive<M, P: Party<M>>(
+    party: &mut P,
+    ops: &[Transfer],
+    instr: usize,
+    rendezvous: bool,
+    timeout: Duration,
+) -> Result<(), ExecError> {
+    let mut pending: Vec<Transfer> = ops.iter().filter(|t| t.dir == Direction::Recv).copied().collect();
+    let started = Instant::now();
+    while !pending.is_empty() {
+        // The first pending receive from each peer: later ones from the same
+        // peer follow it on the link.
+        let heads: Vec<usize> =
+            (0..pending.len()).filter(|&i| pending[..i].iter().all(|t| t.peer != pending[i].peer)).collect();
+        // With one peer to hear from, block on it; with several, poll them in turn.
+        let wait = if heads.len() == 1 { slice() } else { Duration::from_micros(200) };
+        let mut arrived = None;
+        for (k, &i) in heads.iter().enumerate() {
+            let rx = party
+                .ports()
+                .and_then(|p| p.data_in.get(&pending[i].peer))
+                .ok_or_else(|| party.fail(instr, format!("no link from {}", pending[i].peer)))?;
+            let got = if k == 0 {
+                rx.recv_timeout(wait)
+            } else {
+                rx.try_recv().map_err(|e| match e {
+                    TryRecvError::Empty => RecvTimeoutError::Timeout,
+                    TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+                })
+            };
+            match got {
+                Ok(message) => {
+                    arrived = Some((i, message));
+                    break;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return Err(party.board().stop()),
+            }
+        }
+        let Some((i, (buffer, message))) = arrived else {
+            if party.board().gives_up(started, timeout) {
+                return Err(ExecError::Stuck);
+            }
+            continue;
+        };
+        let t = pending.remove(i);
+        if buffer != t.buffer {
+            return Err(party.fail(instr, format!("expected {} from {}, but {buffer} arrived", t.buffer, t.peer)));
+        }
+        party.incoming(buffer, message, instr)?;
+        if rendezvous {
+            if let Some(ack) = party.ports().and_then(|p| p.ack_out.get(&t.peer)) {
+                let _ = ack.send(buffer);
             }
         }
     }

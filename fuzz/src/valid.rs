@@ -1,0 +1,179 @@
+//! Random valid schedules: a random placement of stages on ranks, a random
+//! choice of split (`B` then `W`) or full (`BW`) backward per pass, and each
+//! rank's order taken from one random run of the whole pipeline in which
+//! every pass starts only once its inputs exist — so the compute order is
+//! valid by construction, and some ready forwards are braided with a ready
+//! backward of another microbatch. Written out as `.sched` source, so the
+//! whole compiler sees it as a user's file.
+
+use crate::rng::Rng;
+use std::fmt::Write;
+
+/// One generated schedule and the parameters to compile it with.
+#[derive(Debug, Clone)]
+pub struct RandomSchedule {
+    /// The `.sched` source.
+    pub source: String,
+    /// Pipeline ranks.
+    pub p: usize,
+    /// Microbatches.
+    pub m: usize,
+    /// Stages.
+    pub stages: usize,
+    /// `placement[s]`: the rank of stage `s`.
+    pub placement: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    F,
+    B,
+    W,
+    Bw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Op {
+    kind: Kind,
+    stage: usize,
+    mb: usize,
+}
+
+impl Op {
+    fn write(&self, out: &mut String) {
+        let name = match self.kind {
+            Kind::F => "F",
+            Kind::B => "B",
+            Kind::W => "W",
+            Kind::Bw => "BW",
+        };
+        let _ = write!(out, "{name}({}, {})", self.mb, self.stage);
+    }
+}
+
+/// Where each pass stands in the random run.
+struct Progress {
+    stages: usize,
+    split: Vec<Vec<bool>>,
+    forward: Vec<Vec<bool>>,
+    backward: Vec<Vec<bool>>,
+    weight: Vec<Vec<bool>>,
+}
+
+impl Progress {
+    fn ready(&self, op: Op) -> bool {
+        let (s, i) = (op.stage, op.mb);
+        match op.kind {
+            Kind::F => !self.forward[s][i] && (s == 0 || self.forward[s - 1][i]),
+            Kind::B | Kind::Bw => {
+                self.forward[s][i] && !self.backward[s][i] && (s + 1 == self.stages || self.backward[s + 1][i])
+            }
+            Kind::W => self.backward[s][i] && !self.weight[s][i],
+        }
+    }
+
+    fn run(&mut self, op: Op) {
+        let (s, i) = (op.stage, op.mb);
+        match op.kind {
+            Kind::F => self.forward[s][i] = true,
+            Kind::B => self.backward[s][i] = true,
+            Kind::Bw => {
+                self.backward[s][i] = true;
+                self.weight[s][i] = true;
+            }
+            Kind::W => self.weight[s][i] = true,
+        }
+    }
+
+    /// The passes of `stages_of` that could start now.
+    fn ready_ops(&self, stages_of: &[usize], m: usize) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for &s in stages_of {
+            for i in 0..m {
+                let backward = if self.split[s][i] { Kind::B } else { Kind::Bw };
+                for kind in [Kind::F, backward, Kind::W] {
+                    let op = Op { kind, stage: s, mb: i };
+                    if (kind != Kind::W || self.split[s][i]) && self.ready(op) {
+                        ops.push(op);
+                    }
+                }
+            }
+        }
+        ops
+    }
+}
+
+/// A random valid schedule on 2-4 ranks with up to `3p` stages and 1-4
+/// microbatches.
+pub fn random_schedule(rng: &mut Rng) -> RandomSchedule {
+    let p = rng.range(2, 4);
+    let m = rng.range(1, 4);
+    let stages = rng.range(p, 3 * p);
+    let placement = random_placement(rng, p, stages);
+    let split: Vec<Vec<bool>> = (0..stages).map(|_| (0..m).map(|_| rng.chance(1, 2)).collect()).collect();
+    let grid = vec![vec![false; m]; stages];
+    let mut progress = Progress { stages, split, forward: grid.clone(), backward: grid.clone(), weight: grid };
+    let stages_of: Vec<Vec<usize>> = (0..p).map(|r| (0..stages).filter(|s| placement[*s] == r).collect()).collect();
+    let mut orders: Vec<Vec<(Op, Option<Op>)>> = vec![Vec::new(); p];
+    loop {
+        let ready: Vec<(usize, Vec<Op>)> =
+            (0..p).map(|r| (r, progress.ready_ops(&stages_of[r], m))).filter(|(_, ops)| !ops.is_empty()).collect();
+        if ready.is_empty() {
+            break;
+        }
+        let (rank, ops) = rng.pick(&ready);
+        let op = *rng.pick(ops);
+        let partner = if op.kind == Kind::F && rng.chance(1, 3) {
+            let backwards: Vec<Op> = ops.iter().copied().filter(|o| o.kind != Kind::F && o.mb != op.mb).collect();
+            (!backwards.is_empty()).then(|| *rng.pick(&backwards))
+        } else {
+            None
+        };
+        progress.run(op);
+        if let Some(b) = partner {
+            progress.run(b);
+        }
+        orders[*rank].push((op, partner));
+    }
+    RandomSchedule { source: write_source(p, stages, &placement, &orders), p, m, stages, placement }
+}
+
+/// Every rank owns at least one stage; the rest land anywhere.
+fn random_placement(rng: &mut Rng, p: usize, stages: usize) -> Vec<usize> {
+    let mut placement: Vec<usize> = (0..stages).map(|s| if s < p { s } else { rng.range(0, p - 1) }).collect();
+    for s in (1..stages).rev() {
+        let t = rng.range(0, s);
+        placement.swap(s, t);
+    }
+    placement
+}
+
+fn write_source(p: usize, stages: usize, placement: &[usize], orders: &[Vec<(Op, Option<Op>)>]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "schedule random(p: ranks, m: microbatches) {{");
+    let _ = writeln!(out, "  require p == {p};");
+    let _ = writeln!(out, "  stages {stages};");
+    let mut place = String::new();
+    for (s, r) in placement.iter().enumerate().take(stages - 1) {
+        let _ = write!(place, "if s == {s} {{ {r} }} else {{ ");
+    }
+    let _ = write!(place, "{}", placement[stages - 1]);
+    place.push_str(&" }".repeat(stages - 1));
+    let _ = writeln!(out, "  place s -> {place};");
+    let _ = writeln!(out, "  rank r {{");
+    for (r, ops) in orders.iter().enumerate() {
+        let _ = writeln!(out, "    if r == {r} {{");
+        for (op, partner) in ops {
+            out.push_str("      ");
+            op.write(&mut out);
+            if let Some(b) = partner {
+                out.push_str(" & ");
+                b.write(&mut out);
+            }
+            out.push('\n');
+        }
+        let _ = writeln!(out, "    }}");
+    }
+    let _ = writeln!(out, "  }}\n}}");
+    out
+}
