@@ -294,9 +294,12 @@ struct CostArgs {
 
 /// The `--model` file.
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ModelFile {
     model: stpc::cost::ModelShape,
     hardware: Option<stpc::cost::Hardware>,
+    /// The tensor-parallel size the times are derived for (default: --tp).
+    tp: Option<u32>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -399,10 +402,24 @@ fn check(target: &Target) -> Result<(), Reported> {
         s.meta.num_microbatches,
         s.num_ops()
     );
-    let peaks: Vec<String> = build.checked.peaks().iter().map(|p| p.units.to_string()).collect();
     let budget = s.memory.budget.map_or(String::new(), |b| format!(" (budget {b})"));
-    outln!("peak activation memory per rank, in units: {}{budget}", peaks.join(" "));
+    outln!("peak activation memory per rank, in units: {}{budget}", summarize_peaks(build.checked.peaks()));
     Ok(())
+}
+
+/// Every rank's peak up to 16 ranks; past that the highest and lowest, so
+/// that a million-rank check prints one line, not megabytes.
+fn summarize_peaks(peaks: &[stpc::check::RankPeak]) -> String {
+    const SHOWN: usize = 16;
+    if peaks.len() <= SHOWN {
+        return peaks.iter().map(|p| p.units.to_string()).collect::<Vec<_>>().join(" ");
+    }
+    let high = peaks.iter().enumerate().max_by_key(|(r, p)| (p.units, std::cmp::Reverse(*r)));
+    let low = peaks.iter().enumerate().min_by_key(|(r, p)| (p.units, *r));
+    match (high, low) {
+        (Some((hr, h)), Some((lr, l))) => format!("highest {} (rank {hr}), lowest {} (rank {lr})", h.units, l.units),
+        _ => String::new(),
+    }
 }
 
 /// The solver's status line on a terminal: the best makespan so far.
@@ -498,6 +515,18 @@ fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, chunks: u3
             eprintln!("error: {} is not a model description: {e}", path.display());
             Reported
         })?;
+        let tp = match (file.tp, tp) {
+            (Some(0), _) => {
+                eprintln!("error: {}: `tp` must be at least 1", path.display());
+                return Err(Reported);
+            }
+            (Some(from_file), 1) => from_file,
+            (Some(from_file), given) if from_file != given => {
+                eprintln!("error: {} says tp = {from_file}, but --tp is {given}: say it once", path.display());
+                return Err(Reported);
+            }
+            _ => tp,
+        };
         let hw = file.hardware.unwrap_or_else(stpc::cost::Hardware::a800);
         let derived = stpc::cost::model::cost_model(&file.model, &hw, &stpc::cost::Parallelism { tp, pp, chunks });
         return override_times(derived, args);
@@ -527,9 +556,8 @@ fn override_times(mut cost: CostModel, args: &CostArgs) -> Result<CostModel, Rep
     set(&mut cost.backward_weight, args.t_w);
     set(&mut cost.tp_collective, args.t_ar);
     set(&mut cost.p2p, args.t_p2p);
-    let fields = [cost.forward, cost.backward_input, cost.backward_weight, cost.tp_collective, cost.p2p];
-    if fields.iter().any(|v| !v.is_finite() || *v < 0.0) {
-        eprintln!("error: every time in the cost model must be a finite number >= 0");
+    if let Some(problem) = cost.problem() {
+        eprintln!("error: {problem}");
         return Err(Reported);
     }
     Ok(cost)
@@ -551,7 +579,7 @@ fn build_and_simulate(
     // An `auto` schedule is planned for the costs it will be simulated with.
     request.cost = Some(cost);
     let build = pipeline::build(&file, &request).map_err(|d| report(&d, &file, target.color))?;
-    let timeline = stp_ir::simulate::simulate(&build.program, &cost).map_err(|d| {
+    let timeline = stp_ir::simulate::simulate_with(&build.program, &cost, request.comm).map_err(|d| {
         eprintln!("internal error: a checked program deadlocked in the timed simulation:\n{d}");
         Reported
     })?;

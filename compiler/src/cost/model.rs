@@ -23,6 +23,7 @@ use stp_ir::simulate::CostModel;
 
 /// The shape of a transformer (bf16 activations).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModelShape {
     /// Hidden size h.
     pub hidden: f64,
@@ -38,6 +39,7 @@ pub struct ModelShape {
 
 /// The machine.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Hardware {
     /// Peak dense bf16 FLOP/s of one GPU.
     pub peak_flops: f64,

@@ -118,6 +118,7 @@ pub(super) fn run(
     let cost = ev.cost(schedule).map_err(|e| vec![*e])?;
     ev.max_deferred = memory.max_deferred;
     let num_stages = ev.stages(schedule).map_err(|e| vec![*e])?;
+    ev.within_size_limits(schedule, num_ranks, num_stages, num_microbatches, &memory).map_err(|e| vec![*e])?;
     let placement = ev.placement(schedule, num_stages, num_ranks).map_err(|e| vec![*e])?;
     let meta = |placement| ScheduleMeta {
         name: schedule.name.name.clone(),
@@ -155,7 +156,11 @@ pub(super) fn run(
         return Err(vec![Diagnostic::new(Code::ScheduleShape, "schedule has no `rank` declaration")]);
     };
 
-    let shape = Shape { num_stages, num_microbatches, placement: &placement };
+    let mut owned = vec![Vec::new(); num_ranks as usize];
+    for (s, r) in placement.iter().enumerate() {
+        owned[r.index()].push(s as u32);
+    }
+    let shape = Shape { num_stages, num_microbatches, placement: &placement, owned: &owned };
     let mut ranks = Vec::with_capacity(num_ranks as usize);
     let mut floating = Vec::with_capacity(num_ranks as usize);
     let mut maybe_braided = Vec::with_capacity(num_ranks as usize);
@@ -212,6 +217,9 @@ struct Shape<'a> {
     num_stages: u32,
     num_microbatches: u32,
     placement: &'a [Rank],
+    /// `owned[r]`: the stages of rank `r`, in increasing order (looked up
+    /// per op, so computed once).
+    owned: &'a [Vec<u32>],
 }
 
 impl<'m> Eval<'m> {
@@ -233,6 +241,57 @@ impl<'m> Eval<'m> {
                 format!("elaboration ran more than {} steps", self.limits.max_steps),
                 span,
                 "still running here".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses, before any per-stage or per-rank work, a shape whose passes
+    /// alone exceed `--max-ops` (every (stage, microbatch) needs a forward
+    /// and a backward), more ranks than `--max-ops`, and memory settings so
+    /// large that adding up a rank's activations could overflow.
+    fn within_size_limits(
+        &self,
+        schedule: &'m Schedule,
+        num_ranks: u32,
+        num_stages: u32,
+        num_microbatches: u32,
+        memory: &MemoryModel,
+    ) -> Result<(), Fail> {
+        let span = schedule.name.span;
+        let max_ops = self.limits.max_ops as u64;
+        let passes = 2 * u64::from(num_stages) * u64::from(num_microbatches);
+        let too_large = |what: String| {
+            Box::new(
+                Diagnostic::new(Code::Limit, what)
+                    .with_label(span, format!("p = {num_ranks}, {num_stages} stages, m = {num_microbatches}"))
+                    .with_help("raise the limit with --max-ops N if this size is intended"),
+            )
+        };
+        if passes > max_ops {
+            return Err(too_large(format!(
+                "the schedule needs at least {passes} ops ({num_stages} stages × {num_microbatches} microbatches × \
+                 a forward and a backward), more than the limit of {max_ops}"
+            )));
+        }
+        if u64::from(num_ranks) > max_ops {
+            return Err(too_large(format!("{num_ranks} ranks are more than the limit of {max_ops} ops")));
+        }
+        let all_activations = i128::from(memory.activation) * i128::from(num_stages) * i128::from(num_microbatches);
+        let largest = all_activations.max(i128::from(memory.budget.unwrap_or(0)));
+        if largest > i128::from(MAX_MEMORY_UNITS) {
+            return Err(Box::new(
+                Diagnostic::new(
+                    Code::ParamValue,
+                    format!(
+                        "memory settings too large: {} units (activation {} × {num_stages} stages × \
+                         {num_microbatches} microbatches, or the budget) exceed the limit of {MAX_MEMORY_UNITS} \
+                         (2^62), where adding them up could overflow",
+                        largest, memory.activation
+                    ),
+                )
+                .with_label(memory.budget_span.unwrap_or(span), "memory model of this schedule")
+                .with_help("state memory in a coarser unit (MiB rather than bytes, say)"),
             ));
         }
         Ok(())
@@ -305,10 +364,14 @@ impl<'m> Eval<'m> {
             let Decl::Cost { fields, .. } = decl else { continue };
             for (name, value) in fields {
                 let v = self.eval(value)?;
-                if v < 0 {
+                if v < 0 || v as f64 > CostModel::MAX_TIME {
                     return Err(self.fail(
                         Code::ParamValue,
-                        format!("cost setting `{}` must not be negative", name.name),
+                        format!(
+                            "cost setting `{}` must be from 0 to {:e} (times are relative: one forward is usually 1)",
+                            name.name,
+                            CostModel::MAX_TIME
+                        ),
                         value.span,
                         format!("this is {v}"),
                     ));
@@ -611,16 +674,15 @@ impl<'m> Eval<'m> {
     }
 
     fn implicit_stage(&self, rank: Rank, shape: &Shape, call: &OpCall) -> Result<Stage, Fail> {
-        let mut owned = (0..shape.num_stages).filter(|s| shape.placement[*s as usize] == rank);
-        match (owned.next(), owned.next()) {
-            (Some(s), None) => Ok(Stage(s)),
-            (None, _) => Err(self.fail(
+        match shape.owned[rank.index()].as_slice() {
+            [s] => Ok(Stage(*s)),
+            [] => Err(self.fail(
                 Code::StageOwnership,
                 format!("rank {} owns no stage, so `{}` has nothing to run", rank.0, call.name.name),
                 call.span,
                 "this op".into(),
             )),
-            (Some(_), Some(_)) => Err(self
+            _ => Err(self
                 .fail(
                     Code::StageOwnership,
                     format!("rank {} owns several stages, so `{}` must name one", rank.0, call.name.name),
@@ -732,6 +794,10 @@ impl<'m> Eval<'m> {
     }
 }
 
+/// The most memory units a schedule may allocate in all, or budget: any
+/// sum of a rank's live activations stays far from `i64::MAX`.
+pub const MAX_MEMORY_UNITS: i64 = 1 << 62;
+
 /// `1st`, `2nd`, `3rd`, `4th`, ..., `11th`, `21st`
 fn ordinal(n: i64) -> String {
     let suffix = match (n % 10, n % 100) {
@@ -755,8 +821,7 @@ fn set_memory_field(model: &mut MemoryModel, name: &str, value: i64) {
 }
 
 fn list_stages(shape: &Shape, rank: Rank) -> String {
-    let owned: Vec<String> =
-        (0..shape.num_stages).filter(|s| shape.placement[*s as usize] == rank).map(|s| s.to_string()).collect();
+    let owned: Vec<String> = shape.owned[rank.index()].iter().map(|s| s.to_string()).collect();
     if owned.is_empty() {
         "none".into()
     } else {

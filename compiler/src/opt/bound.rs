@@ -23,8 +23,14 @@ pub fn lower_bound(s: &ComputeSchedule, cost: &CostModel) -> f64 {
 fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let meta = &s.meta;
     let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
-    // Integer arithmetic (microunits) keeps the head/tail tables exact.
-    let micro = |t: f64| (t * 1e6).round() as i64;
+    // Integer arithmetic (microunits) keeps the head/tail tables exact; the
+    // unit grows where a step's whole work in microunits would come near
+    // i64's range (costs up to CostModel::MAX_TIME over millions of passes).
+    let work = (cost.forward + cost.backward_input + cost.backward_weight + 2.0 * cost.tp_collective + 2.0 * cost.p2p)
+        * stages as f64
+        * mbs as f64;
+    let scale = (1e6f64).min(2f64.powi(58) / work.max(f64::MIN_POSITIVE));
+    let micro = |t: f64| (t * scale).round() as i64;
     let dur = [micro(cost.forward), micro(cost.backward_input), micro(cost.backward_weight)];
     let lat = latencies(dur, micro(cost.tp_collective));
     let owner = |stage: usize| meta.placement[stage].index();
@@ -47,7 +53,7 @@ fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
         _ => 0,
     };
     let window = window_floor(&meta.placement, &s.memory, &heads, dur, first_alone);
-    floor.max(drain).max(window) as f64 / 1e6
+    floor.max(drain).max(window) as f64 / scale
 }
 
 /// A rank's work before a time `t` is limited by what can run by then:

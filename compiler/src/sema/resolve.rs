@@ -166,14 +166,18 @@ impl Checker<'_> {
 
     fn check_decl_counts(&mut self, s: &Schedule) {
         type IsKind = fn(&Decl) -> bool;
-        let kinds: [(&str, &str, IsKind); 3] = [
-            ("stages", "stages p;", |d| matches!(d, Decl::Stages { .. })),
-            ("place", "place s -> s;", |d| matches!(d, Decl::Place { .. })),
-            ("rank", "rank r { ... }` or `auto;", |d| matches!(d, Decl::Rank { .. } | Decl::Auto { .. })),
+        // (name, example, required, is_kind): `memory` and `cost` blocks are
+        // optional, but a second one would silently replace the first.
+        let kinds: [(&str, &str, bool, IsKind); 5] = [
+            ("stages", "stages p;", true, |d| matches!(d, Decl::Stages { .. })),
+            ("place", "place s -> s;", true, |d| matches!(d, Decl::Place { .. })),
+            ("rank", "rank r { ... }` or `auto;", true, |d| matches!(d, Decl::Rank { .. } | Decl::Auto { .. })),
+            ("memory", "", false, |d| matches!(d, Decl::Memory { .. })),
+            ("cost", "", false, |d| matches!(d, Decl::Cost { .. })),
         ];
-        for (name, example, is_kind) in kinds {
+        for (name, example, required, is_kind) in kinds {
             let found: Vec<&Decl> = s.decls.iter().filter(|d| is_kind(d)).collect();
-            if found.is_empty() {
+            if found.is_empty() && required {
                 self.errors.push(
                     Diagnostic::new(
                         Code::ScheduleShape,

@@ -1,6 +1,7 @@
 //! Timed execution of rank programs under a cost model: a compute stream
 //! per rank, a communication stream per pair of ranks (as PyTorch's NCCL
-//! process groups run point-to-point operations), rendezvous sends.
+//! process groups run point-to-point operations), rendezvous sends (or,
+//! with [`simulate_with`], buffered ones).
 //!
 //! A compute starts when the rank's compute stream is free and every
 //! buffer it reads is ready, and takes its passes' time plus whatever of
@@ -8,7 +9,8 @@
 //! transfer is posted when the stream to its peer is free and, for a send,
 //! the buffer is ready; it completes `p2p` after both sides have posted it
 //! (and after the previous message on its link), and a received buffer is
-//! ready then. Groups only fix the posting order. Frees take no time.
+//! ready then; a buffered send completes when posted. Groups only fix the
+//! posting order. Frees take no time.
 
 use super::{Blocked, Deadlock, Pending, Semantics, TransferIndex, Wait};
 use crate::ids::Rank;
@@ -20,7 +22,7 @@ use std::collections::VecDeque;
 /// Times of the passes and transfers, in any unit (the default is "one
 /// forward = 1").
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct CostModel {
     /// One forward of one stage for one microbatch (`T_F`).
     pub forward: f64,
@@ -45,6 +47,34 @@ impl Default for CostModel {
 }
 
 impl CostModel {
+    /// The largest time any one setting may have. Times are relative (one
+    /// forward is usually 1); beyond this, sums over millions of passes
+    /// lose the precision the schedulers and the lower bound need.
+    pub const MAX_TIME: f64 = 1e9;
+
+    /// The settings by name, as `--cost` files spell them.
+    pub fn fields(&self) -> [(&'static str, f64); 5] {
+        [
+            ("forward", self.forward),
+            ("backward_input", self.backward_input),
+            ("backward_weight", self.backward_weight),
+            ("tp_collective", self.tp_collective),
+            ("p2p", self.p2p),
+        ]
+    }
+
+    /// Why this cost model cannot be used, if it cannot: a time that is
+    /// not a number, negative, or above [`CostModel::MAX_TIME`].
+    pub fn problem(&self) -> Option<String> {
+        let (name, value) = self.fields().into_iter().find(|(_, v)| !(0.0..=Self::MAX_TIME).contains(v))?;
+        let shown = if value.abs() >= 1e12 { format!("{value:e}") } else { value.to_string() };
+        Some(format!(
+            "cost setting `{name}` is {shown}: every time must be a number from 0 to {:e} (times are relative, \
+             one forward is usually 1; scale them down)",
+            Self::MAX_TIME
+        ))
+    }
+
     /// Pure compute time of one pass.
     pub fn compute(&self, pass: Pass) -> f64 {
         match pass.kind {
@@ -281,7 +311,13 @@ enum Dep {
 /// Runs `program` under `cost` with rendezvous sends. The program should
 /// be verified; a deadlock is returned as such.
 pub fn simulate(program: &Program, cost: &CostModel) -> Result<Timeline, Deadlock> {
-    let ranks = run_program(program, cost)?;
+    simulate_with(program, cost, Semantics::Rendezvous)
+}
+
+/// [`simulate`] under the given send semantics: a program checked for
+/// buffered sends only is simulated with buffered sends.
+pub fn simulate_with(program: &Program, cost: &CostModel, semantics: Semantics) -> Result<Timeline, Deadlock> {
+    let ranks = run_program(program, cost, semantics)?;
     Ok(timeline(ranks))
 }
 
@@ -300,12 +336,12 @@ pub struct HeldBack {
 /// Runs `program` as [`simulate`] does and says where transfers waited for
 /// a busy stream.
 pub fn held_back(program: &Program, cost: &CostModel) -> Result<HeldBack, Deadlock> {
-    let ranks = run_program(program, cost)?;
+    let ranks = run_program(program, cost, Semantics::Rendezvous)?;
     let makespan = makespan(&ranks);
     Ok(HeldBack { makespan, groups: ranks.into_iter().map(|r| r.held).collect() })
 }
 
-fn run_program(program: &Program, cost: &CostModel) -> Result<Vec<RankState>, Deadlock> {
+fn run_program(program: &Program, cost: &CostModel, semantics: Semantics) -> Result<Vec<RankState>, Deadlock> {
     let index = TransferIndex::new(program);
     let deps = writers(program, &index);
     let n = program.ranks.len();
@@ -321,7 +357,7 @@ fn run_program(program: &Program, cost: &CostModel) -> Result<Vec<RankState>, De
     let mut queued = vec![true; n];
     while let Some(r) = work.pop_front() {
         queued[r] = false;
-        let woken = run_rank(program, cost, &index, &deps, r, &mut ranks, &mut links);
+        let woken = run_rank(program, cost, semantics, &index, &deps, r, &mut ranks, &mut links);
         for w in woken {
             if !queued[w] {
                 queued[w] = true;
@@ -342,7 +378,7 @@ fn run_program(program: &Program, cost: &CostModel) -> Result<Vec<RankState>, De
         })
         .collect();
     if !blocked.is_empty() {
-        return Err(Deadlock { semantics: Semantics::Rendezvous, blocked });
+        return Err(Deadlock { semantics, blocked });
     }
     Ok(ranks)
 }
@@ -420,9 +456,11 @@ fn writers(program: &Program, index: &TransferIndex) -> Vec<Vec<Vec<Dep>>> {
         .collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_rank(
     program: &Program,
     cost: &CostModel,
+    semantics: Semantics,
     index: &TransferIndex,
     deps: &[Vec<Vec<Dep>>],
     r: usize,
@@ -496,6 +534,13 @@ fn run_rank(
                         if done.is_some() {
                             continue;
                         }
+                        if dir == Direction::Send && semantics == Semantics::Buffered {
+                            // Done once posted; the receiver matches it later.
+                            complete(ranks, index, program, r, slot, at);
+                            woken.push(program.ranks[r].instrs[pc].transfers()[slot].peer.index());
+                            progress = true;
+                            continue;
+                        }
                         let link = &mut links[link_id as usize];
                         if link.done != seq {
                             continue;
@@ -521,9 +566,12 @@ fn run_rank(
                         link.last_end = end;
                         link.done += 1;
                         complete(ranks, index, program, r, slot, end);
-                        complete(ranks, index, program, other.rank, other.slot, end);
-                        if other.rank != r {
-                            woken.push(other.rank);
+                        // A buffered send completed when it was posted.
+                        if semantics == Semantics::Rendezvous {
+                            complete(ranks, index, program, other.rank, other.slot, end);
+                            if other.rank != r {
+                                woken.push(other.rank);
+                            }
                         }
                         progress = true;
                     }
