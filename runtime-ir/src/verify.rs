@@ -19,7 +19,11 @@
 //!    and none is live at the end;
 //! 7. coverage: every (stage, microbatch) runs exactly one `F` and either
 //!    one `BW` or one `B` and one `W` — so an executor cannot silently
-//!    leave a gradient out.
+//!    leave a gradient out;
+//! 8. pass order on a rank: a `W` runs in a later instruction than its own
+//!    `B` (which leaves behind what `W` needs), and the two passes of a
+//!    braided compute are independent: not of one (stage, microbatch), and
+//!    neither reads a buffer the other writes.
 
 use crate::ids::{Buffer, BufferKind, Rank, Stage};
 use crate::program::{units_of, Collective, Compute, Direction, Instr, Part, Pass, PassKind, Program, Transfer};
@@ -127,11 +131,17 @@ impl Verifier<'_> {
     fn check_instructions(&mut self, rank: Rank, instrs: &[Instr], state: &mut BufferSlots<Life>) {
         let num_stages = self.program.schedule.num_stages;
         state.reset();
+        let mut input_gradients_done: std::collections::HashSet<(Stage, crate::Microbatch)> = Default::default();
         for (i, instr) in instrs.iter().enumerate() {
             let before = self.errors.len();
             self.check_ids(rank, i, instr);
             if self.errors.len() > before {
                 continue;
+            }
+            if let Instr::Compute(c) = instr {
+                self.check_pass_order(rank, i, c, &input_gradients_done);
+                let done = c.passes.iter().filter(|p| p.kind == PassKind::B).map(|p| (p.stage, p.mb));
+                input_gradients_done.extend(done);
             }
             for buffer in instr.reads(num_stages) {
                 let why = match state.get(buffer) {
@@ -159,6 +169,30 @@ impl Verifier<'_> {
         leaked.sort();
         for buffer in leaked {
             self.error(Some(rank), None, format!("{buffer} is never freed"));
+        }
+    }
+
+    /// Invariant 8 for one compute: every `W` after its `B`, and the passes
+    /// of a braid independent of each other.
+    fn check_pass_order(
+        &mut self,
+        rank: Rank,
+        i: usize,
+        c: &Compute,
+        input_gradients_done: &std::collections::HashSet<(Stage, crate::Microbatch)>,
+    ) {
+        for w in c.passes.iter().filter(|p| p.kind == PassKind::W) {
+            if !input_gradients_done.contains(&(w.stage, w.mb)) {
+                self.error(Some(rank), Some(i), format!("`{w}` runs before `B {} {}` has finished", w.stage, w.mb));
+            }
+        }
+        let [a, b] = c.passes.as_slice() else { return };
+        let num_stages = self.program.schedule.num_stages;
+        let depends = |x: &Pass, y: &Pass| x.reads(num_stages).any(|r| y.writes().any(|w| w == r));
+        if (a.stage, a.mb) == (b.stage, b.mb) {
+            self.error(Some(rank), Some(i), format!("`{c}` braids two passes of {} {}", a.stage, a.mb));
+        } else if depends(a, b) || depends(b, a) {
+            self.error(Some(rank), Some(i), format!("`{c}` braids two passes where one needs the other's output"));
         }
     }
 

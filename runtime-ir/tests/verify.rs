@@ -155,3 +155,34 @@ fn tensor_parallel_units_follow_the_canonical_order() {
     }
     assert_refused(&plain, "units listed, but the program has no tensor parallelism");
 }
+
+/// Rank 0's `BW s0 mb0` (instruction 7) replaced by the given computes.
+fn split_first_backward(program: &mut Program, computes: Vec<Vec<stp_ir::PassKind>>) {
+    let pass = |kind| stp_ir::Pass { kind, stage: Stage(0), mb: Microbatch(0) };
+    let instrs = &mut program.ranks[0].instrs;
+    assert_eq!(instrs[7].to_string(), "BW s0 mb0");
+    let new: Vec<Instr> = computes
+        .into_iter()
+        .map(|kinds| Instr::Compute(stp_ir::Compute { passes: kinds.into_iter().map(pass).collect(), units: vec![] }))
+        .collect();
+    instrs.splice(7..8, new);
+}
+
+#[test]
+fn a_weight_gradient_before_its_input_gradient_is_refused() {
+    use stp_ir::PassKind::{B, W};
+    let mut program = valid();
+    split_first_backward(&mut program, vec![vec![B], vec![W]]);
+    assert_eq!(errors_of(&program), Vec::<String>::new(), "B then W is fine");
+    let mut program = valid();
+    split_first_backward(&mut program, vec![vec![W], vec![B]]);
+    assert_refused(&program, "`W s0 mb0` runs before `B s0 mb0` has finished");
+}
+
+#[test]
+fn a_braid_of_one_stage_and_microbatch_is_refused() {
+    use stp_ir::PassKind::{B, W};
+    let mut program = valid();
+    split_first_backward(&mut program, vec![vec![B, W]]);
+    assert_refused(&program, "braids two passes of s0 mb0");
+}

@@ -258,7 +258,14 @@ impl<'m> Eval<'m> {
         num_microbatches: u32,
         memory: &MemoryModel,
     ) -> Result<(), Fail> {
-        let span = schedule.name.span;
+        let span = schedule
+            .decls
+            .iter()
+            .find_map(|d| match d {
+                Decl::Stages { count, .. } => Some(count.span),
+                _ => None,
+            })
+            .unwrap_or(schedule.name.span);
         let max_ops = self.limits.max_ops as u64;
         let passes = 2 * u64::from(num_stages) * u64::from(num_microbatches);
         let too_large = |what: String| {
@@ -290,7 +297,7 @@ impl<'m> Eval<'m> {
                         largest, memory.activation
                     ),
                 )
-                .with_label(memory.budget_span.unwrap_or(span), "memory model of this schedule")
+                .with_label(memory.budget_span.unwrap_or(schedule.name.span), "memory model of this schedule")
                 .with_help("state memory in a coarser unit (MiB rather than bytes, say)"),
             ));
         }

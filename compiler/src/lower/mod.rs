@@ -132,6 +132,9 @@ pub fn lower(checked: &CheckedSchedule, options: LowerOptions, semantics: Semant
     if placed > 0 {
         verify(&program).map_err(|errors| LowerError { pass: "place_receives", errors })?;
     }
+    // Found before frees were inserted, the deadlock's instruction indices
+    // are of that shorter program: find it again in the one reported.
+    let deadlock = deadlock.map(|found| find_deadlock(&program, found.semantics).err().unwrap_or(found));
     Ok(Lowered { program, hoisted, placed, deadlock })
 }
 

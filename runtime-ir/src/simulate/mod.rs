@@ -12,7 +12,9 @@
 
 mod timed;
 
-pub use timed::{held_back, simulate, simulate_with, time_units, CostModel, HeldBack, RankTimeline, Span, Stream, Timeline};
+pub use timed::{
+    held_back, simulate, simulate_with, time_units, CostModel, HeldBack, RankTimeline, Span, Stream, Timeline,
+};
 
 use crate::ids::Rank;
 use crate::program::{Direction, Instr, Program, Transfer};
