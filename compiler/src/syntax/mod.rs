@@ -4,6 +4,7 @@ pub mod ast;
 mod delimiters;
 mod intern;
 pub mod lexer;
+pub mod nesting;
 mod parser;
 pub mod span;
 
@@ -19,6 +20,11 @@ pub fn parse(file: &SourceFile) -> (ast::File, Vec<Diagnostic>) {
     let (tokens, lex_errors) = lexer::lexer().parse(src).into_output_errors();
     let mut diagnostics: Vec<Diagnostic> = lex_errors.iter().map(|e| syntax_diagnostic(e)).collect();
     let tokens = lexer::keep_item_docs(tokens.unwrap_or_default());
+    if let Some(too_deep) = nesting::check(&tokens) {
+        // Parsing on would only exhaust the stack.
+        diagnostics.push(too_deep);
+        return (ast::File::default(), diagnostics);
+    }
     let unbalanced = delimiters::check(&tokens, file);
     if !unbalanced.is_empty() {
         // The parser would only report the same problem later and worse.
