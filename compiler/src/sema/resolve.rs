@@ -464,6 +464,10 @@ impl Checker<'_> {
         let d = Diagnostic::new(Code::UnknownName, format!("unknown name `{name}`"));
         let d = if self.functions.contains_key(name) || BUILTINS.contains(&name) {
             d.with_label(span, "this is a function; call it with arguments")
+        } else if self.errors.len() >= crate::diag::MAX_REPORTED {
+            // Past what is shown, a suggestion would cost a scan of every
+            // visible name for nothing (10,000 misspellings took minutes).
+            d.with_label(span, "not defined here")
         } else {
             let visible: Vec<&str> = self.scopes.iter().flatten().map(|b| b.name.as_str()).collect();
             let d = d.with_label(span, "not defined here");
