@@ -503,3 +503,56 @@ fn viz_draws_one_box_per_pass_with_title_and_summary() {
     // GPipe at p = 2, m = 2 in unit steps: (m + p - 1) x 3 = 9.
     assert!(html.contains("makespan 9.00"), "{html}");
 }
+
+/// Each input an adversarial campaign found to hang, crash or be silently
+/// misread ends at once with exit 1 and a message naming the cause.
+#[test]
+fn hostile_inputs_end_with_a_clear_error() {
+    let dir = scratch("hostile");
+    let huge_stage = write(&dir, "huge_stage.csv", "4294967295F0,4294967295B0");
+    let deep_stage = write(&dir, "deep_stage.csv", "40000F0,40000B0");
+    let misspelled = write(&dir, "misspelled.json", r#"{"forwad": 5}"#);
+    let model = write(
+        &dir,
+        "model.json",
+        r#"{"model":{"hidden":1024,"ffn":4096,"layers":8,"seq_len":1024,"micro_batch":1},"tp":4}"#,
+    );
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["import", &huge_stage], "beyond what 2 compute actions can cover"),
+        (vec!["import", &deep_stage], "beyond what 2 compute actions can cover"),
+        (vec!["simulate", "1f1b", "-p", "2", "-m", "2", "--t-b", "1e308"], "every time must be a number from 0 to 1e9"),
+        (vec!["simulate", "1f1b", "-p", "2", "-m", "2", "--t-b", "1e15"], "every time must be a number from 0 to 1e9"),
+        (vec!["simulate", "1f1b", "-p", "2", "-m", "2", "--cost", &misspelled], "unknown field `forwad`"),
+        (vec!["simulate", "1f1b", "-p", "4", "-m", "8", "--model", &model, "--tp", "2"], "says tp = 4, but --tp is 2"),
+        (vec!["check", "1f1b", "-p", "1000000", "-m", "4"], "needs at least 8000000 ops"),
+        (
+            vec![
+                "check",
+                "1f1b",
+                "-p",
+                "4",
+                "-m",
+                "8",
+                "--mem",
+                "activation=4611686018427387904",
+                "--mem",
+                "budget=4611686018427387904",
+            ],
+            "memory settings too large",
+        ),
+    ];
+    for (args, expected) in cases {
+        let o = stpc(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        assert!(stderr(&o).contains(expected), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn simulate_under_buffered_sends_simulates_buffered_sends() {
+    for name in ["zb-v", "zb-h2", "dualpipe-v"] {
+        let o = stpc(&["simulate", name, "-p", "4", "-m", "8", "--comm", "buffered"]);
+        assert_eq!(o.status.code(), Some(0), "{name}: {}", stderr(&o));
+        assert!(stdout(&o).contains("makespan"), "{name}");
+    }
+}

@@ -141,6 +141,7 @@ pub fn import_torch_csv(text: &str, name: &str) -> Result<Imported, ImportError>
         rows.pop();
     }
     let ops = || rows.iter().flatten().flat_map(|(ops, _)| ops.iter());
+    refuse_indices_beyond_the_actions(&rows)?;
     let stages = ops().map(|o| o.1 + 1).max().unwrap_or(0);
     let microbatches = ops().map(|o| o.2 + 1).max().unwrap_or(0);
     let mut owner: Vec<Option<usize>> = vec![None; stages as usize];
@@ -161,11 +162,8 @@ pub fn import_torch_csv(text: &str, name: &str) -> Result<Imported, ImportError>
             }
         }
     }
-    let place = owner
-        .iter()
-        .enumerate()
-        .rev()
-        .fold(String::from("0"), |rest, (s, o)| format!("if s == {s} {{ {} }} else {{ {rest} }}", o.unwrap_or(0)));
+    let owners: Vec<usize> = owner.iter().map(|o| o.unwrap_or(0)).collect();
+    let place = placement_expression(&owners);
     let mut out = format!(
         "/// Imported from a PyTorch pipelining schedule CSV: {} ranks, {stages} stages, {microbatches} microbatches.\n\
          schedule {name}(p: ranks, m: microbatches) {{\n  require p == {} : \"the CSV has {} rows\";\n  \
@@ -189,6 +187,55 @@ pub fn import_torch_csv(text: &str, name: &str) -> Result<Imported, ImportError>
         microbatches: i64::from(microbatches),
         skipped: skipped.into_iter().collect(),
     })
+}
+
+/// Refuses a stage or microbatch index that no schedule of these actions
+/// can reach: every (stage, microbatch) needs at least two compute actions,
+/// so both indices stay below the number of actions. Keeps what the import
+/// allocates proportional to the CSV (`4294967295F0` is one cell).
+fn refuse_indices_beyond_the_actions(rows: &[Vec<(Vec<Op>, usize)>]) -> Result<(), ImportError> {
+    let actions: usize = rows.iter().flatten().map(|(ops, _)| ops.len()).sum();
+    for (r, row) in rows.iter().enumerate() {
+        for (ops, cell) in row {
+            if let Some(op) = ops.iter().find(|o| o.1 as usize >= actions || o.2 as usize >= actions) {
+                return Err(ImportError {
+                    line: r + 1,
+                    cell: *cell,
+                    text: format!("{}{}{}", op.1, op.0, op.2),
+                    message: format!(
+                        "stage {} or microbatch {} is beyond what {actions} compute actions can cover \
+                         (each stage and microbatch needs a forward and a backward)",
+                        op.1, op.2
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `place`'s expression for `owners[s]`: a constant per run of stages on
+/// one rank, chosen by a balanced tree of comparisons, so the nesting
+/// grows with the logarithm of the runs (a chain of `if s == k` as deep
+/// as the stages would overflow the parser's stack).
+fn placement_expression(owners: &[usize]) -> String {
+    let mut runs: Vec<(usize, usize)> = Vec::new(); // (first stage, rank)
+    for (s, &r) in owners.iter().enumerate() {
+        if runs.last().is_none_or(|&(_, last)| last != r) {
+            runs.push((s, r));
+        }
+    }
+    fn tree(runs: &[(usize, usize)]) -> String {
+        match runs {
+            [] => "0".to_string(),
+            [(_, r)] => r.to_string(),
+            _ => {
+                let mid = runs.len() / 2;
+                format!("if s < {} {{ {} }} else {{ {} }}", runs[mid].0, tree(&runs[..mid]), tree(&runs[mid..]))
+            }
+        }
+    }
+    tree(&runs)
 }
 
 /// A schedule read from PyTorch's CSV.
