@@ -493,10 +493,13 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
         Some(dir) => {
             std::fs::create_dir_all(dir)
                 .map_err(|e| io_error(&format!("cannot create directory {}", dir.display()), &e))?;
-            for (format, text) in rendered {
-                let path = dir.join(format.file_name());
-                emit::write_atomic(&path, text.as_bytes())
-                    .map_err(|e| io_error(&format!("cannot write {}", path.display()), &e))?;
+            // All outputs of one command land together or not at all.
+            let paths: Vec<std::path::PathBuf> = rendered.iter().map(|(f, _)| dir.join(f.file_name())).collect();
+            let files: Vec<(&std::path::Path, &[u8])> =
+                paths.iter().zip(&rendered).map(|(p, (_, text))| (p.as_path(), text.as_bytes())).collect();
+            emit::write_all_atomic(&files)
+                .map_err(|(path, e)| io_error(&format!("cannot write {} (nothing written)", path.display()), &e))?;
+            for path in &paths {
                 eprintln!("wrote {}", path.display());
             }
         }

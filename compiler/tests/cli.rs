@@ -556,3 +556,17 @@ fn simulate_under_buffered_sends_simulates_buffered_sends() {
         assert!(stdout(&o).contains("makespan"), "{name}");
     }
 }
+
+#[test]
+fn outputs_of_one_command_land_together_or_not_at_all() {
+    let dir = scratch("together");
+    // program.txt cannot be written: then program.json must not be either.
+    std::fs::create_dir_all(dir.join("program.txt")).expect("mkdir");
+    let out = dir.to_string_lossy().into_owned();
+    let o = stpc(&["compile", "1f1b", "-p", "2", "-m", "2", "--emit", "json", "--emit", "text", "-o", &out]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("nothing written"), "{}", stderr(&o));
+    let left: Vec<String> =
+        std::fs::read_dir(&dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(left, vec!["program.txt".to_string()], "no program.json, no temporaries");
+}

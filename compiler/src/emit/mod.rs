@@ -42,17 +42,59 @@ impl Emit {
 /// Writes `contents` to `path` so that readers see either the old file or
 /// the whole new one: write a temporary file beside it, sync, rename.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    write_all_atomic(&[(path, contents)]).map_err(|(_, e)| e)
+}
+
+/// Writes several files so that they land together or not at all: every
+/// file goes to a temporary beside its target first, and only when all
+/// were written (and no target is a directory, the one way a rename in
+/// the same directory fails) are they renamed into place. On failure no
+/// target has changed and the error names the path that failed.
+pub fn write_all_atomic(files: &[(&Path, &[u8])]) -> Result<(), (std::path::PathBuf, std::io::Error)> {
+    let mut temps = Vec::with_capacity(files.len());
+    let cleanup = |temps: &[std::path::PathBuf]| {
+        for t in temps {
+            let _ = std::fs::remove_file(t);
+        }
+    };
+    for (path, contents) in files {
+        if path.is_dir() {
+            cleanup(&temps);
+            let e = std::io::Error::new(std::io::ErrorKind::IsADirectory, "it is a directory");
+            return Err((path.to_path_buf(), e));
+        }
+        match write_temporary(path, contents) {
+            Ok(tmp) => temps.push(tmp),
+            Err(e) => {
+                cleanup(&temps);
+                return Err((path.to_path_buf(), e));
+            }
+        }
+    }
+    for (i, ((path, _), tmp)) in files.iter().zip(&temps).enumerate() {
+        if let Err(e) = std::fs::rename(tmp, path) {
+            cleanup(&temps[i..]);
+            return Err((path.to_path_buf(), e));
+        }
+    }
+    Ok(())
+}
+
+/// `path`'s contents written and synced to a temporary file beside it.
+fn write_temporary(path: &Path, contents: &[u8]) -> std::io::Result<std::path::PathBuf> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
+        file.sync_all()
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    result
 }
