@@ -594,13 +594,17 @@ fn model_shape(path: &Path) -> Result<(usize, usize, usize), String> {
     Ok((hidden, ffn, rows))
 }
 
+/// Reads and verifies a program: nothing sized by the program (its model,
+/// its buffers) is built before the program is known to be valid.
 fn load(path: &Path) -> Result<Program, String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    if text.trim_start().starts_with('{') {
-        stp_ir::load_json(&text).map_err(|e| format!("{}: {e}", path.display()))
+    let program = if text.trim_start().starts_with('{') {
+        stp_ir::load_json(&text).map_err(|e| format!("{}: {e}", path.display()))?
     } else {
-        stp_ir::parse_text(&text).map_err(|e| format!("{}: {e}", path.display()))
-    }
+        stp_ir::parse_text(&text).map_err(|e| format!("{}: {e}", path.display()))?
+    };
+    stp_ir::verify(&program).map_err(|errors| format!("{}: {}", path.display(), ExecError::Invalid(errors)))?;
+    Ok(program)
 }
 
 /// The measured timeline as a Chrome trace ([`stp_ir::trace`]), written

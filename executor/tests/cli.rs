@@ -188,3 +188,19 @@ fn a_model_shape_file_sizes_the_stages() {
     let out = stp_exec(&["run", &program, "--model", &shape, "--hidden", "16"], &[]);
     assert!(!out.status.success(), "--model and --hidden cannot both size the stages");
 }
+
+/// A small file claiming billions of microbatches is refused by
+/// verification before anything of that size is allocated.
+#[test]
+fn a_program_claiming_more_than_it_holds_is_refused_before_allocating() {
+    let dir = scratch("claims");
+    let path = compile(&dir, "1f1b", 2, 2, 1);
+    let json = std::fs::read_to_string(&path).expect("program");
+    let lying = json.replace("\"num_microbatches\":2", "\"num_microbatches\":4000000000");
+    assert_ne!(json, lying);
+    let big = dir.join("big.json");
+    std::fs::write(&big, lying).expect("write");
+    let o = stp_exec(&["run", &big.to_string_lossy(), "--check"], &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("need at least 8000000000 forwards"), "{}", text(&o.stderr));
+}

@@ -116,6 +116,21 @@ impl Verifier<'_> {
                 format!("placement names {} stages but num_stages is {}", meta.placement.len(), meta.num_stages),
             );
         }
+        // Coverage needs a forward of every (stage, microbatch): a program
+        // claiming more than its passes can cover is refused before any
+        // table of that size is allocated (a 10 KB file may claim 4·10⁹).
+        let passes: u64 = self.program.ranks.iter().flat_map(|r| &r.instrs).map(|i| i.passes().len() as u64).sum();
+        let claimed = u64::from(meta.num_stages) * u64::from(meta.num_microbatches);
+        if claimed > passes {
+            self.error(
+                None,
+                None,
+                format!(
+                    "{} stages × {} microbatches need at least {claimed} forwards, but the program has {passes} passes",
+                    meta.num_stages, meta.num_microbatches
+                ),
+            );
+        }
         for (s, rank) in meta.placement.iter().enumerate() {
             if rank.0 >= meta.num_ranks {
                 self.error(None, None, format!("stage s{s} is placed on {rank}, which does not exist"));
