@@ -93,6 +93,13 @@ fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedul
     }
     crate::opt::braid::decide(&mut elaborated);
     crate::opt::place_w::place(&mut elaborated);
+    if !elaborated.auto && matches!(request.solver, crate::opt::Solver::Smt { .. }) {
+        elaborated.notes.push(format!(
+            "--solver smt has nothing to decide: `{}` writes out its order (only an `auto;` schedule is ordered \
+             by the solver)",
+            elaborated.meta.name
+        ));
+    }
     if elaborated.auto {
         let (ranks, report) = crate::opt::plan(&elaborated, request.solver).map_err(|d| vec![d])?;
         elaborated.ranks = ranks;

@@ -570,3 +570,10 @@ fn outputs_of_one_command_land_together_or_not_at_all() {
         std::fs::read_dir(&dir).expect("dir").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(left, vec!["program.txt".to_string()], "no program.json, no temporaries");
 }
+
+#[test]
+fn the_smt_solver_says_when_there_is_nothing_to_solve() {
+    let o = stpc(&["simulate", "1f1b", "-p", "2", "-m", "2", "--solver", "smt"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--solver smt has nothing to decide"), "{}", stderr(&o));
+}
