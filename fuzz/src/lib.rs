@@ -6,6 +6,8 @@
 //! hang or be accepted and then fail to run. Everything is driven by a
 //! seed ([`rng::Rng`]), so a case is reproduced by its number.
 
+pub mod campaign;
+pub mod mutate;
 pub mod oracle;
 pub mod rng;
 pub mod valid;
