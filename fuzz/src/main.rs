@@ -1,5 +1,6 @@
 //! `stp-fuzz`: runs a campaign and prints its table; exits 1 on any panic
 //! or disagreement. `cargo run --release -p stp-fuzz -- --cases N`.
+#![allow(clippy::print_stdout)] // a command-line tool: its report goes to standard output
 
 use std::process::ExitCode;
 use std::time::Duration;
