@@ -1,7 +1,10 @@
 //! Chrome trace event files (they load in Perfetto and chrome://tracing)
 //! of a program's run, simulated or measured: one process per rank, one
 //! thread per stream (0 compute, 1 communication, 2 tensor-parallel
-//! collectives when there are any). Each compute event
+//! collectives when there are any). Transfers to different peers run on
+//! streams of their own and may overlap; viewers draw only nested events
+//! on one thread, so an overlapping transfer group goes to another
+//! communication lane (threads 3, 4, ...). Each compute event
 //! carries its passes' kinds, stages and microbatches, and the rank's live
 //! activations after it: forwards run minus input-gradient (or full)
 //! backwards run, in activations.
@@ -22,11 +25,15 @@ pub fn chrome_trace(program: &Program, spans: &Spans, collectives: &Spans) -> St
     for (r, rank_spans) in spans.iter().enumerate() {
         events.push(json!({ "name": "process_name", "ph": "M", "pid": r, "args": { "name": format!("rank {r}") } }));
         let rank_collectives = collectives.get(r).map_or(&[][..], Vec::as_slice);
-        let threads: &[(u32, &str)] = if rank_collectives.is_empty() {
-            &[(0, "compute"), (1, "communication")]
-        } else {
-            &[(0, "compute"), (1, "communication"), (2, "tensor-parallel")]
-        };
+        let comm_spans = rank_spans.iter().filter(|(i, _, _)| {
+            matches!(program.ranks.get(r).and_then(|rank| rank.instrs.get(*i)), Some(Instr::Comm(_)))
+        });
+        let (lane_of, lanes) = comm_lanes(comm_spans.copied());
+        let mut threads: Vec<(usize, String)> = vec![(0, "compute".into()), (1, "communication".into())];
+        if !rank_collectives.is_empty() {
+            threads.push((2, "tensor-parallel".into()));
+        }
+        threads.extend((1..lanes).map(|k| (lane_tid(k), format!("communication {}", k + 1))));
         for (tid, name) in threads {
             events.push(json!({ "name": "thread_name", "ph": "M", "pid": r, "tid": tid, "args": { "name": name } }));
         }
@@ -43,7 +50,9 @@ pub fn chrome_trace(program: &Program, spans: &Spans, collectives: &Spans) -> St
                         "live_activations_after": live.get(i).copied().unwrap_or(0),
                     }),
                 ),
-                Instr::Comm(transfers) => (1, json!({ "transfers": transfers.len() })),
+                Instr::Comm(transfers) => {
+                    (lane_tid(lane_of.get(&i).copied().unwrap_or(0)), json!({ "transfers": transfers.len() }))
+                }
                 Instr::Free { .. } => continue,
             };
             events.push(json!({
@@ -71,6 +80,51 @@ pub fn chrome_trace(program: &Program, spans: &Spans, collectives: &Spans) -> St
         }
     }
     json!({ "traceEvents": events, "displayTimeUnit": "ms" }).to_string()
+}
+
+/// The thread of communication lane `k`: the first is thread 1, the
+/// others follow the tensor-parallel thread.
+fn lane_tid(k: usize) -> usize {
+    if k == 0 {
+        1
+    } else {
+        k + 2
+    }
+}
+
+/// Assigns each communication span to the first lane free at its start
+/// (interval partitioning, in order of start): spans on one lane never
+/// overlap. Returns instruction -> lane, and how many lanes were used.
+fn comm_lanes(spans: impl Iterator<Item = (usize, f64, f64)>) -> (std::collections::HashMap<usize, usize>, usize) {
+    let mut spans: Vec<(usize, f64, f64)> = spans.collect();
+    spans.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+    let mut lane_ends: Vec<f64> = Vec::new();
+    let mut lane_of = std::collections::HashMap::new();
+    for (i, start, end) in spans {
+        let lane = match lane_ends.iter().position(|e| *e <= start) {
+            Some(k) => k,
+            None => {
+                lane_ends.push(f64::NEG_INFINITY);
+                lane_ends.len() - 1
+            }
+        };
+        lane_ends[lane] = end;
+        lane_of.insert(i, lane);
+    }
+    (lane_of, lane_ends.len().max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::comm_lanes;
+
+    #[test]
+    fn overlapping_transfer_groups_get_lanes_of_their_own() {
+        // 0 [0, 4) overlaps 1 [1, 3) and 2 [2, 5); 3 [4, 6) fits after 0.
+        let (lane_of, lanes) = comm_lanes([(0, 0.0, 4.0), (1, 1.0, 3.0), (2, 2.0, 5.0), (3, 4.0, 6.0)].into_iter());
+        assert_eq!(lanes, 3);
+        assert_eq!([lane_of[&0], lane_of[&1], lane_of[&2], lane_of[&3]], [0, 1, 2, 0]);
+    }
 }
 
 /// Per instruction of rank `r`: live activations after it (forwards run
