@@ -9,7 +9,7 @@
 
 use stp_fuzz::oracle::{judge_schedule, Verdict};
 use stp_fuzz::rng::Rng;
-use stp_fuzz::valid::random_schedule;
+use stp_fuzz::valid::{random_auto_schedule, random_schedule};
 
 fn agree_on(seeds: std::ops::Range<u64>, tp: u32) -> (usize, usize) {
     let (mut accepted, mut refused) = (0, 0);
@@ -36,4 +36,19 @@ fn every_accepted_random_schedule_runs_on_every_executor() {
 fn random_schedules_agree_under_tensor_parallelism() {
     let (accepted, _) = agree_on(10_000..10_300, 2);
     assert!(accepted >= 280, "accepted {accepted}");
+}
+
+/// stpc's own orders: random placements left to the greedy scheduler.
+#[test]
+fn every_auto_order_on_a_random_placement_runs_on_every_executor() {
+    let mut accepted = 0;
+    for seed in 0..300 {
+        let case = random_auto_schedule(&mut Rng::new(seed));
+        match judge_schedule(&case.source, case.p, case.m, 1) {
+            Verdict::Accepted => accepted += 1,
+            Verdict::Refused(code) => panic!("seed {seed}: stpc could not order it ({code})\n{}", case.source),
+            Verdict::Disagreement(why) => panic!("seed {seed}: {why}\n{}", case.source),
+        }
+    }
+    assert_eq!(accepted, 300);
 }

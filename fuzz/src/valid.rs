@@ -138,6 +138,34 @@ pub fn random_schedule(rng: &mut Rng) -> RandomSchedule {
     RandomSchedule { source: write_source(p, stages, &placement, &orders), p, m, stages, placement }
 }
 
+/// A random placement left to stpc to order (`auto;`), with room for
+/// every microbatch's activations on every rank: stpc's own orders must
+/// run on every executor too.
+pub fn random_auto_schedule(rng: &mut Rng) -> RandomSchedule {
+    let p = rng.range(2, 4);
+    let m = rng.range(1, 6);
+    let stages = rng.range(p, 3 * p);
+    let placement = random_placement(rng, p, stages);
+    let mut source = String::new();
+    let _ = writeln!(source, "schedule random_auto(p: ranks, m: microbatches) {{");
+    let _ = writeln!(source, "  require p == {p};\n  stages {stages};");
+    let _ = writeln!(source, "  place s -> {};", placement_expression(&placement));
+    let _ = writeln!(source, "  memory {{ budget = {}; }}\n  auto;\n}}", stages * m);
+    RandomSchedule { source, p, m, stages, placement }
+}
+
+/// `if s == 0 { r0 } else { if s == 1 { r1 } else { ... } }`.
+fn placement_expression(placement: &[usize]) -> String {
+    let stages = placement.len();
+    let mut place = String::new();
+    for (s, r) in placement.iter().enumerate().take(stages - 1) {
+        let _ = write!(place, "if s == {s} {{ {r} }} else {{ ");
+    }
+    let _ = write!(place, "{}", placement[stages - 1]);
+    place.push_str(&" }".repeat(stages - 1));
+    place
+}
+
 /// Every rank owns at least one stage; the rest land anywhere.
 fn random_placement(rng: &mut Rng, p: usize, stages: usize) -> Vec<usize> {
     let mut placement: Vec<usize> = (0..stages).map(|s| if s < p { s } else { rng.range(0, p - 1) }).collect();
@@ -153,13 +181,7 @@ fn write_source(p: usize, stages: usize, placement: &[usize], orders: &[Vec<(Op,
     let _ = writeln!(out, "schedule random(p: ranks, m: microbatches) {{");
     let _ = writeln!(out, "  require p == {p};");
     let _ = writeln!(out, "  stages {stages};");
-    let mut place = String::new();
-    for (s, r) in placement.iter().enumerate().take(stages - 1) {
-        let _ = write!(place, "if s == {s} {{ {r} }} else {{ ");
-    }
-    let _ = write!(place, "{}", placement[stages - 1]);
-    place.push_str(&" }".repeat(stages - 1));
-    let _ = writeln!(out, "  place s -> {place};");
+    let _ = writeln!(out, "  place s -> {};", placement_expression(placement));
     let _ = writeln!(out, "  rank r {{");
     for (r, ops) in orders.iter().enumerate() {
         let _ = writeln!(out, "    if r == {r} {{");
