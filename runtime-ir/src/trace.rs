@@ -114,19 +114,6 @@ fn comm_lanes(spans: impl Iterator<Item = (usize, f64, f64)>) -> (std::collectio
     (lane_of, lane_ends.len().max(1))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::comm_lanes;
-
-    #[test]
-    fn overlapping_transfer_groups_get_lanes_of_their_own() {
-        // 0 [0, 4) overlaps 1 [1, 3) and 2 [2, 5); 3 [4, 6) fits after 0.
-        let (lane_of, lanes) = comm_lanes([(0, 0.0, 4.0), (1, 1.0, 3.0), (2, 2.0, 5.0), (3, 4.0, 6.0)].into_iter());
-        assert_eq!(lanes, 3);
-        assert_eq!([lane_of[&0], lane_of[&1], lane_of[&2], lane_of[&3]], [0, 1, 2, 0]);
-    }
-}
-
 /// Per instruction of rank `r`: live activations after it (forwards run
 /// minus input-gradient or full backwards run).
 pub fn live_activations(program: &Program, r: usize) -> Vec<i64> {
@@ -147,4 +134,17 @@ pub fn live_activations(program: &Program, r: usize) -> Vec<i64> {
             live
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::comm_lanes;
+
+    #[test]
+    fn overlapping_transfer_groups_get_lanes_of_their_own() {
+        // 0 [0, 4) overlaps 1 [1, 3) and 2 [2, 5); 3 [4, 6) fits after 0.
+        let (lane_of, lanes) = comm_lanes([(0, 0.0, 4.0), (1, 1.0, 3.0), (2, 2.0, 5.0), (3, 4.0, 6.0)].into_iter());
+        assert_eq!(lanes, 3);
+        assert_eq!([lane_of[&0], lane_of[&1], lane_of[&2], lane_of[&3]], [0, 1, 2, 0]);
+    }
 }
