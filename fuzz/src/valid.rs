@@ -149,21 +149,9 @@ pub fn random_auto_schedule(rng: &mut Rng) -> RandomSchedule {
     let mut source = String::new();
     let _ = writeln!(source, "schedule random_auto(p: ranks, m: microbatches) {{");
     let _ = writeln!(source, "  require p == {p};\n  stages {stages};");
-    let _ = writeln!(source, "  place s -> {};", placement_expression(&placement));
+    let _ = writeln!(source, "  place s -> {};", stpc::emit::torch::placement_expression(&placement));
     let _ = writeln!(source, "  memory {{ budget = {}; }}\n  auto;\n}}", stages * m);
     RandomSchedule { source, p, m, stages, placement }
-}
-
-/// `if s == 0 { r0 } else { if s == 1 { r1 } else { ... } }`.
-fn placement_expression(placement: &[usize]) -> String {
-    let stages = placement.len();
-    let mut place = String::new();
-    for (s, r) in placement.iter().enumerate().take(stages - 1) {
-        let _ = write!(place, "if s == {s} {{ {r} }} else {{ ");
-    }
-    let _ = write!(place, "{}", placement[stages - 1]);
-    place.push_str(&" }".repeat(stages - 1));
-    place
 }
 
 /// Every rank owns at least one stage; the rest land anywhere.
@@ -181,7 +169,7 @@ fn write_source(p: usize, stages: usize, placement: &[usize], orders: &[Vec<(Op,
     let _ = writeln!(out, "schedule random(p: ranks, m: microbatches) {{");
     let _ = writeln!(out, "  require p == {p};");
     let _ = writeln!(out, "  stages {stages};");
-    let _ = writeln!(out, "  place s -> {};", placement_expression(placement));
+    let _ = writeln!(out, "  place s -> {};", stpc::emit::torch::placement_expression(placement));
     let _ = writeln!(out, "  rank r {{");
     for (r, ops) in orders.iter().enumerate() {
         let _ = writeln!(out, "    if r == {r} {{");

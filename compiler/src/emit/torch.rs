@@ -217,8 +217,9 @@ fn refuse_indices_beyond_the_actions(rows: &[Vec<(Vec<Op>, usize)>]) -> Result<(
 /// `place`'s expression for `owners[s]`: a constant per run of stages on
 /// one rank, chosen by a balanced tree of comparisons, so the nesting
 /// grows with the logarithm of the runs (a chain of `if s == k` as deep
-/// as the stages would overflow the parser's stack).
-fn placement_expression(owners: &[usize]) -> String {
+/// as the stages would overflow the parser's stack). Any generator of
+/// `.sched` source that tabulates a placement writes it with this.
+pub fn placement_expression(owners: &[usize]) -> String {
     let mut runs: Vec<(usize, usize)> = Vec::new(); // (first stage, rank)
     for (s, &r) in owners.iter().enumerate() {
         if runs.last().is_none_or(|&(_, last)| last != r) {
