@@ -10,16 +10,17 @@
 //! program (where transfers take time, lowering places receives so that
 //! it runs as planned; see `place_receives`).
 //!
-//! `cargo run --release -p stpc --example solver_table [-- SECONDS [SCHEDULE]]`
-//! (one schedule's rows only, when named). With `STP_PROVE=SECONDS` in
-//! the environment, each row not proved optimal also gets the bound Z3
-//! proves in five steps of SECONDS ([`opt::raise_bound`]: bisection
+//! `cargo run --release -p stpc --example solver_table [-- EFFORT [SCHEDULE]]`
+//! (the solver's effort in reference seconds, `--solver-effort`; one
+//! schedule's rows only, when named). With `STP_PROVE=EFFORT` in the
+//! environment, each row not proved optimal also gets the bound Z3 proves
+//! in five steps of EFFORT ([`opt::raise_bound`]: bisection
 //! between the bound and the solver's order; no `auto` order is shorter
 //! as planned, and simulated makespans are never shorter than planned
 //! ones).
 #![allow(clippy::print_stdout)]
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use stp_ir::simulate::Semantics;
 use stp_ir::simulate::{simulate, CostModel};
 use stpc::cost::{model::cost_model, Hardware, ModelShape, Parallelism};
@@ -38,7 +39,7 @@ fn main() {
     let qwen = ModelShape { hidden: 4096.0, ffn: 22016.0, layers: 34.0, seq_len: 4096.0, micro_batch: 1.0 };
     let paper = normalised(cost_model(&qwen, &Hardware::a800(), &Parallelism { tp: 4, pp: 4, chunks: 2 }));
     let (p, m) = (4, 12);
-    println!("p={p}, m={m}; Z3 limit {seconds} s; memory budget = the hand order's peak on each rank");
+    println!("p={p}, m={m}; solver effort {seconds} reference s; memory budget = the hand order's peak on each rank");
     println!(
         "(c) = 12.1B Qwen2 shape, A800, TP 4: T_F 1, T_B {:.2}, T_W {:.2}, T_AR {:.2}, p2p {:.3}",
         paper.backward_input, paper.backward_weight, paper.tp_collective, paper.p2p
@@ -77,7 +78,7 @@ fn main() {
             let single = opt::greedy::schedule_single_passes(&auto).map(|(order, _)| run(order));
             let greedy = opt::plan(&auto, Solver::Greedy).map(|(order, _)| run(order));
             let started = Instant::now();
-            let smt = opt::plan(&auto, Solver::Smt { timeout: Duration::from_secs_f64(seconds), progress: None });
+            let smt = opt::plan(&auto, Solver::Smt { effort: seconds, cap: None, progress: None });
             let took = started.elapsed().as_secs_f64();
             let smt = smt.map(|(order, report)| (run(order), report));
             let show = |r: &Result<f64, _>| r.as_ref().map_or("none".to_string(), |t| format!("{t:.2}"));
@@ -98,8 +99,8 @@ fn main() {
                     let raised = if r.optimal {
                         r.makespan
                     } else {
-                        let step = Duration::from_secs_f64(limit);
-                        opt::raise_bound(&auto, r.lower_bound, r.makespan, 5 * step, step).bound
+                        let mut budget = opt::effort::Budget::new(5.0 * limit, None);
+                        opt::raise_bound(&auto, r.lower_bound, r.makespan, &mut budget, limit).bound
                     };
                     format!(" {raised:.2} | {:+.1}% |", 100.0 * (simulated / raised - 1.0))
                 }

@@ -212,14 +212,21 @@ struct Target {
     /// windows of the best order with the rest kept).
     #[arg(long, value_enum, default_value = "greedy")]
     solver: SolverArg,
-    /// With --solver smt: the most seconds the search may take in all (up
-    /// to a fifth for randomized restarts; above 200 passes a third for
-    /// late acceptance and a tenth for Z3 on the whole step, else a third
-    /// for the whole step; the rest for windows, what they leave over to
-    /// prove a higher lower bound); the shortest order found by then is
-    /// kept.
-    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_timeout)]
-    solver_timeout: f64,
+    /// With --solver smt: how much work the search may do, in reference
+    /// seconds (about that many seconds of one core of a 2-core CI
+    /// machine; counted in work done, never on the clock, so the same
+    /// effort gives the same order on any machine). Up to a fifth goes to
+    /// randomized restarts; above 200 passes a third to late acceptance and
+    /// a tenth to Z3 on the whole step, else a third to the whole step;
+    /// the rest to windows of the best order, and what they leave to prove
+    /// a higher lower bound.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = parse_effort)]
+    solver_effort: f64,
+    /// With --solver smt: a wall-clock limit on top of --solver-effort
+    /// (none by default). When it stops the search first, the report says
+    /// so: only then can the order differ from machine to machine.
+    #[arg(long, value_name = "SECONDS", value_parser = parse_timeout)]
+    solver_timeout: Option<f64>,
     /// When to colour diagnostics.
     #[arg(long, value_enum, default_value = "auto")]
     color: ColorArg,
@@ -245,6 +252,13 @@ enum SolverArg {
     Greedy,
     /// Greedy and the local search, then the Z3 scheduler.
     Smt,
+}
+
+fn parse_effort(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(t) if t.is_finite() && t > 0.0 && t <= 86_400.0 => Ok(t),
+        _ => Err(format!("`{text}` is not an effort: give reference seconds above 0, at most 86400")),
+    }
 }
 
 fn parse_timeout(text: &str) -> Result<f64, String> {
@@ -795,6 +809,8 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
                 "lower_bound_by_z3": p.bound_by_z3,
                 "optimal": p.optimal,
                 "fallback": p.fallback,
+                "effort_spent": p.effort_spent,
+                "stopped_by_timeout": p.capped,
             })),
             "bubble_ratio": timeline.bubble_ratio(),
             "throughput_microbatches_per_time": f64::from(s.meta.num_microbatches) / timeline.makespan,
@@ -930,7 +946,8 @@ fn request(target: &Target, verify_each: bool) -> Request {
         solver: match target.solver {
             SolverArg::Greedy => Solver::Greedy,
             SolverArg::Smt => Solver::Smt {
-                timeout: std::time::Duration::from_secs_f64(target.solver_timeout),
+                effort: target.solver_effort,
+                cap: target.solver_timeout.map(std::time::Duration::from_secs_f64),
                 progress: std::io::stderr().is_terminal().then_some(draw_progress as stpc::opt::Progress),
             },
         },

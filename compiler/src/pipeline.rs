@@ -43,18 +43,34 @@ impl Default for Request {
     }
 }
 
+/// The stack every entry point below runs its phases on, whatever thread
+/// calls it: the recursive phases (name resolution, evaluation) go as
+/// deep as the syntax limits allow ([`syntax::nesting`]), which needs
+/// more than the 2 MiB of a spawned thread in an optimised build (about
+/// 1.5 KiB a level). Reserved, not committed: pages are touched only as
+/// deep as a source goes.
+const PHASE_STACK: usize = 64 << 20;
+
+/// Runs `f` on a stack of its own of [`PHASE_STACK`] bytes, unless the
+/// caller's has half that left (an entry point called from another).
+fn on_phase_stack<T>(f: impl FnOnce() -> T) -> T {
+    stacker::maybe_grow(PHASE_STACK / 2, PHASE_STACK, f)
+}
+
 /// Parses and analyzes a file.
 pub fn analyze(file: &SourceFile) -> Result<Module, Vec<Diagnostic>> {
-    let (tree, errors) = syntax::parse(file);
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    sema::analyze(tree)
+    on_phase_stack(|| {
+        let (tree, errors) = syntax::parse(file);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        sema::analyze(tree)
+    })
 }
 
 /// Parses, analyzes and elaborates the requested schedule.
 pub fn elaborate(file: &SourceFile, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
-    elaborate_module(&analyze(file)?, request)
+    on_phase_stack(|| elaborate_module(&analyze(file)?, request))
 }
 
 /// The schedule as written, before any optimizer runs: its shape,
@@ -62,7 +78,7 @@ pub fn elaborate(file: &SourceFile, request: &Request) -> Result<ComputeSchedule
 /// What a caller needs to derive the costs a schedule will be planned
 /// with, without planning it.
 pub fn elaborate_unplanned(file: &SourceFile, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
-    as_written(&analyze(file)?, request)
+    on_phase_stack(|| as_written(&analyze(file)?, request))
 }
 
 fn as_written(module: &Module, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
@@ -110,7 +126,7 @@ fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedul
 
 /// Everything up to and including the safety checks.
 pub fn check(file: &SourceFile, request: &Request) -> Result<CheckedSchedule, Vec<Diagnostic>> {
-    check_module(&analyze(file)?, request)
+    on_phase_stack(|| check_module(&analyze(file)?, request))
 }
 
 fn check_module(module: &Module, request: &Request) -> Result<CheckedSchedule, Vec<Diagnostic>> {
@@ -129,7 +145,7 @@ pub struct Build {
 /// The whole path: source to a verified program that runs to completion
 /// under the requested send semantics.
 pub fn build(file: &SourceFile, request: &Request) -> Result<Build, Vec<Diagnostic>> {
-    build_module(&analyze(file)?, request)
+    on_phase_stack(|| build_module(&analyze(file)?, request))
 }
 
 fn build_module(module: &Module, request: &Request) -> Result<Build, Vec<Diagnostic>> {
@@ -172,8 +188,11 @@ pub struct Sweep {
 /// schedule. Instances a `require` refuses are skipped; the first instance
 /// of a directive that fails otherwise is reported (E0025) with its errors.
 pub fn sweep(file: &SourceFile, request: &Request) -> Result<Sweep, Vec<Diagnostic>> {
-    let module = analyze(file)?;
-    let schedule = elab::select_schedule(&module, request.schedule.as_deref()).map_err(|d| vec![d])?;
+    on_phase_stack(|| sweep_module(&analyze(file)?, request))
+}
+
+fn sweep_module(module: &Module, request: &Request) -> Result<Sweep, Vec<Diagnostic>> {
+    let schedule = elab::select_schedule(module, request.schedule.as_deref()).map_err(|d| vec![d])?;
     let families = elab::check_families(schedule, &request.params).map_err(|d| vec![d])?;
     if families.is_empty() {
         return Err(vec![Diagnostic::new(
@@ -190,7 +209,7 @@ pub fn sweep(file: &SourceFile, request: &Request) -> Result<Sweep, Vec<Diagnost
             let mut instance = request.clone();
             instance.params =
                 ParamArgs { named: values.clone(), memory: request.params.memory.clone(), ..ParamArgs::default() };
-            match build_module(&module, &instance) {
+            match build_module(module, &instance) {
                 Ok(_) => sweep.passed += 1,
                 // Only a `require` clause puts an instance outside the schedule's
                 // domain; any other refusal there is a failure of the schedule.

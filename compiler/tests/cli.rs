@@ -274,7 +274,7 @@ fn the_solver_flags_plan_auto_schedules_and_say_what_was_kept() {
     let greedy = stpc(&common);
     assert!(greedy.status.success(), "{}", stderr(&greedy));
     assert!(stderr(&greedy).contains("note: auto: local search order"), "{}", stderr(&greedy));
-    let smt = stpc(&[&common[..], &["--solver", "smt", "--solver-timeout", "60"]].concat());
+    let smt = stpc(&[&common[..], &["--solver", "smt", "--solver-effort", "60"]].concat());
     assert!(smt.status.success(), "{}", stderr(&smt));
     let report: serde_json::Value = serde_json::from_str(&stdout(&smt)).expect("--json prints JSON");
     assert_eq!(report["plan"]["kept"], "smt", "{report}");
@@ -282,6 +282,9 @@ fn the_solver_flags_plan_auto_schedules_and_say_what_was_kept() {
     // The solver's claim is what the simulator measured.
     assert_eq!(report["plan"]["makespan"].as_f64(), report["makespan"].as_f64());
     assert!(report["makespan"].as_f64() < report["plan"]["greedy_makespan"].as_f64());
+    // Counted in work, not cut short by a clock.
+    assert!(report["plan"]["effort_spent"].as_f64().is_some_and(|e| e > 0.0 && e <= 60.0), "{report}");
+    assert_eq!(report["plan"]["stopped_by_timeout"], false);
     // A hand-written schedule has no plan.
     let hand = stpc(&["simulate", "1f1b", "-p", "2", "-m", "4", "--json", "--solver", "smt"]);
     let report: serde_json::Value = serde_json::from_str(&stdout(&hand)).expect("--json prints JSON");
@@ -298,10 +301,18 @@ fn the_solver_flags_plan_auto_schedules_and_say_what_was_kept() {
     let none = stpc(&["simulate", &v, "-p", "2", "-m", "4", "--solver", "smt"]);
     assert_eq!(none.status.code(), Some(1));
     assert!(stderr(&none).contains("rank 0 needs at least 2"), "{}", stderr(&none));
-    // A nonsensical time limit is a usage error.
+    // A nonsensical time limit or effort is a usage error.
     let bad = stpc(&["check", auto, "--solver", "smt", "--solver-timeout", "0"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("seconds"), "{}", stderr(&bad));
+    let bad = stpc(&["check", auto, "--solver", "smt", "--solver-effort", "nan"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("not an effort"), "{}", stderr(&bad));
+    // A wall-clock cap that binds says so: only then may the order differ
+    // between machines.
+    let capped = stpc(&[&common[..], &["--solver", "smt", "--solver-timeout", "0.000001"]].concat());
+    assert!(capped.status.success(), "{}", stderr(&capped));
+    assert!(stderr(&capped).contains("stopped by --solver-timeout"), "{}", stderr(&capped));
 }
 
 #[test]

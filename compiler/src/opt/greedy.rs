@@ -278,10 +278,10 @@ const RESTART_BRAIDINGS: [Braiding; 5] = [
 /// policy (braiding, admission cap, sparing, reach) and scales every
 /// pass's criticality by a random factor ([`JITTER`]), so that near-ties
 /// the portfolio always breaks one way are broken the other. Runs up to
-/// `runs` restarts (or until `deadline`, checked between batches) and
-/// returns the `keep` fastest distinct orders, fastest first. The draws
+/// `runs` restarts (fewer if `stop`, asked between batches, says so: the
+/// wall-clock cap) and returns the `keep` fastest distinct orders, fastest first. The draws
 /// come from a fixed seed: the same runs give the same orders.
-pub fn restarts(s: &ComputeSchedule, runs: usize, deadline: std::time::Instant, keep: usize) -> Vec<super::Timed> {
+pub fn restarts(s: &ComputeSchedule, runs: usize, keep: usize, stop: &mut dyn FnMut() -> bool) -> Vec<super::Timed> {
     if s.cost.tp_collective <= 0.0 || s.memory.budget.is_none() {
         return Vec::new();
     }
@@ -292,7 +292,7 @@ pub fn restarts(s: &ComputeSchedule, runs: usize, deadline: std::time::Instant, 
     let mut random = XorShift::new(0x05ee_d0f5_c4ed);
     let mut kept: Vec<super::Timed> = Vec::new();
     for run in 0..runs {
-        if run % 64 == 0 && std::time::Instant::now() >= deadline {
+        if run % 64 == 63 && stop() {
             break;
         }
         let braiding = RESTART_BRAIDINGS[random.below(RESTART_BRAIDINGS.len())];

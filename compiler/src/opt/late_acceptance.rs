@@ -11,7 +11,6 @@
 use super::random::XorShift;
 use super::reorder::{alternatives, deferred_excess, move_op, peak};
 use crate::elab::{ComputeSchedule, ScheduledOp};
-use std::time::Instant;
 
 /// How many moves back an order is compared with. At p = 4, m = 12 under
 /// (b) costs, 500 and 5,000 left interleaved 1F1B's order where it was
@@ -46,30 +45,34 @@ struct Cost {
     flow: f64,
 }
 
-/// Searches from `order` (makespan `makespan`) until `deadline`, `moves`
-/// moves, or an order at `floor` (the lower bound); returns the shortest
-/// order found (ties: the smaller sum of op ends) if shorter. The draws
-/// come from a fixed seed: a search not cut short by the clock is the
-/// same on every machine.
+/// Searches from `order` (makespan `makespan`) for `moves` moves, until
+/// an order at `floor` (the lower bound), or until `stop` (asked every
+/// 1024 moves: the wall-clock cap) says so; returns the shortest
+/// order found (ties: the smaller sum of op ends) if shorter, and the
+/// moves made. The draws come from a fixed seed: the search is the same on
+/// every machine.
 pub fn search(
     s: &ComputeSchedule,
     order: Vec<Vec<ScheduledOp>>,
     makespan: f64,
-    (deadline, moves, floor): (Instant, usize, f64),
+    (moves, floor): (usize, f64),
     acceptance: Acceptance,
-) -> Option<super::Timed> {
+    stop: &mut dyn FnMut() -> bool,
+) -> (Option<super::Timed>, usize) {
     let mut trial = ComputeSchedule { ranks: order, ..s.clone() };
     let limits: Vec<i64> =
         trial.ranks.iter().map(|ops| s.memory.budget.unwrap_or_else(|| peak(ops, &s.memory))).collect();
-    let mut current = cost(&trial, acceptance)?;
+    let Some(mut current) = cost(&trial, acceptance) else { return (None, 0) };
     let mut history = vec![current.key; HISTORY];
     let mut best: Option<super::Timed> = None;
     let mut best_cost = current;
     let mut random = XorShift::new(0x1a7e_acce_0097);
+    let mut made = 0;
     for step in 0..moves {
-        if step % 1024 == 0 && (Instant::now() >= deadline || best_cost.makespan <= floor + 1e-9) {
+        if best_cost.makespan <= floor + 1e-9 || (step % 1024 == 1023 && stop()) {
             break;
         }
+        made += 1;
         let Some(undo) = random_move(&mut trial, &mut random) else { continue };
         let r = undo.rank();
         let fits = peak(&trial.ranks[r], &s.memory) <= limits[r] && deferred_excess(&trial.ranks[r], &s.memory) == 0;
@@ -87,7 +90,7 @@ pub fn search(
         }
         history[slot] = current.key;
     }
-    best.filter(|(_, m)| *m < makespan - 1e-9)
+    (best.filter(|(_, m)| *m < makespan - 1e-9), made)
 }
 
 /// The order's cost, or `None` when some op can never run.

@@ -10,6 +10,7 @@
 
 pub mod bound;
 pub mod braid;
+pub mod effort;
 pub mod greedy;
 pub mod late_acceptance;
 pub mod place_w;
@@ -33,10 +34,16 @@ pub enum Solver {
     /// The greedy list scheduler: fast, not optimal.
     #[default]
     Greedy,
-    /// Greedy first, then Z3 searches for shorter orders within `timeout`.
+    /// Greedy first, then randomized restarts, late acceptance and Z3
+    /// search for shorter orders with `effort` of deterministic work.
     Smt {
-        /// The most time Z3 may take in all.
-        timeout: Duration,
+        /// The most work the search may do in all, in reference seconds
+        /// ([`effort`]): the same effort gives the same order on any
+        /// machine.
+        effort: f64,
+        /// A wall-clock limit on top, if any: when it cuts the search
+        /// short, the order may depend on the machine (the report says so).
+        cap: Option<Duration>,
         /// Told of every improvement (the CLI draws a status line).
         progress: Option<Progress>,
     },
@@ -64,6 +71,12 @@ pub struct PlanReport {
     pub optimal: bool,
     /// Why the solver's answer was not used, if it was asked for and not used.
     pub fallback: Option<String>,
+    /// The work the solver did, in reference seconds ([`effort`]; 0 for
+    /// the greedy scheduler).
+    pub effort_spent: f64,
+    /// Whether the wall-clock cap (`--solver-timeout`) cut the search
+    /// short: only then may the order differ from machine to machine.
+    pub capped: bool,
 }
 
 impl std::fmt::Display for PlanReport {
@@ -83,6 +96,9 @@ impl std::fmt::Display for PlanReport {
         }
         if let Some(why) = &self.fallback {
             write!(f, "; {why}")?;
+        }
+        if self.capped {
+            write!(f, "; stopped by --solver-timeout: another machine may find another order")?;
         }
         Ok(())
     }
@@ -127,6 +143,8 @@ impl Incumbent {
             bound_by_z3: false,
             optimal,
             fallback,
+            effort_spent: 0.0,
+            capped: false,
         }
     }
 }
@@ -159,7 +177,9 @@ pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>
             Ok((i.order, report))
         }
         (Solver::Greedy, Err(stuck)) => Err(stuck),
-        (Solver::Smt { timeout, progress }, incumbent) => improve(s, incumbent, lower_bound, timeout, progress),
+        (Solver::Smt { effort, cap, progress }, incumbent) => {
+            improve(s, incumbent, lower_bound, effort::Budget::new(effort, cap), progress)
+        }
     }
 }
 
@@ -203,21 +223,40 @@ fn too_little_memory(s: &ComputeSchedule) -> Option<Diagnostic> {
 
 /// `order` after the local search, if that shortened it.
 fn polished(s: &ComputeSchedule, order: Vec<Vec<ScheduledOp>>, makespan: f64) -> Incumbent {
+    let ops = order.iter().map(Vec::len).sum::<usize>().max(1);
+    polished_with(s, order, makespan, POLISH_WORK / ops).0
+}
+
+/// [`polished`] scoring at most `evaluations` orders; also how many it
+/// scored.
+fn polished_with(
+    s: &ComputeSchedule,
+    order: Vec<Vec<ScheduledOp>>,
+    makespan: f64,
+    evaluations: usize,
+) -> (Incumbent, usize) {
     let kept = |order| Incumbent { order, makespan, greedy: makespan, kept: "greedy", runner_up: None };
     if !reorder::can_polish(&order, POLISH_WINDOW) {
-        return kept(order);
+        return (kept(order), 0);
     }
     let mut trial = ComputeSchedule { ranks: order, ..s.clone() };
     let unchanged = trial.ranks.clone();
-    let ops: usize = trial.ranks.iter().map(Vec::len).sum();
-    if reorder::polish(&mut trial, POLISH_WINDOW, POLISH_WORK / ops.max(1)) == 0 {
-        return kept(unchanged);
+    let done = reorder::polish(&mut trial, POLISH_WINDOW, evaluations);
+    if done.kept == 0 {
+        return (kept(unchanged), done.scored);
     }
     match op_times(&trial, &trial.ranks).map(|t| last_end(&t)) {
         Some(better) if better < makespan - 1e-9 => {
-            Incumbent { order: trial.ranks, makespan: better, greedy: makespan, kept: "local search", runner_up: None }
+            let i = Incumbent {
+                order: trial.ranks,
+                makespan: better,
+                greedy: makespan,
+                kept: "local search",
+                runner_up: None,
+            };
+            (i, done.scored)
         }
-        _ => kept(unchanged),
+        _ => (kept(unchanged), done.scored),
     }
 }
 
@@ -237,10 +276,10 @@ fn fastest(mut candidates: Vec<Incumbent>) -> Incumbent {
     Incumbent { runner_up, ..best }
 }
 
-/// At most this share of the solver's time goes to randomized restarts of
-/// the greedy scheduler and to polishing what they find, before Z3.
+/// At most this share of the solver's effort goes to randomized restarts
+/// of the greedy scheduler and to polishing what they find, before Z3.
 #[cfg(feature = "smt")]
-const RESTART_SHARE: u32 = 5;
+const RESTART_SHARE: f64 = 0.2;
 
 /// The most restarts, in passes scheduled: 20,000 restarts at p = 4,
 /// m = 12, v = 2 (288 passes; about 1.1 s here; 100,000 found nothing
@@ -252,43 +291,49 @@ const RESTART_WORK: usize = 5_760_000;
 #[cfg(feature = "smt")]
 const RESTART_KEEP: usize = 8;
 
-/// At most this share of the solver's time goes to late acceptance
-/// ([`late_acceptance`]), after the restarts, on instances of more than
+/// Late acceptance ([`late_acceptance`]) may take the effort up to this
+/// share, counting the restarts', on instances of more than
 /// [`WHOLE_MODEL_PASSES`] passes. Smaller ones are left to the whole
-/// model, which given the time often proves the optimum there (on
+/// model, which given the effort often proves the optimum there (on
 /// 1F1B's placement at p = 4, m = 12, 144 passes, late acceptance would
 /// have found 53.25 under (b) against 53.50).
 #[cfg(feature = "smt")]
-const LATE_SHARE: u32 = 3;
+const LATE_SHARE: f64 = RESTART_SHARE + 1.0 / 3.0;
 
 /// The most work of each late-acceptance phase, in ops re-timed (each
 /// move re-times every op): 1.25 million moves at p = 4, m = 12, v = 2
-/// (about 200 ops), where about 1.1 million fit in each phase's 1.7 s
-/// here, so that the clock binds there; far fewer on large instances,
-/// whose every move costs more (at p = 8, m = 64, v = 2 under (b), 100,000
-/// moves, 2.5 s a phase; the clock alone let it take 40 s of a 600 s
-/// limit there and find nothing).
+/// (about 200 ops); far fewer on large instances, whose every move costs
+/// more (at p = 8, m = 64, v = 2 under (b), 100,000 moves; more found
+/// nothing there).
 #[cfg(feature = "smt")]
 const LATE_WORK: usize = 250_000_000;
 
-/// Late acceptance from the incumbent until `deadline`: half the time
-/// comparing orders by makespan then sum of op ends, half (from the best
-/// so far) by makespan plus a fiftieth of the mean op end. At p = 4,
-/// m = 12 under (b) costs, each found orders the other did not
-/// (interleaved 1F1B: 91.50 and none; ZB-V: none and 94.00 — the
-/// windows then 93.75). The order it leaves becomes the runner-up.
+/// Late acceptance from the incumbent with what is left of the effort
+/// before [`LATE_SHARE`]: half of it comparing orders by makespan then
+/// sum of op ends, half (from the best so far) by makespan plus a
+/// fiftieth of the mean op end. At p = 4, m = 12 under (b) costs, each
+/// found orders the other did not (interleaved 1F1B: 91.50 and none;
+/// ZB-V: none and 94.00 — the windows then 93.75). The order it leaves
+/// becomes the runner-up.
 #[cfg(feature = "smt")]
-fn late_accepted(s: &ComputeSchedule, mut incumbent: Incumbent, floor: f64, deadline: std::time::Instant) -> Incumbent {
+fn late_accepted(s: &ComputeSchedule, mut incumbent: Incumbent, floor: f64, budget: &mut effort::Budget) -> Incumbent {
     use late_acceptance::Acceptance;
     for (phase, acceptance) in [Acceptance::Lexicographic, Acceptance::Blended { weight: 0.02 }].into_iter().enumerate()
     {
-        let now = std::time::Instant::now();
-        let until = if phase == 0 { now + deadline.saturating_duration_since(now) / 2 } else { deadline };
-        let ops: usize = incumbent.order.iter().map(Vec::len).sum();
-        let limits = (until, LATE_WORK / ops.max(1), floor);
-        if let Some((order, makespan)) =
-            late_acceptance::search(s, incumbent.order.clone(), incumbent.makespan, limits, acceptance)
-        {
+        let share = budget.left_until(LATE_SHARE) / if phase == 0 { 2.0 } else { 1.0 };
+        let ops = incumbent.order.iter().map(Vec::len).sum::<usize>().max(1);
+        let moves = (LATE_WORK / ops).min(effort::count(share, effort::RETIMES_PER_SECOND) / ops);
+        let mut stop = || budget.past_cap();
+        let (found, made) = late_acceptance::search(
+            s,
+            incumbent.order.clone(),
+            incumbent.makespan,
+            (moves, floor),
+            acceptance,
+            &mut stop,
+        );
+        budget.spend(effort::seconds(made * ops, effort::RETIMES_PER_SECOND));
+        if let Some((order, makespan)) = found {
             let replaced = std::mem::replace(&mut incumbent.order, order);
             incumbent.runner_up = Some((replaced, incumbent.makespan));
             incumbent.makespan = makespan;
@@ -299,7 +344,7 @@ fn late_accepted(s: &ComputeSchedule, mut incumbent: Incumbent, floor: f64, dead
 }
 
 /// Up to this many passes the whole model gets a third of the solver's
-/// time, above it a tenth. At p = 4, m = 12 on the V and interleaved
+/// effort, above it a tenth. At p = 4, m = 12 on the V and interleaved
 /// placements (288 passes) it never shortened the polished order within
 /// 3.3 s under any cost mix of the book's table; the windows did, given
 /// the time (ZB-V under (b): 95.25 with a third, 95.00 with a tenth).
@@ -307,19 +352,27 @@ fn late_accepted(s: &ComputeSchedule, mut incumbent: Incumbent, floor: f64, dead
 const WHOLE_MODEL_PASSES: usize = 200;
 
 /// The incumbent, or a faster order found by randomized restarts of the
-/// greedy scheduler ([`greedy::restarts`]) and polished before
-/// `deadline`, with the incumbent as its runner-up. The
-/// portfolio's policies break near-ties one way; on skewed costs the
-/// order that hides collectives without delaying the critical path often
-/// needs them broken the other.
+/// greedy scheduler ([`greedy::restarts`]) and polished with what is left
+/// of the effort before [`RESTART_SHARE`], with the incumbent as its
+/// runner-up. The portfolio's policies break near-ties one way; on
+/// skewed costs the order that hides collectives without delaying the
+/// critical path often needs them broken the other.
 #[cfg(feature = "smt")]
-fn restarted(s: &ComputeSchedule, incumbent: Incumbent, deadline: std::time::Instant) -> Incumbent {
-    let found = greedy::restarts(s, RESTART_WORK / pass_count(s).max(1), deadline, RESTART_KEEP);
+fn restarted(s: &ComputeSchedule, incumbent: Incumbent, budget: &mut effort::Budget) -> Incumbent {
+    let passes = pass_count(s).max(1);
+    let work = RESTART_WORK.min(effort::count(budget.left_until(RESTART_SHARE), effort::PASSES_PER_SECOND));
+    let runs = work / passes;
+    let found = greedy::restarts(s, runs, RESTART_KEEP, &mut || budget.past_cap());
+    budget.spend(effort::seconds(runs * passes, effort::PASSES_PER_SECOND));
     let candidates: Vec<Incumbent> = found
         .into_iter()
         .map(|(order, makespan)| {
-            let candidate = if std::time::Instant::now() < deadline {
-                polished(s, order, makespan)
+            let ops = order.iter().map(Vec::len).sum::<usize>().max(1);
+            let left = effort::count(budget.left_until(RESTART_SHARE), effort::RETIMES_PER_SECOND) / ops;
+            let candidate = if left > 0 && !budget.past_cap() {
+                let (candidate, scored) = polished_with(s, order, makespan, (POLISH_WORK / ops).min(left));
+                budget.spend(effort::seconds(scored * ops, effort::RETIMES_PER_SECOND));
+                candidate
             } else {
                 Incumbent { order, makespan, greedy: makespan, kept: "greedy", runner_up: None }
             };
@@ -343,12 +396,12 @@ fn improve(
     s: &ComputeSchedule,
     incumbent: Result<Incumbent, Diagnostic>,
     lower_bound: f64,
-    timeout: Duration,
+    mut budget: effort::Budget,
     progress: Option<Progress>,
 ) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
     let started = std::time::Instant::now();
     // Where the whole model settles the instance, late acceptance would
-    // only take its time.
+    // only take its effort.
     let large = pass_count(s) > WHOLE_MODEL_PASSES;
     let tell_if_shorter = |before: f64, after: f64| {
         if let (Some(tell), true) = (progress, after < before - 1e-9) {
@@ -357,40 +410,38 @@ fn improve(
     };
     let incumbent = incumbent.map(|i| {
         let before = i.makespan;
-        let mut i = restarted(s, i, started + timeout / RESTART_SHARE);
+        let mut i = restarted(s, i, &mut budget);
         tell_if_shorter(before, i.makespan);
         if large {
             let before = i.makespan;
-            i = late_accepted(s, i, lower_bound, started + timeout / RESTART_SHARE + timeout / LATE_SHARE);
+            i = late_accepted(s, i, lower_bound, &mut budget);
             tell_if_shorter(before, i.makespan);
         }
         i
     });
     let greedy_makespan = incumbent.as_ref().ok().map(|i| i.greedy);
     let upper = incumbent.as_ref().map_or_else(|_| serial_makespan(s) + 1.0, |i| i.makespan);
-    // The whole model first, with a third of the time (a tenth on larger
-    // instances): it settles small instances. If it neither proves nor
-    // improves, the rest of the time goes to windows of the best order.
-    let share = if large { 10 } else { 3 };
-    let whole = if incumbent.is_ok() { timeout / share } else { timeout };
-    let whole = whole.min(timeout.saturating_sub(started.elapsed()));
-    let mut found = smt::solve(s, upper, whole, progress, None);
+    // The whole model first, with a third of the effort (a tenth on
+    // larger instances): it settles small instances. If it neither proves
+    // nor improves, the rest goes to windows of the best order.
+    let share = if large { 0.1 } else { 1.0 / 3.0 };
+    let whole = if incumbent.is_ok() { budget.total() * share } else { budget.left() };
+    let mut found = smt::solve(s, upper, &mut budget, whole, progress, None);
     let mut rolled = false;
     // Windows build the whole model too: not where it was refused as too large.
     let best = found.ranks.as_ref().or(incumbent.as_ref().ok().map(|i| &i.order));
     if let (false, None, Some(order)) = (found.optimal, &found.stopped, best) {
-        // The best order so far and, with the time its windows leave, the
-        // runner-up.
+        // The best order so far and, with the effort its windows leave,
+        // the runner-up.
         let runner_up = incumbent.as_ref().ok().and_then(|i| i.runner_up.clone());
         let starts: Vec<Timed> = std::iter::once((order.clone(), found.makespan)).chain(runner_up).collect();
         for (n, (start, makespan)) in starts.into_iter().enumerate() {
-            let left = timeout.saturating_sub(started.elapsed());
             // The runner-up's progress is not the best's: it is told only
             // when it ends below it.
             let tell = if n == 0 { progress } else { None };
-            let rolled_to = rolling_horizon(s, start, makespan, left, lower_bound, tell);
+            let rolled_to = rolling_horizon(s, start, makespan, &mut budget, lower_bound, tell);
             if let Some((order, makespan)) = rolled_to.filter(|(_, m)| *m < found.makespan - 1e-9) {
-                found = smt::SmtPlan { ranks: Some(order), makespan, optimal: false, stopped: None };
+                found = smt::SmtPlan { ranks: Some(order), makespan, ..found };
                 rolled = true;
                 if let (Some(tell), true) = (progress, n > 0) {
                     tell(makespan, started.elapsed());
@@ -398,23 +449,24 @@ fn improve(
             }
         }
     }
-    // Time left over goes to the bound: Z3 refutes makespans between it
+    // Effort left over goes to the bound: Z3 refutes makespans between it
     // and the order's (not under --tp, where its model is not exact).
     let mut lower_bound = lower_bound;
     let mut bound_by_z3 = false;
     let searched = found.ranks.is_some() || incumbent.is_ok();
     if !found.optimal && found.stopped.is_none() && searched && s.tp_units.is_none() {
-        let left = timeout.saturating_sub(started.elapsed());
-        if left >= MIN_REFUTATION {
-            let raised = raise_bound(s, lower_bound, found.makespan, left, left / 2);
+        let left = budget.left();
+        if left >= MIN_REFUTATION && !budget.past_cap() {
+            let raised = raise_bound(s, lower_bound, found.makespan, &mut budget, left / 2.0);
             if raised.bound > lower_bound {
                 (lower_bound, bound_by_z3) = (raised.bound, true);
             }
             if let Some((order, makespan)) = raised.shorter {
-                found = smt::SmtPlan { ranks: Some(order), makespan, optimal: raised.optimal, stopped: None };
+                found = smt::SmtPlan { ranks: Some(order), makespan, optimal: raised.optimal, ..found };
             }
         }
     }
+    let (effort_spent, capped) = (budget.total() - budget.left(), budget.capped());
     let report = |kept, makespan, optimal, fallback| PlanReport {
         kept,
         greedy_makespan,
@@ -423,20 +475,23 @@ fn improve(
         bound_by_z3,
         optimal,
         fallback,
+        effort_spent,
+        capped,
     };
     let optimal = found.optimal || found.makespan <= lower_bound + 1e-9;
     let kept = if rolled { "smt, rolling horizon" } else { "smt" };
+    let with_effort = |r: PlanReport| PlanReport { bound_by_z3, effort_spent, capped, ..r };
     match (found.ranks, incumbent) {
         (Some(order), _) => Ok((order, report(kept, found.makespan, optimal, None))),
         (None, Ok(i)) if found.optimal => {
-            let report = PlanReport { bound_by_z3, ..i.report(lower_bound, true, None) };
+            let report = with_effort(i.report(lower_bound, true, None));
             Ok((i.order, report))
         }
         (None, Ok(i)) => {
-            let why = found
-                .stopped
-                .unwrap_or_else(|| "Z3 found no shorter order in time (raise --solver-timeout)".to_string());
-            let report = PlanReport { bound_by_z3, ..i.report(lower_bound, false, Some(why)) };
+            let why = found.stopped.unwrap_or_else(|| {
+                format!("Z3 found no shorter order with an effort of {} (raise --solver-effort)", budget.total())
+            });
+            let report = with_effort(i.report(lower_bound, false, Some(why)));
             Ok((i.order, report))
         }
         (None, Err(stuck)) if found.optimal => {
@@ -446,8 +501,9 @@ fn improve(
             Err(stuck.with_note(format!("Z3 was not asked: {}", found.stopped.unwrap_or_default())))
         }
         (None, Err(stuck)) => Err(stuck.with_note(format!(
-            "Z3 found no order within the budget in {:.1} s either; raise --solver-timeout to let it decide",
-            timeout.as_secs_f64()
+            "Z3 found no order within the budget with an effort of {} either; raise --solver-effort to let it \
+             decide",
+            budget.total()
         ))),
     }
 }
@@ -459,23 +515,28 @@ fn improve(
 #[cfg(feature = "smt")]
 const WINDOW_OPS: [f64; 3] = [12.0, 18.0, 24.0];
 
+/// The least effort a window is given, and the least left worth starting
+/// one with, in reference seconds.
+#[cfg(feature = "smt")]
+const WINDOW_EFFORT: (f64, f64) = (0.3, 0.05);
+
 /// Z3 over windows of `order` (makespan `makespan`): each window's ops
 /// are reordered, braided or split freely between the kept ops around it,
 /// while every other op keeps its place — a rolling horizon over the
 /// step. Windows of [`WINDOW_OPS`] ops, half overlapping, are swept (then
 /// again, shifted by a quarter window) until sweeps of every size find
-/// nothing or `budget` is spent. The shorter order found, if any.
+/// nothing or the effort is spent. The shorter order found, if any.
 #[cfg(feature = "smt")]
 fn rolling_horizon(
     s: &ComputeSchedule,
     mut order: Vec<Vec<ScheduledOp>>,
     mut makespan: f64,
-    budget: Duration,
+    budget: &mut effort::Budget,
     lower_bound: f64,
     progress: Option<Progress>,
 ) -> Option<Timed> {
     let started = std::time::Instant::now();
-    let per_window = (budget / 8).max(Duration::from_millis(300));
+    let per_window = (budget.left() / 8.0).max(WINDOW_EFFORT.0);
     let mut improved = false;
     // Each size, then each again with windows shifted by a quarter.
     let sweeps: Vec<(f64, f64)> =
@@ -487,12 +548,11 @@ fn rolling_horizon(
         let mut swept_better = false;
         let mut from = -shift * width;
         while from < makespan {
-            let left = budget.saturating_sub(started.elapsed());
-            if left < Duration::from_millis(50) || makespan <= lower_bound + 1e-9 {
+            if budget.left() < WINDOW_EFFORT.1 || budget.past_cap() || makespan <= lower_bound + 1e-9 {
                 return improved.then_some((order, makespan));
             }
             let window = smt::Neighbourhood { order: order.clone(), window: (from, from + width) };
-            let found = smt::solve(s, makespan, per_window.min(left), None, Some(window));
+            let found = smt::solve(s, makespan, budget, per_window, None, Some(window));
             if let Some(better) = found.ranks.filter(|_| found.makespan < makespan - 1e-9) {
                 order = better;
                 makespan = found.makespan;
@@ -511,9 +571,10 @@ fn rolling_horizon(
     improved.then_some((order, makespan))
 }
 
-/// The least time worth giving Z3 to refute makespans below the order's.
+/// The least effort (reference seconds) worth giving Z3 to refute
+/// makespans below the order's.
 #[cfg(feature = "smt")]
-const MIN_REFUTATION: Duration = Duration::from_millis(500);
+const MIN_REFUTATION: f64 = 0.5;
 
 /// What [`raise_bound`] proved and found.
 #[cfg(feature = "smt")]
@@ -528,26 +589,24 @@ pub struct Raised {
 }
 
 /// Raises `bound` towards `upper` (the makespan of an order in hand) by
-/// bisection: Z3 is asked, for at most `step` (and what is left of
-/// `budget`), for an order shorter than the midpoint; "none" raises the
-/// bound to it, an order found lowers the top (and is kept), and a step
-/// Z3 cannot settle is retried halfway down. Refuting a makespan below
-/// the optimum is often much easier for Z3 than finding an order near it
-/// (at p = 4, m = 12 on 1F1B's placement under skewed costs, seconds to
-/// tens of seconds against more than a minute).
+/// bisection: Z3 is asked, with at most `step` of effort (and what is
+/// left of `budget`), for an order shorter than the midpoint; "none"
+/// raises the bound to it, an order found lowers the top (and is kept),
+/// and a step Z3 cannot settle is retried halfway down. Refuting a
+/// makespan below the optimum is often much easier for Z3 than finding an
+/// order near it (at p = 4, m = 12 on 1F1B's placement under skewed
+/// costs, seconds to tens of seconds against more than a minute).
 #[cfg(feature = "smt")]
-pub fn raise_bound(s: &ComputeSchedule, mut bound: f64, upper: f64, budget: Duration, step: Duration) -> Raised {
-    let started = std::time::Instant::now();
+pub fn raise_bound(s: &ComputeSchedule, mut bound: f64, upper: f64, budget: &mut effort::Budget, step: f64) -> Raised {
     let (mut shorter, mut optimal) = (None, false);
     // Bisection's top: `upper`, then the shortest order found.
     let mut reach = upper;
     loop {
-        let left = budget.saturating_sub(started.elapsed());
         let mid = bound + (reach - bound) / 2.0;
-        if left < MIN_REFUTATION / 2 || mid - bound < 1e-3 * bound.max(1.0) {
+        if budget.left() < MIN_REFUTATION / 2.0 || budget.past_cap() || mid - bound < 1e-3 * bound.max(1.0) {
             break;
         }
-        let found = smt::solve(s, mid, left.min(step), None, None);
+        let found = smt::solve(s, mid, budget, step, None, None);
         match found.ranks {
             None if found.optimal => bound = mid,
             Some(order) => {
@@ -569,7 +628,7 @@ fn improve(
     _: &ComputeSchedule,
     incumbent: Result<Incumbent, Diagnostic>,
     lower_bound: f64,
-    _: Duration,
+    _: effort::Budget,
     _: Option<Progress>,
 ) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
     let i = incumbent?;

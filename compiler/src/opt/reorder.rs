@@ -61,10 +61,11 @@ pub fn improve(s: &mut ComputeSchedule) -> Vec<Vec<usize>> {
 /// at most `window` places and, with a TP collective to hide, changing
 /// braids ([`Search::rebraid`]), within the memory budget, until nothing
 /// helps or it has scored `evaluations` orders. Returns how many changes
-/// it kept; skips instances too large to search (returns 0).
-pub fn polish(s: &mut ComputeSchedule, window: usize, evaluations: usize) -> usize {
+/// it kept and how many orders it scored; skips instances too large to
+/// search (none kept, none scored).
+pub fn polish(s: &mut ComputeSchedule, window: usize, evaluations: usize) -> Polished {
     if !can_polish(&s.ranks, window) {
-        return 0;
+        return Polished { kept: 0, scored: 0 };
     }
     let limits: Vec<i64> = s.ranks.iter().map(|ops| s.memory.budget.unwrap_or_else(|| peak(ops, &s.memory))).collect();
     let mut kept = 0;
@@ -80,7 +81,16 @@ pub fn polish(s: &mut ComputeSchedule, window: usize, evaluations: usize) -> usi
             break;
         }
     }
-    kept
+    Polished { kept, scored: evaluations - budget.get() }
+}
+
+/// What [`polish`] did.
+#[derive(Debug, Clone, Copy)]
+pub struct Polished {
+    /// Moves kept.
+    pub kept: usize,
+    /// Orders scored (each re-times every op): the work done.
+    pub scored: usize,
 }
 
 /// Whether [`polish`] searches orders of this size (each of its moves

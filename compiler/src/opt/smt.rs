@@ -19,6 +19,7 @@
 // tables (variables, heads, tails); index loops say that most plainly.
 #![allow(clippy::needless_range_loop)]
 
+use super::effort::{self, Budget};
 use crate::elab::{ComputeSchedule, Origin, ScheduledOp};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,6 +51,10 @@ pub struct SmtPlan {
     pub optimal: bool,
     /// Why the search stopped before it began, if it did.
     pub stopped: Option<String>,
+    /// The work it did, in reference seconds.
+    pub spent: f64,
+    /// Whether the wall-clock cap cut it short.
+    pub capped: bool,
 }
 
 fn scaled(t: f64) -> i64 {
@@ -157,15 +162,18 @@ impl Frozen {
 }
 
 /// Searches for the shortest order, starting below `upper` (the greedy
-/// makespan), for at most `budget` — over every order, or with
-/// `neighbourhood`, over those that keep everything outside its window.
-/// The search runs on a thread of its own; if it overruns the limit, its
-/// answer is given up (the thread finishes in the background) and the
-/// caller keeps its order.
+/// makespan), with at most `work` reference seconds of `budget` (see
+/// [`super::effort`]: building the model is charged by its size, Z3 by its
+/// resource counter) — over every order, or with `neighbourhood`, over
+/// those that keep everything outside its window. The search runs on a
+/// thread of its own; if it overruns the wall-clock cap, its answer is
+/// given up (the thread finishes in the background) and the caller keeps
+/// its order.
 pub fn solve(
     s: &ComputeSchedule,
     upper: f64,
-    budget: Duration,
+    budget: &mut Budget,
+    work: f64,
     progress: Option<super::Progress>,
     neighbourhood: Option<Neighbourhood>,
 ) -> SmtPlan {
@@ -174,32 +182,49 @@ pub fn solve(
     // Once given up, the search no longer reports progress.
     let wanted = Arc::new(AtomicBool::new(true));
     let still_wanted = Arc::clone(&wanted);
+    let cap = budget.cap_left();
+    let work = work.min(budget.left());
     std::thread::spawn(move || {
         let tell = |best: f64, elapsed: Duration| {
             if let Some(tell) = progress.filter(|_| still_wanted.load(Ordering::SeqCst)) {
                 tell(best, elapsed);
             }
         };
-        let _ = answer.send(search(&schedule, upper, budget, &tell, neighbourhood.as_ref()));
+        let _ = answer.send(search(&schedule, upper, (work, cap), &tell, neighbourhood.as_ref()));
     });
-    let found = answered.recv_timeout(budget + GRACE);
+    let found = match cap {
+        Some(cap) => answered.recv_timeout(cap + GRACE).ok(),
+        None => answered.recv().ok(),
+    };
     wanted.store(false, Ordering::SeqCst);
-    found.unwrap_or_else(|_| SmtPlan {
-        ranks: None,
-        makespan: upper,
-        optimal: false,
-        stopped: Some(format!(
-            "Z3 did not stop within the {:.1} s allowed (it was still preparing the model); raise --solver-timeout",
-            budget.as_secs_f64()
-        )),
-    })
+    match found {
+        Some(found) => {
+            budget.spend(found.spent);
+            if found.capped {
+                budget.mark_capped();
+            }
+            found
+        }
+        None => {
+            budget.mark_capped();
+            budget.spend(work);
+            SmtPlan {
+                ranks: None,
+                makespan: upper,
+                optimal: false,
+                stopped: Some("Z3 did not stop within --solver-timeout (it was still preparing the model)".into()),
+                spent: work,
+                capped: true,
+            }
+        }
+    }
 }
 
 /// [`solve`] on the calling thread.
 fn search(
     s: &ComputeSchedule,
     upper: f64,
-    budget: Duration,
+    (work, cap): (f64, Option<Duration>),
     progress: &dyn Fn(f64, Duration),
     neighbourhood: Option<&Neighbourhood>,
 ) -> SmtPlan {
@@ -230,7 +255,7 @@ fn search(
     let floor = super::bound::preemptive_floor(&meta.placement, &heads, &tails, compute, 0);
     if scaled(upper) <= floor {
         // The order in hand already meets a bound no order can beat.
-        return SmtPlan { ranks: None, makespan: upper, optimal: true, stopped: None };
+        return SmtPlan { ranks: None, makespan: upper, optimal: true, stopped: None, spent: 0.0, capped: false };
     }
     let id = |(k, st, i): Key| (k * stages + st) * mbs + i;
     let keys: Vec<Key> =
@@ -242,7 +267,14 @@ fn search(
             Some(frozen) => Some(frozen),
             None => {
                 let why = "the order to search around does not run".to_string();
-                return SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why) };
+                return SmtPlan {
+                    ranks: None,
+                    makespan: upper,
+                    optimal: false,
+                    stopped: Some(why),
+                    spent: 0.0,
+                    capped: false,
+                };
             }
         },
         None => None,
@@ -305,7 +337,18 @@ fn search(
             stopped: Some(format!(
                 "too large for the exact model ({pairs} pairs of passes sharing a rank; it takes at most {MAX_PAIRS})"
             )),
+            spent: 0.0,
+            capped: false,
         };
+    }
+    // Building the model is charged by its size, before it is built.
+    let building = effort::seconds(pairs + keys.len(), effort::PAIRS_PER_SECOND);
+    if building >= work {
+        let why = format!(
+            "the exact model ({pairs} pairs of passes sharing a rank) needs about {building:.1} of the {work:.1} \
+             reference seconds of effort left to build (raise --solver-effort)"
+        );
+        return SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why), spent: 0.0, capped: false };
     }
     let starts: Vec<Int> = keys.iter().map(|(k, st, i)| Int::new_const(format!("t{k}_{st}_{i}"))).collect();
     let int = Int::from_i64;
@@ -316,16 +359,14 @@ fn search(
     let mut fused: Vec<Option<Bool>> = vec![None; keys.len()];
     // The same Booleans by pair (lower index first), for the disjunctions.
     let mut together_of: HashMap<(usize, usize), Bool> = HashMap::new();
+    let past_cap = || cap.is_some_and(|cap| started.elapsed() >= cap);
     let out_of_time = || {
-        let why = format!(
-            "building the Z3 model took all of the {:.1} s allowed (raise --solver-timeout)",
-            budget.as_secs_f64()
-        );
-        SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why) }
+        let why = "building the Z3 model took all of --solver-timeout".to_string();
+        SmtPlan { ranks: None, makespan: upper, optimal: false, stopped: Some(why), spent: building, capped: true }
     };
     if braids {
         for ids in &on_rank {
-            if started.elapsed() >= budget {
+            if past_cap() {
                 return out_of_time();
             }
             for (n, &x) in ids.iter().enumerate() {
@@ -481,7 +522,7 @@ fn search(
         terms
     };
     for ids in &on_rank {
-        if started.elapsed() >= budget {
+        if past_cap() {
             return out_of_time();
         }
         for (n, &x) in ids.iter().enumerate() {
@@ -549,17 +590,29 @@ fn search(
     let mut best: Option<(i64, Vec<Vec<ScheduledOp>>)> = None;
     let mut bound = scaled(upper) - 1;
     let mut optimal = false;
+    let mut capped = false;
+    let mut units_left = effort::count(work - building, effort::Z3_UNITS_PER_SECOND) as u64;
+    let mut used = 0u64;
     loop {
-        let left = budget.saturating_sub(started.elapsed());
-        if left.is_zero() {
+        let cap_left = cap.map(|cap| cap.saturating_sub(started.elapsed()));
+        if units_left == 0 || cap_left.is_some_and(|c| c.is_zero()) {
+            capped |= units_left > 0;
             break;
         }
         let mut params = Params::new();
-        params.set_u32("timeout", left.as_millis().min(u128::from(u32::MAX)) as u32);
+        // Z3 stops at its resource limit: a count of its own steps, the
+        // same on every machine.
+        params.set_u32("rlimit", units_left.min(u64::from(u32::MAX)) as u32);
+        if let Some(left) = cap_left {
+            params.set_u32("timeout", left.as_millis().min(u128::from(u32::MAX)) as u32);
+        }
         solver.set_params(&params);
         // The bound as an assumption, not a pushed scope: pushing made Z3
         // preprocess the whole model first, beyond any time limit.
-        let verdict = check_until(&solver, &[makespan.le(int(bound))], left);
+        let verdict = check_until(&solver, &[makespan.le(int(bound))], cap_left);
+        let counted = resource_count(&solver);
+        units_left = units_left.saturating_sub(counted.saturating_sub(used));
+        used = used.max(counted);
         if verdict == SatResult::Sat {
             let Some(model) = solver.get_model() else { break };
             let value = |t: &Int| model.eval(t, true).and_then(|v| v.as_i64()).unwrap_or(0);
@@ -586,24 +639,40 @@ fn search(
             // the order found optimal only if it is just above.
             let found = best.as_ref().map_or(scaled(upper), |(t, _)| *t);
             optimal = verdict == SatResult::Unsat && s.tp_units.is_none() && found <= bound + 1;
+            // Unknown with resource units left: the cap stopped it.
+            capped |= verdict == SatResult::Unknown && units_left > 0 && cap.is_some();
             break;
         }
     }
+    let spent = building + used as f64 / effort::Z3_UNITS_PER_SECOND;
     match best {
         // The order's own makespan, not the model's rounding of it: the
         // claim must be what the simulator times.
         Some((_, ranks)) => {
             let makespan = super::order_makespan(s, &ranks);
-            SmtPlan { ranks: Some(ranks), makespan, optimal, stopped: None }
+            SmtPlan { ranks: Some(ranks), makespan, optimal, stopped: None, spent, capped }
         }
-        None => SmtPlan { ranks: None, makespan: upper, optimal, stopped: None },
+        None => SmtPlan { ranks: None, makespan: upper, optimal, stopped: None, spent, capped },
     }
 }
 
-/// `solver.check_assumptions()`, interrupted if it runs past `limit`: Z3's own
-/// `timeout` parameter is not heeded while it preprocesses a large model
-/// (it overran a 3 s limit by 6 s at p = 8, m = 16 here).
-fn check_until(solver: &Solver, assumptions: &[Bool], limit: Duration) -> SatResult {
+/// Z3's resource counter ("rlimit count"): the work it has done in this
+/// thread's context.
+fn resource_count(solver: &Solver) -> u64 {
+    let statistics = solver.get_statistics();
+    match statistics.value("rlimit count") {
+        Some(z3::StatisticsValue::UInt(n)) => u64::from(n),
+        Some(z3::StatisticsValue::Double(x)) => x as u64,
+        None => 0,
+    }
+}
+
+/// `solver.check_assumptions()`, interrupted if it runs past the
+/// wall-clock cap `limit`: Z3's own `timeout` parameter is not heeded
+/// while it preprocesses a large model (it overran a 3 s limit by 6 s at
+/// p = 8, m = 16 here). Without a cap only its resource limit stops it.
+fn check_until(solver: &Solver, assumptions: &[Bool], limit: Option<Duration>) -> SatResult {
+    let Some(limit) = limit else { return solver.check_assumptions(assumptions) };
     let context = z3::Context::thread_local();
     let handle = context.handle();
     std::thread::scope(|scope| {
