@@ -278,3 +278,62 @@ fn trace_events_of_one_thread_never_overlap_without_nesting() {
         }
     }
 }
+
+/// Per-stage times of `cost` as three vectors (F, B, W) by stage.
+fn by_stage(cost: &CostModel, stages: i64) -> [Vec<f64>; 3] {
+    let t: Vec<_> = (0..stages).map(|s| cost.stage(stp_ir::Stage(s as u32))).collect();
+    [
+        t.iter().map(|t| t.forward).collect(),
+        t.iter().map(|t| t.backward_input).collect(),
+        t.iter().map(|t| t.backward_weight).collect(),
+    ]
+}
+
+/// Embedding and LM head: the first stage 1.3 times a middle one, the last 2.5 times.
+fn uneven(p: i64) -> CostModel {
+    let base = CostModel { forward: 1.0, backward_input: 2.0, backward_weight: 0.75, ..unit() };
+    stp_tests::heavy_ends(&base, p as u32, 1.3, 2.5)
+}
+
+/// 1F1B with the heavy last stage as its bottleneck: microbatch 0
+/// reaches it after the forwards of the stages before it, it then runs
+/// its m forwards and full backwards back to back (the light stages keep
+/// it fed), and the last backward walks back through the other stages.
+#[test]
+fn one_f_one_b_under_heavy_first_and_last_stages_takes_the_hand_derived_time() {
+    for p in PS {
+        for m in [p, 2 * p, 4 * p] {
+            let cost = uneven(p);
+            let [f, b, w] = by_stage(&cost, p);
+            let last = (p - 1) as usize;
+            let head: f64 = f[..last].iter().sum();
+            let tail: f64 = (0..last).map(|s| b[s] + w[s]).sum();
+            let expected = head + m as f64 * (f[last] + b[last] + w[last]) + tail;
+            let t = run(&build("1f1b", p, m, None), &cost);
+            assert!(close(t.makespan, expected), "p={p} m={m}: makespan {} != {expected}", t.makespan);
+        }
+    }
+}
+
+/// ZB-H1 under the same costs: the last stage runs F, B and (after its
+/// first p - 1 microbatches) W back to back and leaves p weight gradients
+/// for the end; rank s < p - 1 ends with the last B, which reaches it
+/// through the stages after it, and 1 + s weight gradients.
+#[test]
+fn zb_h1_under_heavy_first_and_last_stages_takes_the_hand_derived_time() {
+    for p in PS {
+        for m in [p, 2 * p, 4 * p] {
+            let cost = uneven(p);
+            let [f, b, w] = by_stage(&cost, p);
+            let last = (p - 1) as usize;
+            let head: f64 = f[..last].iter().sum();
+            let last_b = head + m as f64 * (f[last] + b[last]) + (m - p) as f64 * w[last];
+            let last_rank_end = last_b + p as f64 * w[last];
+            let other_end =
+                (0..last).map(|s| last_b + b[s..last].iter().sum::<f64>() + (1 + s) as f64 * w[s]).fold(0.0, f64::max);
+            let expected = last_rank_end.max(other_end);
+            let t = run(&build("zb-h1", p, m, None), &cost);
+            assert!(close(t.makespan, expected), "p={p} m={m}: makespan {} != {expected}", t.makespan);
+        }
+    }
+}

@@ -35,7 +35,7 @@ fn main() {
     let only = std::env::args().nth(2);
     let prove: Option<f64> = std::env::var("STP_PROVE").ok().and_then(|v| v.parse().ok());
     let unit = CostModel::default();
-    let skewed = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit };
+    let skewed = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit.clone() };
     let qwen = ModelShape { hidden: 4096.0, ffn: 22016.0, layers: 34.0, seq_len: 4096.0, micro_batch: 1.0 };
     let paper = normalised(cost_model(&qwen, &Hardware::a800(), &Parallelism { tp: 4, pp: 4, chunks: 2 }));
     let (p, m) = (4, 12);
@@ -60,7 +60,11 @@ fn main() {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }
-        for (label, cost) in [("(a) unit", unit), ("(b) T_B=2 T_W=0.5 T_AR=0.25", skewed), ("(c) 12.1B model", paper)] {
+        for (label, cost) in [
+            ("(a) unit", unit.clone()),
+            ("(b) T_B=2 T_W=0.5 T_AR=0.25", skewed.clone()),
+            ("(c) 12.1B model", paper.clone()),
+        ] {
             let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no {name}"));
             let file = SourceFile::new(s.path(), s.source);
             let request = Request {
@@ -71,7 +75,7 @@ fn main() {
             let hand = simulate(&build.program, &cost).unwrap_or_else(|d| panic!("{d}")).makespan;
             let mut auto = build.checked.schedule().clone();
             auto.auto = true;
-            auto.cost = cost;
+            auto.cost = cost.clone();
             auto.memory.budget = build.checked.peaks().iter().map(|peak| peak.units).max();
             let bound = opt::bound::lower_bound(&auto, &cost);
             let run = |order| simulated(&auto, order, &cost);
@@ -138,5 +142,6 @@ fn normalised(cost: CostModel) -> CostModel {
         backward_weight: cost.backward_weight / f,
         tp_collective: cost.tp_collective / f,
         p2p: cost.p2p / f,
+        stages: Vec::new(),
     }
 }

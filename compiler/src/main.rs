@@ -524,7 +524,8 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
 /// The cost model the flags describe, starting from the schedule's own
 /// (`declared`), for a pipeline of `pp` ranks with `chunks` stages each and
 /// `tp`-way tensor parallelism.
-fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, chunks: u32) -> Result<CostModel, Reported> {
+fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, stages: u32) -> Result<CostModel, Reported> {
+    let chunks = stages / pp.max(1);
     if let Some(path) = &args.model {
         let text =
             std::fs::read_to_string(path).map_err(|e| io_error(&format!("cannot read {}", path.display()), &e))?;
@@ -546,7 +547,7 @@ fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, chunks: u3
         };
         let hw = file.hardware.unwrap_or_else(stpc::cost::Hardware::a800);
         let derived = stpc::cost::model::cost_model(&file.model, &hw, &stpc::cost::Parallelism { tp, pp, chunks });
-        return override_times(derived, args);
+        return override_times(derived, args, stages);
     }
     let cost = match &args.cost {
         Some(path) => {
@@ -559,10 +560,12 @@ fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, chunks: u3
         }
         None => declared,
     };
-    override_times(cost, args)
+    override_times(cost, args, stages)
 }
 
-fn override_times(mut cost: CostModel, args: &CostArgs) -> Result<CostModel, Reported> {
+/// Applies the `--t-*` flags (to every stage: a flag states one time for
+/// all of them) and checks the result for a program of `stages` stages.
+fn override_times(mut cost: CostModel, args: &CostArgs, stages: u32) -> Result<CostModel, Reported> {
     let set = |field: &mut f64, value: Option<f64>| {
         if let Some(v) = value {
             *field = v;
@@ -573,6 +576,20 @@ fn override_times(mut cost: CostModel, args: &CostArgs) -> Result<CostModel, Rep
     set(&mut cost.backward_weight, args.t_w);
     set(&mut cost.tp_collective, args.t_ar);
     set(&mut cost.p2p, args.t_p2p);
+    for stage in &mut cost.stages {
+        set(&mut stage.forward, args.t_f);
+        set(&mut stage.backward_input, args.t_b);
+        set(&mut stage.backward_weight, args.t_w);
+        set(&mut stage.tp_collective, args.t_ar);
+    }
+    if !cost.stages.is_empty() && cost.stages.len() != stages as usize {
+        eprintln!(
+            "error: the cost model gives times for {} stages, but this program has {stages}: give one entry per \
+             stage in `stages`, or none (every stage then takes the uniform times)",
+            cost.stages.len()
+        );
+        return Err(Reported);
+    }
     if let Some(problem) = cost.problem() {
         eprintln!("error: {problem}");
         return Err(Reported);
@@ -586,15 +603,42 @@ fn build_and_simulate(
     target: &Target,
     args: &CostArgs,
 ) -> Result<(pipeline::Build, CostModel, stp_ir::simulate::Timeline), Reported> {
+    build_and_simulate_cut(target, args, None)
+}
+
+/// The cost model another schedule was simulated with, and how many
+/// stages it cut the model into.
+type Reference = (u32, CostModel);
+
+/// As [`build_and_simulate`]; with a `reference`, its costs (of the model
+/// cut into its number of stages) re-divided among this schedule's stages,
+/// so that both run the same model.
+fn build_and_simulate_cut(
+    target: &Target,
+    args: &CostArgs,
+    reference: Option<&Reference>,
+) -> Result<(pipeline::Build, CostModel, stp_ir::simulate::Timeline), Reported> {
     let file = load(target)?;
     let mut request = request(target, false);
     // Only the shape and declared costs are needed here: nothing is
     // planned until the costs are known.
     let elaborated = pipeline::elaborate_unplanned(&file, &request).map_err(|d| report(&d, &file, target.color))?;
     let meta = &elaborated.meta;
-    let cost = cost_model(args, elaborated.cost, target.tp, meta.num_ranks, meta.num_stages / meta.num_ranks.max(1))?;
+    let (reference_stages, cost) = match reference {
+        Some((stages, cost)) => (*stages, cost.clone()),
+        None => (meta.num_stages, cost_model(args, elaborated.cost, target.tp, meta.num_ranks, meta.num_stages)?),
+    };
+    let Some(cost) = cost.recut(reference_stages, meta.num_stages) else {
+        eprintln!(
+            "error: {} cuts the model into {} stages, the first schedule into {reference_stages}; per-stage times \
+             given for {reference_stages} stages cannot be divided evenly among {} (compare schedules whose stage \
+             counts are multiples, or give uniform times)",
+            meta.name, meta.num_stages, meta.num_stages
+        );
+        return Err(Reported);
+    };
     // An `auto` schedule is planned for the costs it will be simulated with.
-    request.cost = Some(cost);
+    request.cost = Some(cost.clone());
     let build = pipeline::build(&file, &request).map_err(|d| report(&d, &file, target.color))?;
     let timeline = stp_ir::simulate::simulate_with(&build.program, &cost, request.comm).map_err(|d| {
         eprintln!("internal error: a checked program deadlocked in the timed simulation:\n{d}");
@@ -626,17 +670,23 @@ fn diff(target: &Target, other: &str, args: &CostArgs) -> Result<(), Reported> {
     let second = without_foreign_chunks(&Target { schedule: other.to_string(), ..target.clone() })?;
     let mut rows: Vec<[f64; 6]> = Vec::new();
     let mut names = Vec::new();
+    let mut stages: Vec<u32> = Vec::new();
+    let mut reference: Option<Reference> = None;
     for t in [&first, &second] {
-        let (build, cost, timeline) = build_and_simulate(t, args)?;
+        let (build, cost, timeline) = build_and_simulate_cut(t, args, reference.as_ref())?;
         let s = build.checked.schedule();
         names.push(s.meta.name.clone());
-        let peak = build.checked.peaks().iter().map(|p| p.units).max().unwrap_or(0);
+        stages.push(s.meta.num_stages);
+        let first_stages = reference.get_or_insert_with(|| (s.meta.num_stages, cost.clone())).0;
+        // A memory unit is one stage's activation: in the first's units.
+        let unit = f64::from(first_stages) / f64::from(s.meta.num_stages.max(1));
+        let peak = build.checked.peaks().iter().map(|p| p.units).max().unwrap_or(0) as f64 * unit;
         rows.push([
             timeline.makespan,
             timeline.bubble_ratio(),
             f64::from(s.meta.num_microbatches) / timeline.makespan,
             timeline.ranks.iter().map(|r| r.exposed_comm).sum(),
-            peak as f64,
+            peak,
             stpc::opt::bound::lower_bound(s, &cost),
         ]);
     }
@@ -648,6 +698,20 @@ fn diff(target: &Target, other: &str, args: &CostArgs) -> Result<(), Reported> {
         "peak memory (units)",
         "lower bound",
     ];
+    let labels =
+        labels.map(|l| if l.starts_with("peak") && stages[0] != stages[1] { "peak memory (first's units)" } else { l });
+    if stages[0] != stages[1] {
+        outln!(
+            "note: {} cuts the model into {} stages, {} into {}; the times and memory units are those of {}'s \
+             stages, divided among {}'s so that both run the same model",
+            names[0],
+            stages[0],
+            names[1],
+            stages[1],
+            names[0],
+            names[1]
+        );
+    }
     outln!("{:<26} {:>16} {:>16} {:>10}", "", names[0], names[1], "change");
     for (i, label) in labels.iter().enumerate() {
         let (a, b) = (rows[0][i], rows[1][i]);
@@ -828,14 +892,7 @@ fn simulate(target: &Target, args: &CostArgs, json: bool) -> Result<(), Reported
     }
     let params: Vec<String> = s.meta.params.iter().map(|p| format!("{}={}", p.name, p.value)).collect();
     outln!("{} ({})", s.meta.name, params.join(" "));
-    outln!(
-        "cost: T_F={} T_B={} T_W={} T_AR={} p2p={}",
-        cost.forward,
-        cost.backward_input,
-        cost.backward_weight,
-        cost.tp_collective,
-        cost.p2p
-    );
+    outln!("cost: {}", cost.summary());
     outln!(
         "makespan {:.3}   bubble ratio {:.4}   throughput {:.4} microbatches per time unit",
         timeline.makespan,

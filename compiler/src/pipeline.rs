@@ -88,7 +88,7 @@ fn as_written(module: &Module, request: &Request) -> Result<ComputeSchedule, Vec
 
 fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedule, Vec<Diagnostic>> {
     let mut elaborated = as_written(module, request)?;
-    if let Some(cost) = request.cost {
+    if let Some(cost) = request.cost.clone() {
         elaborated.cost = cost;
     }
     if request.lower.tp > 1 {

@@ -350,13 +350,7 @@ fn print_comparison(program: &Program, report: &CpuReport, cost: Option<&Path>) 
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             let ms: CostModel = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-            Some(CostModel {
-                forward: ms.forward / 1e3,
-                backward_input: ms.backward_input / 1e3,
-                backward_weight: ms.backward_weight / 1e3,
-                tp_collective: ms.tp_collective / 1e3,
-                p2p: ms.p2p / 1e3,
-            })
+            Some(CostModel { p2p: ms.p2p / 1e3, ..ms.scaled(1e-3) })
         }
         None => None,
     };
@@ -366,14 +360,10 @@ fn print_comparison(program: &Program, report: &CpuReport, cost: Option<&Path>) 
     };
     let model = if cost.is_some() { "the given cost model" } else { "the pass times measured in this run" };
     println!(
-        "makespan: measured {:.3} ms, simulated {:.3} ms under {model} (T_F {:.3}, T_B {:.3}, T_W {:.3}, T_AR {:.3}, p2p {:.3} ms); measured/simulated {:.2}",
+        "makespan: measured {:.3} ms, simulated {:.3} ms under {model} ({}, in ms); measured/simulated {:.2}",
         c.measured * 1e3,
         c.simulated * 1e3,
-        c.cost.forward * 1e3,
-        c.cost.backward_input * 1e3,
-        c.cost.backward_weight * 1e3,
-        c.cost.tp_collective * 1e3,
-        c.cost.p2p * 1e3,
+        CostModel { p2p: c.cost.p2p * 1e3, ..c.cost.scaled(1e3) }.summary(),
         c.ratio()
     );
     Ok(())

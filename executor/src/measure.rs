@@ -40,11 +40,18 @@ pub fn calibrated_costs(program: &Program, measured: &Measured) -> CostModel {
         (None, Some(bw), None) => bw,
         (None, None, _) => 0.0,
     };
-    CostModel { forward, backward_input: input, backward_weight: weight.unwrap_or(0.0), tp_collective: 0.0, p2p: 0.0 }
+    CostModel {
+        forward,
+        backward_input: input,
+        backward_weight: weight.unwrap_or(0.0),
+        tp_collective: 0.0,
+        p2p: 0.0,
+        stages: Vec::new(),
+    }
 }
 
 /// A run's makespan next to the simulator's.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Comparison {
     /// When the last instruction of any rank ended.
     pub measured: f64,

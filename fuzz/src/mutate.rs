@@ -17,6 +17,7 @@ pub fn sources() -> Vec<&'static str> {
         include_str!("../../examples/reorder_region.sched"),
         include_str!("../../examples/split_backward.sched"),
         include_str!("../../examples/v_shape.sched"),
+        include_str!("../../tests/sched/ok/uneven_stage_costs.sched"),
     ]);
     all
 }
@@ -37,6 +38,9 @@ const INTERESTING: &[&str] = &[
     "4611686018427387904",
     "9223372036854775807",
     "1.5",
+    "0.0",
+    "1e9",
+    "999999999999.5",
 ];
 
 /// Inserted tokens: every operator and delimiter, and the keywords.

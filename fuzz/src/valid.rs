@@ -150,8 +150,23 @@ pub fn random_auto_schedule(rng: &mut Rng) -> RandomSchedule {
     let _ = writeln!(source, "schedule random_auto(p: ranks, m: microbatches) {{");
     let _ = writeln!(source, "  require p == {p};\n  stages {stages};");
     let _ = writeln!(source, "  place s -> {};", stpc::emit::torch::placement_expression(&placement));
-    let _ = writeln!(source, "  memory {{ budget = {}; }}\n  auto;\n}}", stages * m);
+    let _ = writeln!(source, "  memory {{ budget = {}; }}", stages * m);
+    let _ = writeln!(source, "  cost {{ {} }}", random_stage_costs(rng, stages));
+    let _ = writeln!(source, "  auto;\n}}");
     RandomSchedule { source, p, m, stages, placement }
+}
+
+/// Per-stage times in decimals (some stages heavier, as the embedding and
+/// the LM head are): the planner orders for them, and its order must still
+/// run on every executor.
+fn random_stage_costs(rng: &mut Rng, stages: usize) -> String {
+    let mut settings = Vec::new();
+    for name in ["forward", "backward_input", "backward_weight"] {
+        let heavy = rng.range(0, stages - 1);
+        let tenths = rng.range(5, 30);
+        settings.push(format!("{name}(s) = if s == {heavy} {{ {}.{} }} else {{ 1 }};", tenths / 10, tenths % 10));
+    }
+    settings.join(" ")
 }
 
 /// Every rank owns at least one stage; the rest land anywhere.

@@ -115,3 +115,31 @@ pub fn ungroup_transfers(program: &mut stp_ir::Program) {
         }
     }
 }
+
+/// `base`'s times on every stage of a `stages`-stage model, except that
+/// the first stage (the embedding) costs `first` times as much and the
+/// last (the LM head and the loss) `last` times as much.
+pub fn heavy_ends(
+    base: &stp_ir::simulate::CostModel,
+    stages: u32,
+    first: f64,
+    last: f64,
+) -> stp_ir::simulate::CostModel {
+    let times = base.uniform();
+    let scaled = |f: f64| stp_ir::simulate::StageTimes {
+        forward: times.forward * f,
+        backward_input: times.backward_input * f,
+        backward_weight: times.backward_weight * f,
+        tp_collective: times.tp_collective * f,
+    };
+    let factor = |s: u32| {
+        if s == 0 {
+            first
+        } else if s + 1 == stages {
+            last
+        } else {
+            1.0
+        }
+    };
+    stp_ir::simulate::CostModel { stages: (0..stages).map(|s| scaled(factor(s))).collect(), ..base.clone() }
+}

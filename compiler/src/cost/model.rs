@@ -98,6 +98,7 @@ pub fn cost_model(model: &ModelShape, hw: &Hardware, par: &Parallelism) -> CostM
         backward_weight: per_layer(2.0 * b * s * gemm_params),
         tp_collective: collectives,
         p2p: activation_bytes / p2p_bandwidth,
+        stages: Vec::new(),
     }
 }
 

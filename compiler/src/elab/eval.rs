@@ -115,10 +115,10 @@ pub(super) fn run(
     }
 
     let memory = ev.memory(schedule, &args_memory).map_err(|e| vec![*e])?;
-    let cost = ev.cost(schedule).map_err(|e| vec![*e])?;
     ev.max_deferred = memory.max_deferred;
     let num_stages = ev.stages(schedule).map_err(|e| vec![*e])?;
     ev.within_size_limits(schedule, num_ranks, num_stages, num_microbatches, &memory).map_err(|e| vec![*e])?;
+    let cost = ev.cost(schedule, num_stages).map_err(|e| vec![*e])?;
     let placement = ev.placement(schedule, num_stages, num_ranks).map_err(|e| vec![*e])?;
     let meta = |placement| ScheduleMeta {
         name: schedule.name.name.clone(),
@@ -324,7 +324,7 @@ impl<'m> Eval<'m> {
         let mut spans: HashMap<&str, Span> = HashMap::new();
         for decl in &schedule.decls {
             let Decl::Memory { fields, .. } = decl else { continue };
-            for (name, value) in fields {
+            for Setting { name, value, .. } in fields {
                 let v = self.eval(value)?;
                 spans.insert(name.name.as_str(), value.span);
                 set_memory_field(&mut model, &name.name, v);
@@ -364,36 +364,140 @@ impl<'m> Eval<'m> {
         Ok(model)
     }
 
-    /// The cost model: unit costs, then the `cost` block's settings.
-    fn cost(&mut self, schedule: &'m Schedule) -> Result<CostModel, Fail> {
+    /// The cost model: unit costs, then the `cost` block's settings —
+    /// first those for every stage, then those written per stage
+    /// (`forward(s) = ...`), evaluated for each stage.
+    fn cost(&mut self, schedule: &'m Schedule, num_stages: u32) -> Result<CostModel, Fail> {
         let mut cost = CostModel::default();
-        for decl in &schedule.decls {
-            let Decl::Cost { fields, .. } = decl else { continue };
-            for (name, value) in fields {
-                let v = self.eval(value)?;
-                if v < 0 || v as f64 > CostModel::MAX_TIME {
-                    return Err(self.fail(
-                        Code::ParamValue,
-                        format!(
-                            "cost setting `{}` must be from 0 to {:e} (times are relative: one forward is usually 1)",
-                            name.name,
-                            CostModel::MAX_TIME
-                        ),
-                        value.span,
-                        format!("this is {v}"),
-                    ));
-                }
-                let field = match name.name.as_str() {
-                    "forward" => &mut cost.forward,
-                    "backward_input" => &mut cost.backward_input,
-                    "backward_weight" => &mut cost.backward_weight,
-                    "tp_collective" => &mut cost.tp_collective,
-                    _ => &mut cost.p2p,
+        let settings: Vec<&'m Setting> = schedule
+            .decls
+            .iter()
+            .filter_map(|d| match d {
+                Decl::Cost { fields, .. } => Some(fields),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        for setting in settings.iter().filter(|s| s.index.is_none()) {
+            let v = self.time(setting, None)?;
+            let field = match setting.name.name.as_str() {
+                "forward" => &mut cost.forward,
+                "backward_input" => &mut cost.backward_input,
+                "backward_weight" => &mut cost.backward_weight,
+                "tp_collective" => &mut cost.tp_collective,
+                _ => &mut cost.p2p,
+            };
+            *field = v;
+        }
+        let per_stage: Vec<&&'m Setting> = settings.iter().filter(|s| s.index.is_some()).collect();
+        if per_stage.is_empty() {
+            return Ok(cost);
+        }
+        let mut stages = vec![cost.uniform(); num_stages as usize];
+        for setting in per_stage {
+            for (st, times) in stages.iter_mut().enumerate() {
+                let v = self.time(setting, Some(st as i64))?;
+                let field = match setting.name.name.as_str() {
+                    "forward" => &mut times.forward,
+                    "backward_input" => &mut times.backward_input,
+                    "backward_weight" => &mut times.backward_weight,
+                    _ => &mut times.tp_collective,
                 };
-                *field = v as f64;
+                *field = v;
             }
         }
+        cost.stages = stages;
         Ok(cost)
+    }
+
+    /// A cost setting's value (with its stage variable bound to `stage`),
+    /// checked to be a time from 0 to [`CostModel::MAX_TIME`].
+    fn time(&mut self, setting: &'m Setting, stage: Option<i64>) -> Result<f64, Fail> {
+        let value = &setting.value;
+        self.step(value.span)?;
+        let bound = match (&setting.index, stage) {
+            (Some(var), Some(st)) => {
+                self.env.push(Binding { name: &var.name, sym: var.sym, value: st, kind: BindKind::Iteration });
+                true
+            }
+            _ => false,
+        };
+        let v = self.eval_real(value);
+        if bound {
+            self.env.pop();
+        }
+        let v = v?;
+        if !(0.0..=CostModel::MAX_TIME).contains(&v) {
+            let at = stage.map(|st| format!(" at stage {st}")).unwrap_or_default();
+            return Err(self.fail(
+                Code::ParamValue,
+                format!(
+                    "cost setting `{}` must be from 0 to {:e}{at} (times are relative: one forward is usually 1)",
+                    setting.name.name,
+                    CostModel::MAX_TIME
+                ),
+                value.span,
+                format!("this is {v}"),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// A cost setting's expression, in decimals: `/` divides exactly;
+    /// names, calls and integer-only operators (`%`) are evaluated as
+    /// integers.
+    fn eval_real(&mut self, e: &'m Expr) -> Result<f64, Fail> {
+        let truth = |x: f64| f64::from(u8::from(x != 0.0));
+        match &e.kind {
+            ExprKind::Real(x) => Ok(*x),
+            ExprKind::Unary(UnOp::Neg, a) => Ok(-self.eval_real(a)?),
+            ExprKind::Unary(UnOp::Not, a) => Ok(truth(f64::from(u8::from(self.eval_real(a)? == 0.0)))),
+            ExprKind::Binary(BinOp::And, a, b) => Ok(truth(self.eval_real(a)? * self.eval_real(b)?)),
+            ExprKind::Binary(BinOp::Or, a, b) => {
+                let x = self.eval_real(a)?;
+                Ok(if x != 0.0 { 1.0 } else { truth(self.eval_real(b)?) })
+            }
+            ExprKind::Binary(BinOp::Rem, ..) => Ok(self.eval(e)? as f64),
+            ExprKind::Binary(op, a, b) => {
+                let (x, y) = (self.eval_real(a)?, self.eval_real(b)?);
+                let result = match op {
+                    BinOp::Add => x + y,
+                    BinOp::Sub => x - y,
+                    BinOp::Mul => x * y,
+                    BinOp::Div if y == 0.0 => {
+                        return Err(self.fail(Code::Arithmetic, "division by zero".into(), b.span, "this is 0".into()))
+                    }
+                    BinOp::Div => x / y,
+                    BinOp::Eq => f64::from(u8::from(x == y)),
+                    BinOp::Ne => f64::from(u8::from(x != y)),
+                    BinOp::Lt => f64::from(u8::from(x < y)),
+                    BinOp::Le => f64::from(u8::from(x <= y)),
+                    BinOp::Gt => f64::from(u8::from(x > y)),
+                    _ => f64::from(u8::from(x >= y)),
+                };
+                if result.is_finite() {
+                    Ok(result)
+                } else {
+                    Err(self.fail(Code::Arithmetic, "a time out of range".into(), e.span, format!("this is {result}")))
+                }
+            }
+            ExprKind::If(c, a, b) => {
+                if self.eval_real(c)? != 0.0 {
+                    self.eval_real(a)
+                } else {
+                    self.eval_real(b)
+                }
+            }
+            ExprKind::Call(name, args) if matches!(name.name.as_str(), "min" | "max") => {
+                let mut values = Vec::with_capacity(args.len());
+                for a in args {
+                    values.push(self.eval_real(a)?);
+                }
+                let pick = if name.name == "min" { f64::min } else { f64::max };
+                Ok(values.into_iter().reduce(pick).unwrap_or(0.0))
+            }
+            _ => Ok(self.eval(e)? as f64),
+        }
     }
 
     fn stages(&mut self, schedule: &'m Schedule) -> Result<u32, Fail> {
@@ -729,6 +833,9 @@ impl<'m> Eval<'m> {
                 }
             }
             ExprKind::Call(name, args) => self.call(name, args, e.span),
+            // The checker allows decimals only in cost settings, which
+            // `eval_real` evaluates.
+            ExprKind::Real(x) => Ok(*x as i64),
             ExprKind::Error => Ok(0),
         }
     }

@@ -100,6 +100,7 @@ fn value(e: &Expr, bound: &[(String, i64)]) -> Result<i64, Diagnostic> {
     let bad = |why: String| Diagnostic::new(Code::Arithmetic, why).with_label(e.span, "in this check directive value");
     Ok(match &e.kind {
         ExprKind::Int(n) => *n,
+        ExprKind::Real(_) => return Err(bad("a check directive value must be a whole number".into())),
         ExprKind::Bool(b) => i64::from(*b),
         ExprKind::Var(name) => match bound.iter().rev().find(|(n, _)| *n == name.name) {
             Some((_, v)) => *v,

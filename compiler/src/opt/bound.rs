@@ -14,9 +14,24 @@ use stp_ir::simulate::CostModel;
 pub fn lower_bound(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let meta = &s.meta;
     let hops = meta.placement.windows(2).filter(|w| w[0] != w[1]).count() as f64;
-    let critical = f64::from(meta.num_stages) * (cost.forward + cost.backward_input + 2.0 * cost.tp_collective)
-        + 2.0 * hops * cost.p2p;
+    let down_and_up: f64 = (0..meta.num_stages)
+        .map(|st| cost.stage(stp_ir::Stage(st)))
+        .map(|t| t.forward + t.backward_input + 2.0 * t.tp_collective)
+        .sum();
+    let critical = down_and_up + 2.0 * hops * cost.p2p;
     critical.max(rank_floor(s, cost))
+}
+
+/// Per kind (F, B, W), per stage: a time in the bound's integer unit.
+pub type PerStage = [Vec<i64>; 3];
+
+/// Each stage's compute per kind and its TP collective, in the bound's
+/// integer unit (`micro`).
+pub fn stage_times(cost: &CostModel, stages: usize, micro: impl Fn(f64) -> i64) -> (PerStage, Vec<i64>) {
+    let times: Vec<_> = (0..stages).map(|st| cost.stage(stp_ir::Stage(st as u32))).collect();
+    let per_kind = |pick: fn(&stp_ir::simulate::StageTimes) -> f64| times.iter().map(|t| micro(pick(t))).collect();
+    let dur = [per_kind(|t| t.forward), per_kind(|t| t.backward_input), per_kind(|t| t.backward_weight)];
+    (dur, times.iter().map(|t| micro(t.tp_collective)).collect())
 }
 
 /// Per rank, the best it could do alone ([`preemptive_floor`]).
@@ -26,33 +41,35 @@ fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     // Integer arithmetic (microunits) keeps the head/tail tables exact; the
     // unit grows where a step's whole work in microunits would come near
     // i64's range (costs up to CostModel::MAX_TIME over millions of passes).
-    let work = (cost.forward + cost.backward_input + cost.backward_weight + 2.0 * cost.tp_collective + 2.0 * cost.p2p)
-        * stages as f64
-        * mbs as f64;
+    let per_microbatch: f64 = (0..meta.num_stages)
+        .map(|st| cost.stage(stp_ir::Stage(st)))
+        .map(|t| t.forward + t.backward_input + t.backward_weight + 2.0 * t.tp_collective + 2.0 * cost.p2p)
+        .sum();
+    let work = per_microbatch * mbs as f64;
     let scale = (1e6f64).min(2f64.powi(58) / work.max(f64::MIN_POSITIVE));
     let micro = |t: f64| (t * scale).round() as i64;
-    let dur = [micro(cost.forward), micro(cost.backward_input), micro(cost.backward_weight)];
-    let lat = latencies(dur, micro(cost.tp_collective));
+    let (dur, collective) = stage_times(cost, stages, micro);
+    let lat = latencies(&dur, &collective);
     let owner = |stage: usize| meta.placement[stage].index();
     let hop = |a: usize, b: usize| if owner(a) != owner(b) { micro(cost.p2p) } else { 0 };
     // stpc's own orders never put two passes of one stage and kind in one
     // op; a hand order may (`F & F` of one stage).
     let apart = s.auto;
-    let floors = memory_floors(&meta.placement, &s.memory, dur, lat, apart, &hop, mbs);
-    let (heads, tails) = heads_and_tails(stages, mbs, dur, lat, apart, &hop, floors.as_deref());
+    let floors = memory_floors(&meta.placement, &s.memory, &dur, &lat, apart, &hop, mbs);
+    let (heads, tails) = heads_and_tails(stages, mbs, &dur, &lat, apart, &hop, floors.as_deref());
     // In stpc's own orders a rank's first forward runs alone (every other
     // pass of the rank follows it: it is not braided with its own stage's
     // next forward), so its collective is exposed — unless, with `--tp`,
     // it overlaps the next op.
-    let first_alone = if apart && s.tp_units.is_none() { micro(cost.tp_collective) } else { 0 };
-    let floor = preemptive_floor(&meta.placement, &heads, &tails, dur, first_alone);
+    let first_alone = if apart && s.tp_units.is_none() { collective } else { vec![0; stages] };
+    let floor = preemptive_floor(&meta.placement, &heads, &tails, &dur, &first_alone);
     // Only stpc's own orders count every `B` without its `W` as deferred;
     // a hand order's cap covers only the `W`s it wrote `defer`.
     let drain = match s.memory.max_deferred {
-        Some(cap) if s.auto => drain_floor(&meta.placement, &heads, &tails, dur, first_alone, cap),
+        Some(cap) if s.auto => drain_floor(&meta.placement, &heads, &tails, &dur, &first_alone, cap),
         _ => 0,
     };
-    let window = window_floor(&meta.placement, &s.memory, &heads, dur, first_alone);
+    let window = window_floor(&meta.placement, &s.memory, &heads, &dur, &first_alone);
     floor.max(drain).max(window) as f64 / scale
 }
 
@@ -67,8 +84,8 @@ fn window_floor(
     placement: &[stp_ir::Rank],
     memory: &MemoryModel,
     heads: &PerPass,
-    dur: [i64; 3],
-    first_alone: i64,
+    dur: &PerStage,
+    first_alone: &[i64],
 ) -> i64 {
     let Some(budget) = Budget::of(memory) else { return 0 };
     worst_rank(placement, |r| {
@@ -142,8 +159,8 @@ fn drain_floor(
     placement: &[stp_ir::Rank],
     heads: &PerPass,
     tails: &PerPass,
-    dur: [i64; 3],
-    first_alone: i64,
+    dur: &PerStage,
+    first_alone: &[i64],
     cap: i64,
 ) -> i64 {
     worst_rank(placement, |r| {
@@ -154,7 +171,10 @@ fn drain_floor(
             .map(|(k, _, _, head, time)| (head, time, k == 2))
             .collect();
         jobs.sort_unstable_by_key(|job| std::cmp::Reverse(job.0));
-        Some(work_but_deferred(&jobs, cap, dur[2]) + tail)
+        // The longest `W` of the rank stands for each one left: leaving
+        // shorter ones leaves less work out, so the bound stays sound.
+        let w = owned_by(placement, r).iter().map(|st| dur[2][*st]).max().unwrap_or(0);
+        Some(work_but_deferred(&jobs, cap, w) + tail)
     })
 }
 
@@ -225,8 +245,8 @@ fn owned_by(placement: &[stp_ir::Rank], r: usize) -> Vec<usize> {
 fn memory_floors(
     placement: &[stp_ir::Rank],
     memory: &MemoryModel,
-    dur: [i64; 3],
-    lat: [i64; 3],
+    dur: &PerStage,
+    lat: &PerStage,
     apart: bool,
     hop: &dyn Fn(usize, usize) -> i64,
     mbs: usize,
@@ -274,7 +294,7 @@ struct ReleaseCurve {
 impl ReleaseCurve {
     /// The releases of the passes of stages `owned` (one rank's) under
     /// `budget`'s accounting.
-    fn new(owned: &[usize], heads: &PerPass, dur: [i64; 3], budget: &Budget) -> ReleaseCurve {
+    fn new(owned: &[usize], heads: &PerPass, dur: &PerStage, budget: &Budget) -> ReleaseCurve {
         let (release, partner) = (budget.release, budget.partner);
         // (time, 1 = ends / 0 = starts, kind): at one time, starts before ends.
         let mut events: Vec<(i64, u8, usize)> = Vec::new();
@@ -285,7 +305,7 @@ impl ReleaseCurve {
                 }
                 for &head in &heads[k][st] {
                     events.push((head, 0, k));
-                    events.push((head + dur[k], 1, k));
+                    events.push((head + dur[k][st], 1, k));
                 }
             }
         }
@@ -332,10 +352,12 @@ impl ReleaseCurve {
     }
 }
 
-/// Per kind (F, B, W), the least time from the start of an op holding a
-/// pass to its output: `F` and `B` end with a TP collective, `W` has none.
-pub fn latencies(dur: [i64; 3], collective: i64) -> [i64; 3] {
-    [dur[0] + collective, dur[1] + collective, dur[2]]
+/// Per kind (F, B, W) and stage, the least time from the start of an op
+/// holding a pass to its output: `F` and `B` end with the stage's TP
+/// collective, `W` has none.
+pub fn latencies(dur: &PerStage, collective: &[i64]) -> PerStage {
+    let with_collective = |k: usize| dur[k].iter().zip(collective).map(|(d, c)| d + c).collect();
+    [with_collective(0), with_collective(1), dur[2].clone()]
 }
 
 /// The largest, over ranks, of the best makespan the rank could reach if
@@ -351,8 +373,8 @@ pub fn preemptive_floor(
     placement: &[stp_ir::Rank],
     heads: &PerPass,
     tails: &PerPass,
-    dur: [i64; 3],
-    first_alone: i64,
+    dur: &PerStage,
+    first_alone: &[i64],
 ) -> i64 {
     worst_rank(placement, |r| {
         let jobs = rank_passes(placement, r, heads, dur, first_alone)
@@ -363,24 +385,24 @@ pub fn preemptive_floor(
 }
 
 /// Every pass of rank `r` that takes time, as (kind, stage, microbatch,
-/// head, time on the rank): its compute, plus `first_alone` for the
-/// rank's first forward.
+/// head, time on the rank): its compute, plus `first_alone` (of its
+/// stage) for the rank's first forward.
 fn rank_passes<'a>(
     placement: &'a [stp_ir::Rank],
     r: usize,
     heads: &'a PerPass,
-    dur: [i64; 3],
-    first_alone: i64,
+    dur: &'a PerStage,
+    first_alone: &'a [i64],
 ) -> impl Iterator<Item = (usize, usize, usize, i64, i64)> + 'a {
     let mbs = heads.first().and_then(|h| h.first()).map_or(0, Vec::len);
     let first = placement.iter().position(|rank| rank.index() == r);
     (0..placement.len())
         .filter(move |st| placement[*st].index() == r)
         .flat_map(move |st| (0..3).flat_map(move |k| (0..mbs).map(move |i| (k, st, i))))
-        .filter(move |&(k, _, _)| dur[k] > 0)
+        .filter(move |&(k, st, _)| dur[k][st] > 0)
         .map(move |(k, st, i)| {
-            let alone = if (k, Some(st), i) == (0, first, 0) { first_alone } else { 0 };
-            (k, st, i, heads[k][st][i], dur[k] + alone)
+            let alone = if (k, Some(st), i) == (0, first, 0) { first_alone[st] } else { 0 };
+            (k, st, i, heads[k][st][i], dur[k][st] + alone)
         })
 }
 
@@ -436,19 +458,20 @@ pub type PerPass = Vec<Vec<Vec<i64>>>;
 pub fn heads_and_tails(
     stages: usize,
     mbs: usize,
-    dur: [i64; 3],
-    lat: [i64; 3],
+    dur: &PerStage,
+    lat: &PerStage,
     apart: bool,
     hop: &dyn Fn(usize, usize) -> i64,
     floors: Option<&[Vec<i64>]>,
 ) -> (PerPass, PerPass) {
-    let gap = if apart { dur } else { [0; 3] };
+    let none = [vec![0; stages], vec![0; stages], vec![0; stages]];
+    let gap = if apart { dur } else { &none };
     let mut head = vec![vec![vec![0i64; mbs]; stages]; 3];
     for i in 0..mbs {
         for st in 0..stages {
-            let mut t = if st > 0 { head[0][st - 1][i] + lat[0] + hop(st - 1, st) } else { 0 };
+            let mut t = if st > 0 { head[0][st - 1][i] + lat[0][st - 1] + hop(st - 1, st) } else { 0 };
             if i > 0 {
-                t = t.max(head[0][st][i - 1] + gap[0]);
+                t = t.max(head[0][st][i - 1] + gap[0][st]);
             }
             if let Some(floors) = floors {
                 t = t.max(floors[st][i]);
@@ -456,19 +479,19 @@ pub fn heads_and_tails(
             head[0][st][i] = t;
         }
         for st in (0..stages).rev() {
-            let mut t = head[0][st][i] + lat[0];
+            let mut t = head[0][st][i] + lat[0][st];
             if st + 1 < stages {
-                t = t.max(head[1][st + 1][i] + lat[1] + hop(st + 1, st));
+                t = t.max(head[1][st + 1][i] + lat[1][st + 1] + hop(st + 1, st));
             }
             if i > 0 {
-                t = t.max(head[1][st][i - 1] + gap[1]);
+                t = t.max(head[1][st][i - 1] + gap[1][st]);
             }
             head[1][st][i] = t;
         }
         for st in 0..stages {
-            let mut t = head[1][st][i] + gap[1];
+            let mut t = head[1][st][i] + gap[1][st];
             if i > 0 {
-                t = t.max(head[2][st][i - 1] + gap[2]);
+                t = t.max(head[2][st][i - 1] + gap[2][st]);
             }
             head[2][st][i] = t;
         }
@@ -476,25 +499,25 @@ pub fn heads_and_tails(
     let mut tail = vec![vec![vec![0i64; mbs]; stages]; 3];
     for i in (0..mbs).rev() {
         for st in 0..stages {
-            tail[2][st][i] = if i + 1 < mbs { gap[2] + tail[2][st][i + 1] } else { 0 };
+            tail[2][st][i] = if i + 1 < mbs { gap[2][st] + tail[2][st][i + 1] } else { 0 };
         }
         for st in 0..stages {
-            let mut t = gap[2] + tail[2][st][i];
+            let mut t = gap[2][st] + tail[2][st][i];
             if st > 0 {
-                t = t.max(hop(st, st - 1) + lat[1] + tail[1][st - 1][i]);
+                t = t.max(hop(st, st - 1) + lat[1][st - 1] + tail[1][st - 1][i]);
             }
             if i + 1 < mbs {
-                t = t.max(gap[1] + tail[1][st][i + 1]);
+                t = t.max(gap[1][st] + tail[1][st][i + 1]);
             }
             tail[1][st][i] = t;
         }
         for st in (0..stages).rev() {
-            let mut t = lat[1] + tail[1][st][i];
+            let mut t = lat[1][st] + tail[1][st][i];
             if st + 1 < stages {
-                t = t.max(hop(st, st + 1) + lat[0] + tail[0][st + 1][i]);
+                t = t.max(hop(st, st + 1) + lat[0][st + 1] + tail[0][st + 1][i]);
             }
             if i + 1 < mbs {
-                t = t.max(gap[0] + tail[0][st][i + 1]);
+                t = t.max(gap[0][st] + tail[0][st][i + 1]);
             }
             tail[0][st][i] = t;
         }
@@ -513,7 +536,7 @@ mod tests {
     fn curve() -> ReleaseCurve {
         let heads: PerPass = vec![vec![vec![0, 0]], vec![vec![10, 14]], vec![vec![12, 16]]];
         let budget = Budget { units: 0, activation: 4, release: [0, 3, 1], partner: [0, 4, 1] };
-        ReleaseCurve::new(&[0], &heads, [1, 2, 1], &budget)
+        ReleaseCurve::new(&[0], &heads, &[vec![1], vec![2], vec![1]], &budget)
     }
 
     #[test]

@@ -140,7 +140,7 @@ enum Pairing {
 /// order does.
 pub fn finalists(s: &ComputeSchedule) -> Result<Vec<super::Timed>, Diagnostic> {
     // Braids and fusions only pay when there is a collective to hide.
-    let braidings: &[Braiding] = if s.cost.tp_collective > 0.0 {
+    let braidings: &[Braiding] = if super::has_collectives(s) {
         &[
             SINGLE_PASSES,
             braiding(Pairing::ForwardBackward, false, 0),
@@ -200,7 +200,7 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
                 Sparing::MemoryBound if spares => memory_bound.as_ref().unwrap_or(&critical),
                 _ => continue,
             };
-            let slack = f64::from(wait) * s.cost.tp_collective;
+            let slack = f64::from(wait) * s.cost.longest_collective();
             let spare_above = (kind != Sparing::Never).then_some(lower_bound);
             for (rule, priority, deepest_first) in rules.clone() {
                 let policy = Policy { priority, deepest_first, in_flight, pairing, fuse, slack, rule, spare_above };
@@ -282,7 +282,7 @@ const RESTART_BRAIDINGS: [Braiding; 5] = [
 /// wall-clock cap) and returns the `keep` fastest distinct orders, fastest first. The draws
 /// come from a fixed seed: the same runs give the same orders.
 pub fn restarts(s: &ComputeSchedule, runs: usize, keep: usize, stop: &mut dyn FnMut() -> bool) -> Vec<super::Timed> {
-    if s.cost.tp_collective <= 0.0 || s.memory.budget.is_none() {
+    if !super::has_collectives(s) || s.memory.budget.is_none() {
         return Vec::new();
     }
     let lower_bound = super::bound::lower_bound(s, &s.cost);
@@ -303,7 +303,7 @@ pub fn restarts(s: &ComputeSchedule, runs: usize, keep: usize, stop: &mut dyn Fn
             in_flight: caps[random.below(caps.len())],
             pairing: braiding.pairing,
             fuse: braiding.fuse,
-            slack: f64::from(braiding.wait) * s.cost.tp_collective,
+            slack: f64::from(braiding.wait) * s.cost.longest_collective(),
             rule: Rule::Critical { reach: CRITICAL_REACH[random.below(CRITICAL_REACH.len())] },
             spare_above: (sparing != Sparing::Never).then_some(lower_bound),
         };

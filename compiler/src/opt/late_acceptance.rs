@@ -156,7 +156,7 @@ fn random_move(s: &mut ComputeSchedule, random: &mut XorShift) -> Option<Undo> {
     })?;
     let len = s.ranks[rank].len();
     let from = pick.min(len.checked_sub(1)?);
-    if random.draw().is_multiple_of(REBRAID_EVERY) && s.cost.tp_collective > 0.0 {
+    if random.draw().is_multiple_of(REBRAID_EVERY) && super::has_collectives(s) {
         let mut choices = alternatives(&s.ranks[rank], from);
         if choices.is_empty() {
             return None;

@@ -641,15 +641,23 @@ fn improve(
 /// feasible order takes longer.
 #[cfg(feature = "smt")]
 fn serial_makespan(s: &ComputeSchedule) -> f64 {
-    let passes = f64::from(s.meta.num_stages) * f64::from(s.meta.num_microbatches);
-    let per_stage: f64 = [PassKind::F, PassKind::B, PassKind::W].into_iter().map(|k| standalone_duration(s, k)).sum();
-    passes * (per_stage + 2.0 * s.cost.p2p)
+    let per_microbatch: f64 = (0..s.meta.num_stages)
+        .flat_map(|st| [PassKind::F, PassKind::B, PassKind::W].map(|k| standalone_duration(s, k, Stage(st))))
+        .map(|t| t + 2.0 * s.cost.p2p)
+        .sum();
+    f64::from(s.meta.num_microbatches) * per_microbatch
 }
 
-/// How long one pass takes when it runs alone: its compute plus its
-/// exposed TP collective, as the timed simulator charges it.
-pub fn standalone_duration(s: &ComputeSchedule, kind: PassKind) -> f64 {
-    op_span(s, &[stp_ir::Pass { kind, stage: Stage(0), mb: stp_ir::Microbatch(0) }]).0
+/// How long one pass of `stage` takes when it runs alone: its compute
+/// plus its exposed TP collective, as the timed simulator charges it.
+pub fn standalone_duration(s: &ComputeSchedule, kind: PassKind, stage: Stage) -> f64 {
+    op_span(s, &[stp_ir::Pass { kind, stage, mb: stp_ir::Microbatch(0) }]).0
+}
+
+/// Whether some stage has a TP collective to hide: only then do braids
+/// and `BW` pay.
+pub fn has_collectives(s: &ComputeSchedule) -> bool {
+    s.cost.longest_collective() > 0.0
 }
 
 /// For an op holding `passes` that starts on an idle rank: how long it

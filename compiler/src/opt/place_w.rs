@@ -20,19 +20,25 @@ pub fn place(s: &mut ComputeSchedule) {
         return;
     }
     let times = super::op_times(s, &s.ranks);
-    // A `W` issues no collective: it lasts its compute.
-    let w_time = s.cost.backward_weight;
+    // A `W` issues no collective: it lasts its stage's compute.
+    let cost = s.cost.clone();
+    let w_time = |w: &Pass| cost.compute(*w);
     for (r, ws) in floating.into_iter().enumerate() {
         let ops = std::mem::take(&mut s.ranks[r]);
         s.ranks[r] = match &times {
-            Some(times) => fill_gaps(ops, &times[r], ws, w_time),
+            Some(times) => fill_gaps(ops, &times[r], ws, &w_time),
             None => append(ops, ws),
         };
     }
 }
 
 /// `ops` (timed by `times`) with the floating `ws` in the gaps they fit.
-fn fill_gaps(ops: Vec<ScheduledOp>, times: &[(f64, f64)], ws: Vec<(Pass, Origin)>, w_time: f64) -> Vec<ScheduledOp> {
+fn fill_gaps(
+    ops: Vec<ScheduledOp>,
+    times: &[(f64, f64)],
+    ws: Vec<(Pass, Origin)>,
+    w_time: &dyn Fn(&Pass) -> f64,
+) -> Vec<ScheduledOp> {
     let b_end: HashMap<(u32, u32), f64> = ops
         .iter()
         .zip(times)
@@ -51,12 +57,12 @@ fn fill_gaps(ops: Vec<ScheduledOp>, times: &[(f64, f64)], ws: Vec<(Pass, Origin)
         while let Some((w, _)) = pending.front() {
             let ready = b_end.get(&(w.stage.0, w.mb.0)).copied().unwrap_or(f64::INFINITY);
             let begin = free.max(ready);
-            if begin + w_time > start + EPS {
+            if begin + w_time(w) > start + EPS {
                 break;
             }
             let Some((w, origin)) = pending.pop_front() else { break };
+            free = begin + w_time(&w);
             out.push(ScheduledOp { compute: Compute::single(w), origin });
-            free = begin + w_time;
         }
         out.push(op);
         free = *end;

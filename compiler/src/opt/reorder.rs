@@ -75,7 +75,7 @@ pub fn polish(s: &mut ComputeSchedule, window: usize, evaluations: usize) -> Pol
         let regions: Vec<Vec<(usize, usize)>> = s.ranks.iter().map(|ops| vec![(0, ops.len())]).collect();
         let search = Search { regions: &regions, limits: &limits, window, budget: &budget };
         let moved = search.run(s).1;
-        let rebraided = if s.cost.tp_collective > 0.0 { search.rebraid(s) } else { 0 };
+        let rebraided = if super::has_collectives(s) { search.rebraid(s) } else { 0 };
         kept += moved + rebraided;
         if rebraided == 0 || budget.get() == 0 {
             break;

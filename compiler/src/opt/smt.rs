@@ -236,23 +236,23 @@ fn search(
     let started = Instant::now();
     // Braids and fused BW only pay when a TP collective can hide; without
     // one, orders of single passes are all there is to search.
-    let braids = s.cost.tp_collective > 0.0;
+    let braids = super::has_collectives(s);
     // Compute alone bounds any op holding a pass from below, whatever it
     // is braided with: the head/tail bounds use it.
-    let compute = [0, 1, 2].map(|k| scaled(s.cost.compute(pass_of(kinds, (k, 0, 0)))));
-    let latency = super::bound::latencies(compute, scaled(s.cost.tp_collective));
+    let (compute, collective) = super::bound::stage_times(&s.cost, stages, scaled);
+    let latency = super::bound::latencies(&compute, &collective);
     // (The memory floors of the bound hold here too, but as constraints
     // they slowed Z3's windows down on the V placements more than they
     // pruned.)
     let apart = neighbourhood.is_none();
-    let (mut heads, tails) = super::bound::heads_and_tails(stages, mbs, compute, latency, apart, &hop, None);
+    let (mut heads, tails) = super::bound::heads_and_tails(stages, mbs, &compute, &latency, apart, &hop, None);
     if braids {
         // A `W` fused with its `B` starts with it.
         let input_heads = heads[1].clone();
         heads[2] = input_heads;
     }
     let ranks = meta.num_ranks as usize;
-    let floor = super::bound::preemptive_floor(&meta.placement, &heads, &tails, compute, 0);
+    let floor = super::bound::preemptive_floor(&meta.placement, &heads, &tails, &compute, &vec![0; stages]);
     if scaled(upper) <= floor {
         // The order in hand already meets a bound no order can beat.
         return SmtPlan { ranks: None, makespan: upper, optimal: true, stopped: None, spent: 0.0, capped: false };
@@ -294,13 +294,14 @@ fn search(
     // before the other can start needs no disjunction.
     let window = |x: usize| {
         let (k, st, i) = keys[x];
-        (heads[k][st][i], scaled(upper) - 1 - compute[k] - tails[k][st][i])
+        (heads[k][st][i], scaled(upper) - 1 - compute[k][st] - tails[k][st][i])
     };
-    let longest_op = 2 * [PassKind::F, PassKind::B, PassKind::W]
-        .into_iter()
-        .map(|kind| scaled(super::standalone_duration(s, kind)))
-        .max()
-        .unwrap_or(0);
+    let longest_op = 2
+        * (0..stages)
+            .flat_map(|st| [PassKind::F, PassKind::B, PassKind::W].map(|kind| (kind, st)))
+            .map(|(kind, st)| scaled(super::standalone_duration(s, kind, Stage(st as u32))))
+            .max()
+            .unwrap_or(0);
     let ordered = |x: usize, y: usize| {
         let ((ex, lx), (ey, ly)) = (window(x), window(y));
         ly + longest_op <= ex || lx + longest_op <= ey
@@ -584,7 +585,7 @@ fn search(
     for &(k, st, i) in &keys {
         let t = &starts[id((k, st, i))];
         solver.assert(t.ge(int(heads[k][st][i])));
-        solver.assert(makespan.ge(t + int(compute[k] + tails[k][st][i])));
+        solver.assert(makespan.ge(t + int(compute[k][st] + tails[k][st][i])));
     }
     solver.assert(makespan.ge(int(floor)));
     let mut best: Option<(i64, Vec<Vec<ScheduledOp>>)> = None;

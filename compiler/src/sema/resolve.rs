@@ -18,6 +18,9 @@ pub const MEMORY_FIELDS: [&str; 4] = ["activation", "weight_stash", "budget", "m
 /// The settings of a `cost { ... }` block (the simulator's cost model).
 pub const COST_FIELDS: [&str; 5] = ["forward", "backward_input", "backward_weight", "tp_collective", "p2p"];
 
+/// The cost settings that may differ from stage to stage (`forward(s) = ...`).
+pub const STAGE_COST_FIELDS: [&str; 4] = ["forward", "backward_input", "backward_weight", "tp_collective"];
+
 /// Checks a whole file and returns every error found.
 pub fn check_file(file: &File) -> Vec<Diagnostic> {
     let mut functions: HashMap<&str, &Function> = HashMap::new();
@@ -43,7 +46,7 @@ pub fn check_file(file: &File) -> Vec<Diagnostic> {
             }
         }
     }
-    let mut checker = Checker { functions: &functions, scopes: Vec::new(), errors };
+    let mut checker = Checker { functions: &functions, scopes: Vec::new(), errors, decimals: false };
     for item in &file.items {
         match item {
             Item::Function(f) => checker.check_function(f),
@@ -73,6 +76,8 @@ struct Checker<'a> {
     functions: &'a HashMap<&'a str, &'a Function>,
     scopes: Vec<Vec<Binding>>,
     errors: Vec<Diagnostic>,
+    /// Whether a decimal may appear here (a cost setting's value).
+    decimals: bool,
 }
 
 impl Checker<'_> {
@@ -208,8 +213,8 @@ impl Checker<'_> {
             }),
             Decl::Require { cond, .. } => self.expect(cond, Type::Bool, "a requirement"),
             Decl::Auto { .. } => {}
-            Decl::Memory { fields, .. } => self.check_settings(fields, &MEMORY_FIELDS, "memory setting"),
-            Decl::Cost { fields, .. } => self.check_settings(fields, &COST_FIELDS, "cost setting"),
+            Decl::Memory { fields, .. } => self.check_settings(fields, &MEMORY_FIELDS, &[], "memory setting"),
+            Decl::Cost { fields, .. } => self.check_settings(fields, &COST_FIELDS, &STAGE_COST_FIELDS, "cost setting"),
             Decl::Check { axes, .. } => self.check_axes(axes),
             Decl::Rank { var, body, .. } => self.with_scope(|c| {
                 c.bind(var, Type::Int);
@@ -219,9 +224,13 @@ impl Checker<'_> {
     }
 
     /// A `memory { ... }` or `cost { ... }` block: known names, once each, int values.
-    fn check_settings(&mut self, fields: &[(Ident, Expr)], allowed: &[&str], what: &str) {
+    /// A block's settings: known names, each once, those in `per_stage`
+    /// optionally with a stage variable; a cost's value is a decimal (an
+    /// integer is one), a memory setting's an integer.
+    fn check_settings(&mut self, fields: &[Setting], allowed: &[&str], per_stage: &[&str], what: &str) {
         let mut seen: HashMap<&str, Span> = HashMap::new();
-        for (name, value) in fields {
+        let cost = what == "cost setting";
+        for Setting { name, index, value } in fields {
             if !allowed.contains(&name.name.as_str()) {
                 let d = Diagnostic::new(Code::UnknownName, format!("`{}` is not a {what}", name.name))
                     .with_label(name.span, "unknown setting");
@@ -233,7 +242,28 @@ impl Checker<'_> {
             } else if let Some(first) = seen.insert(name.name.as_str(), name.span) {
                 self.errors.push(duplicate(what, &name.name, name.span, first));
             }
-            self.expect(value, Type::Int, &format!("a {what}"));
+            if let Some(index) = index.as_ref().filter(|_| !per_stage.contains(&name.name.as_str())) {
+                let d = Diagnostic::new(
+                    Code::TypeMismatch,
+                    format!("`{}` is one number for the whole schedule; it takes no `({})`", name.name, index.name),
+                )
+                .with_label(index.span, "not a per-stage setting");
+                let d = if per_stage.is_empty() {
+                    d.with_help(format!("write `{} = ...;`", name.name))
+                } else {
+                    d.with_help(format!("settings that may differ per stage: {}", per_stage.join(", ")))
+                };
+                self.errors.push(d);
+            }
+            let want = if cost { Type::Real } else { Type::Int };
+            self.decimals = cost;
+            self.with_scope(|c| {
+                if let Some(index) = index {
+                    c.bind(index, Type::Int);
+                }
+                c.expect(value, want, &format!("a {what}"));
+            });
+            self.decimals = false;
         }
     }
 
@@ -398,7 +428,8 @@ impl Checker<'_> {
     /// Checks that `e` has type `want`; `what` says what the value is for.
     fn expect(&mut self, e: &Expr, want: Type, what: &str) {
         if let Some(found) = self.infer(e) {
-            if found != want {
+            // An integer is a decimal wherever one is expected.
+            if found != want && (found, want) != (Type::Int, Type::Real) {
                 self.errors.push(
                     Diagnostic::new(Code::TypeMismatch, format!("expected {want}, found {found}"))
                         .with_label(e.span, format!("this is {} but {what} must be {}", article(found), article(want))),
@@ -407,14 +438,43 @@ impl Checker<'_> {
         }
     }
 
+    /// The type of `e` where a number (integer or decimal) is expected.
+    fn numeric(&mut self, e: &Expr, what: &str) -> Option<Type> {
+        let found = self.infer(e)?;
+        if found == Type::Bool {
+            self.errors.push(
+                Diagnostic::new(Code::TypeMismatch, "expected a number, found bool")
+                    .with_label(e.span, format!("this is a bool but {what} must be a number")),
+            );
+            return None;
+        }
+        Some(found)
+    }
+
     /// The type of `e`, or `None` when it is unknown because of an error
     /// that has been reported.
     fn infer(&mut self, e: &Expr) -> Option<Type> {
         match &e.kind {
             ExprKind::Int(_) => Some(Type::Int),
+            ExprKind::Real(_) if self.decimals => Some(Type::Real),
+            ExprKind::Real(_) => {
+                self.errors.push(
+                    Diagnostic::new(Code::TypeMismatch, "a decimal number where only integers are allowed")
+                        .with_label(e.span, "decimals are allowed only in cost settings (times)")
+                        .with_help(
+                            "stages, microbatches, ranks and memory units are whole numbers; state memory in a \
+                             smaller unit to avoid fractions",
+                        ),
+                );
+                None
+            }
             ExprKind::Bool(_) => Some(Type::Bool),
             ExprKind::Error => None,
             ExprKind::Var(name) => self.infer_var(&name.name, e.span),
+            ExprKind::Unary(UnOp::Neg, inner) if self.decimals => {
+                self.expect(inner, Type::Real, "its operand");
+                Some(Type::Real)
+            }
             ExprKind::Unary(op, inner) => {
                 let want = match op {
                     UnOp::Neg => Type::Int,
@@ -422,6 +482,36 @@ impl Checker<'_> {
                 };
                 self.expect(inner, want, "its operand");
                 Some(want)
+            }
+            // In a cost setting, arithmetic and comparisons take decimals
+            // too (`/` divides exactly there); `%` stays integer.
+            // Integer arithmetic stays integer (stage numbers compare with
+            // `==`); a decimal operand or an exact `/` makes it a decimal.
+            ExprKind::Binary(op, a, b) if self.decimals && op.is_arithmetic() && *op != BinOp::Rem => {
+                let what = format!("an operand of `{}`", op.as_str());
+                let (ta, tb) = (self.numeric(a, &what), self.numeric(b, &what));
+                if *op == BinOp::Div || ta == Some(Type::Real) || tb == Some(Type::Real) {
+                    Some(Type::Real)
+                } else {
+                    ta.and(tb)
+                }
+            }
+            ExprKind::Binary(BinOp::Eq | BinOp::Ne, a, b) if self.decimals => {
+                let (ta, tb) = (self.infer(a), self.infer(b));
+                let numeric = |t| matches!(t, Some(Type::Int | Type::Real));
+                if ta.is_some() && tb.is_some() && ta != tb && !(numeric(ta) && numeric(tb)) {
+                    self.errors.push(
+                        Diagnostic::new(Code::TypeMismatch, "the two sides of this comparison differ in type")
+                            .with_label(e.span, "one side is a bool, the other a number"),
+                    );
+                }
+                Some(Type::Bool)
+            }
+            ExprKind::Binary(op @ (BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge), a, b) if self.decimals => {
+                let what = format!("an operand of `{}`", op.as_str());
+                self.expect(a, Type::Real, &what);
+                self.expect(b, Type::Real, &what);
+                Some(Type::Bool)
             }
             ExprKind::Binary(op, a, b) => {
                 let (operand, result) = match op {
@@ -442,6 +532,21 @@ impl Checker<'_> {
                 self.expect(a, operand, &what);
                 self.expect(b, operand, &what);
                 Some(result)
+            }
+            ExprKind::If(cond, a, b) if self.decimals => {
+                self.expect(cond, Type::Bool, "a condition");
+                let (ta, tb) = (self.infer(a), self.infer(b));
+                match (ta, tb) {
+                    (Some(Type::Bool), _) | (_, Some(Type::Bool)) if ta != tb => {
+                        self.errors.push(
+                            Diagnostic::new(Code::TypeMismatch, "the branches of this `if` differ in type")
+                                .with_label(e.span, "one branch is a bool, the other a number"),
+                        );
+                        None
+                    }
+                    (Some(Type::Real), _) | (_, Some(Type::Real)) => Some(Type::Real),
+                    _ => ta.or(tb),
+                }
             }
             ExprKind::If(cond, a, b) => {
                 self.expect(cond, Type::Bool, "a condition");
@@ -492,10 +597,11 @@ impl Checker<'_> {
                     .with_label(span, "too few arguments"),
                 );
             }
+            let want = if self.decimals { Type::Real } else { Type::Int };
             for a in args {
-                self.expect(a, Type::Int, &format!("an argument of `{callee}`"));
+                self.expect(a, want, &format!("an argument of `{callee}`"));
             }
-            return Some(Type::Int);
+            return Some(if self.decimals { Type::Real } else { Type::Int });
         }
         if OPS.contains(&callee) {
             self.errors.push(
@@ -566,6 +672,7 @@ fn article(t: Type) -> &'static str {
     match t {
         Type::Int => "an int",
         Type::Bool => "a bool",
+        Type::Real => "a decimal",
     }
 }
 

@@ -34,13 +34,17 @@ pub enum Item {
     Function(Function),
 }
 
-/// The type of a value: the language has integers and booleans.
+/// The type of a value: the language has integers and booleans, and in
+/// cost settings decimal numbers (times).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Type {
     /// A 64-bit signed integer.
     Int,
     /// `true` or `false`.
     Bool,
+    /// A decimal number (`1.5`): only a cost setting's value may be one;
+    /// an integer is one wherever a decimal is expected.
+    Real,
 }
 
 impl std::fmt::Display for Type {
@@ -48,8 +52,22 @@ impl std::fmt::Display for Type {
         f.write_str(match self {
             Type::Int => "int",
             Type::Bool => "bool",
+            Type::Real => "decimal",
         })
     }
+}
+
+/// One setting of a `memory { }` or `cost { }` block: `name = value;`,
+/// or `name(v) = value;` where the value depends on `v` (a stage, or for
+/// `budget` a rank).
+#[derive(Debug, Clone)]
+pub struct Setting {
+    /// The setting's name.
+    pub name: Ident,
+    /// The stage (or rank) variable, if the value depends on one.
+    pub index: Option<Ident>,
+    /// The value.
+    pub value: Expr,
 }
 
 /// A small pure function: `fn name(a: int, b: int) -> int { expr }`.
@@ -152,15 +170,16 @@ pub enum Decl {
     /// `memory { name = EXPR; ... }`: the memory model and its bounds.
     Memory {
         /// The settings, in source order.
-        fields: Vec<(Ident, Expr)>,
+        fields: Vec<Setting>,
         /// The whole declaration.
         span: Span,
     },
-    /// `cost { name = EXPR; ... }`: the pass and transfer times `stpc
-    /// simulate` starts from, in integer time units.
+    /// `cost { name = EXPR; name(s) = EXPR; ... }`: the pass and transfer
+    /// times `stpc simulate` starts from (decimals allowed), the same for
+    /// every stage or, with a stage variable, per stage.
     Cost {
         /// The settings, in source order.
-        fields: Vec<(Ident, Expr)>,
+        fields: Vec<Setting>,
         /// The whole declaration.
         span: Span,
     },
@@ -350,6 +369,11 @@ pub enum BinOp {
 }
 
 impl BinOp {
+    /// `+ - * / %`.
+    pub fn is_arithmetic(self) -> bool {
+        matches!(self, BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem)
+    }
+
     /// The operator as written.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -375,6 +399,8 @@ impl BinOp {
 pub enum ExprKind {
     /// An integer literal.
     Int(i64),
+    /// A decimal literal (`2.5`).
+    Real(f64),
     /// `true` or `false`.
     Bool(bool),
     /// A name.
@@ -399,7 +425,7 @@ impl Expr {
             ExprKind::Binary(_, a, b) => vec![a, b],
             ExprKind::If(c, a, b) => vec![c, a, b],
             ExprKind::Call(_, args) => args.iter().collect(),
-            ExprKind::Int(_) | ExprKind::Bool(_) | ExprKind::Var(_) | ExprKind::Error => Vec::new(),
+            ExprKind::Int(_) | ExprKind::Real(_) | ExprKind::Bool(_) | ExprKind::Var(_) | ExprKind::Error => Vec::new(),
         }
     }
 

@@ -51,9 +51,12 @@ impl Table {
             Decl::Require { cond, .. } => self.expr(cond),
             Decl::Auto { .. } => {}
             Decl::Memory { fields, .. } | Decl::Cost { fields, .. } => {
-                for (name, value) in fields {
-                    self.ident(name);
-                    self.expr(value);
+                for setting in fields {
+                    self.ident(&mut setting.name);
+                    if let Some(index) = &mut setting.index {
+                        self.ident(index);
+                    }
+                    self.expr(&mut setting.value);
                 }
             }
             Decl::Check { axes, .. } => {
@@ -131,7 +134,7 @@ impl Table {
                 self.ident(name);
                 args.iter_mut().for_each(|a| self.expr(a));
             }
-            ExprKind::Int(_) | ExprKind::Bool(_) | ExprKind::Error => {}
+            ExprKind::Int(_) | ExprKind::Real(_) | ExprKind::Bool(_) | ExprKind::Error => {}
         }
     }
 }

@@ -111,6 +111,8 @@ impl Keyword {
 pub enum Token<'src> {
     /// An integer literal (already range-checked).
     Int(i64),
+    /// A decimal literal (`2.5`: digits, a point, digits), as written.
+    Decimal(&'src str),
     /// A name.
     Ident(&'src str),
     /// A string literal, without its quotes.
@@ -129,6 +131,7 @@ impl fmt::Display for Token<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Token::Int(n) => write!(f, "{n}"),
+            Token::Decimal(s) => write!(f, "{s}"),
             Token::Ident(s) => write!(f, "{s}"),
             Token::Str(s) => write!(f, "\"{s}\""),
             Token::Doc(_) => write!(f, "doc comment"),
@@ -153,6 +156,13 @@ pub fn lexer<'src>() -> impl Parser<'src, &'src str, Vec<Spanned<Token<'src>>>, 
         })
     });
     let int = int.map(Token::Int);
+    // `1.5`, never `0..m`: a digit must follow the point.
+    let decimal = text::digits(10)
+        .then(just('.'))
+        .then(text::digits(10))
+        .to_slice()
+        .map(Token::Decimal)
+        .labelled("decimal number");
 
     let string = just('"')
         .ignore_then(none_of("\"\n").repeated().to_slice())
@@ -168,7 +178,7 @@ pub fn lexer<'src>() -> impl Parser<'src, &'src str, Vec<Spanned<Token<'src>>>, 
 
     let doc = just("///").ignore_then(any().and_is(just('\n').not()).repeated().to_slice()).map(Token::Doc);
 
-    let token = choice((doc, int, string, op, ctrl, word));
+    let token = choice((doc, decimal, int, string, op, ctrl, word));
 
     let comment = just("//").and_is(just("///").not()).then(any().and_is(just('\n').not()).repeated()).ignored();
     let trivia = choice((comment, text::whitespace().at_least(1))).repeated();

@@ -72,6 +72,8 @@ where
     recursive(|expr| {
         let literal = select! {
             Token::Int(n) => ExprKind::Int(n),
+            // Digits, a point, digits: always a finite number.
+            Token::Decimal(text) => ExprKind::Real(text.parse().unwrap_or(f64::MAX)),
             Token::Kw(Keyword::True) => ExprKind::Bool(true),
             Token::Kw(Keyword::False) => ExprKind::Bool(false),
         };
@@ -86,12 +88,15 @@ where
             None => ExprKind::Var(name),
         });
         let braced = expr.clone().delimited_by(ctrl('{'), ctrl('}'));
-        let if_expr = kw(Keyword::If)
-            .ignore_then(expr.clone())
-            .then(braced.clone())
-            .then_ignore(kw(Keyword::Else))
-            .then(braced)
-            .map(|((c, a), b)| ExprKind::If(Box::new(c), Box::new(a), Box::new(b)));
+        // `else if` chains nest: the `else` branch is itself an `if` expression.
+        let if_expr = recursive(|if_expr| {
+            kw(Keyword::If)
+                .ignore_then(expr.clone())
+                .then(braced.clone())
+                .then_ignore(kw(Keyword::Else))
+                .then(braced.clone().or(if_expr.map_with(|kind, e| Expr { kind, span: sp(e.span()) })))
+                .map(|((c, a), b)| ExprKind::If(Box::new(c), Box::new(a), Box::new(b)))
+        });
 
         let atom = choice((literal, name_or_call, if_expr))
             .map_with(|kind, e| Expr { kind, span: sp(e.span()) })
@@ -272,7 +277,13 @@ where
         span: sp(e.span()),
     });
 
-    let field = ident().then_ignore(op("=")).then(expr()).then_ignore(semi());
+    let index = ident().delimited_by(ctrl('('), ctrl(')')).or_not();
+    let field = ident()
+        .then(index)
+        .then_ignore(op("="))
+        .then(expr())
+        .then_ignore(semi())
+        .map(|((name, index), value)| Setting { name, index, value });
     let fields = field.repeated().collect::<Vec<_>>().delimited_by(ctrl('{'), ctrl('}'));
     let memory = kw(Keyword::Memory)
         .ignore_then(fields.clone())

@@ -13,7 +13,8 @@
 mod timed;
 
 pub use timed::{
-    held_back, simulate, simulate_with, time_units, CostModel, HeldBack, RankTimeline, Span, Stream, Timeline,
+    held_back, simulate, simulate_with, time_units, CostModel, HeldBack, RankTimeline, Span, StageTimes, Stream,
+    Timeline,
 };
 
 use crate::ids::Rank;

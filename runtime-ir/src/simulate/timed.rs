@@ -13,7 +13,7 @@
 //! posting order. Frees take no time.
 
 use super::{Blocked, Deadlock, Pending, Semantics, TransferIndex, Wait};
-use crate::ids::Rank;
+use crate::ids::{Rank, Stage};
 use crate::program::{Compute, Direction, Instr, Part, Pass, PassKind, Program};
 use crate::slots::BufferSlots;
 use serde::{Deserialize, Serialize};
@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 
 /// Times of the passes and transfers, in any unit (the default is "one
 /// forward = 1").
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CostModel {
     /// One forward of one stage for one microbatch (`T_F`).
@@ -38,11 +38,68 @@ pub struct CostModel {
     pub tp_collective: f64,
     /// One point-to-point transfer, once both sides have posted it.
     pub p2p: f64,
+    /// Per stage, its own times, where stages differ (the first holding
+    /// the embedding, the last the LM head and loss): empty when every
+    /// stage takes the times above, else one entry per stage.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageTimes>,
+}
+
+/// The times of one stage's passes (see [`CostModel`]'s fields of the
+/// same names).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageTimes {
+    /// `T_F` of this stage.
+    pub forward: f64,
+    /// `T_B` of this stage.
+    pub backward_input: f64,
+    /// `T_W` of this stage.
+    pub backward_weight: f64,
+    /// `T_AR` of this stage's `F` and `B`.
+    pub tp_collective: f64,
+}
+
+impl StageTimes {
+    /// The settings by name.
+    pub fn fields(&self) -> [(&'static str, f64); 4] {
+        [
+            ("forward", self.forward),
+            ("backward_input", self.backward_input),
+            ("backward_weight", self.backward_weight),
+            ("tp_collective", self.tp_collective),
+        ]
+    }
+
+    /// Pure compute time of a pass of this kind.
+    pub fn compute(&self, kind: PassKind) -> f64 {
+        match kind {
+            PassKind::F => self.forward,
+            PassKind::B => self.backward_input,
+            PassKind::W => self.backward_weight,
+            PassKind::BW => self.backward_input + self.backward_weight,
+        }
+    }
+
+    /// The collective a pass of this kind issues (none for `W`).
+    pub fn collective(&self, kind: PassKind) -> f64 {
+        match kind {
+            PassKind::W => 0.0,
+            _ => self.tp_collective,
+        }
+    }
 }
 
 impl Default for CostModel {
     fn default() -> CostModel {
-        CostModel { forward: 1.0, backward_input: 1.0, backward_weight: 1.0, tp_collective: 0.0, p2p: 0.0 }
+        CostModel {
+            forward: 1.0,
+            backward_input: 1.0,
+            backward_weight: 1.0,
+            tp_collective: 0.0,
+            p2p: 0.0,
+            stages: Vec::new(),
+        }
     }
 }
 
@@ -66,7 +123,13 @@ impl CostModel {
     /// Why this cost model cannot be used, if it cannot: a time that is
     /// not a number, negative, or above [`CostModel::MAX_TIME`].
     pub fn problem(&self) -> Option<String> {
-        let (name, value) = self.fields().into_iter().find(|(_, v)| !(0.0..=Self::MAX_TIME).contains(v))?;
+        let uniform = self.fields().map(|(name, v)| (name.to_string(), v));
+        let staged =
+            self.stages.iter().enumerate().flat_map(|(st, t)| {
+                t.fields().into_iter().map(move |(name, v)| (format!("{name}` of stage {st} `"), v))
+            });
+        let (name, value) = uniform.into_iter().chain(staged).find(|(_, v)| !(0.0..=Self::MAX_TIME).contains(v))?;
+        let name = name.trim_end_matches(" `").to_string();
         let shown = if value.abs() >= 1e12 { format!("{value:e}") } else { value.to_string() };
         Some(format!(
             "cost setting `{name}` is {shown}: every time must be a number from 0 to {:e} (times are relative, \
@@ -75,29 +138,118 @@ impl CostModel {
         ))
     }
 
+    /// The uniform times, as every stage without an entry of its own
+    /// takes them.
+    pub fn uniform(&self) -> StageTimes {
+        StageTimes {
+            forward: self.forward,
+            backward_input: self.backward_input,
+            backward_weight: self.backward_weight,
+            tp_collective: self.tp_collective,
+        }
+    }
+
+    /// The times of `stage`'s passes.
+    pub fn stage(&self, stage: Stage) -> StageTimes {
+        self.stages.get(stage.index()).copied().unwrap_or_else(|| self.uniform())
+    }
+
+    /// The longest TP collective of any stage.
+    pub fn longest_collective(&self) -> f64 {
+        if self.stages.is_empty() {
+            return self.tp_collective;
+        }
+        self.stages.iter().map(|t| t.tp_collective).fold(0.0, f64::max)
+    }
+
+    /// One line for reports: `T_F=1 T_B=1 T_W=1 T_AR=0 p2p=0`, or, with
+    /// per-stage times, each differing setting's values listed by stage.
+    pub fn summary(&self) -> String {
+        let uniform = self.is_uniform();
+        let by_stage: Vec<StageTimes> = if uniform { vec![self.uniform()] } else { self.stages.clone() };
+        let mut parts: Vec<String> = ["T_F", "T_B", "T_W", "T_AR"]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let values: Vec<f64> = by_stage.iter().map(|t| t.fields()[i].1).collect();
+                if values.iter().all(|v| *v == values[0]) {
+                    format!("{name}={}", values[0])
+                } else {
+                    let listed: Vec<String> = values.iter().map(f64::to_string).collect();
+                    format!("{name}=[{}]", listed.join(" "))
+                }
+            })
+            .collect();
+        parts.push(format!("p2p={}", self.p2p));
+        let note = if uniform { "" } else { " (lists are by stage)" };
+        format!("{}{note}", parts.join(" "))
+    }
+
+    /// Whether every stage takes the same times.
+    pub fn is_uniform(&self) -> bool {
+        self.stages.iter().all(|t| *t == self.uniform())
+    }
+
+    /// Every stage's times scaled by `factor` (transfers unchanged): the
+    /// same model cut into `1 / factor` times as many stages.
+    pub fn scaled(&self, factor: f64) -> CostModel {
+        let scale = |t: StageTimes| StageTimes {
+            forward: t.forward * factor,
+            backward_input: t.backward_input * factor,
+            backward_weight: t.backward_weight * factor,
+            tp_collective: t.tp_collective * factor,
+        };
+        let u = scale(self.uniform());
+        CostModel {
+            forward: u.forward,
+            backward_input: u.backward_input,
+            backward_weight: u.backward_weight,
+            tp_collective: u.tp_collective,
+            p2p: self.p2p,
+            stages: self.stages.iter().map(|t| scale(*t)).collect(),
+        }
+    }
+
+    /// The same model's times when it is cut into `to` stages instead of
+    /// `from`: every stage's compute divided by `to / from`. Per-stage times
+    /// split evenly when `to` is a multiple of `from` (each stage into
+    /// `to / from` equal pieces); `None` when they cannot be split.
+    pub fn recut(&self, from: u32, to: u32) -> Option<CostModel> {
+        if from == to || from == 0 || to == 0 {
+            return Some(self.clone());
+        }
+        let factor = f64::from(from) / f64::from(to);
+        if self.is_uniform() {
+            let mut cost = self.scaled(factor);
+            cost.stages.clear();
+            return Some(cost);
+        }
+        if !to.is_multiple_of(from) || self.stages.len() != from as usize {
+            return None;
+        }
+        let pieces = (to / from) as usize;
+        let mut cost = self.scaled(factor);
+        cost.stages = cost.stages.iter().flat_map(|t| std::iter::repeat_n(*t, pieces)).collect();
+        Some(cost)
+    }
+
     /// Pure compute time of one pass.
     pub fn compute(&self, pass: Pass) -> f64 {
-        match pass.kind {
-            PassKind::F => self.forward,
-            PassKind::B => self.backward_input,
-            PassKind::W => self.backward_weight,
-            PassKind::BW => self.backward_input + self.backward_weight,
-        }
+        self.stage(pass.stage).compute(pass.kind)
     }
 
     /// The collective a pass issues (none for `W`).
     fn collective(&self, pass: Pass) -> f64 {
-        match pass.kind {
-            PassKind::W => 0.0,
-            _ => self.tp_collective,
-        }
+        self.stage(pass.stage).collective(pass.kind)
     }
 
     /// (compute, exposed collective time) of one compute instruction.
     pub fn time(&self, passes: &[Pass]) -> (f64, f64) {
         let compute: f64 = passes.iter().map(|p| self.compute(*p)).sum();
         let exposed = match passes {
-            [one] if one.kind == PassKind::BW => (self.collective(*one) - self.backward_weight).max(0.0),
+            [one] if one.kind == PassKind::BW => {
+                (self.collective(*one) - self.stage(one.stage).backward_weight).max(0.0)
+            }
             [one] => self.collective(*one),
             [a, b] => {
                 (self.collective(*a) - self.compute(*b)).max(0.0) + (self.collective(*b) - self.compute(*a)).max(0.0)
@@ -237,14 +389,14 @@ fn run_units(c: &Compute, cost: &CostModel, start: f64, tp: &mut TpStream<'_>) -
         let weight_grad = matches!(u.part, Part::MlpWgrad | Part::AttentionWgrad);
         let input = if weight_grad { last_unit[i] } else { last_reduce[i].max(last_unit[i]) };
         let begin = clock.max(input);
-        let duration = unit_time(cost, pass.kind, u.part);
+        let duration = unit_time(&cost.stage(pass.stage), pass.kind, u.part);
         waited += begin - clock;
         clock = begin + duration;
         compute += duration;
         last_unit[i] = clock;
         if u.collective.is_some() {
             let reduce_start = tp.free.max(clock);
-            *tp.free = reduce_start + cost.tp_collective / 2.0;
+            *tp.free = reduce_start + cost.stage(pass.stage).tp_collective / 2.0;
             last_reduce[i] = *tp.free;
             tp.spans.push(Span {
                 instr: tp.instr,
@@ -283,7 +435,7 @@ struct TpStream<'a> {
 
 /// The compute time of one unit: half of its pass's dgrad (or forward)
 /// time, or half of its weight-gradient time.
-fn unit_time(cost: &CostModel, kind: PassKind, part: Part) -> f64 {
+fn unit_time(cost: &StageTimes, kind: PassKind, part: Part) -> f64 {
     match (kind, part) {
         (_, Part::MlpWgrad | Part::AttentionWgrad) => cost.backward_weight / 2.0,
         (PassKind::F, _) => cost.forward / 2.0,
