@@ -36,7 +36,8 @@ fn main() {
     let prove: Option<f64> = std::env::var("STP_PROVE").ok().and_then(|v| v.parse().ok());
     let unit = CostModel::default();
     let skewed = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit.clone() };
-    let qwen = ModelShape { hidden: 4096.0, ffn: 22016.0, layers: 34.0, seq_len: 4096.0, micro_batch: 1.0 };
+    let qwen =
+        ModelShape { hidden: 4096.0, ffn: 22016.0, layers: 34.0, seq_len: 4096.0, micro_batch: 1.0, vocab: None };
     let paper = normalised(cost_model(&qwen, &Hardware::a800(), &Parallelism { tp: 4, pp: 4, chunks: 2 }));
     let (p, m) = (4, 12);
     println!("p={p}, m={m}; solver effort {seconds} reference s; memory budget = the hand order's peak on each rank");

@@ -43,7 +43,8 @@ fn main() {
     for (name, hidden, ffn, layers) in models {
         for (tp, pp) in [(2, 4), (4, 4), (8, 4), (4, 2), (4, 8)] {
             for seq in [2048.0, 4096.0, 8192.0] {
-                let model = ModelShape { hidden, ffn, layers: layers * 1.0, seq_len: seq, micro_batch: 1.0 };
+                let model =
+                    ModelShape { hidden, ffn, layers: layers * 1.0, seq_len: seq, micro_batch: 1.0, vocab: None };
                 let tokens = MICROBATCHES as f64 * seq;
                 let rate = |schedule: &str| tokens / makespan(schedule, pp, &model, tp);
                 let (il, zbv, stp) = (rate("interleaved-1f1b"), rate("zb-v"), rate("stp"));

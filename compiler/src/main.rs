@@ -416,7 +416,14 @@ fn check(target: &Target) -> Result<(), Reported> {
         s.meta.num_microbatches,
         s.num_ops()
     );
-    let budget = s.memory.budget.map_or(String::new(), |b| format!(" (budget {b})"));
+    let budget = match (&s.memory.budgets[..], s.memory.budget) {
+        ([], None) => String::new(),
+        ([], Some(b)) => format!(" (budget {b})"),
+        (budgets, _) => {
+            let listed: Vec<String> = budgets.iter().map(i64::to_string).collect();
+            format!(" (budgets by rank {})", listed.join(" "))
+        }
+    };
     outln!("peak activation memory per rank, in units: {}{budget}", summarize_peaks(build.checked.peaks()));
     Ok(())
 }
@@ -454,18 +461,19 @@ fn tell_plan(build: &pipeline::Build, simulated: Option<f64>) {
         eprintln!("note: {note}");
     }
     if let Some(plan) = plan {
-        eprintln!("note: {plan}");
         // Planning times links one message at a time and, with --tp, ops
         // unit by unit, as the simulator does, but not the one stream a
         // pair of ranks shares for both directions (lowering's
-        // `place_receives` removes most of that difference).
+        // `place_receives` removes most of that difference): the note
+        // leads with the final program's makespan.
         let cost = &build.checked.schedule().cost;
         let simulated = simulated.or_else(|| stp_ir::simulate::simulate(&build.program, cost).ok().map(|t| t.makespan));
-        if let Some(simulated) = simulated.filter(|t| (t - plan.makespan).abs() > 1e-9) {
+        eprintln!("note: {}", plan.describe(simulated));
+        if simulated.is_some_and(|t| (t - plan.makespan).abs() > 1e-9) {
             eprintln!(
-                "note: the simulator times this order at {simulated:.3}: planning does not make the transfers \
-                 between two ranks share one stream (nor, with --tp, all-reduces on the tensor-parallel stream from \
-                 one op to the next)"
+                "note: the final program's makespan differs from the plan's: planning does not make the transfers between \
+                 two ranks share one stream (nor, with --tp, all-reduces on the tensor-parallel stream from one op \
+                 to the next)"
             );
         }
     }

@@ -300,7 +300,7 @@ fn the_solver_flags_plan_auto_schedules_and_say_what_was_kept() {
     );
     let none = stpc(&["simulate", &v, "-p", "2", "-m", "4", "--solver", "smt"]);
     assert_eq!(none.status.code(), Some(1));
-    assert!(stderr(&none).contains("rank 0 needs at least 2"), "{}", stderr(&none));
+    assert!(stderr(&none).contains("rank 0's memory budget of 1: it needs at least 2"), "{}", stderr(&none));
     // A nonsensical time limit or effort is a usage error.
     let bad = stpc(&["check", auto, "--solver", "smt", "--solver-timeout", "0"]);
     assert_eq!(bad.status.code(), Some(2));

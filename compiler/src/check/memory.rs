@@ -5,7 +5,7 @@ use super::{describe, grid};
 use crate::diag::{Code, Diagnostic};
 use crate::elab::{ComputeSchedule, MemoryModel};
 use std::collections::BTreeMap;
-use stp_ir::{Pass, PassKind, Rank};
+use stp_ir::{Pass, Rank};
 
 /// The peak activation memory of one rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,12 +18,7 @@ pub struct RankPeak {
 
 /// Units a pass allocates (positive) or releases (negative).
 fn delta(model: &MemoryModel, pass: Pass) -> i64 {
-    match pass.kind {
-        PassKind::F => model.activation,
-        PassKind::B => -(model.activation - model.weight_stash),
-        PassKind::W => -model.weight_stash,
-        PassKind::BW => -model.activation,
-    }
+    model.delta(pass.kind, pass.stage)
 }
 
 /// Every rank's peak, and an error for each rank that exceeds the budget
@@ -45,7 +40,7 @@ pub(super) fn check(s: &ComputeSchedule) -> (Vec<RankPeak>, Vec<Diagnostic>) {
             if high > peak.units {
                 peak = RankPeak { units: high, at: Some(i) };
             }
-            if let Some(budget) = model.budget {
+            if let Some(budget) = model.budget_of(r) {
                 if high > budget && !crossed {
                     crossed = true;
                     errors.push(over_budget(s, Rank(r as u32), i, high, budget));
@@ -83,13 +78,11 @@ fn over_budget(s: &ComputeSchedule, rank: Rank, at: usize, units: i64, budget: i
         format!("{} raises rank {} to {units} units ({})", passes.join(" & "), rank.0, op.origin),
     );
     if let Some(span) = s.memory.budget_span {
-        d = d.with_label(span, format!("the budget: {budget} units"));
+        let whose = if s.memory.budgets.is_empty() { "the".to_string() } else { format!("rank {}'s", rank.0) };
+        d = d.with_label(span, format!("{whose} budget: {budget} units"));
     }
     d.notes.push(format!("live on rank {} at that moment: {}", rank.0, describe_live(&live)));
-    d.notes.push(format!(
-        "memory model: F holds {} unit(s) per (stage, microbatch); B releases all but {}, which W releases",
-        s.memory.activation, s.memory.weight_stash
-    ));
+    d.notes.push(format!("memory model: {}", s.memory.describe()));
     if let Some(g) = grid::grid(s, &[(rank, at)]) {
         d.notes.push(format!("the ops of every rank:\n{g}"));
     }

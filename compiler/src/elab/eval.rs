@@ -114,10 +114,11 @@ pub(super) fn run(
         return Err(errors);
     }
 
-    let memory = ev.memory(schedule, &args_memory).map_err(|e| vec![*e])?;
-    ev.max_deferred = memory.max_deferred;
     let num_stages = ev.stages(schedule).map_err(|e| vec![*e])?;
-    ev.within_size_limits(schedule, num_ranks, num_stages, num_microbatches, &memory).map_err(|e| vec![*e])?;
+    ev.within_size_limits(schedule, num_ranks, num_stages, num_microbatches, None).map_err(|e| vec![*e])?;
+    let memory = ev.memory(schedule, &args_memory, num_stages, num_ranks).map_err(|e| vec![*e])?;
+    ev.max_deferred = memory.max_deferred;
+    ev.within_size_limits(schedule, num_ranks, num_stages, num_microbatches, Some(&memory)).map_err(|e| vec![*e])?;
     let cost = ev.cost(schedule, num_stages).map_err(|e| vec![*e])?;
     let placement = ev.placement(schedule, num_stages, num_ranks).map_err(|e| vec![*e])?;
     let meta = |placement| ScheduleMeta {
@@ -256,7 +257,7 @@ impl<'m> Eval<'m> {
         num_ranks: u32,
         num_stages: u32,
         num_microbatches: u32,
-        memory: &MemoryModel,
+        memory: Option<&MemoryModel>,
     ) -> Result<(), Fail> {
         let span = schedule
             .decls
@@ -284,8 +285,11 @@ impl<'m> Eval<'m> {
         if u64::from(num_ranks) > max_ops {
             return Err(too_large(format!("{num_ranks} ranks are more than the limit of {max_ops} ops")));
         }
-        let all_activations = i128::from(memory.activation) * i128::from(num_stages) * i128::from(num_microbatches);
-        let largest = all_activations.max(i128::from(memory.budget.unwrap_or(0)));
+        let Some(memory) = memory else { return Ok(()) };
+        let all_activations =
+            i128::from(memory.largest_activation()) * i128::from(num_stages) * i128::from(num_microbatches);
+        let largest_budget = memory.budgets.iter().copied().chain(memory.budget).max().unwrap_or(0);
+        let largest = all_activations.max(i128::from(largest_budget));
         if largest > i128::from(MAX_MEMORY_UNITS) {
             return Err(Box::new(
                 Diagnostic::new(
@@ -294,7 +298,8 @@ impl<'m> Eval<'m> {
                         "memory settings too large: {} units (activation {} × {num_stages} stages × \
                          {num_microbatches} microbatches, or the budget) exceed the limit of {MAX_MEMORY_UNITS} \
                          (2^62), where adding them up could overflow",
-                        largest, memory.activation
+                        largest,
+                        memory.largest_activation()
                     ),
                 )
                 .with_label(memory.budget_span.unwrap_or(schedule.name.span), "memory model of this schedule")
@@ -319,15 +324,49 @@ impl<'m> Eval<'m> {
     }
 
     /// The memory model: defaults, then the `memory` block, then `overrides`.
-    fn memory(&mut self, schedule: &'m Schedule, overrides: &[(String, i64)]) -> Result<MemoryModel, Fail> {
+    /// The memory model: defaults, then the `memory` block's settings for
+    /// every stage and rank, then those written per stage or rank
+    /// (`activation(s) = ...`, `budget(r) = ...`), then `overrides`, which
+    /// set a value for every stage or rank.
+    fn memory(
+        &mut self,
+        schedule: &'m Schedule,
+        overrides: &[(String, i64)],
+        num_stages: u32,
+        num_ranks: u32,
+    ) -> Result<MemoryModel, Fail> {
         let mut model = MemoryModel::default();
         let mut spans: HashMap<&str, Span> = HashMap::new();
-        for decl in &schedule.decls {
-            let Decl::Memory { fields, .. } = decl else { continue };
-            for Setting { name, value, .. } in fields {
-                let v = self.eval(value)?;
-                spans.insert(name.name.as_str(), value.span);
-                set_memory_field(&mut model, &name.name, v);
+        let settings: Vec<&'m Setting> = schedule
+            .decls
+            .iter()
+            .filter_map(|d| match d {
+                Decl::Memory { fields, .. } => Some(fields),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        for setting in settings.iter().filter(|s| s.index.is_none()) {
+            let v = self.eval(&setting.value)?;
+            spans.insert(setting.name.name.as_str(), setting.value.span);
+            set_memory_field(&mut model, &setting.name.name, v);
+        }
+        for setting in settings.iter().filter(|s| s.index.is_some()) {
+            spans.insert(setting.name.name.as_str(), setting.value.span);
+            if setting.name.name == "budget" {
+                model.budgets =
+                    (0..i64::from(num_ranks)).map(|r| self.indexed(setting, r)).collect::<Result<_, _>>()?;
+                continue;
+            }
+            if model.stages.is_empty() {
+                model.stages = vec![model.stage(Stage(0)); num_stages as usize];
+            }
+            for st in 0..num_stages as usize {
+                let v = self.indexed(setting, st as i64)?;
+                match setting.name.name.as_str() {
+                    "activation" => model.stages[st].activation = v,
+                    _ => model.stages[st].weight_stash = v,
+                }
             }
         }
         for (name, v) in overrides {
@@ -342,26 +381,53 @@ impl<'m> Eval<'m> {
             set_memory_field(&mut model, name, *v);
         }
         model.budget_span = spans.get("budget").copied();
-        let bad = [
-            ("activation", model.activation < 0, "must not be negative"),
-            (
-                "weight_stash",
-                model.weight_stash < 0 || model.weight_stash > model.activation,
-                "must be between 0 and `activation`",
-            ),
-            ("budget", model.budget.is_some_and(|b| b < 0), "must not be negative"),
-            ("max_deferred", model.max_deferred.is_some_and(|b| b < 0), "must not be negative"),
-        ];
-        if let Some((name, _, rule)) = bad.iter().find(|(_, wrong, _)| *wrong) {
-            let span = spans.get(name).copied().unwrap_or(schedule.name.span);
-            return Err(self.fail(
-                Code::ParamValue,
-                format!("memory setting `{name}` {rule}"),
-                span,
-                format!("activation = {}, weight_stash = {}", model.activation, model.weight_stash),
-            ));
-        }
+        self.memory_problem(&model, &spans, schedule.name.span)?;
         Ok(model)
+    }
+
+    /// An error for a negative setting, or a weight stash larger than its
+    /// activation, naming the stage or rank.
+    fn memory_problem(&self, model: &MemoryModel, spans: &HashMap<&str, Span>, fallback: Span) -> Result<(), Fail> {
+        let stages = if model.stages.is_empty() { vec![model.stage(Stage(0))] } else { model.stages.clone() };
+        let at_stage = |st: usize| if model.stages.is_empty() { String::new() } else { format!(" at stage {st}") };
+        let mut bad: Vec<(&str, String, String)> = Vec::new();
+        for (st, m) in stages.iter().enumerate() {
+            if m.activation < 0 {
+                bad.push((
+                    "activation",
+                    format!("must not be negative{}", at_stage(st)),
+                    format!("this is {}", m.activation),
+                ));
+            } else if m.weight_stash < 0 || m.weight_stash > m.activation {
+                bad.push((
+                    "weight_stash",
+                    format!("must be between 0 and `activation`{}", at_stage(st)),
+                    format!("activation = {}, weight_stash = {}", m.activation, m.weight_stash),
+                ));
+            }
+        }
+        let budgets = model.budget.iter().map(|b| (*b, String::new()));
+        let per_rank = model.budgets.iter().enumerate().map(|(r, b)| (*b, format!(" for rank {r}")));
+        if let Some((b, which)) = budgets.chain(per_rank).find(|(b, _)| *b < 0) {
+            bad.push(("budget", format!("must not be negative{which}"), format!("this is {b}")));
+        }
+        if let Some(d) = model.max_deferred.filter(|d| *d < 0) {
+            bad.push(("max_deferred", "must not be negative".into(), format!("this is {d}")));
+        }
+        let Some((name, rule, label)) = bad.into_iter().next() else { return Ok(()) };
+        let span = spans.get(name).copied().unwrap_or(fallback);
+        Err(self.fail(Code::ParamValue, format!("memory setting `{name}` {rule}"), span, label))
+    }
+
+    /// An integer setting's value with its index variable (a stage or a
+    /// rank) bound to `index`.
+    fn indexed(&mut self, setting: &'m Setting, index: i64) -> Result<i64, Fail> {
+        self.step(setting.value.span)?;
+        let Some(var) = &setting.index else { return self.eval(&setting.value) };
+        self.env.push(Binding { name: &var.name, sym: var.sym, value: index, kind: BindKind::Iteration });
+        let v = self.eval(&setting.value);
+        self.env.pop();
+        v
     }
 
     /// The cost model: unit costs, then the `cost` block's settings —
@@ -568,11 +634,13 @@ impl<'m> Eval<'m> {
                 let value = self.eval(value)?;
                 self.env.push(Binding { name: &name.name, sym: name.sym, value, kind: BindKind::Let });
             }
-            StmtKind::For { var, start, end, inclusive, body } => {
+            StmtKind::For { var, start, end, inclusive, reversed, body } => {
                 let start = self.eval(start)?;
                 let end = self.eval(end)?;
                 let end = if *inclusive { end.saturating_add(1) } else { end };
-                for i in start..end {
+                let values: Box<dyn Iterator<Item = i64>> =
+                    if *reversed { Box::new((start..end).rev()) } else { Box::new(start..end) };
+                for i in values {
                     self.step(stmt.span)?;
                     self.env.push(Binding { name: &var.name, sym: var.sym, value: i, kind: BindKind::Iteration });
                     let result = self.exec_block(body, rank, shape, out);
@@ -924,11 +992,21 @@ fn ordinal(n: i64) -> String {
     format!("{n}{suffix}")
 }
 
+/// Sets a memory setting on every stage or rank.
 fn set_memory_field(model: &mut MemoryModel, name: &str, value: i64) {
     match name {
-        "activation" => model.activation = value,
-        "weight_stash" => model.weight_stash = value,
-        "budget" => model.budget = Some(value),
+        "activation" => {
+            model.activation = value;
+            model.stages.iter_mut().for_each(|m| m.activation = value);
+        }
+        "weight_stash" => {
+            model.weight_stash = value;
+            model.stages.iter_mut().for_each(|m| m.weight_stash = value);
+        }
+        "budget" => {
+            model.budget = Some(value);
+            model.budgets.clear();
+        }
         "max_deferred" => model.max_deferred = Some(value),
         _ => {}
     }

@@ -4,6 +4,7 @@
 
 mod eval;
 mod instances;
+mod memory;
 mod params;
 
 use crate::diag::{Code, Diagnostic};
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use stp_ir::{Compute, Rank, ScheduleMeta};
 
 pub use instances::{check_families, CheckFamily, MAX_INSTANCES};
+pub use memory::{MemoryModel, StageMemory};
 pub use params::ParamArgs;
 
 /// Bounds that keep a runaway schedule from exhausting time or memory.
@@ -66,29 +68,6 @@ pub struct ComputeSchedule {
     /// (they run unit by unit, each collective on the rank's
     /// tensor-parallel stream): the optimizers time orders that way too.
     pub tp_units: Option<stp_ir::Collective>,
-}
-
-/// How much activation memory each pass holds, in units, and the bounds a
-/// rank must stay within (`memory { ... }` block, `--mem` overrides).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MemoryModel {
-    /// Units `F(mb, s)` allocates (`activation`, default 1).
-    pub activation: i64,
-    /// Of those, units kept after `B` until `W` runs (`weight_stash`,
-    /// default 0): `B` releases the rest, `W` this part, `BW` all.
-    pub weight_stash: i64,
-    /// Most units live on one rank at once (`budget`), if bounded.
-    pub budget: Option<i64>,
-    /// Where the budget was declared, for diagnostics.
-    pub budget_span: Option<Span>,
-    /// Most weight gradients deferred at once on one rank (`max_deferred`), if bounded.
-    pub max_deferred: Option<i64>,
-}
-
-impl Default for MemoryModel {
-    fn default() -> MemoryModel {
-        MemoryModel { activation: 1, weight_stash: 0, budget: None, budget_span: None, max_deferred: None }
-    }
 }
 
 impl ComputeSchedule {

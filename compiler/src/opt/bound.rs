@@ -87,9 +87,13 @@ fn window_floor(
     dur: &PerStage,
     first_alone: &[i64],
 ) -> i64 {
-    let Some(budget) = Budget::of(memory) else { return 0 };
+    if !memory.is_bounded() {
+        return 0;
+    }
     worst_rank(placement, |r| {
-        let released = ReleaseCurve::new(&owned_by(placement, r), heads, dur, &budget);
+        let owned = owned_by(placement, r);
+        let budget = Budget::of(memory, r, &owned)?;
+        let released = ReleaseCurve::new(&owned, heads, dur, &budget);
         let jobs: Vec<(usize, i64, i64)> =
             rank_passes(placement, r, heads, dur, first_alone).map(|(k, _, _, head, time)| (k, head, time)).collect();
         let total: i64 = jobs.iter().map(|j| j.2).sum();
@@ -206,14 +210,22 @@ struct Budget {
 }
 
 impl Budget {
-    /// `None` without a budget, or with one below a single activation.
-    fn of(memory: &MemoryModel) -> Option<Budget> {
-        let (units, a) = (memory.budget?, memory.activation);
-        (a > 0 && units >= a).then(|| Budget {
+    /// Rank `r`'s budget over its stages `owned`; `None` without one, or
+    /// with one below a single activation. Where stages differ, a forward
+    /// counts as the smallest activation and a pass releases as much as the
+    /// most generous stage's: the bound stays below every real order.
+    fn of(memory: &MemoryModel, r: usize, owned: &[usize]) -> Option<Budget> {
+        let units = memory.budget_of(r)?;
+        let stages: Vec<_> = owned.iter().map(|st| memory.stage(stp_ir::Stage(*st as u32))).collect();
+        let a = stages.iter().map(|m| m.activation).min()?;
+        let most = |f: &dyn Fn(&crate::elab::StageMemory) -> i64| stages.iter().map(f).max().unwrap_or(0);
+        let (b_release, full, stash) =
+            (most(&|m| m.activation - m.weight_stash), most(&|m| m.activation), most(&|m| m.weight_stash));
+        (a > 0 && units >= a).then_some(Budget {
             units,
             activation: a,
-            release: [0, a - memory.weight_stash, memory.weight_stash],
-            partner: [0, a, memory.weight_stash],
+            release: [0, b_release, stash],
+            partner: [0, full, stash],
         })
     }
 
@@ -251,7 +263,9 @@ fn memory_floors(
     hop: &dyn Fn(usize, usize) -> i64,
     mbs: usize,
 ) -> Option<Vec<Vec<i64>>> {
-    let budget = Budget::of(memory)?;
+    if !memory.is_bounded() {
+        return None;
+    }
     let stages = placement.len();
     let ranks = placement.iter().map(|r| r.index() + 1).max().unwrap_or(0);
     let mut floors = vec![vec![0i64; mbs]; stages];
@@ -262,6 +276,7 @@ fn memory_floors(
         let mut moved = false;
         for r in 0..ranks {
             let owned = owned_by(placement, r);
+            let Some(budget) = Budget::of(memory, r, &owned) else { continue };
             let released = ReleaseCurve::new(&owned, &heads, dur, &budget);
             for (j, &st) in owned.iter().enumerate() {
                 for (i, floor) in floors[st].iter_mut().enumerate() {

@@ -240,10 +240,16 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
 /// bolder ones.
 fn admission_caps(s: &ComputeSchedule) -> (Vec<Option<usize>>, Vec<Option<usize>>) {
     let meta = &s.meta;
-    let most_owned =
-        (0..meta.num_ranks).map(|r| meta.placement.iter().filter(|p| p.0 == r).count() as i64).max().unwrap_or(1);
-    let per_microbatch = most_owned * s.memory.activation.max(1);
-    let safe_cap = s.memory.budget.map(|b| b / per_microbatch).filter(|cap| *cap > 0).map(|cap| cap as usize);
+    // Per rank, the microbatches whose activations on all its stages fit
+    // its budget; the safe cap is the smallest.
+    let fits = |r: u32| {
+        let per_microbatch: i64 = (0..meta.num_stages)
+            .filter(|st| meta.placement[*st as usize].0 == r)
+            .map(|st| s.memory.stage(Stage(st)).activation)
+            .sum();
+        s.memory.budget_of(r as usize).map(|b| b / per_microbatch.max(1))
+    };
+    let safe_cap = (0..meta.num_ranks).filter_map(fits).min().filter(|cap| *cap > 0).map(|cap| cap as usize);
     // Where the safe cap keeps fewer microbatches in flight than there are
     // ranks, memory binds, and a microbatch rarely holds its activations
     // on every stage at once: bolder caps, which may strand a rank (their
@@ -253,6 +259,15 @@ fn admission_caps(s: &ComputeSchedule) -> (Vec<Option<usize>>, Vec<Option<usize>
         .map(|cap| vec![Some(cap + 1), Some(cap + 2), Some(2 * cap)])
         .unwrap_or_default();
     (std::iter::once(None).chain(safe_cap.map(Some)).collect(), bolder)
+}
+
+/// `4`, or `[4 4 4 6]` by rank.
+fn describe_budgets(budgets: &[i64]) -> String {
+    if budgets.iter().all(|b| *b == budgets[0]) {
+        return budgets[0].to_string();
+    }
+    let listed: Vec<String> = budgets.iter().map(|b| if *b == i64::MAX { "-".into() } else { b.to_string() }).collect();
+    format!("[{}] by rank", listed.join(" "))
 }
 
 /// How much a restart's criticalities are jittered: each is scaled by a
@@ -282,7 +297,7 @@ const RESTART_BRAIDINGS: [Braiding; 5] = [
 /// wall-clock cap) and returns the `keep` fastest distinct orders, fastest first. The draws
 /// come from a fixed seed: the same runs give the same orders.
 pub fn restarts(s: &ComputeSchedule, runs: usize, keep: usize, stop: &mut dyn FnMut() -> bool) -> Vec<super::Timed> {
-    if !super::has_collectives(s) || s.memory.budget.is_none() {
+    if !super::has_collectives(s) || !s.memory.is_bounded() {
         return Vec::new();
     }
     let lower_bound = super::bound::lower_bound(s, &s.cost);
@@ -330,11 +345,12 @@ fn schedule_with(
     let [b_rank, f_rank, w_rank] = policy.priority;
     let meta = &s.meta;
     let (stages, mbs, ranks) = (meta.num_stages as usize, meta.num_microbatches as usize, meta.num_ranks as usize);
-    let Some(budget) = s.memory.budget else {
+    if !s.memory.is_bounded() {
         return Err(Diagnostic::new(Code::ScheduleShape, "an `auto` schedule needs a memory budget")
             .with_label(s.body_span, "stpc orders the passes here, trading memory for time")
             .with_help("add `memory { budget = ...; }`: without one, running every forward first is \"fastest\""));
-    };
+    }
+    let budgets: Vec<i64> = (0..ranks).map(|r| s.memory.budget_of(r).unwrap_or(i64::MAX)).collect();
     let cost = &s.cost;
     let model = &s.memory;
     let owner = |stage: usize| meta.placement[stage].index();
@@ -374,7 +390,7 @@ fn schedule_with(
             }
             let i = next_f[stage];
             let admitted = stage > 0 || in_flight.is_none_or(|cap| next_f[0] - next_b[0] < cap);
-            if i < mbs && admitted && live[r] + model.activation <= budget {
+            if i < mbs && admitted && live[r] + model.delta(PassKind::F, Stage(stage as u32)) <= budgets[r] {
                 let ready = if stage == 0 {
                     Some(0.0)
                 } else {
@@ -399,7 +415,7 @@ fn schedule_with(
         let Some((start, _, _, r, chosen)) = best else {
             return Err(Diagnostic::new(
                 Code::MemoryBudget,
-                format!("no order of the passes fits the memory budget of {budget}"),
+                format!("no order of the passes fits the memory budget of {}", describe_budgets(&budgets)),
             )
             .with_label(s.body_span, "the scheduler ran out of passes it could start")
             .with_note(format!(
@@ -436,7 +452,7 @@ fn schedule_with(
             match pass.kind {
                 PassKind::F => {
                     next_f[stage] += 1;
-                    live[r] += model.activation;
+                    live[r] += model.delta(PassKind::F, pass.stage);
                 }
                 PassKind::B => {
                     next_b[stage] += 1;
@@ -445,15 +461,13 @@ fn schedule_with(
                     let fusable = deferred[r].iter().all(|&(st, _, _)| st != stage);
                     if policy.fuse && partner.is_none() && fusable {
                         pass.kind = PassKind::BW;
-                        live[r] -= model.activation;
                         remaining -= 1;
-                    } else {
-                        live[r] -= model.activation - model.weight_stash;
                     }
+                    live[r] += model.delta(pass.kind, pass.stage);
                 }
                 PassKind::W | PassKind::BW => {
                     deferred[r].pop_front();
-                    live[r] -= model.weight_stash;
+                    live[r] += model.delta(PassKind::W, pass.stage);
                 }
             }
         }
@@ -533,10 +547,11 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
     // With a memory budget, a rank runs at most so many forwards before
     // its first backward frees memory; the rest wait for backwards, so an
     // early backward holds up forwards too.
-    let room = s.memory.budget.filter(|_| memory_bound).map(|b| (b / s.memory.activation.max(1)).max(1) as usize);
+    let activation = s.memory.smallest_activation().max(1);
+    let room = |r: usize| s.memory.budget_of(r).filter(|_| memory_bound).map(|b| (b / activation).max(1) as usize);
     let stages_of_rank: Vec<usize> = (0..ranks).map(|r| (0..stages).filter(|st| owner(*st) == r).count()).collect();
     let held_back_forwards = |stage: usize, mb: usize| {
-        room.map_or(0.0, |room| {
+        room(owner(stage)).map_or(0.0, |room| {
             let owned = stages_of_rank[owner(stage)];
             (owned * mbs).saturating_sub(room + mb * owned) as f64 * compute(0, stage)
         })

@@ -60,8 +60,7 @@ pub fn search(
     stop: &mut dyn FnMut() -> bool,
 ) -> (Option<super::Timed>, usize) {
     let mut trial = ComputeSchedule { ranks: order, ..s.clone() };
-    let limits: Vec<i64> =
-        trial.ranks.iter().map(|ops| s.memory.budget.unwrap_or_else(|| peak(ops, &s.memory))).collect();
+    let limits = super::reorder::rank_limits(&trial);
     let Some(mut current) = cost(&trial, acceptance) else { return (None, 0) };
     let mut history = vec![current.key; HISTORY];
     let mut best: Option<super::Timed> = None;

@@ -81,7 +81,29 @@ pub struct PlanReport {
 
 impl std::fmt::Display for PlanReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "auto: {} order, makespan {:.3}", self.kept, self.makespan)?;
+        self.write(f, None)
+    }
+}
+
+impl PlanReport {
+    /// The report for the order as it finally runs: with `simulated`, the
+    /// simulator's makespan of the lowered program leads, the planned one
+    /// follows (they differ where planning models less than the simulator).
+    pub fn describe(&self, simulated: Option<f64>) -> String {
+        struct Final<'a>(&'a PlanReport, Option<f64>);
+        impl std::fmt::Display for Final<'_> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                self.0.write(f, self.1)
+            }
+        }
+        Final(self, simulated.filter(|t| (t - self.makespan).abs() > 1e-9)).to_string()
+    }
+
+    fn write(&self, f: &mut std::fmt::Formatter<'_>, simulated: Option<f64>) -> std::fmt::Result {
+        match simulated {
+            Some(t) => write!(f, "auto: {} order, makespan {t:.3} ({:.3} as planned)", self.kept, self.makespan)?,
+            None => write!(f, "auto: {} order, makespan {:.3}", self.kept, self.makespan)?,
+        }
         match self.greedy_makespan {
             Some(greedy) if self.kept != "greedy" => write!(f, " (greedy: {greedy:.3})")?,
             None => write!(f, " (greedy found no order within the budget)")?,
@@ -190,35 +212,39 @@ pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>
 /// stages' forwards), whatever is braided with it. That much suffices:
 /// one microbatch at a time through the whole pipeline never holds more.
 fn too_little_memory(s: &ComputeSchedule) -> Option<Diagnostic> {
-    let budget = s.memory.budget?;
     let mut owned: Vec<Vec<usize>> = vec![Vec::new(); s.meta.num_ranks as usize];
     for (stage, rank) in s.meta.placement.iter().enumerate() {
         owned[rank.index()].push(stage);
     }
-    // The first of the ranks holding the most stages.
-    let (rank, stages) = owned.iter().enumerate().rev().max_by_key(|(_, stages)| stages.len())?;
-    let needed = stages.len() as i64 * s.memory.activation;
-    if budget >= needed {
-        return None;
-    }
+    let needed = |stages: &[usize]| -> i64 {
+        stages.iter().map(|st| s.memory.stage(stp_ir::Stage(*st as u32)).activation).sum()
+    };
+    // The rank short of the most units (the first of those).
+    let (rank, stages, budget, need) = owned
+        .iter()
+        .enumerate()
+        .filter_map(|(r, stages)| Some((r, stages, s.memory.budget_of(r)?, needed(stages))))
+        .filter(|(_, _, budget, need)| budget < need)
+        .max_by_key(|(r, _, budget, need)| (need - budget, std::cmp::Reverse(*r)))?;
     let list: Vec<String> = stages.iter().map(|st| st.to_string()).collect();
     let mut d = Diagnostic::new(
         crate::diag::Code::MemoryBudget,
-        format!("no order of the passes fits the memory budget of {budget}: rank {rank} needs at least {needed}"),
+        format!("no order of the passes fits rank {rank}'s memory budget of {budget}: it needs at least {need}"),
     )
     .with_label(s.body_span, "stpc orders the passes here");
     if let Some(span) = s.memory.budget_span {
-        d = d.with_label(span, format!("the budget: {budget} units"));
+        d = d.with_label(span, format!("rank {rank}'s budget: {budget} units"));
     }
+    let per_stage: Vec<String> =
+        stages.iter().map(|st| s.memory.stage(stp_ir::Stage(*st as u32)).activation.to_string()).collect();
     d.notes.push(format!(
         "rank {rank} holds stages {}: a microbatch's activations of every one of them are live when it runs the \
          forward of the last (each stage's forward is live until its backward, which follows the later stages' \
-         forwards): {} × {} units",
+         forwards): {} units",
         list.join(", "),
-        stages.len(),
-        s.memory.activation
+        per_stage.join(" + "),
     ));
-    Some(d.with_help(format!("raise the budget to at least {needed}: one microbatch at a time then fits")))
+    Some(d.with_help(format!("raise rank {rank}'s budget to at least {need}: one microbatch at a time then fits")))
 }
 
 /// `order` after the local search, if that shortened it.

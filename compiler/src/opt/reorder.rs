@@ -36,7 +36,7 @@ pub fn improve(s: &mut ComputeSchedule) -> Vec<Vec<usize>> {
         s.notes.push(format!("`reorder`: kept the written order ({moves} candidate moves over {ops} ops)"));
         return s.ranks.iter().map(|ops| (0..ops.len()).collect()).collect();
     }
-    let limits: Vec<i64> = s.ranks.iter().map(|ops| s.memory.budget.unwrap_or_else(|| peak(ops, &s.memory))).collect();
+    let limits = rank_limits(s);
     let written = runnable_makespan(s);
     let budget = Cell::new(usize::MAX);
     let search = Search { regions: &regions, limits: &limits, window: usize::MAX, budget: &budget };
@@ -67,7 +67,7 @@ pub fn polish(s: &mut ComputeSchedule, window: usize, evaluations: usize) -> Pol
     if !can_polish(&s.ranks, window) {
         return Polished { kept: 0, scored: 0 };
     }
-    let limits: Vec<i64> = s.ranks.iter().map(|ops| s.memory.budget.unwrap_or_else(|| peak(ops, &s.memory))).collect();
+    let limits = rank_limits(s);
     let mut kept = 0;
     let budget = Cell::new(evaluations);
     for _ in 0..MAX_ROUNDS {
@@ -287,18 +287,19 @@ pub(super) fn move_op<T>(items: &mut [T], from: usize, to: usize) {
     }
 }
 
+/// Each rank's memory limit for a search: its budget, or where it has
+/// none, the peak of its current order (a search never raises it).
+pub(super) fn rank_limits(s: &ComputeSchedule) -> Vec<i64> {
+    s.ranks.iter().enumerate().map(|(r, ops)| s.memory.budget_of(r).unwrap_or_else(|| peak(ops, &s.memory))).collect()
+}
+
 /// The rank's most live activation units at any op boundary.
 pub(super) fn peak(ops: &[ScheduledOp], model: &MemoryModel) -> i64 {
     let mut live = 0i64;
     let mut most = 0i64;
     for op in ops {
         for pass in &op.compute.passes {
-            live += match pass.kind {
-                PassKind::F => model.activation,
-                PassKind::B => -(model.activation - model.weight_stash),
-                PassKind::W => -model.weight_stash,
-                PassKind::BW => -model.activation,
-            };
+            live += model.delta(pass.kind, pass.stage);
         }
         most = most.max(live);
     }

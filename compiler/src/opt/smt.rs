@@ -495,10 +495,9 @@ fn search(
     }
     // Ops of one rank never overlap; forwards respect the memory budget.
     let model = &s.memory;
-    let delta = |k: usize| match k {
-        0 => model.activation,
-        1 => -(model.activation - model.weight_stash),
-        _ => -model.weight_stash,
+    let delta = |(k, st, _): Key| {
+        let kind = [PassKind::F, PassKind::B, PassKind::W][k];
+        model.delta(kind, stp_ir::Stage(st as u32))
     };
     // Over the other passes of `x`'s rank, the sum of `value` (0: not
     // counted) for those that run before `x` or share its op: a constant
@@ -522,7 +521,7 @@ fn search(
         terms.push(int(known));
         terms
     };
-    for ids in &on_rank {
+    for (r, ids) in on_rank.iter().enumerate() {
         if past_cap() {
             return out_of_time();
         }
@@ -547,10 +546,10 @@ fn search(
         }
         // Live units just before an op holding a forward, plus what the
         // op adds (the forward's, and its partner's change).
-        if let Some(cap) = model.budget {
+        if let Some(cap) = model.budget_of(r) {
             for &x in ids.iter().filter(|x| keys[**x].0 == 0) {
-                let mut live = vec![int(model.activation)];
-                live.extend(counted(x, ids, &|y| delta(keys[y].0)));
+                let mut live = vec![int(delta(keys[x]))];
+                live.extend(counted(x, ids, &|y| delta(keys[y])));
                 solver.assert(Int::add(&live).le(int(cap)));
             }
         }

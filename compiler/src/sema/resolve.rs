@@ -21,6 +21,19 @@ pub const COST_FIELDS: [&str; 5] = ["forward", "backward_input", "backward_weigh
 /// The cost settings that may differ from stage to stage (`forward(s) = ...`).
 pub const STAGE_COST_FIELDS: [&str; 4] = ["forward", "backward_input", "backward_weight", "tp_collective"];
 
+/// The memory settings that may differ by stage (`activation(s) = ...`)
+/// or by rank (`budget(r) = ...`), with what their index ranges over.
+pub const INDEXED_MEMORY_FIELDS: [(&str, &str); 3] =
+    [("activation", "stage"), ("weight_stash", "stage"), ("budget", "rank")];
+
+/// The cost settings' indices: all range over stages.
+const INDEXED_COST_FIELDS: [(&str, &str); 4] = [
+    (STAGE_COST_FIELDS[0], "stage"),
+    (STAGE_COST_FIELDS[1], "stage"),
+    (STAGE_COST_FIELDS[2], "stage"),
+    (STAGE_COST_FIELDS[3], "stage"),
+];
+
 /// Checks a whole file and returns every error found.
 pub fn check_file(file: &File) -> Vec<Diagnostic> {
     let mut functions: HashMap<&str, &Function> = HashMap::new();
@@ -213,8 +226,12 @@ impl Checker<'_> {
             }),
             Decl::Require { cond, .. } => self.expect(cond, Type::Bool, "a requirement"),
             Decl::Auto { .. } => {}
-            Decl::Memory { fields, .. } => self.check_settings(fields, &MEMORY_FIELDS, &[], "memory setting"),
-            Decl::Cost { fields, .. } => self.check_settings(fields, &COST_FIELDS, &STAGE_COST_FIELDS, "cost setting"),
+            Decl::Memory { fields, .. } => {
+                self.check_settings(fields, &MEMORY_FIELDS, &INDEXED_MEMORY_FIELDS, "memory setting")
+            }
+            Decl::Cost { fields, .. } => {
+                self.check_settings(fields, &COST_FIELDS, &INDEXED_COST_FIELDS, "cost setting")
+            }
             Decl::Check { axes, .. } => self.check_axes(axes),
             Decl::Rank { var, body, .. } => self.with_scope(|c| {
                 c.bind(var, Type::Int);
@@ -227,7 +244,7 @@ impl Checker<'_> {
     /// A block's settings: known names, each once, those in `per_stage`
     /// optionally with a stage variable; a cost's value is a decimal (an
     /// integer is one), a memory setting's an integer.
-    fn check_settings(&mut self, fields: &[Setting], allowed: &[&str], per_stage: &[&str], what: &str) {
+    fn check_settings(&mut self, fields: &[Setting], allowed: &[&str], indexed: &[(&str, &str)], what: &str) {
         let mut seen: HashMap<&str, Span> = HashMap::new();
         let cost = what == "cost setting";
         for Setting { name, index, value } in fields {
@@ -242,17 +259,15 @@ impl Checker<'_> {
             } else if let Some(first) = seen.insert(name.name.as_str(), name.span) {
                 self.errors.push(duplicate(what, &name.name, name.span, first));
             }
-            if let Some(index) = index.as_ref().filter(|_| !per_stage.contains(&name.name.as_str())) {
+            let takes_index = indexed.iter().any(|(n, _)| *n == name.name);
+            if let Some(index) = index.as_ref().filter(|_| !takes_index && allowed.contains(&name.name.as_str())) {
+                let listed: Vec<String> = indexed.iter().map(|(n, over)| format!("{n}({})", &over[..1])).collect();
                 let d = Diagnostic::new(
                     Code::TypeMismatch,
                     format!("`{}` is one number for the whole schedule; it takes no `({})`", name.name, index.name),
                 )
-                .with_label(index.span, "not a per-stage setting");
-                let d = if per_stage.is_empty() {
-                    d.with_help(format!("write `{} = ...;`", name.name))
-                } else {
-                    d.with_help(format!("settings that may differ per stage: {}", per_stage.join(", ")))
-                };
+                .with_label(index.span, "not a per-stage or per-rank setting")
+                .with_help(format!("settings that may differ: {}", listed.join(", ")));
                 self.errors.push(d);
             }
             let want = if cost { Type::Real } else { Type::Int };

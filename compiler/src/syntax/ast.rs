@@ -261,6 +261,8 @@ pub enum StmtKind {
         end: Expr,
         /// Whether `end` itself is included (`..=`).
         inclusive: bool,
+        /// Whether the range runs from its last value down (`(A..B).rev()`).
+        reversed: bool,
         /// The body.
         body: Block,
     },

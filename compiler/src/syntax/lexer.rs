@@ -142,8 +142,10 @@ impl fmt::Display for Token<'_> {
     }
 }
 
-const OPERATORS: [&str; 21] = [
+// Longest first: `..=` before `..` before `.` (a reversed range's `.rev()`).
+const OPERATORS: [&str; 22] = [
     "..=", "==", "!=", "<=", ">=", "&&", "&?", "||", "->", "..", "+", "-", "*", "/", "%", "<", ">", "!", "=", "&", ":",
+    ".",
 ];
 
 /// The lexer: the whole source to a token list, recovering from bad

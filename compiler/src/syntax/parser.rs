@@ -188,14 +188,29 @@ where
             .map(|(name, value)| StmtKind::Let(name, value));
 
         let range_op = choice((op("..=").to(true), op("..").to(false)));
+        let range = expr().then(range_op).then(expr());
+        // `(A..B).rev()`: B-1 down to A. Tried first; `(m - 1)..0` is not
+        // one (no range inside the parentheses) and parses as a plain range.
+        let reversed = range
+            .clone()
+            .delimited_by(ctrl('('), ctrl(')'))
+            .then_ignore(op("."))
+            .then_ignore(ident().filter(|name: &Ident| name.name == "rev").labelled("`rev`"))
+            .then_ignore(ctrl('(').then(ctrl(')')))
+            .map(|r| (r, true));
         let for_stmt = kw(Keyword::For)
             .ignore_then(ident())
             .then_ignore(kw(Keyword::In))
-            .then(expr())
-            .then(range_op)
-            .then(expr())
+            .then(choice((reversed, range.map(|r| (r, false)))))
             .then(body.clone())
-            .map(|((((var, start), inclusive), end), body)| StmtKind::For { var, start, end, inclusive, body });
+            .map(|((var, (((start, inclusive), end), reversed)), body)| StmtKind::For {
+                var,
+                start,
+                end,
+                inclusive,
+                reversed,
+                body,
+            });
 
         let if_stmt = recursive(|if_stmt| {
             kw(Keyword::If)

@@ -173,14 +173,14 @@ impl CostModel {
             .map(|(i, name)| {
                 let values: Vec<f64> = by_stage.iter().map(|t| t.fields()[i].1).collect();
                 if values.iter().all(|v| *v == values[0]) {
-                    format!("{name}={}", values[0])
+                    format!("{name}={}", significant(values[0]))
                 } else {
-                    let listed: Vec<String> = values.iter().map(f64::to_string).collect();
+                    let listed: Vec<String> = values.iter().map(|v| significant(*v)).collect();
                     format!("{name}=[{}]", listed.join(" "))
                 }
             })
             .collect();
-        parts.push(format!("p2p={}", self.p2p));
+        parts.push(format!("p2p={}", significant(self.p2p)));
         let note = if uniform { "" } else { " (lists are by stage)" };
         format!("{}{note}", parts.join(" "))
     }
@@ -257,6 +257,25 @@ impl CostModel {
             _ => passes.iter().map(|p| self.collective(*p)).sum(),
         };
         (compute, exposed)
+    }
+}
+
+/// `v` to five significant digits, without trailing zeros: `1.3`,
+/// `0.050879`, `2.5e-7`.
+fn significant(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return v.to_string();
+    }
+    let magnitude = v.abs().log10().floor() as i32;
+    if !(-5..=9).contains(&magnitude) {
+        return format!("{v:.4e}");
+    }
+    let decimals = (4 - magnitude).max(0) as usize;
+    let text = format!("{v:.decimals$}");
+    if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
     }
 }
 
