@@ -28,10 +28,12 @@ fn run(program: &Program) -> Result<cpu::CpuReport, ExecError> {
 
 #[test]
 fn every_standard_schedule_reproduces_the_sequential_gradients_bit_for_bit() {
-    let cases: [(&str, i64, i64, Option<i64>); 14] = [
+    let cases: [(&str, i64, i64, Option<i64>); 16] = [
         ("gpipe", 3, 4, None),
         ("1f1b", 2, 3, None),
         ("1f1b", 4, 8, None),
+        ("1f1b-recompute", 2, 3, None),
+        ("1f1b-recompute", 4, 8, None),
         ("interleaved-1f1b", 2, 4, Some(2)),
         ("interleaved-1f1b", 4, 8, Some(2)),
         ("interleaved-1f1b", 2, 6, Some(3)),
@@ -58,6 +60,7 @@ fn every_standard_schedule_reproduces_the_sequential_gradients_bit_for_bit() {
 fn tensor_parallel_runs_reproduce_the_sequential_gradients() {
     for (name, p, m, v, tp) in [
         ("1f1b", 2, 3, None, 2),
+        ("1f1b-recompute", 3, 5, None, 2),
         ("zb-v", 2, 4, None, 2),
         ("stp", 2, 5, None, 4),
         ("interleaved-1f1b", 2, 4, Some(2), 2),
@@ -82,11 +85,14 @@ fn the_gradients_are_not_trivially_equal() {
 /// stash lives until the stage's last backward pass (W, when the backward
 /// is split), so the checker is asked for the model in which W frees all
 /// of it (`weight_stash = activation`); for schedules without a split
-/// backward that is the default model.
+/// backward that is the default model. A recomputed forward's checkpoint
+/// is no stash (full recompute frees all of it, `recomputed` defaulting
+/// to `activation`) until its `R` restores one: 1 per rank, not p.
 #[test]
 fn live_stashes_equal_the_checkers_peak() {
-    let cases: [(&str, i64, i64, Option<i64>); 7] = [
+    let cases: [(&str, i64, i64, Option<i64>); 8] = [
         ("1f1b", 4, 8, None),
+        ("1f1b-recompute", 4, 8, None),
         ("gpipe", 3, 5, None),
         ("interleaved-1f1b", 4, 8, Some(2)),
         ("zb-h1", 4, 6, None),
@@ -223,5 +229,43 @@ fn braided_auto_orders_reproduce_the_sequential_gradients() {
         let braided = program.ranks.iter().flat_map(|r| &r.instrs).filter(|i| i.passes().len() == 2).count();
         assert!(braided > 0, "p={p} m={m}: the scheduler braids");
         assert_reproduces_the_sequential_gradients(&program, &format!("p={p} m={m}"));
+    }
+}
+
+/// `recompute auto` on 1F1B's order: for every budget from one
+/// activation to 1F1B's own peak, stpc recomputes just enough forwards
+/// that every rank fits (none at 1F1B's peak), the program passes the
+/// checker, and the CPU executor, really recomputing, still produces the
+/// sequential run's gradients bit for bit.
+#[test]
+fn recompute_auto_fits_every_budget_and_keeps_the_gradients() {
+    let source = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../stdlib/1f1b.sched"))
+        .expect("stdlib/1f1b.sched")
+        .replace("memory { budget = p; }", "memory { budget = BUDGET; }\n  recompute auto;");
+    assert!(source.contains("recompute auto"), "the 1F1B source changed");
+    let (p, m) = (4, 8);
+    for budget in 1..=p {
+        let file = stpc::syntax::span::SourceFile::new(
+            "1f1b_recompute_auto.sched",
+            source.replace("BUDGET", &budget.to_string()),
+        );
+        let request = stpc::pipeline::Request {
+            params: stpc::elab::ParamArgs { ranks: Some(p), microbatches: Some(m), ..Default::default() },
+            ..Default::default()
+        };
+        let b = stpc::pipeline::build(&file, &request).unwrap_or_else(|d| panic!("budget {budget}: {d:?}"));
+        assert!(b.checked.peaks().iter().all(|peak| peak.units <= budget), "budget {budget}");
+        let recomputes = b
+            .program
+            .ranks
+            .iter()
+            .flat_map(|r| &r.instrs)
+            .flat_map(|i| i.passes())
+            .filter(|p| p.kind == stp_ir::PassKind::R)
+            .count();
+        assert_eq!(recomputes == 0, budget == p, "budget {budget}: {recomputes} recomputes");
+        let note = b.checked.schedule().notes.iter().find(|n| n.contains("recompute auto")).expect("a note");
+        assert!(note.contains(&format!("recomputed {recomputes} of {}", p * m)), "{note}");
+        assert_reproduces_the_sequential_gradients(&b.program, &format!("budget {budget}"));
     }
 }

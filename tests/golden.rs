@@ -337,3 +337,41 @@ fn zb_h1_under_heavy_first_and_last_stages_takes_the_hand_derived_time() {
         }
     }
 }
+
+/// Recomputation (Megatron's full and selective): every backward of
+/// 1F1B is preceded by its recompute. A recompute needs no gradient, so
+/// the first ranks run theirs while they wait; the last rank runs all m
+/// on the critical path: the makespan grows by exactly m·T_R, T_R being
+/// the `recompute` fraction of T_F. Peak memory falls from p activations
+/// to one (full), or to p·(activation − recomputed) + recomputed
+/// (selective, where a forward keeps what recompute does not restore).
+#[test]
+fn recompute_adds_m_recomputes_to_1f1b_and_holds_one_activation() {
+    for p in PS {
+        for m in [p, 2 * p, 4 * p] {
+            for (cost, fraction) in [(unit(), 1.0), (CostModel { backward_input: 2.0, ..unit() }, 0.25)] {
+                let cost = CostModel { recompute: fraction, ..cost };
+                let plain = run(&build("1f1b", p, m, None), &cost).makespan;
+                let with = build("1f1b-recompute", p, m, None);
+                let t = run(&with, &cost);
+                let expected = plain + m as f64 * fraction * cost.forward;
+                assert!(close(t.makespan, expected), "p={p} m={m} {cost:?}: {} != {expected}", t.makespan);
+                assert!(with.checked.peaks().iter().all(|peak| peak.units == 1), "p={p} m={m}: full recompute");
+            }
+            // Selective: 4 units per activation, 3 of them recomputed.
+            let s = stp_stdlib::get("1f1b-recompute").expect("stdlib");
+            let file = stpc::syntax::span::SourceFile::new(s.path(), s.source);
+            let request = stpc::pipeline::Request {
+                params: stpc::elab::ParamArgs {
+                    ranks: Some(p),
+                    microbatches: Some(m),
+                    memory: vec![("activation".into(), 4), ("recomputed".into(), 3), ("budget".into(), 1 << 20)],
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let checked = stpc::pipeline::check(&file, &request).expect("checks");
+            assert_eq!(checked.peaks()[0].units, p.min(m) + 3, "p={p} m={m}: selective");
+        }
+    }
+}

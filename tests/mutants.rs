@@ -128,7 +128,7 @@ fn reference_is_safe(s: &ComputeSchedule) -> bool {
         for mb in 0..s.meta.num_microbatches {
             let split = n(PassKind::B, st, mb) == 1 && n(PassKind::W, st, mb) == 1 && n(PassKind::BW, st, mb) == 0;
             let full = n(PassKind::BW, st, mb) == 1 && n(PassKind::B, st, mb) == 0 && n(PassKind::W, st, mb) == 0;
-            if n(PassKind::F, st, mb) != 1 || !(split || full) {
+            if n(PassKind::F, st, mb) != 1 || !(split || full) || n(PassKind::R, st, mb) > 1 {
                 return false;
             }
         }
@@ -141,13 +141,16 @@ fn reference_is_safe(s: &ComputeSchedule) -> bool {
             PassKind::F if st > 0 => vec![(PassKind::F, st - 1, mb)],
             PassKind::F => vec![],
             PassKind::B | PassKind::BW => {
-                let mut v = vec![(PassKind::F, st, mb)];
+                // A recomputed pair's backward needs its `R`, which needs the `F`.
+                let restored = if n(PassKind::R, st, mb) == 1 { PassKind::R } else { PassKind::F };
+                let mut v = vec![(restored, st, mb)];
                 if st + 1 < s.meta.num_stages {
                     v.push((backward(st + 1), st + 1, mb));
                 }
                 v
             }
             PassKind::W => vec![(PassKind::B, st, mb)],
+            PassKind::R => vec![(PassKind::F, st, mb)],
         }
     };
     let mut done: HashSet<(PassKind, u32, u32)> = HashSet::new();

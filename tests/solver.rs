@@ -716,6 +716,7 @@ fn paper_costs() -> CostModel {
         tp_collective: c.tp_collective / c.forward,
         p2p: c.p2p / c.forward,
         stages: Vec::new(),
+        recompute: 1.0,
     }
 }
 

@@ -144,5 +144,6 @@ fn normalised(cost: CostModel) -> CostModel {
         tp_collective: cost.tp_collective / f,
         p2p: cost.p2p / f,
         stages: Vec::new(),
+        recompute: 1.0,
     }
 }

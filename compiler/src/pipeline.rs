@@ -121,6 +121,7 @@ fn elaborate_module(module: &Module, request: &Request) -> Result<ComputeSchedul
         elaborated.ranks = ranks;
         elaborated.plan = Some(report);
     }
+    crate::opt::recompute::fit(&mut elaborated);
     Ok(elaborated)
 }
 

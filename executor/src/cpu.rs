@@ -7,7 +7,7 @@
 use crate::model::{self, Model, ShardGrads, Tensor};
 use crate::threads::{self, slice, Board, ThreadResult};
 use crate::ExecError;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use stp_ir::simulate::Semantics;
@@ -78,6 +78,9 @@ struct Backward {
 enum Value {
     Tensor(Tensor),
     Stash(Box<Stash>),
+    /// The stash of a forward the rank recomputes: only its input, until
+    /// the `R` restores the rest.
+    Checkpoint(Tensor),
 }
 
 /// One CPU shard thread's channels ([`threads::Ports`]), carrying tensors.
@@ -183,6 +186,7 @@ fn execute(
                         reducer,
                         began,
                         values: HashMap::new(),
+                        recomputed: program.ranks[ranks[t / tp]].recomputed(),
                     };
                     let result = worker.run();
                     if result.is_err() {
@@ -211,6 +215,8 @@ struct Worker<'a> {
     reducer: Arc<Reducer>,
     began: Instant,
     values: HashMap<Buffer, Value>,
+    /// The pairs whose forwards keep only a checkpoint ([`Value::Checkpoint`]).
+    recomputed: HashSet<(stp_ir::Stage, stp_ir::Microbatch)>,
 }
 
 /// The state of one pass between its units, within one compute.
@@ -264,7 +270,9 @@ impl Worker<'_> {
     fn tensor(&self, buffer: Buffer, instr: usize) -> Result<&Tensor, ExecError> {
         match self.values.get(&buffer) {
             Some(Value::Tensor(t)) => Ok(t),
-            Some(Value::Stash(_)) => Err(self.error(instr, format!("{buffer} holds a stash, not a tensor"))),
+            Some(Value::Stash(_) | Value::Checkpoint(_)) => {
+                Err(self.error(instr, format!("{buffer} holds a stash, not a tensor")))
+            }
             None => Err(self.error(instr, format!("reads {buffer}, which is not live"))),
         }
     }
@@ -272,6 +280,9 @@ impl Worker<'_> {
     fn stash(&self, pass: Pass, instr: usize) -> Result<&Stash, ExecError> {
         match self.values.get(&Buffer::stash(pass.stage, pass.mb)) {
             Some(Value::Stash(s)) => Ok(s),
+            Some(Value::Checkpoint(_)) => {
+                Err(self.error(instr, format!("`{pass}` needs the activations its `R` restores, which has not run")))
+            }
             _ => Err(self.error(instr, format!("`{pass}` needs the stash of its forward, which is not live"))),
         }
     }
@@ -333,29 +344,36 @@ impl Worker<'_> {
             message: format!("`{pass}`: unit {} runs before {what}", part.as_str()),
         };
         match (pass.kind, part) {
-            (PassKind::F, Part::Attention) => {
-                let x = match pass.stage.0.checked_sub(1) {
-                    Some(prev) => self.tensor(Buffer::act(stp_ir::Stage(prev), pass.mb), instr)?.clone(),
-                    None => model.inputs[pass.mb.index()].clone(),
+            (PassKind::F | PassKind::R, Part::Attention) => {
+                let x = match (pass.kind, pass.stage.0.checked_sub(1)) {
+                    (PassKind::R, _) => match self.values.get(&Buffer::stash(pass.stage, pass.mb)) {
+                        Some(Value::Checkpoint(x)) => x.clone(),
+                        _ => return Err(self.error(instr, format!("`{pass}` finds no checkpoint of its forward"))),
+                    },
+                    (_, Some(prev)) => self.tensor(Buffer::act(stp_ir::Stage(prev), pass.mb), instr)?.clone(),
+                    (_, None) => model.inputs[pass.mb.index()].clone(),
                 };
                 let (z1, p) = model::attn(w, &x);
                 st.h = Some(self.all_reduce(p)?);
                 st.x = Some(x);
                 st.z1 = Some(z1);
             }
-            (PassKind::F, Part::Mlp) => {
+            (PassKind::F | PassKind::R, Part::Mlp) => {
                 let h = st.h.take().ok_or_else(|| missing("attn"))?;
                 let (z2, p) = model::mlp(w, &h);
                 let y = self.all_reduce(p)?;
-                let stash = Stash {
-                    x: st.x.take().ok_or_else(|| missing("attn"))?,
-                    z1: st.z1.take().ok_or_else(|| missing("attn"))?,
-                    h,
-                    z2,
-                    backward: None,
+                let x = st.x.take().ok_or_else(|| missing("attn"))?;
+                let z1 = st.z1.take().ok_or_else(|| missing("attn"))?;
+                let stash = if pass.kind == PassKind::F && self.recomputed.contains(&(pass.stage, pass.mb)) {
+                    // Dropped here, computed again (bit for bit) by the `R`.
+                    Value::Checkpoint(x)
+                } else {
+                    Value::Stash(Box::new(Stash { x, z1, h, z2, backward: None }))
                 };
-                self.values.insert(Buffer::act(pass.stage, pass.mb), Value::Tensor(y));
-                self.values.insert(Buffer::stash(pass.stage, pass.mb), Value::Stash(Box::new(stash)));
+                if pass.kind == PassKind::F {
+                    self.values.insert(Buffer::act(pass.stage, pass.mb), Value::Tensor(y));
+                }
+                self.values.insert(Buffer::stash(pass.stage, pass.mb), stash);
             }
             (PassKind::B | PassKind::BW, Part::MlpDgrad) => {
                 let dy_buffer = pass.output_grad(self.program.schedule.num_stages);

@@ -13,9 +13,10 @@ pub type Measured = [Vec<(usize, f64, f64)>];
 /// A cost model (in seconds) whose pass times are the means measured for
 /// computes that run one pass: `T_F` from `F`, `T_B` from `B`, `T_W` from
 /// `W`; a `BW` contributes `T_B + T_W` (all of it to `T_B` when the program
-/// has no separate `W`). Transfers and collectives are taken as free.
+/// has no separate `W`), the recompute fraction from `R`. Transfers and
+/// collectives are taken as free.
 pub fn calibrated_costs(program: &Program, measured: &Measured) -> CostModel {
-    let mut sums = [(0.0, 0usize); 4];
+    let mut sums = [(0.0, 0usize); 5];
     for (r, spans) in measured.iter().enumerate() {
         for &(i, start, end) in spans {
             let Some(Instr::Compute(c)) = program.ranks.get(r).and_then(|rank| rank.instrs.get(i)) else { continue };
@@ -25,6 +26,7 @@ pub fn calibrated_costs(program: &Program, measured: &Measured) -> CostModel {
                     PassKind::B => 1,
                     PassKind::W => 2,
                     PassKind::BW => 3,
+                    PassKind::R => 4,
                 };
                 sums[slot].0 += end - start;
                 sums[slot].1 += 1;
@@ -33,6 +35,11 @@ pub fn calibrated_costs(program: &Program, measured: &Measured) -> CostModel {
     }
     let mean = |(sum, n): (f64, usize)| if n == 0 { None } else { Some(sum / n as f64) };
     let forward = mean(sums[0]).unwrap_or(0.0);
+    // A recompute re-runs (part of) the forward: its share of one.
+    let recompute = match mean(sums[4]) {
+        Some(r) if forward > 0.0 => (r / forward).clamp(0.0, 1.0),
+        _ => 1.0,
+    };
     let weight = mean(sums[2]);
     let input = match (mean(sums[1]), mean(sums[3]), weight) {
         (Some(b), _, _) => b,
@@ -47,6 +54,7 @@ pub fn calibrated_costs(program: &Program, measured: &Measured) -> CostModel {
         tp_collective: 0.0,
         p2p: 0.0,
         stages: Vec::new(),
+        recompute,
     }
 }
 

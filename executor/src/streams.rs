@@ -37,7 +37,7 @@ use crate::device::{Device, DeviceResult};
 use crate::model::{Model, ShardGrads, Tensor};
 use crate::threads::{self, slice, Board, ThreadResult};
 use crate::ExecError;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Barrier, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 use stp_ir::{Buffer, Compute, Direction, Instr, Part, Pass, PassKind, Program, Rank, Transfer};
@@ -167,6 +167,9 @@ struct Backward<D: Device> {
 enum Value<D: Device> {
     Tensor(Mat<D>),
     Stash(Box<Stash<D>>),
+    /// The stash of a forward the rank recomputes: only its input, until
+    /// the `R` restores the rest.
+    Checkpoint(Mat<D>),
 }
 
 /// A pass's state between its units.
@@ -359,6 +362,8 @@ struct Worker<'a, D: Device> {
     /// The first stage's inputs, per microbatch, if this rank holds it.
     inputs: HashMap<usize, Mat<D>>,
     values: HashMap<Buffer, Value<D>>,
+    /// The pairs whose forwards keep only a checkpoint ([`Value::Checkpoint`]).
+    recomputed: HashSet<(stp_ir::Stage, stp_ir::Microbatch)>,
     /// The shape of every buffer that crosses ranks (a stage's input or
     /// its gradient): rows × hidden.
     shape: (usize, usize),
@@ -429,6 +434,7 @@ impl<'a, D: Device> Worker<'a, D> {
             weights,
             inputs,
             values: HashMap::new(),
+            recomputed: program.ranks[rank].recomputed(),
             shape,
             route,
             board,
@@ -599,7 +605,9 @@ impl<'a, D: Device> Worker<'a, D> {
     fn tensor(&self, buffer: Buffer, instr: usize) -> Result<Mat<D>, ExecError> {
         match self.values.get(&buffer) {
             Some(Value::Tensor(t)) => Ok(t.clone()),
-            Some(Value::Stash(_)) => Err(self.error(instr, format!("{buffer} holds a stash, not a tensor"))),
+            Some(Value::Stash(_) | Value::Checkpoint(_)) => {
+                Err(self.error(instr, format!("{buffer} holds a stash, not a tensor")))
+            }
             None => Err(self.error(instr, format!("reads {buffer}, which is not live"))),
         }
     }
@@ -607,6 +615,9 @@ impl<'a, D: Device> Worker<'a, D> {
     fn stash(&self, pass: Pass, instr: usize) -> Result<&Stash<D>, ExecError> {
         match self.values.get(&Buffer::stash(pass.stage, pass.mb)) {
             Some(Value::Stash(s)) => Ok(s),
+            Some(Value::Checkpoint(_)) => {
+                Err(self.error(instr, format!("`{pass}` needs the activations its `R` restores, which has not run")))
+            }
             _ => Err(self.error(instr, format!("`{pass}` needs the stash of its forward, which is not live"))),
         }
     }
@@ -761,10 +772,14 @@ impl<'a, D: Device> Worker<'a, D> {
             message: format!("`{pass}`: unit {} runs before {what}", part.as_str()),
         };
         match (pass.kind, part) {
-            (PassKind::F, Part::Attention) => {
-                let x = match pass.stage.0.checked_sub(1) {
-                    Some(prev) => self.tensor(Buffer::act(stp_ir::Stage(prev), pass.mb), instr)?,
-                    None => self
+            (PassKind::F | PassKind::R, Part::Attention) => {
+                let x = match (pass.kind, pass.stage.0.checked_sub(1)) {
+                    (PassKind::R, _) => match self.values.get(&Buffer::stash(pass.stage, pass.mb)) {
+                        Some(Value::Checkpoint(x)) => x.clone(),
+                        _ => return Err(self.error(instr, format!("`{pass}` finds no checkpoint of its forward"))),
+                    },
+                    (_, Some(prev)) => self.tensor(Buffer::act(stp_ir::Stage(prev), pass.mb), instr)?,
+                    (_, None) => self
                         .inputs
                         .get(&pass.mb.index())
                         .cloned()
@@ -776,20 +791,23 @@ impl<'a, D: Device> Worker<'a, D> {
                 st.x = Some(x);
                 st.z1 = Some(z1);
             }
-            (PassKind::F, Part::Mlp) => {
+            (PassKind::F | PassKind::R, Part::Mlp) => {
                 let h = st.h.take().ok_or_else(|| missing("attn"))?;
                 let z2 = self.tanh(&self.gemm(&h, false, &a2, false, instr)?, instr)?;
                 let p = self.gemm(&z2, false, &b2, false, instr)?;
                 let y = self.all_reduce(p, instr)?;
-                let stash = Stash {
-                    x: st.x.take().ok_or_else(|| missing("attn"))?,
-                    z1: st.z1.take().ok_or_else(|| missing("attn"))?,
-                    h,
-                    z2,
-                    backward: None,
+                let x = st.x.take().ok_or_else(|| missing("attn"))?;
+                let z1 = st.z1.take().ok_or_else(|| missing("attn"))?;
+                let stash = if pass.kind == PassKind::F && self.recomputed.contains(&(pass.stage, pass.mb)) {
+                    // Dropped here, computed again (bit for bit) by the `R`.
+                    Value::Checkpoint(x)
+                } else {
+                    Value::Stash(Box::new(Stash { x, z1, h, z2, backward: None }))
                 };
-                self.values.insert(Buffer::act(pass.stage, pass.mb), Value::Tensor(y));
-                self.values.insert(Buffer::stash(pass.stage, pass.mb), Value::Stash(Box::new(stash)));
+                if pass.kind == PassKind::F {
+                    self.values.insert(Buffer::act(pass.stage, pass.mb), Value::Tensor(y));
+                }
+                self.values.insert(Buffer::stash(pass.stage, pass.mb), stash);
             }
             (PassKind::B | PassKind::BW, Part::MlpDgrad) => {
                 // The loss 0.5·|y|² has gradient y: the last stage reads its own output.

@@ -1,5 +1,6 @@
 //! Random valid schedules: a random placement of stages on ranks, a random
-//! choice of split (`B` then `W`) or full (`BW`) backward per pass, and each
+//! choice of split (`B` then `W`) or full (`BW`) backward per pass, of
+//! which passes are recomputed (an `R` between the `F` and the backward), and each
 //! rank's order taken from one random run of the whole pipeline in which
 //! every pass starts only once its inputs exist — so the compute order is
 //! valid by construction, and some ready forwards are braided with a ready
@@ -30,6 +31,7 @@ enum Kind {
     B,
     W,
     Bw,
+    R,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +48,7 @@ impl Op {
             Kind::B => "B",
             Kind::W => "W",
             Kind::Bw => "BW",
+            Kind::R => "R",
         };
         let _ = write!(out, "{name}({}, {})", self.mb, self.stage);
     }
@@ -55,6 +58,8 @@ impl Op {
 struct Progress {
     stages: usize,
     split: Vec<Vec<bool>>,
+    recompute: Vec<Vec<bool>>,
+    restored: Vec<Vec<bool>>,
     forward: Vec<Vec<bool>>,
     backward: Vec<Vec<bool>>,
     weight: Vec<Vec<bool>>,
@@ -66,9 +71,13 @@ impl Progress {
         match op.kind {
             Kind::F => !self.forward[s][i] && (s == 0 || self.forward[s - 1][i]),
             Kind::B | Kind::Bw => {
-                self.forward[s][i] && !self.backward[s][i] && (s + 1 == self.stages || self.backward[s + 1][i])
+                self.forward[s][i]
+                    && (!self.recompute[s][i] || self.restored[s][i])
+                    && !self.backward[s][i]
+                    && (s + 1 == self.stages || self.backward[s + 1][i])
             }
             Kind::W => self.backward[s][i] && !self.weight[s][i],
+            Kind::R => self.recompute[s][i] && self.forward[s][i] && !self.restored[s][i],
         }
     }
 
@@ -82,6 +91,7 @@ impl Progress {
                 self.weight[s][i] = true;
             }
             Kind::W => self.weight[s][i] = true,
+            Kind::R => self.restored[s][i] = true,
         }
     }
 
@@ -91,7 +101,7 @@ impl Progress {
         for &s in stages_of {
             for i in 0..m {
                 let backward = if self.split[s][i] { Kind::B } else { Kind::Bw };
-                for kind in [Kind::F, backward, Kind::W] {
+                for kind in [Kind::F, backward, Kind::W, Kind::R] {
                     let op = Op { kind, stage: s, mb: i };
                     if (kind != Kind::W || self.split[s][i]) && self.ready(op) {
                         ops.push(op);
@@ -111,8 +121,17 @@ pub fn random_schedule(rng: &mut Rng) -> RandomSchedule {
     let stages = rng.range(p, 3 * p);
     let placement = random_placement(rng, p, stages);
     let split: Vec<Vec<bool>> = (0..stages).map(|_| (0..m).map(|_| rng.chance(1, 2)).collect()).collect();
+    let recompute: Vec<Vec<bool>> = (0..stages).map(|_| (0..m).map(|_| rng.chance(1, 4)).collect()).collect();
     let grid = vec![vec![false; m]; stages];
-    let mut progress = Progress { stages, split, forward: grid.clone(), backward: grid.clone(), weight: grid };
+    let mut progress = Progress {
+        stages,
+        split,
+        recompute,
+        restored: grid.clone(),
+        forward: grid.clone(),
+        backward: grid.clone(),
+        weight: grid,
+    };
     let stages_of: Vec<Vec<usize>> = (0..p).map(|r| (0..stages).filter(|s| placement[*s] == r).collect()).collect();
     let mut orders: Vec<Vec<(Op, Option<Op>)>> = vec![Vec::new(); p];
     loop {

@@ -75,6 +75,14 @@ pub struct RankProgram {
     pub instrs: Vec<Instr>,
 }
 
+impl RankProgram {
+    /// The (stage, microbatch) pairs this rank recomputes (runs an `R`
+    /// for): their forwards keep only their input in the stash.
+    pub fn recomputed(&self) -> std::collections::HashSet<(Stage, Microbatch)> {
+        self.instrs.iter().flat_map(Instr::passes).filter(|p| p.kind == PassKind::R).map(|p| (p.stage, p.mb)).collect()
+    }
+}
+
 /// One instruction. See the crate docs for streams and ordering.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -245,7 +253,7 @@ impl Collective {
 /// each weight gradient while the preceding all-reduce is in flight).
 pub fn units_of(kind: PassKind) -> &'static [(Part, bool)] {
     match kind {
-        PassKind::F => &[(Part::Attention, true), (Part::Mlp, true)],
+        PassKind::F | PassKind::R => &[(Part::Attention, true), (Part::Mlp, true)],
         PassKind::B => &[(Part::MlpDgrad, true), (Part::AttentionDgrad, true)],
         PassKind::W => &[(Part::MlpWgrad, false), (Part::AttentionWgrad, false)],
         PassKind::BW => &[
@@ -301,11 +309,17 @@ pub enum PassKind {
     W,
     /// Full backward: `B` and `W` in one pass.
     BW,
+    /// Recompute (activation checkpointing): runs the forward of its
+    /// (stage, microbatch) again from the stash to restore what the
+    /// backward needs. A rank whose program recomputes a pair runs its `F`
+    /// keeping only the forward's input in the stash; the `R` comes after
+    /// that `F` and before the pair's `B` or `BW`, on the same rank.
+    R,
 }
 
 impl PassKind {
     /// Every kind, in text-form order.
-    pub const ALL: [PassKind; 4] = [PassKind::F, PassKind::B, PassKind::W, PassKind::BW];
+    pub const ALL: [PassKind; 5] = [PassKind::F, PassKind::B, PassKind::W, PassKind::BW, PassKind::R];
 
     /// The spelling in the text form and in `.sched` files.
     pub fn as_str(self) -> &'static str {
@@ -314,6 +328,7 @@ impl PassKind {
             PassKind::B => "B",
             PassKind::W => "W",
             PassKind::BW => "BW",
+            PassKind::R => "R",
         }
     }
 
@@ -347,12 +362,15 @@ impl Pass {
     /// - `B`, `W`, `BW` of `(s, i)` read `stash(s, i)` and the output gradient:
     ///   `grad(s+1, i)`, or for the last stage its own output `act(s, i)`,
     ///   from which the loss gradient is computed.
+    /// - `R` of `(s, i)` reads `stash(s, i)` (then holding the forward's
+    ///   input) and restores the rest of it in place.
     pub fn reads(&self, num_stages: u32) -> impl Iterator<Item = Buffer> {
         let pair = match self.kind {
             PassKind::F => [self.stage.0.checked_sub(1).map(|prev| Buffer::act(Stage(prev), self.mb)), None],
             PassKind::B | PassKind::W | PassKind::BW => {
                 [Some(Buffer::stash(self.stage, self.mb)), Some(self.output_grad(num_stages))]
             }
+            PassKind::R => [Some(Buffer::stash(self.stage, self.mb)), None],
         };
         pair.into_iter().flatten()
     }
@@ -362,12 +380,13 @@ impl Pass {
     /// - `F(s, i)` writes `act(s, i)` and `stash(s, i)`.
     /// - `B` and `BW` of `(s, i)` write `grad(s, i)`, except on stage 0
     ///   (nothing consumes the gradient of the input data).
-    /// - `W` writes nothing (weight gradients are accumulated, not buffers).
+    /// - `W` writes nothing (weight gradients are accumulated, not buffers),
+    ///   nor does `R` (it restores its stash in place).
     pub fn writes(&self) -> impl Iterator<Item = Buffer> {
         let pair = match self.kind {
             PassKind::F => [Some(Buffer::act(self.stage, self.mb)), Some(Buffer::stash(self.stage, self.mb))],
             PassKind::B | PassKind::BW if self.stage.0 > 0 => [Some(Buffer::grad(self.stage, self.mb)), None],
-            PassKind::B | PassKind::BW | PassKind::W => [None, None],
+            PassKind::B | PassKind::BW | PassKind::W | PassKind::R => [None, None],
         };
         pair.into_iter().flatten()
     }

@@ -115,17 +115,20 @@ fn comm_lanes(spans: impl Iterator<Item = (usize, f64, f64)>) -> (std::collectio
 }
 
 /// Per instruction of rank `r`: live activations after it (forwards run
-/// minus input-gradient or full backwards run).
+/// minus input-gradient or full backwards run; a forward the rank later
+/// recomputes holds none until its `R`).
 pub fn live_activations(program: &Program, r: usize) -> Vec<i64> {
     let mut live = 0i64;
     let Some(rank) = program.ranks.get(r) else { return Vec::new() };
+    let recomputed = rank.recomputed();
     rank.instrs
         .iter()
         .map(|instr| {
             if let Instr::Compute(c) = instr {
                 for p in &c.passes {
                     live += match p.kind {
-                        PassKind::F => 1,
+                        PassKind::F if recomputed.contains(&(p.stage, p.mb)) => 0,
+                        PassKind::F | PassKind::R => 1,
                         PassKind::B | PassKind::BW => -1,
                         PassKind::W => 0,
                     };

@@ -147,6 +147,7 @@ impl Verifier<'_> {
         let num_stages = self.program.schedule.num_stages;
         state.reset();
         let mut input_gradients_done: std::collections::HashSet<(Stage, crate::Microbatch)> = Default::default();
+        let mut backwards_started: std::collections::HashSet<(Stage, crate::Microbatch)> = Default::default();
         for (i, instr) in instrs.iter().enumerate() {
             let before = self.errors.len();
             self.check_ids(rank, i, instr);
@@ -155,8 +156,15 @@ impl Verifier<'_> {
             }
             if let Instr::Compute(c) = instr {
                 self.check_pass_order(rank, i, c, &input_gradients_done);
+                for r in c.passes.iter().filter(|p| p.kind == PassKind::R) {
+                    if backwards_started.contains(&(r.stage, r.mb)) {
+                        self.error(Some(rank), Some(i), format!("`{r}` runs after the backward it restores for"));
+                    }
+                }
                 let done = c.passes.iter().filter(|p| p.kind == PassKind::B).map(|p| (p.stage, p.mb));
                 input_gradients_done.extend(done);
+                let started = c.passes.iter().filter(|p| matches!(p.kind, PassKind::B | PassKind::BW));
+                backwards_started.extend(started.map(|p| (p.stage, p.mb)));
             }
             for buffer in instr.reads(num_stages) {
                 let why = match state.get(buffer) {
@@ -285,7 +293,7 @@ impl Verifier<'_> {
             let kind = PassKind::ALL.iter().position(|k| *k == p.kind).unwrap_or(0);
             (kind * stages + p.stage.index()) * mbs + p.mb.index()
         };
-        let mut counts = vec![0u32; 4 * stages * mbs];
+        let mut counts = vec![0u32; PassKind::ALL.len() * stages * mbs];
         for rank in &self.program.ranks {
             for instr in &rank.instrs {
                 for p in instr.passes() {
@@ -302,6 +310,13 @@ impl Verifier<'_> {
                 let backward = (n(PassKind::BW), n(PassKind::B), n(PassKind::W));
                 if n(PassKind::F) != 1 {
                     self.error(None, None, format!("`{}` runs {} times, not once", pass(PassKind::F), n(PassKind::F)));
+                }
+                if n(PassKind::R) > 1 {
+                    self.error(
+                        None,
+                        None,
+                        format!("`{}` runs {} times, at most once", pass(PassKind::R), n(PassKind::R)),
+                    );
                 }
                 if backward != (1, 0, 0) && backward != (0, 1, 1) {
                     self.error(

@@ -25,6 +25,7 @@ impl StdSchedule {
 pub const ALL: &[StdSchedule] = &[
     StdSchedule { name: "gpipe", source: include_str!("../gpipe.sched") },
     StdSchedule { name: "1f1b", source: include_str!("../1f1b.sched") },
+    StdSchedule { name: "1f1b-recompute", source: include_str!("../1f1b-recompute.sched") },
     StdSchedule { name: "interleaved-1f1b", source: include_str!("../interleaved-1f1b.sched") },
     StdSchedule { name: "zb-h1", source: include_str!("../zb-h1.sched") },
     StdSchedule { name: "zb-h2", source: include_str!("../zb-h2.sched") },

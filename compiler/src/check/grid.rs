@@ -23,6 +23,7 @@ pub fn cell(compute: &Compute) -> String {
                 stp_ir::PassKind::B => "I",
                 stp_ir::PassKind::W => "W",
                 stp_ir::PassKind::BW => "B",
+                stp_ir::PassKind::R => "R",
             };
             format!("{}{kind}{}", p.stage.0, p.mb.0)
         })

@@ -3,9 +3,9 @@
 
 use super::{describe, grid};
 use crate::diag::{Code, Diagnostic};
-use crate::elab::{ComputeSchedule, MemoryModel};
+use crate::elab::ComputeSchedule;
 use std::collections::BTreeMap;
-use stp_ir::{Pass, Rank};
+use stp_ir::Rank;
 
 /// The peak activation memory of one rank.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,11 +14,6 @@ pub struct RankPeak {
     pub units: i64,
     /// The op (index in the rank's program) at which the peak is first reached.
     pub at: Option<usize>,
-}
-
-/// Units a pass allocates (positive) or releases (negative).
-fn delta(model: &MemoryModel, pass: Pass) -> i64 {
-    model.delta(pass.kind, pass.stage)
 }
 
 /// Every rank's peak, and an error for each rank that exceeds the budget
@@ -31,11 +26,11 @@ pub(super) fn check(s: &ComputeSchedule) -> (Vec<RankPeak>, Vec<Diagnostic>) {
         let mut live_units = 0i64;
         let mut peak = RankPeak { units: 0, at: None };
         let mut crossed = false;
-        for (i, op) in ops.iter().enumerate() {
+        for (i, deltas) in model.pass_deltas(ops).enumerate() {
             // Live memory is counted between ops, as the papers count it:
             // inside a braided F & B the forward's activations grow while the
             // backward's shrink.
-            let change: i64 = op.compute.passes.iter().map(|p| delta(model, *p)).sum();
+            let change: i64 = deltas.iter().map(|(_, units)| units).sum();
             let high = live_units + change.max(0);
             if high > peak.units {
                 peak = RankPeak { units: high, at: Some(i) };
@@ -56,9 +51,9 @@ pub(super) fn check(s: &ComputeSchedule) -> (Vec<RankPeak>, Vec<Diagnostic>) {
 /// What is live on `rank` after op `at`: (stage, microbatch) -> units.
 fn live_at(s: &ComputeSchedule, rank: Rank, at: usize) -> BTreeMap<(u32, u32), i64> {
     let mut live: BTreeMap<(u32, u32), i64> = BTreeMap::new();
-    for op in s.ranks[rank.index()].iter().take(at + 1) {
-        for p in &op.compute.passes {
-            *live.entry((p.stage.0, p.mb.0)).or_default() += delta(&s.memory, *p);
+    for deltas in s.memory.pass_deltas(&s.ranks[rank.index()]).take(at + 1) {
+        for (p, units) in deltas {
+            *live.entry((p.stage.0, p.mb.0)).or_default() += units;
         }
     }
     live.retain(|_, units| *units > 0);

@@ -97,7 +97,7 @@ pub(crate) struct Position {
 pub(crate) struct PassIndex {
     num_microbatches: u32,
     /// `slots[kind][stage * m + mb]`: first and second positions in rank and program order.
-    slots: [Vec<[Option<Position>; 2]>; 4],
+    slots: [Vec<[Option<Position>; 2]>; 5],
 }
 
 impl PassIndex {
@@ -143,13 +143,15 @@ fn kind_index(kind: PassKind) -> usize {
         PassKind::B => 1,
         PassKind::W => 2,
         PassKind::BW => 3,
+        PassKind::R => 4,
     }
 }
 
 /// The passes `pass` consumes the output of: `F(i, s)` needs `F(i, s-1)`;
-/// a backward of `(i, s)` needs `F(i, s)` and the backward of `(i, s+1)`
-/// (whichever of `B` or `BW` the schedule runs there); `W(i, s)` needs
-/// `B(i, s)`.
+/// a backward of `(i, s)` needs `F(i, s)` — or, when the pair is
+/// recomputed, its `R(i, s)`, which needs the `F` — and the backward of
+/// `(i, s+1)` (whichever of `B` or `BW` the schedule runs there); `W(i, s)`
+/// needs `B(i, s)`.
 pub(crate) fn producers(pass: Pass, num_stages: u32, index: &PassIndex) -> impl Iterator<Item = Pass> {
     let at = |kind, stage| Pass { kind, stage, mb: pass.mb };
     let backward_of = |stage: Stage| {
@@ -163,9 +165,11 @@ pub(crate) fn producers(pass: Pass, num_stages: u32, index: &PassIndex) -> impl 
     let deps = match pass.kind {
         PassKind::F => [pass.stage.0.checked_sub(1).map(|prev| at(PassKind::F, Stage(prev))), None],
         PassKind::B | PassKind::BW => {
-            [Some(at(PassKind::F, pass.stage)), (next.0 < num_stages).then(|| backward_of(next))]
+            let restored = if index.first(at(PassKind::R, pass.stage)).is_some() { PassKind::R } else { PassKind::F };
+            [Some(at(restored, pass.stage)), (next.0 < num_stages).then(|| backward_of(next))]
         }
         PassKind::W => [Some(at(PassKind::B, pass.stage)), None],
+        PassKind::R => [Some(at(PassKind::F, pass.stage)), None],
     };
     deps.into_iter().flatten()
 }

@@ -133,6 +133,7 @@ pub fn cost_model(model: &ModelShape, hw: &Hardware, par: &Parallelism) -> CostM
         tp_collective: average.tp_collective,
         p2p: activation_bytes / p2p_bandwidth,
         stages: if uniform { Vec::new() } else { stages },
+        recompute: 1.0,
     }
 }
 

@@ -72,6 +72,7 @@ fn implicit_class(kind: PassKind) -> u8 {
         PassKind::F => 0,
         PassKind::B | PassKind::BW => 1,
         PassKind::W => 2,
+        PassKind::R => 3,
     }
 }
 
@@ -130,6 +131,7 @@ pub(super) fn run(
         placement,
         tp: 1,
     };
+    let recompute_auto = schedule.decls.iter().any(|d| matches!(d, Decl::RecomputeAuto { .. }));
     if let Some(span) = schedule.decls.iter().find_map(|d| match d {
         Decl::Auto { span } => Some(*span),
         _ => None,
@@ -142,6 +144,7 @@ pub(super) fn run(
             memory,
             cost,
             auto: true,
+            recompute_auto,
             plan: None,
             floating: Vec::new(),
             maybe_braided: Vec::new(),
@@ -205,6 +208,7 @@ pub(super) fn run(
         memory,
         cost,
         auto: false,
+        recompute_auto,
         plan: None,
         floating,
         maybe_braided,
@@ -411,6 +415,9 @@ impl<'m> Eval<'m> {
         if let Some((b, which)) = budgets.chain(per_rank).find(|(b, _)| *b < 0) {
             bad.push(("budget", format!("must not be negative{which}"), format!("this is {b}")));
         }
+        if let Some(units) = model.recomputed.filter(|u| *u < 0) {
+            bad.push(("recomputed", "must not be negative".into(), format!("this is {units}")));
+        }
         if let Some(d) = model.max_deferred.filter(|d| *d < 0) {
             bad.push(("max_deferred", "must not be negative".into(), format!("this is {d}")));
         }
@@ -451,6 +458,7 @@ impl<'m> Eval<'m> {
                 "backward_input" => &mut cost.backward_input,
                 "backward_weight" => &mut cost.backward_weight,
                 "tp_collective" => &mut cost.tp_collective,
+                "recompute" => &mut cost.recompute,
                 _ => &mut cost.p2p,
             };
             *field = v;
@@ -493,6 +501,16 @@ impl<'m> Eval<'m> {
             self.env.pop();
         }
         let v = v?;
+        if setting.name.name == "recompute" && !(0.0..=1.0).contains(&v) {
+            return Err(self.fail(
+                Code::ParamValue,
+                "cost setting `recompute` is the fraction of a forward a recompute re-runs: from 0 to 1 (1: full \
+                 recompute)"
+                    .into(),
+                value.span,
+                format!("this is {v}"),
+            ));
+        }
         if !(0.0..=CostModel::MAX_TIME).contains(&v) {
             let at = stage.map(|st| format!(" at stage {st}")).unwrap_or_default();
             return Err(self.fail(
@@ -1008,6 +1026,7 @@ fn set_memory_field(model: &mut MemoryModel, name: &str, value: i64) {
             model.budgets.clear();
         }
         "max_deferred" => model.max_deferred = Some(value),
+        "recomputed" => model.recomputed = Some(value),
         _ => {}
     }
 }

@@ -4,8 +4,10 @@
 //! methods, so per-stage activations and per-rank budgets mean the same
 //! thing everywhere.
 
+use super::ScheduledOp;
 use crate::syntax::span::Span;
-use stp_ir::{PassKind, Stage};
+use std::collections::HashSet;
+use stp_ir::{Microbatch, Pass, PassKind, Stage};
 
 /// One stage's activation memory, in units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,10 @@ pub struct MemoryModel {
     pub budget_span: Option<Span>,
     /// Most weight gradients deferred at once on one rank (`max_deferred`), if bounded.
     pub max_deferred: Option<i64>,
+    /// Units a recomputed forward does not keep (`recomputed`): they are
+    /// freed when its `F` ends and allocated again by its `R`. `None`
+    /// (the default) is all of them, full recompute; fewer is selective.
+    pub recomputed: Option<i64>,
 }
 
 impl Default for MemoryModel {
@@ -49,6 +55,7 @@ impl Default for MemoryModel {
             budgets: Vec::new(),
             budget_span: None,
             max_deferred: None,
+            recomputed: None,
         }
     }
 }
@@ -63,7 +70,8 @@ impl MemoryModel {
     }
 
     /// Units a pass of `kind` on `stage` allocates (positive) or releases
-    /// (negative).
+    /// (negative); an `F` as though its pair were not recomputed (see
+    /// [`MemoryModel::pass_deltas`]).
     pub fn delta(&self, kind: PassKind, stage: Stage) -> i64 {
         let m = self.stage(stage);
         match kind {
@@ -71,7 +79,40 @@ impl MemoryModel {
             PassKind::B => -(m.activation - m.weight_stash),
             PassKind::W => -m.weight_stash,
             PassKind::BW => -m.activation,
+            PassKind::R => self.recomputed_units(stage),
         }
+    }
+
+    /// Units a recomputed forward of `stage` frees at its end and its `R`
+    /// allocates again.
+    pub fn recomputed_units(&self, stage: Stage) -> i64 {
+        let activation = self.stage(stage).activation;
+        self.recomputed.map_or(activation, |units| units.min(activation))
+    }
+
+    /// Per op of one rank's program, per pass, what it allocates or
+    /// releases: a forward whose pair the rank recomputes (an `R` follows)
+    /// keeps only what recomputation does not restore.
+    pub fn pass_deltas<'a>(&'a self, ops: &'a [ScheduledOp]) -> impl Iterator<Item = Vec<(Pass, i64)>> + 'a {
+        let recomputed: HashSet<(Stage, Microbatch)> = ops
+            .iter()
+            .flat_map(|op| &op.compute.passes)
+            .filter(|p| p.kind == PassKind::R)
+            .map(|p| (p.stage, p.mb))
+            .collect();
+        ops.iter().map(move |op| {
+            op.compute
+                .passes
+                .iter()
+                .map(|p| {
+                    let mut units = self.delta(p.kind, p.stage);
+                    if p.kind == PassKind::F && recomputed.contains(&(p.stage, p.mb)) {
+                        units -= self.recomputed_units(p.stage);
+                    }
+                    (*p, units)
+                })
+                .collect()
+        })
     }
 
     /// Rank `rank`'s budget, if bounded.

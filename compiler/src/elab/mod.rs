@@ -51,6 +51,9 @@ pub struct ComputeSchedule {
     /// The schedule says `auto`: `ranks` is empty until the scheduler in
     /// `opt/` fills it.
     pub auto: bool,
+    /// The schedule says `recompute auto`: [`crate::opt::recompute`]
+    /// recomputes forwards where a rank would exceed its budget.
+    pub recompute_auto: bool,
     /// For an `auto` schedule, what the scheduler did.
     pub plan: Option<crate::opt::PlanReport>,
     /// Per rank, the weight gradients deferred with `B(...) defer auto`

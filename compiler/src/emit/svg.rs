@@ -24,6 +24,7 @@ fn colour(kind: PassKind) -> &'static str {
         PassKind::B => "#F58518",
         PassKind::W => "#54A24B",
         PassKind::BW => "#E45756",
+        PassKind::R => "#B279A2",
     }
 }
 
@@ -260,6 +261,7 @@ fn legend(svg: &mut String, y: f64, lanes: &Lanes, exposed: bool) {
         (colour(PassKind::B), "B input gradient"),
         (colour(PassKind::W), "W weight gradient"),
         (colour(PassKind::BW), "BW full backward"),
+        (colour(PassKind::R), "R recompute"),
     ];
     if lanes.p2p {
         items.push((TRANSFER, "transfer"));

@@ -19,18 +19,25 @@ pub struct TorchCsv {
 pub fn torch_csv(program: &Program, comms: bool) -> TorchCsv {
     let mut notes = Vec::new();
     let mut split_braids = 0usize;
+    let mut recomputes = 0usize;
     let mut text = String::new();
     for rank in &program.ranks {
         let mut row: Vec<String> = Vec::new();
         for instr in &rank.instrs {
             match instr {
-                Instr::Compute(c) => match forward_and_backward(&c.passes) {
-                    Some((f, b)) => row.push(format!("({};{})OVERLAP_F_B", action(f), action(b))),
-                    None => {
-                        split_braids += usize::from(c.passes.len() > 1);
-                        row.extend(c.passes.iter().map(action));
+                Instr::Compute(c) => {
+                    // The format has no recompute: torch recomputes inside
+                    // the backward of a checkpointed module.
+                    let passes: Vec<Pass> = c.passes.iter().copied().filter(|p| p.kind != PassKind::R).collect();
+                    recomputes += c.passes.len() - passes.len();
+                    match forward_and_backward(&passes) {
+                        Some((f, b)) => row.push(format!("({};{})OVERLAP_F_B", action(f), action(b))),
+                        None => {
+                            split_braids += usize::from(passes.len() > 1);
+                            row.extend(passes.iter().map(action));
+                        }
                     }
-                },
+                }
                 Instr::Comm(transfers) if comms => {
                     row.extend(transfers.iter().map(|t| {
                         let (b, mb) = (t.buffer, t.buffer.mb.0);
@@ -49,6 +56,13 @@ pub fn torch_csv(program: &Program, comms: bool) -> TorchCsv {
         }
         text.push_str(&row.join(","));
         text.push('\n');
+    }
+    if recomputes > 0 {
+        notes.push(format!(
+            "{recomputes} recompute pass(es) R left out: PyTorch's format has no recompute action; wrap the stage \
+             modules in torch.utils.checkpoint, which recomputes inside each backward (the step then runs each R \
+             at its backward, not where the schedule puts it)"
+        ));
     }
     if split_braids > 0 {
         notes.push(format!(
@@ -75,6 +89,8 @@ fn action(p: &Pass) -> String {
         PassKind::B => "I",
         PassKind::W => "W",
         PassKind::BW => "B",
+        // Left out by `torch_csv`; PyTorch has no such action.
+        PassKind::R => "R",
     };
     format!("{}{kind}{}", p.stage.0, p.mb.0)
 }

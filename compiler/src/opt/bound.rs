@@ -55,7 +55,16 @@ fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     // stpc's own orders never put two passes of one stage and kind in one
     // op; a hand order may (`F & F` of one stage).
     let apart = s.auto;
-    let floors = memory_floors(&meta.placement, &s.memory, &dur, &lat, apart, &hop, mbs);
+    // A recomputed forward holds less than its activation: the memory
+    // floors, which count whole activations, would not bound such orders.
+    let recomputes = s.recompute_auto
+        || s.ranks.iter().flatten().any(|op| op.compute.passes.iter().any(|p| p.kind == stp_ir::PassKind::R));
+    let memory = if recomputes {
+        crate::elab::MemoryModel { budget: None, budgets: Vec::new(), ..s.memory.clone() }
+    } else {
+        s.memory.clone()
+    };
+    let floors = memory_floors(&meta.placement, &memory, &dur, &lat, apart, &hop, mbs);
     let (heads, tails) = heads_and_tails(stages, mbs, &dur, &lat, apart, &hop, floors.as_deref());
     // In stpc's own orders a rank's first forward runs alone (every other
     // pass of the rank follows it: it is not braided with its own stage's
@@ -69,7 +78,7 @@ fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
         Some(cap) if s.auto => drain_floor(&meta.placement, &heads, &tails, &dur, &first_alone, cap),
         _ => 0,
     };
-    let window = window_floor(&meta.placement, &s.memory, &heads, &dur, &first_alone);
+    let window = window_floor(&meta.placement, &memory, &heads, &dur, &first_alone);
     floor.max(drain).max(window) as f64 / scale
 }
 

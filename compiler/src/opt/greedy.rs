@@ -469,6 +469,8 @@ fn schedule_with(
                     deferred[r].pop_front();
                     live[r] += model.delta(PassKind::W, pass.stage);
                 }
+                // The scheduler orders F, B and W only.
+                PassKind::R => live[r] += model.delta(PassKind::R, pass.stage),
             }
         }
         let (compute, exposed) = cost.time(&passes);
@@ -482,7 +484,7 @@ fn schedule_with(
                     deferred[r].push_back((stage, mb, end));
                 }
                 PassKind::BW => b_end[stage * mbs + mb] = Some(end),
-                PassKind::W => {}
+                PassKind::W | PassKind::R => {}
             }
         }
         free[r] = end;
@@ -637,10 +639,10 @@ impl Criticality {
     }
 }
 
-/// F, B (or `BW`), W: 0, 1, 2.
+/// F (or `R`), B (or `BW`), W: 0, 1, 2.
 fn kind_index(kind: PassKind) -> usize {
     match kind {
-        PassKind::F => 0,
+        PassKind::F | PassKind::R => 0,
         PassKind::B | PassKind::BW => 1,
         PassKind::W => 2,
     }
@@ -705,7 +707,7 @@ fn partner_of<'a>(chosen: Pass, pairing: Pairing, others: impl Iterator<Item = &
         others.clone().map(|c| c.4).find(|p| p.kind == kind && (p.stage, p.mb) != (chosen.stage, chosen.mb))
     };
     let complement = match chosen.kind {
-        PassKind::F => PassKind::B,
+        PassKind::F | PassKind::R => PassKind::B,
         PassKind::B => PassKind::F,
         PassKind::W | PassKind::BW => PassKind::F,
     };
@@ -715,7 +717,7 @@ fn partner_of<'a>(chosen: Pass, pairing: Pairing, others: impl Iterator<Item = &
         Pairing::ForwardBackward => fits(complement),
         Pairing::Any => fits(complement).or_else(|| {
             let third = match chosen.kind {
-                PassKind::F | PassKind::B => PassKind::W,
+                PassKind::F | PassKind::B | PassKind::R => PassKind::W,
                 PassKind::W | PassKind::BW => PassKind::B,
             };
             fits(third)

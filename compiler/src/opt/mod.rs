@@ -15,6 +15,7 @@ pub mod greedy;
 pub mod late_acceptance;
 pub mod place_w;
 pub mod random;
+pub mod recompute;
 pub mod reorder;
 #[cfg(feature = "smt")]
 pub mod smt;
@@ -759,6 +760,8 @@ pub fn partial_op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Vec<
             }
             // The stash its `B` leaves, not the gradient `B` all-reduces.
             PassKind::W => b_sent[slot(st, i)].map(|_| 0.0),
+            // Its forward's stash, on its own rank.
+            PassKind::R => f_end[slot(st, i)],
         }
     };
     let n = ranks.len();
@@ -803,7 +806,7 @@ pub fn partial_op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Vec<
                             let to = if st > 0 { owner(st - 1) } else { r };
                             b_sent[slot(st, i)] = Some(send(r, to, outputs));
                         }
-                        PassKind::W => {}
+                        PassKind::W | PassKind::R => {}
                     }
                 }
                 times[r].push((start, end));

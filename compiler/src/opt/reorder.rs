@@ -297,10 +297,8 @@ pub(super) fn rank_limits(s: &ComputeSchedule) -> Vec<i64> {
 pub(super) fn peak(ops: &[ScheduledOp], model: &MemoryModel) -> i64 {
     let mut live = 0i64;
     let mut most = 0i64;
-    for op in ops {
-        for pass in &op.compute.passes {
-            live += model.delta(pass.kind, pass.stage);
-        }
+    for deltas in model.pass_deltas(ops) {
+        live += deltas.iter().map(|(_, units)| units).sum::<i64>();
         most = most.max(live);
     }
     most

@@ -129,6 +129,8 @@ impl Frozen {
                         PassKind::B => &[1],
                         PassKind::W => &[2],
                         PassKind::BW => &[1, 2],
+                        // The model orders F, B and W only.
+                        PassKind::R => &[],
                     };
                     for &k in kinds {
                         let x = id((k, st, i));

@@ -10,13 +10,14 @@ use std::collections::HashMap;
 pub const BUILTINS: [&str; 2] = ["min", "max"];
 
 /// The op names a rank body may call.
-pub const OPS: [&str; 4] = ["F", "B", "W", "BW"];
+pub const OPS: [&str; 5] = ["F", "B", "W", "BW", "R"];
 
 /// The settings of a `memory { ... }` block.
-pub const MEMORY_FIELDS: [&str; 4] = ["activation", "weight_stash", "budget", "max_deferred"];
+pub const MEMORY_FIELDS: [&str; 5] = ["activation", "weight_stash", "budget", "max_deferred", "recomputed"];
 
 /// The settings of a `cost { ... }` block (the simulator's cost model).
-pub const COST_FIELDS: [&str; 5] = ["forward", "backward_input", "backward_weight", "tp_collective", "p2p"];
+pub const COST_FIELDS: [&str; 6] =
+    ["forward", "backward_input", "backward_weight", "tp_collective", "p2p", "recompute"];
 
 /// The cost settings that may differ from stage to stage (`forward(s) = ...`).
 pub const STAGE_COST_FIELDS: [&str; 4] = ["forward", "backward_input", "backward_weight", "tp_collective"];
@@ -186,12 +187,13 @@ impl Checker<'_> {
         type IsKind = fn(&Decl) -> bool;
         // (name, example, required, is_kind): `memory` and `cost` blocks are
         // optional, but a second one would silently replace the first.
-        let kinds: [(&str, &str, bool, IsKind); 5] = [
+        let kinds: [(&str, &str, bool, IsKind); 6] = [
             ("stages", "stages p;", true, |d| matches!(d, Decl::Stages { .. })),
             ("place", "place s -> s;", true, |d| matches!(d, Decl::Place { .. })),
             ("rank", "rank r { ... }` or `auto;", true, |d| matches!(d, Decl::Rank { .. } | Decl::Auto { .. })),
             ("memory", "", false, |d| matches!(d, Decl::Memory { .. })),
             ("cost", "", false, |d| matches!(d, Decl::Cost { .. })),
+            ("recompute auto", "", false, |d| matches!(d, Decl::RecomputeAuto { .. })),
         ];
         for (name, example, required, is_kind) in kinds {
             let found: Vec<&Decl> = s.decls.iter().filter(|d| is_kind(d)).collect();
@@ -225,7 +227,7 @@ impl Checker<'_> {
                 c.expect(rank, Type::Int, "a rank");
             }),
             Decl::Require { cond, .. } => self.expect(cond, Type::Bool, "a requirement"),
-            Decl::Auto { .. } => {}
+            Decl::Auto { .. } | Decl::RecomputeAuto { .. } => {}
             Decl::Memory { fields, .. } => {
                 self.check_settings(fields, &MEMORY_FIELDS, &INDEXED_MEMORY_FIELDS, "memory setting")
             }
@@ -670,6 +672,7 @@ fn decl_span(d: &Decl) -> Span {
         | Decl::Cost { span, .. }
         | Decl::Check { span, .. }
         | Decl::Auto { span }
+        | Decl::RecomputeAuto { span }
         | Decl::Rank { span, .. } => *span,
     }
 }

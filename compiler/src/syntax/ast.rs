@@ -197,6 +197,12 @@ pub enum Decl {
         /// The declaration.
         span: Span,
     },
+    /// `recompute auto;`: let stpc recompute forwards (insert `R` passes)
+    /// where a rank's order would exceed its memory budget.
+    RecomputeAuto {
+        /// The declaration.
+        span: Span,
+    },
     /// `rank r { ... }`: the program of every rank, in terms of `r`.
     Rank {
         /// The rank variable.

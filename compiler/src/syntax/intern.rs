@@ -49,7 +49,7 @@ impl Table {
                 self.expr(rank);
             }
             Decl::Require { cond, .. } => self.expr(cond),
-            Decl::Auto { .. } => {}
+            Decl::Auto { .. } | Decl::RecomputeAuto { .. } => {}
             Decl::Memory { fields, .. } | Decl::Cost { fields, .. } => {
                 for setting in fields {
                     self.ident(&mut setting.name);

@@ -325,11 +325,16 @@ where
         .map_with(|axes, e| Decl::Check { axes, span: sp(e.span()) });
 
     let auto = kw(Keyword::Auto).map_with(|_, e| Decl::Auto { span: sp(e.span()) });
+    // `recompute` stays an identifier (it names a cost setting too).
+    let recompute_auto = ident()
+        .filter(|name: &Ident| name.name == "recompute")
+        .then(kw(Keyword::Auto))
+        .map_with(|_, e| Decl::RecomputeAuto { span: sp(e.span()) });
 
-    choice((stages, place, require, memory, cost, check, auto, rank))
+    choice((stages, place, require, memory, cost, check, auto, recompute_auto, rank))
         .then_ignore(semi())
         .map(Some)
-        .labelled("declaration (stages, place, require, memory, cost, check, rank or auto)")
+        .labelled("declaration (stages, place, require, memory, cost, check, rank, auto or recompute auto)")
         .recover_with(via_parser(skip_to_terminator().to(None)))
 }
 

@@ -43,6 +43,20 @@ pub struct CostModel {
     /// stage takes the times above, else one entry per stage.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stages: Vec<StageTimes>,
+    /// A recompute `R` as a fraction of its stage's forward compute: 1
+    /// (the default) re-runs the whole forward (Megatron's full
+    /// recompute), less a part of it (selective recompute). Its TP
+    /// collectives are the forward's.
+    #[serde(default = "full_recompute", skip_serializing_if = "is_full_recompute")]
+    pub recompute: f64,
+}
+
+fn full_recompute() -> f64 {
+    1.0
+}
+
+fn is_full_recompute(f: &f64) -> bool {
+    *f == 1.0
 }
 
 /// The times of one stage's passes (see [`CostModel`]'s fields of the
@@ -71,10 +85,11 @@ impl StageTimes {
         ]
     }
 
-    /// Pure compute time of a pass of this kind.
+    /// Pure compute time of a pass of this kind (`R`: a whole forward,
+    /// which [`CostModel::compute`] scales by its `recompute` fraction).
     pub fn compute(&self, kind: PassKind) -> f64 {
         match kind {
-            PassKind::F => self.forward,
+            PassKind::F | PassKind::R => self.forward,
             PassKind::B => self.backward_input,
             PassKind::W => self.backward_weight,
             PassKind::BW => self.backward_input + self.backward_weight,
@@ -99,6 +114,7 @@ impl Default for CostModel {
             tp_collective: 0.0,
             p2p: 0.0,
             stages: Vec::new(),
+            recompute: 1.0,
         }
     }
 }
@@ -128,6 +144,13 @@ impl CostModel {
             self.stages.iter().enumerate().flat_map(|(st, t)| {
                 t.fields().into_iter().map(move |(name, v)| (format!("{name}` of stage {st} `"), v))
             });
+        if !(0.0..=1.0).contains(&self.recompute) {
+            return Some(format!(
+                "cost setting `recompute` is {}: it is the fraction of a forward that a recompute re-runs, from 0 to 1 \
+                 (1: full recompute)",
+                self.recompute
+            ));
+        }
         let (name, value) = uniform.into_iter().chain(staged).find(|(_, v)| !(0.0..=Self::MAX_TIME).contains(v))?;
         let name = name.trim_end_matches(" `").to_string();
         let shown = if value.abs() >= 1e12 { format!("{value:e}") } else { value.to_string() };
@@ -181,6 +204,9 @@ impl CostModel {
             })
             .collect();
         parts.push(format!("p2p={}", significant(self.p2p)));
+        if self.recompute != 1.0 {
+            parts.push(format!("recompute={}", significant(self.recompute)));
+        }
         let note = if uniform { "" } else { " (lists are by stage)" };
         format!("{}{note}", parts.join(" "))
     }
@@ -207,6 +233,7 @@ impl CostModel {
             tp_collective: u.tp_collective,
             p2p: self.p2p,
             stages: self.stages.iter().map(|t| scale(*t)).collect(),
+            recompute: self.recompute,
         }
     }
 
@@ -235,7 +262,12 @@ impl CostModel {
 
     /// Pure compute time of one pass.
     pub fn compute(&self, pass: Pass) -> f64 {
-        self.stage(pass.stage).compute(pass.kind)
+        let time = self.stage(pass.stage).compute(pass.kind);
+        if pass.kind == PassKind::R {
+            time * self.recompute
+        } else {
+            time
+        }
     }
 
     /// The collective a pass issues (none for `W`).
@@ -408,7 +440,7 @@ fn run_units(c: &Compute, cost: &CostModel, start: f64, tp: &mut TpStream<'_>) -
         let weight_grad = matches!(u.part, Part::MlpWgrad | Part::AttentionWgrad);
         let input = if weight_grad { last_unit[i] } else { last_reduce[i].max(last_unit[i]) };
         let begin = clock.max(input);
-        let duration = unit_time(&cost.stage(pass.stage), pass.kind, u.part);
+        let duration = unit_time(&cost.stage(pass.stage), pass.kind, u.part, cost.recompute);
         waited += begin - clock;
         clock = begin + duration;
         compute += duration;
@@ -454,10 +486,11 @@ struct TpStream<'a> {
 
 /// The compute time of one unit: half of its pass's dgrad (or forward)
 /// time, or half of its weight-gradient time.
-fn unit_time(cost: &StageTimes, kind: PassKind, part: Part) -> f64 {
+fn unit_time(cost: &StageTimes, kind: PassKind, part: Part, recompute: f64) -> f64 {
     match (kind, part) {
         (_, Part::MlpWgrad | Part::AttentionWgrad) => cost.backward_weight / 2.0,
         (PassKind::F, _) => cost.forward / 2.0,
+        (PassKind::R, _) => cost.forward * recompute / 2.0,
         _ => cost.backward_input / 2.0,
     }
 }
