@@ -10,9 +10,14 @@
 //! program (where transfers take time, lowering places receives so that
 //! it runs as planned; see `place_receives`).
 //!
-//! `cargo run --release -p stpc --example solver_table [-- EFFORT [SCHEDULE]]`
+//! `cargo run --release -p stpc --example solver_table [-- EFFORT [SCHEDULE [P]]]`
 //! (the solver's effort in reference seconds, `--solver-effort`; one
-//! schedule's rows only, when named). With `STP_PROVE=EFFORT` in the
+//! schedule's rows only, when named, `all` for every one; p ranks, 4 by
+//! default, m = 3p). With `STP_UNEVEN=1`, the rows are (d): costs (b) on
+//! a model whose first stage (embedding) costs 1.3 times a middle one and
+//! whose last (LM head and loss) 2.5 times, cut into p stages; schedules
+//! with 2p stages split each of those in two ([`CostModel::recut`]), so
+//! every row runs the same model. With `STP_PROVE=EFFORT` in the
 //! environment, each row not proved optimal also gets the bound Z3 proves
 //! in five steps of EFFORT ([`opt::raise_bound`]: bisection
 //! between the bound and the solver's order; no `auto` order is shorter
@@ -32,14 +37,26 @@ use stpc::syntax::span::SourceFile;
 
 fn main() {
     let seconds: f64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(10.0);
-    let only = std::env::args().nth(2);
+    let only = std::env::args().nth(2).filter(|o| o != "all");
+    let p: i64 = std::env::args().nth(3).and_then(|a| a.parse().ok()).unwrap_or(4);
+    let uneven = std::env::var_os("STP_UNEVEN").is_some();
     let prove: Option<f64> = std::env::var("STP_PROVE").ok().and_then(|v| v.parse().ok());
     let unit = CostModel::default();
     let skewed = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..unit.clone() };
     let qwen =
         ModelShape { hidden: 4096.0, ffn: 22016.0, layers: 34.0, seq_len: 4096.0, micro_batch: 1.0, vocab: None };
     let paper = normalised(cost_model(&qwen, &Hardware::a800(), &Parallelism { tp: 4, pp: 4, chunks: 2 }));
-    let (p, m) = (4, 12);
+    let m = 3 * p;
+    let heavy_ends = |stages: u32| {
+        let mut by_stage = vec![skewed.uniform(); p as usize];
+        for (st, factor) in [(0, 1.3), (p as usize - 1, 2.5)] {
+            let t = &mut by_stage[st];
+            (t.forward, t.backward_input, t.backward_weight, t.tp_collective) =
+                (t.forward * factor, t.backward_input * factor, t.backward_weight * factor, t.tp_collective * factor);
+        }
+        let model = CostModel { stages: by_stage, ..skewed.clone() };
+        model.recut(p as u32, stages).unwrap_or_else(|| panic!("{stages} stages is not a multiple of {p}"))
+    };
     println!("p={p}, m={m}; solver effort {seconds} reference s; memory budget = the hand order's peak on each rank");
     println!(
         "(c) = 12.1B Qwen2 shape, A800, TP 4: T_F 1, T_B {:.2}, T_W {:.2}, T_AR {:.2}, p2p {:.3}",
@@ -61,11 +78,16 @@ fn main() {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
         }
-        for (label, cost) in [
-            ("(a) unit", unit.clone()),
-            ("(b) T_B=2 T_W=0.5 T_AR=0.25", skewed.clone()),
-            ("(c) 12.1B model", paper.clone()),
-        ] {
+        let rows: Vec<(&str, Option<CostModel>)> = if uneven {
+            vec![("(d) (b), ends 1.3x / 2.5x", None)]
+        } else {
+            vec![
+                ("(a) unit", Some(unit.clone())),
+                ("(b) T_B=2 T_W=0.5 T_AR=0.25", Some(skewed.clone())),
+                ("(c) 12.1B model", Some(paper.clone())),
+            ]
+        };
+        for (label, cost) in rows {
             let s = stp_stdlib::get(name).unwrap_or_else(|| panic!("no {name}"));
             let file = SourceFile::new(s.path(), s.source);
             let request = Request {
@@ -73,6 +95,7 @@ fn main() {
                 ..Request::default()
             };
             let build = pipeline::build(&file, &request).unwrap_or_else(|_| panic!("{name} compiles"));
+            let cost = cost.unwrap_or_else(|| heavy_ends(build.checked.schedule().meta.num_stages));
             let hand = simulate(&build.program, &cost).unwrap_or_else(|d| panic!("{d}")).makespan;
             let mut auto = build.checked.schedule().clone();
             auto.auto = true;

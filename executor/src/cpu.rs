@@ -9,49 +9,10 @@ use crate::threads::{self, slice, Board, ThreadResult};
 use crate::ExecError;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
-use stp_ir::simulate::Semantics;
+use std::time::Instant;
 use stp_ir::{Buffer, BufferKind, Compute, Instr, Part, Pass, PassKind, Program, Rank};
 
-/// How to run.
-#[derive(Debug, Clone, Copy)]
-pub struct CpuOptions {
-    /// Rendezvous (a group completes when its sends have been received, as
-    /// NCCL) or buffered sends.
-    pub semantics: Semantics,
-    /// How long any thread may wait before the run is declared deadlocked.
-    pub timeout: Duration,
-    /// Stream backends: wait for the device after every instruction, so no
-    /// two streams' work overlaps. A debugging aid: a result that is wrong
-    /// only without it points at a missing wait between streams (or a
-    /// buffer reused before a reader on another stream was done).
-    pub serialize: bool,
-}
-
-impl Default for CpuOptions {
-    fn default() -> CpuOptions {
-        CpuOptions { semantics: Semantics::Rendezvous, timeout: Duration::from_secs(2), serialize: false }
-    }
-}
-
-/// What a run produced.
-#[derive(Debug, Clone)]
-pub struct CpuReport {
-    /// The ranks this process ran (all of them, unless it is one process
-    /// of a multi-process run); `peak_stashes` and `timeline` follow this
-    /// order.
-    pub ranks: Vec<Rank>,
-    /// Per stage, the weight gradients (`4 · tp` tensors, see
-    /// [`model::accumulate`]) summed over microbatches in microbatch order.
-    pub gradients: Vec<Vec<Tensor>>,
-    /// Per rank run, the most activation stashes live at once, counted between
-    /// compute instructions (after the frees that follow each), as the
-    /// checker counts memory.
-    pub peak_stashes: Vec<usize>,
-    /// Per rank run (its first shard), (instruction, start, end) in
-    /// seconds since the run began.
-    pub timeline: Vec<Vec<(usize, f64, f64)>>,
-}
+pub use crate::threads::{CpuOptions, CpuReport};
 
 /// What a forward keeps for its backward, on one shard: its input, its
 /// activations and the attention output; after `B`, what `W` needs.

@@ -6,6 +6,7 @@ mod eval;
 mod instances;
 mod memory;
 mod params;
+mod plan;
 
 use crate::diag::{Code, Diagnostic};
 use crate::sema::Module;
@@ -18,6 +19,7 @@ use stp_ir::{Compute, Rank, ScheduleMeta};
 pub use instances::{check_families, CheckFamily, MAX_INSTANCES};
 pub use memory::{MemoryModel, StageMemory};
 pub use params::ParamArgs;
+pub use plan::PlanReport;
 
 /// Bounds that keep a runaway schedule from exhausting time or memory.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +57,7 @@ pub struct ComputeSchedule {
     /// recomputes forwards where a rank would exceed its budget.
     pub recompute_auto: bool,
     /// For an `auto` schedule, what the scheduler did.
-    pub plan: Option<crate::opt::PlanReport>,
+    pub plan: Option<PlanReport>,
     /// Per rank, the weight gradients deferred with `B(...) defer auto`
     /// that stpc still has to place (`opt::place_w` empties it).
     pub floating: Vec<Vec<(stp_ir::Pass, Origin)>>,

@@ -110,10 +110,18 @@ fn window_floor(
         // The k-th forward to start starts no earlier than the k-th
         // smallest head, nor before `k·activation − budget` units can
         // have been released.
+        // Which forward starts k-th is unknown, and where stages differ so
+        // do their times: the longest times go with the earliest starts,
+        // the pairing that does the most work by any time (min(time, t −
+        // start) is supermodular), so the work counted is never less than
+        // a real order's.
         let mut forwards: Vec<(i64, i64)> = jobs.iter().filter(|j| j.0 == 0).map(|j| (j.1, j.2)).collect();
         forwards.sort_unstable();
-        for (k, forward) in forwards.iter_mut().enumerate() {
+        let mut longest_first: Vec<i64> = forwards.iter().map(|f| f.1).collect();
+        longest_first.sort_unstable_by(|a, b| b.cmp(a));
+        for (k, (forward, time)) in forwards.iter_mut().zip(longest_first).enumerate() {
             forward.0 = forward.0.max(budget.kth_forward(&released, k as i64 + 1));
+            forward.1 = time;
         }
         let mut earliest = forwards;
         earliest.extend(jobs.iter().filter(|j| j.0 != 0).map(|j| (j.1, j.2)));
