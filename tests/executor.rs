@@ -28,8 +28,14 @@ fn run(program: &Program) -> Result<cpu::CpuReport, ExecError> {
 
 #[test]
 fn every_standard_schedule_reproduces_the_sequential_gradients_bit_for_bit() {
-    let cases: [(&str, i64, i64, Option<i64>); 16] = [
+    let cases: [(&str, i64, i64, Option<i64>); 21] = [
         ("gpipe", 3, 4, None),
+        // PyTorch's sizes: ZB-V below 2p - 1, interleaved 1F1B in one round of 6.
+        ("zb-v", 3, 2, None),
+        ("interleaved-1f1b", 4, 6, Some(2)),
+        ("interleaved-zb", 2, 4, Some(2)),
+        ("interleaved-zb", 3, 5, Some(3)),
+        ("looped-bfs", 2, 3, Some(2)),
         ("1f1b", 2, 3, None),
         ("1f1b", 4, 8, None),
         ("1f1b-recompute", 2, 3, None),

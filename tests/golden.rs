@@ -375,3 +375,51 @@ fn recompute_adds_m_recomputes_to_1f1b_and_holds_one_activation() {
         }
     }
 }
+
+/// Looped BFS (Lamy-Poirier, MLSys 2023): the forwards sweep every chunk
+/// in turn, then the backwards in reverse; from m >= p no rank waits
+/// between chunks, so the makespan is (v m + p - 1)(T_F + T_B + T_W) of a
+/// chunk — the bubble ratio (p-1)/(v m + p - 1) — and every rank holds all
+/// v m chunk activations.
+#[test]
+fn looped_bfs_takes_v_m_plus_p_minus_1_full_chunk_passes() {
+    for cost in [unit(), CostModel { forward: 1.0, backward_input: 2.0, backward_weight: 0.5, ..unit() }] {
+        let per_mb = cost.forward + cost.backward_input + cost.backward_weight;
+        for p in PS {
+            for v in [1, 2, 3] {
+                for m in [p, 2 * p] {
+                    let b = build("looped-bfs", p, m, Some(v));
+                    let t = run(&b, &cost);
+                    let expected = (v * m + p - 1) as f64 * per_mb;
+                    assert!(close(t.makespan, expected), "p={p} v={v} m={m}: {} != {expected}", t.makespan);
+                    assert!(b.checked.peaks().iter().all(|peak| peak.units == v * m), "p={p} v={v} m={m}");
+                }
+            }
+        }
+    }
+}
+
+/// Interleaved zero bubble (PyTorch's ScheduleInterleavedZeroBubble, ZB-1p
+/// on the looped placement): one forward per hop of warm-up, input
+/// gradients racing back, weight gradients filling the drain. The bubble
+/// is ZB-H1's, (p-1)(T_F + T_B - T_W), in the times of one chunk; rank 0
+/// holds v·p chunk activations ((v-1)p warm-up forwards of the other
+/// chunks, p - 1 of its own, and the one that starts the steady state).
+#[test]
+fn interleaved_zb_bubble_is_p_minus_1_times_f_plus_b_minus_w_of_a_chunk() {
+    for cost in [unit(), CostModel { backward_input: 2.0, backward_weight: 0.5, ..unit() }] {
+        let per_mb = cost.forward + cost.backward_input + cost.backward_weight;
+        let bubble = cost.forward + cost.backward_input - cost.backward_weight;
+        for p in PS {
+            for v in [2, 3] {
+                for m in [p, 2 * p, 4 * p] {
+                    let b = build("interleaved-zb", p, m, Some(v));
+                    let t = run(&b, &cost);
+                    let expected = (m * v) as f64 * per_mb + (p - 1) as f64 * bubble;
+                    assert!(close(t.makespan, expected), "p={p} v={v} m={m}: {} != {expected}", t.makespan);
+                    assert_eq!(b.checked.peaks()[0].units, v * p, "p={p} v={v} m={m}");
+                }
+            }
+        }
+    }
+}

@@ -177,7 +177,7 @@ struct Target {
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
     params: Vec<(String, i64)>,
     /// Override a memory setting (activation, weight_stash, budget,
-    /// max_deferred); repeatable.
+    /// max_deferred, recomputed) on every stage and rank; repeatable.
     #[arg(long = "mem", value_name = "SETTING=VALUE", value_parser = parse_param)]
     memory: Vec<(String, i64)>,
     /// Which schedule of the file, when it defines several.
@@ -280,11 +280,13 @@ enum CommArg {
 #[derive(Args)]
 struct CostArgs {
     /// A cost model as JSON: {"forward": 1, "backward_input": 1,
-    /// "backward_weight": 1, "tp_collective": 0, "p2p": 0}; missing fields
-    /// keep their defaults.
+    /// "backward_weight": 1, "tp_collective": 0, "p2p": 0, "recompute": 1,
+    /// "stages": [{"forward": ..., "backward_input": ..., "backward_weight":
+    /// ..., "tp_collective": ...}, one per stage]}; missing fields keep their
+    /// defaults (no "stages": every stage alike).
     #[arg(long, value_name = "FILE")]
     cost: Option<PathBuf>,
-    /// Time of one forward (T_F).
+    /// Time of one forward (T_F), on every stage.
     #[arg(long, value_name = "T")]
     t_f: Option<f64>,
     /// Time of one input-gradient backward (T_B).
@@ -300,8 +302,10 @@ struct CostArgs {
     #[arg(long, value_name = "T")]
     t_p2p: Option<f64>,
     /// Derive the times from model and hardware dimensions, in seconds:
-    /// {"model": {"hidden", "ffn", "layers", "seq_len", "micro_batch"},
-    /// "hardware": {...} (default: A800-like), "tp": N}.
+    /// {"model": {"hidden", "ffn", "layers", "seq_len", "micro_batch",
+    /// "vocab" (optional: the LM head on the last stage)}, "hardware": {...}
+    /// (default: A800-like), "tp": N}. Layers are whole: stages that get
+    /// more of them, or the head, take longer.
     #[arg(long, value_name = "FILE", conflicts_with = "cost")]
     model: Option<PathBuf>,
 }

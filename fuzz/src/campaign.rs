@@ -157,7 +157,9 @@ fn judge_loaded(program: Result<Program, String>) -> Verdict {
 fn base_program(rng: &mut Rng) -> Program {
     let s = rng.pick(stp_stdlib::ALL);
     let (p, m) = (rng.range(2, 4) as i64, rng.range(4, 8) as i64);
-    let v = if s.name == "interleaved-1f1b" { 2 } else { 1 };
+    // Schedules with a `chunks` parameter (interleaved 1F1B, looped BFS) take two.
+    let takes_chunks = s.source.contains(": chunks)");
+    let v = if takes_chunks { 2 } else { 1 };
     let m = if s.name == "interleaved-1f1b" { p * (m / p).max(1) } else { m.max(2 * p) };
     let file = SourceFile::new(s.path(), s.source);
     // The first size from m up that the schedule's `require`s admit.
@@ -165,7 +167,7 @@ fn base_program(rng: &mut Rng) -> Program {
         .filter(|m| s.name != "interleaved-1f1b" || m % p == 0)
         .find_map(|m| {
             let mut request = small_request(p, m, v);
-            if s.name != "interleaved-1f1b" {
+            if !takes_chunks {
                 request.params.chunks = None;
             }
             pipeline::compile(&file, &request).ok()

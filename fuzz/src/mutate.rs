@@ -116,6 +116,11 @@ const PIECES: &[&str] = &[
     "activation(s)",
     "forward(s)",
     "2.5",
+    "R",
+    "R(i)",
+    "recompute auto;",
+    "recomputed",
+    "recompute",
 ];
 
 /// Splits source text into words, numbers, and single punctuation
