@@ -376,6 +376,13 @@ fn export_writes_pytorch_pipelining_csv() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains("(3F1;3I0)OVERLAP_F_B"), "{}", stdout(&out));
     assert!(stderr(&out).contains("consecutive actions"), "{}", stderr(&out));
+    // With transfers (the compute_comms form torch runs as written), a
+    // braid is its two actions, forward first, and stpc says so.
+    let out = stpc(&["export", "stp", "-p", "2", "-m", "5", "--comms"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("OVERLAP_F_B"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("3F1,3I0"), "{}", stdout(&out));
+    assert!(stderr(&out).contains("written as their two actions"), "{}", stderr(&out));
 }
 
 #[test]

@@ -16,9 +16,14 @@ pub struct TorchCsv {
 }
 
 /// Writes `program` as PyTorch's CSV; with `comms`, its transfers too.
+/// In that form (`compute_comms`) torch 2.9's runtime runs every cell as
+/// written and cannot run an `OVERLAP_F_B` (its own lowering splits them
+/// when it reads the compute-only form), so a braided forward and backward
+/// is written as its two actions, forward first, and a note says so.
 pub fn torch_csv(program: &Program, comms: bool) -> TorchCsv {
     let mut notes = Vec::new();
     let mut split_braids = 0usize;
+    let mut split_overlaps = 0usize;
     let mut recomputes = 0usize;
     let mut text = String::new();
     for rank in &program.ranks {
@@ -31,6 +36,10 @@ pub fn torch_csv(program: &Program, comms: bool) -> TorchCsv {
                     let passes: Vec<Pass> = c.passes.iter().copied().filter(|p| p.kind != PassKind::R).collect();
                     recomputes += c.passes.len() - passes.len();
                     match forward_and_backward(&passes) {
+                        Some((f, b)) if comms => {
+                            split_overlaps += 1;
+                            row.extend([action(f), action(b)]);
+                        }
                         Some((f, b)) => row.push(format!("({};{})OVERLAP_F_B", action(f), action(b))),
                         None => {
                             split_braids += usize::from(passes.len() > 1);
@@ -56,6 +65,14 @@ pub fn torch_csv(program: &Program, comms: bool) -> TorchCsv {
         }
         text.push_str(&row.join(","));
         text.push('\n');
+    }
+    if split_overlaps > 0 {
+        notes.push(format!(
+            "{split_overlaps} braided forward/backward pair(s) written as their two actions, forward first: torch \
+             2.9's runtime runs the compute_comms form as written and cannot run OVERLAP_F_B there (export without \
+             --comms keeps them; torch then splits them itself). Either way torch runs the two passes one after \
+             the other: the braid's overlap of TP collectives is lost"
+        ));
     }
     if recomputes > 0 {
         notes.push(format!(
