@@ -28,8 +28,9 @@ fn run(program: &Program) -> Result<cpu::CpuReport, ExecError> {
 
 #[test]
 fn every_standard_schedule_reproduces_the_sequential_gradients_bit_for_bit() {
-    let cases: [(&str, i64, i64, Option<i64>); 21] = [
+    let cases: [(&str, i64, i64, Option<i64>); 22] = [
         ("gpipe", 3, 4, None),
+        ("interleaved-1f1b-recompute", 2, 4, Some(2)),
         // PyTorch's sizes: ZB-V below 2p - 1, interleaved 1F1B in one round of 6.
         ("zb-v", 3, 2, None),
         ("interleaved-1f1b", 4, 6, Some(2)),

@@ -423,3 +423,27 @@ fn interleaved_zb_bubble_is_p_minus_1_times_f_plus_b_minus_w_of_a_chunk() {
         }
     }
 }
+
+/// Interleaved 1F1B with full recompute: `R` before every chunk backward.
+/// The bottleneck rank runs all m·v recomputes on its critical path (the
+/// others hide theirs while they wait for gradients): the makespan is
+/// interleaved 1F1B's plus m·v·T_R, and every rank holds one chunk
+/// activation at its peak.
+#[test]
+fn interleaved_recompute_adds_m_v_recomputes_and_holds_one_activation() {
+    for (cost, fraction) in [(unit(), 1.0), (CostModel { backward_input: 2.0, ..unit() }, 0.25)] {
+        let cost = CostModel { recompute: fraction, ..cost };
+        for p in PS {
+            for v in [2, 3] {
+                for m in [p, 2 * p] {
+                    let plain = run(&build("interleaved-1f1b", p, m, Some(v)), &cost).makespan;
+                    let with = build("interleaved-1f1b-recompute", p, m, Some(v));
+                    let t = run(&with, &cost);
+                    let expected = plain + (m * v) as f64 * fraction * cost.forward;
+                    assert!(close(t.makespan, expected), "p={p} v={v} m={m}: {} != {expected}", t.makespan);
+                    assert!(with.checked.peaks().iter().all(|peak| peak.units == 1), "p={p} v={v} m={m}");
+                }
+            }
+        }
+    }
+}

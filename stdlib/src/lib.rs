@@ -27,6 +27,7 @@ pub const ALL: &[StdSchedule] = &[
     StdSchedule { name: "1f1b", source: include_str!("../1f1b.sched") },
     StdSchedule { name: "1f1b-recompute", source: include_str!("../1f1b-recompute.sched") },
     StdSchedule { name: "interleaved-1f1b", source: include_str!("../interleaved-1f1b.sched") },
+    StdSchedule { name: "interleaved-1f1b-recompute", source: include_str!("../interleaved-1f1b-recompute.sched") },
     StdSchedule { name: "looped-bfs", source: include_str!("../looped-bfs.sched") },
     StdSchedule { name: "interleaved-zb", source: include_str!("../interleaved-zb.sched") },
     StdSchedule { name: "zb-h1", source: include_str!("../zb-h1.sched") },
