@@ -567,10 +567,11 @@ fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, stages: u3
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).map_err(|e| io_error(&format!("cannot read {}", path.display()), &e))?;
-            serde_json::from_str(&text).map_err(|e| {
+            let parsed: CostModel = serde_json::from_str(&text).map_err(|e| {
                 eprintln!("error: {} is not a cost model: {e}", path.display());
                 Reported
-            })?
+            })?;
+            parsed
         }
         None => declared,
     };
@@ -596,19 +597,10 @@ fn override_times(mut cost: CostModel, args: &CostArgs, stages: u32) -> Result<C
         set(&mut stage.backward_weight, args.t_w);
         set(&mut stage.tp_collective, args.t_ar);
     }
-    if !cost.stages.is_empty() && cost.stages.len() != stages as usize {
-        eprintln!(
-            "error: the cost model gives times for {} stages, but this program has {stages}: give one entry per \
-             stage in `stages`, or none (every stage then takes the uniform times)",
-            cost.stages.len()
-        );
-        return Err(Reported);
-    }
-    if let Some(problem) = cost.problem() {
+    cost.checked(stages).map_err(|problem| {
         eprintln!("error: {problem}");
-        return Err(Reported);
-    }
-    Ok(cost)
+        Reported
+    })
 }
 
 /// Builds the schedule for the costs it will be simulated with and runs

@@ -28,12 +28,14 @@ pub enum Family {
     Text,
     /// A cell mutant of a PyTorch schedule CSV.
     Csv,
+    /// A byte mutant of a `--cost` file with per-stage times.
+    Cost,
 }
 
 impl Family {
     /// Every family, in the order cases cycle through them.
-    pub const ALL: [Family; 6] =
-        [Family::Valid, Family::Source, Family::Program, Family::Json, Family::Text, Family::Csv];
+    pub const ALL: [Family; 7] =
+        [Family::Valid, Family::Source, Family::Program, Family::Json, Family::Text, Family::Csv, Family::Cost];
 
     /// The family's name in reports.
     pub fn name(self) -> &'static str {
@@ -44,6 +46,7 @@ impl Family {
             Family::Json => "IR JSON mutants",
             Family::Text => "IR text mutants",
             Family::Csv => "torch CSV mutants",
+            Family::Cost => "cost file mutants",
         }
     }
 }
@@ -106,6 +109,32 @@ fn judge(family: Family, rng: &mut Rng) -> Verdict {
                 Err(_) => Verdict::Refused("import"),
             }
         }
+        Family::Cost => judge_cost(rng),
+    }
+}
+
+/// A `--cost` file with per-stage times, mutated: what
+/// `CostModel::from_json` accepts must time a program to a finite
+/// makespan.
+fn judge_cost(rng: &mut Rng) -> Verdict {
+    let program = base_program(rng);
+    let stages = program.schedule.num_stages;
+    let time = |rng: &mut Rng| rng.range(0, 400) as f64 / 100.0;
+    let by_stage = (0..stages)
+        .map(|_| stp_ir::simulate::StageTimes {
+            forward: time(rng),
+            backward_input: time(rng),
+            backward_weight: time(rng),
+            tp_collective: time(rng),
+        })
+        .collect();
+    let cost = stp_ir::simulate::CostModel { stages: by_stage, ..stp_ir::simulate::CostModel::default() };
+    let text = mutate::mutate_text(&serde_json::to_string(&cost).unwrap_or_default(), rng);
+    let Ok(cost) = stp_ir::simulate::CostModel::from_json(&text, stages) else { return Verdict::Refused("cost") };
+    match stp_ir::simulate::simulate(&program, &cost) {
+        Ok(t) if t.makespan.is_finite() && t.makespan >= 0.0 => Verdict::Accepted,
+        Ok(t) => Verdict::Disagreement(format!("an accepted cost model times the program at {}", t.makespan)),
+        Err(d) => Verdict::Disagreement(format!("a verified program deadlocked in the timed simulation: {d}")),
     }
 }
 

@@ -185,6 +185,31 @@ impl CostModel {
         self.stages.iter().map(|t| t.tp_collective).fold(0.0, f64::max)
     }
 
+    /// The cost model of a `--cost` file for a program of `stages` stages:
+    /// the JSON form (missing fields keep their defaults), then
+    /// [`CostModel::checked`].
+    pub fn from_json(text: &str, stages: u32) -> Result<CostModel, String> {
+        let cost: CostModel = serde_json::from_str(text).map_err(|e| format!("not a cost model: {e}"))?;
+        cost.checked(stages)
+    }
+
+    /// This cost model, if it can time a program of `stages` stages: one
+    /// entry per stage in `stages` (or none), and every time a number from
+    /// 0 to [`CostModel::MAX_TIME`] ([`CostModel::problem`]).
+    pub fn checked(self, stages: u32) -> Result<CostModel, String> {
+        if !self.stages.is_empty() && self.stages.len() != stages as usize {
+            return Err(format!(
+                "the cost model gives times for {} stages, but this program has {stages}: give one entry per stage \
+                 in `stages`, or none (every stage then takes the uniform times)",
+                self.stages.len()
+            ));
+        }
+        match self.problem() {
+            Some(problem) => Err(problem),
+            None => Ok(self),
+        }
+    }
+
     /// One line for reports: `T_F=1 T_B=1 T_W=1 T_AR=0 p2p=0`, or, with
     /// per-stage times, each differing setting's values listed by stage.
     pub fn summary(&self) -> String {
