@@ -598,3 +598,34 @@ fn the_smt_solver_says_when_there_is_nothing_to_solve() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stderr(&o).contains("--solver smt has nothing to decide"), "{}", stderr(&o));
 }
+
+/// Per-stage times from a `--cost` file: listed by stage, used by the
+/// simulation, and a file for another stage count is refused with both
+/// counts; `diff` of schedules that cut the model differently says how it
+/// compares them.
+#[test]
+fn per_stage_costs_are_listed_checked_and_compared_fairly() {
+    let dir = scratch("per-stage-costs");
+    let stage = |f: f64| {
+        format!(r#"{{"forward": {f}, "backward_input": {}, "backward_weight": 1, "tp_collective": 0}}"#, 2.0 * f)
+    };
+    let four = write(
+        &dir,
+        "four.json",
+        &format!(r#"{{"stages": [{}, {}, {}, {}]}}"#, stage(1.3), stage(1.0), stage(1.0), stage(2.5)),
+    );
+    let out = stpc(&["simulate", "1f1b", "-p", "4", "-m", "8", "--cost", &four]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("T_F=[1.3 1 1 2.5] T_B=[2.6 2 2 5]"), "{}", stdout(&out));
+    // The last stage is the bottleneck: microbatch 0 reaches it at 3.3, it
+    // runs 8 x (2.5 + 5 + 1), and the last backward walks back through
+    // the others, 3 + 3 + 3.6 (tests/golden.rs holds the formula).
+    assert!(stdout(&out).contains("makespan 80.900"), "{}", stdout(&out));
+    let wrong = stpc(&["simulate", "1f1b", "-p", "2", "-m", "4", "--cost", &four]);
+    assert_eq!(wrong.status.code(), Some(1));
+    assert!(stderr(&wrong).contains("gives times for 4 stages, but this program has 2"), "{}", stderr(&wrong));
+    let diff = stpc(&["diff", "1f1b", "interleaved-1f1b", "-p", "4", "-m", "8", "-v", "2"]);
+    assert!(diff.status.success(), "{}", stderr(&diff));
+    assert!(stdout(&diff).contains("cuts the model into 4 stages, interleaved_1f1b into 8"), "{}", stdout(&diff));
+    assert!(stdout(&diff).contains("interleaved_1f1b is faster"), "{}", stdout(&diff));
+}
