@@ -341,15 +341,10 @@ impl<'m> Eval<'m> {
     ) -> Result<MemoryModel, Fail> {
         let mut model = MemoryModel::default();
         let mut spans: HashMap<&str, Span> = HashMap::new();
-        let settings: Vec<&'m Setting> = schedule
-            .decls
-            .iter()
-            .filter_map(|d| match d {
-                Decl::Memory { fields, .. } => Some(fields),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let settings = block_settings(schedule, |d| match d {
+            Decl::Memory { fields, .. } => Some(fields),
+            _ => None,
+        });
         for setting in settings.iter().filter(|s| s.index.is_none()) {
             let v = self.eval(&setting.value)?;
             spans.insert(setting.name.name.as_str(), setting.value.span);
@@ -429,10 +424,21 @@ impl<'m> Eval<'m> {
     /// An integer setting's value with its index variable (a stage or a
     /// rank) bound to `index`.
     fn indexed(&mut self, setting: &'m Setting, index: i64) -> Result<i64, Fail> {
+        self.with_index(setting, Some(index), |ev, value| ev.eval(value))
+    }
+
+    /// `eval` of a setting's value with its index variable, if it has one
+    /// and `index` is given, bound to `index`; one evaluation step.
+    fn with_index<T>(
+        &mut self,
+        setting: &'m Setting,
+        index: Option<i64>,
+        eval: impl FnOnce(&mut Self, &'m Expr) -> Result<T, Fail>,
+    ) -> Result<T, Fail> {
         self.step(setting.value.span)?;
-        let Some(var) = &setting.index else { return self.eval(&setting.value) };
+        let (Some(var), Some(index)) = (&setting.index, index) else { return eval(self, &setting.value) };
         self.env.push(Binding { name: &var.name, sym: var.sym, value: index, kind: BindKind::Iteration });
-        let v = self.eval(&setting.value);
+        let v = eval(self, &setting.value);
         self.env.pop();
         v
     }
@@ -442,15 +448,10 @@ impl<'m> Eval<'m> {
     /// (`forward(s) = ...`), evaluated for each stage.
     fn cost(&mut self, schedule: &'m Schedule, num_stages: u32) -> Result<CostModel, Fail> {
         let mut cost = CostModel::default();
-        let settings: Vec<&'m Setting> = schedule
-            .decls
-            .iter()
-            .filter_map(|d| match d {
-                Decl::Cost { fields, .. } => Some(fields),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let settings = block_settings(schedule, |d| match d {
+            Decl::Cost { fields, .. } => Some(fields),
+            _ => None,
+        });
         for setting in settings.iter().filter(|s| s.index.is_none()) {
             let v = self.time(setting, None)?;
             let field = match setting.name.name.as_str() {
@@ -488,19 +489,7 @@ impl<'m> Eval<'m> {
     /// checked to be a time from 0 to [`CostModel::MAX_TIME`].
     fn time(&mut self, setting: &'m Setting, stage: Option<i64>) -> Result<f64, Fail> {
         let value = &setting.value;
-        self.step(value.span)?;
-        let bound = match (&setting.index, stage) {
-            (Some(var), Some(st)) => {
-                self.env.push(Binding { name: &var.name, sym: var.sym, value: st, kind: BindKind::Iteration });
-                true
-            }
-            _ => false,
-        };
-        let v = self.eval_real(value);
-        if bound {
-            self.env.pop();
-        }
-        let v = v?;
+        let v = self.with_index(setting, stage, |ev, value| ev.eval_real(value))?;
         if setting.name.name == "recompute" && !(0.0..=1.0).contains(&v) {
             return Err(self.fail(
                 Code::ParamValue,
@@ -1008,6 +997,15 @@ fn ordinal(n: i64) -> String {
         _ => "th",
     };
     format!("{n}{suffix}")
+}
+
+/// The settings of a schedule's blocks of one kind (`memory` or `cost`),
+/// in order.
+fn block_settings<'m>(
+    schedule: &'m Schedule,
+    block: impl Fn(&'m Decl) -> Option<&'m Vec<Setting>>,
+) -> Vec<&'m Setting> {
+    schedule.decls.iter().filter_map(block).flatten().collect()
 }
 
 /// Sets a memory setting on every stage or rank.

@@ -60,6 +60,12 @@ impl Default for MemoryModel {
     }
 }
 
+/// The (stage, microbatch) pairs one rank's ops recompute (run an `R`
+/// for), as `RankProgram::recomputed` reads them from a lowered program.
+pub fn recomputed_pairs(ops: &[ScheduledOp]) -> HashSet<(Stage, Microbatch)> {
+    ops.iter().flat_map(|op| &op.compute.passes).filter(|p| p.kind == PassKind::R).map(|p| (p.stage, p.mb)).collect()
+}
+
 impl MemoryModel {
     /// The memory of `stage`'s passes.
     pub fn stage(&self, stage: Stage) -> StageMemory {
@@ -94,12 +100,7 @@ impl MemoryModel {
     /// releases: a forward whose pair the rank recomputes (an `R` follows)
     /// keeps only what recomputation does not restore.
     pub fn pass_deltas<'a>(&'a self, ops: &'a [ScheduledOp]) -> impl Iterator<Item = Vec<(Pass, i64)>> + 'a {
-        let recomputed: HashSet<(Stage, Microbatch)> = ops
-            .iter()
-            .flat_map(|op| &op.compute.passes)
-            .filter(|p| p.kind == PassKind::R)
-            .map(|p| (p.stage, p.mb))
-            .collect();
+        let recomputed = recomputed_pairs(ops);
         ops.iter().map(move |op| {
             op.compute
                 .passes

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use stp_ir::{Compute, Rank, ScheduleMeta};
 
 pub use instances::{check_families, CheckFamily, MAX_INSTANCES};
-pub use memory::{MemoryModel, StageMemory};
+pub use memory::{recomputed_pairs, MemoryModel, StageMemory};
 pub use params::ParamArgs;
 pub use plan::PlanReport;
 

@@ -8,8 +8,7 @@
 //! be recomputed; then the checker reports what is left (E0022).
 
 use crate::elab::{ComputeSchedule, ScheduledOp};
-use std::collections::HashSet;
-use stp_ir::{Compute, Microbatch, Pass, PassKind, Stage};
+use stp_ir::{Compute, Pass, PassKind};
 
 /// Most op visits one run may make (each recompute chosen rescans its
 /// rank): a count, so that the result is the same on every machine.
@@ -68,12 +67,7 @@ fn first_over(s: &ComputeSchedule, r: usize, budget: i64, work: &mut usize) -> O
 /// they are, the one whose backward runs last, and where that backward is.
 fn victim(s: &ComputeSchedule, r: usize, at: usize) -> Option<(Pass, usize)> {
     let ops = &s.ranks[r];
-    let recomputed: HashSet<(Stage, Microbatch)> = ops
-        .iter()
-        .flat_map(|op| &op.compute.passes)
-        .filter(|p| p.kind == PassKind::R)
-        .map(|p| (p.stage, p.mb))
-        .collect();
+    let recomputed = crate::elab::recomputed_pairs(ops);
     let live: Vec<Pass> = ops[..=at]
         .iter()
         .flat_map(|op| &op.compute.passes)
