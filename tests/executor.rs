@@ -11,7 +11,7 @@ use stp_tests::build_std;
 
 fn model_for(program: &Program) -> Model {
     let meta = &program.schedule;
-    Model::new(meta.num_stages as usize, meta.num_microbatches as usize, 8, 4, meta.tp as usize, 42)
+    Model::new(meta.parts() as usize, meta.num_microbatches as usize, 8, 4, meta.tp as usize, 42)
 }
 
 /// Runs `program` on the CPU executor and requires the weight gradients

@@ -16,7 +16,7 @@ use stp_tests::build_std_tp;
 
 fn model_for(program: &Program) -> Model {
     let meta = &program.schedule;
-    Model::new(meta.num_stages as usize, meta.num_microbatches as usize, 8, 4, meta.tp as usize, 7)
+    Model::new(meta.parts() as usize, meta.num_microbatches as usize, 8, 4, meta.tp as usize, 7)
 }
 
 fn free_port() -> u16 {

@@ -717,6 +717,7 @@ fn paper_costs() -> CostModel {
         p2p: c.p2p / c.forward,
         stages: Vec::new(),
         recompute: 1.0,
+        reduce: 0.0,
     }
 }
 

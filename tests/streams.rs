@@ -19,7 +19,7 @@ use stp_tests::{build_std, build_std_tp};
 
 fn model_for(program: &Program) -> Model {
     let meta = &program.schedule;
-    Model::new(meta.num_stages as usize, meta.num_microbatches as usize, 8, 4, meta.tp as usize, 42)
+    Model::new(meta.parts() as usize, meta.num_microbatches as usize, 8, 4, meta.tp as usize, 42)
 }
 
 fn assert_streams_reproduce_the_sequential_gradients(program: &Program, options: CpuOptions, what: &str) {

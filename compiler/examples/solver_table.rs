@@ -168,5 +168,6 @@ fn normalised(cost: CostModel) -> CostModel {
         p2p: cost.p2p / f,
         stages: Vec::new(),
         recompute: 1.0,
+        reduce: 0.0,
     }
 }

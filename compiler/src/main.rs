@@ -847,6 +847,19 @@ fn export_torch(target: &Target, comms: bool, output: Option<&Path>) -> Result<(
     let file = load(target)?;
     let build = pipeline::build(&file, &request(target, false)).map_err(|d| report(&d, &file, target.color))?;
     tell_plan(&build, None);
+    let meta = &build.program.schedule;
+    if meta.pipelines > 1 {
+        eprintln!(
+            "error: `{}` runs {} pipelines (model copies), which torch.distributed.pipelining cannot express",
+            meta.name, meta.pipelines
+        );
+        eprintln!(
+            "  = note: its schedule CSV has one chain of stages, every microbatch through all of them, and no \
+             gradient reduction between copies of a stage; nothing was written"
+        );
+        eprintln!("  = help: run it with stp-exec, or export a one-pipeline schedule (dualpipe-v folds DualPipe into one)");
+        return Err(Reported);
+    }
     let csv = emit::torch::torch_csv(&build.program, comms);
     for note in &csv.notes {
         eprintln!("note: {note}");

@@ -93,13 +93,13 @@ pub(crate) fn prepare(program: &Program, model: &Model) -> Result<(), ExecError>
     if model.tp != tp {
         return Err(ExecError::Setup(format!("the program has tp = {tp} but the model {} shards", model.tp)));
     }
-    if model.stages.len() != program.schedule.num_stages as usize
-        || model.inputs.len() != program.schedule.num_microbatches as usize
-    {
+    let meta = &program.schedule;
+    if model.stages.len() != meta.parts() as usize || model.inputs.len() != meta.num_microbatches as usize {
+        let copies = if meta.pipelines > 1 { format!(" ({} pipelines of them)", meta.pipelines) } else { String::new() };
         return Err(ExecError::Setup(format!(
-            "the program has {} stages and {} microbatches but the model {} and {}",
-            program.schedule.num_stages,
-            program.schedule.num_microbatches,
+            "the program has {} model parts{copies} and {} microbatches but the model {} and {}",
+            meta.parts(),
+            meta.num_microbatches,
             model.stages.len(),
             model.inputs.len()
         )));
@@ -207,6 +207,10 @@ impl Worker<'_> {
                     self.compute(c, i, &mut result.grads)?;
                 }
                 Instr::Comm(ops) => threads::exchange(self, ops, i)?,
+                Instr::Reduce { stages } => {
+                    let (program, model, rank, shard) = (self.program, self.model, Rank(self.rank as u32), self.shard);
+                    threads::reduce_gradients(self, program, model, rank, shard, stages, &mut result.grads, i)?
+                }
                 Instr::Free { buffer } => {
                     self.values
                         .remove(buffer)
@@ -298,7 +302,8 @@ impl Worker<'_> {
     /// One unit of one pass on this shard.
     fn unit(&mut self, pass: Pass, part: Part, st: &mut Partial, instr: usize) -> Result<(), ExecError> {
         let model = self.model;
-        let w = &model.stages[pass.stage.index()][self.shard];
+        let chain = self.program.schedule.chain();
+        let w = &model.stages[chain.part(pass.stage) as usize][self.shard];
         let missing = |what: &str| ExecError::Runtime {
             rank: Rank(self.rank as u32),
             instr,
@@ -306,12 +311,12 @@ impl Worker<'_> {
         };
         match (pass.kind, part) {
             (PassKind::F | PassKind::R, Part::Attention) => {
-                let x = match (pass.kind, pass.stage.0.checked_sub(1)) {
+                let x = match (pass.kind, chain.prev(pass.stage)) {
                     (PassKind::R, _) => match self.values.get(&Buffer::stash(pass.stage, pass.mb)) {
                         Some(Value::Checkpoint(x)) => x.clone(),
                         _ => return Err(self.error(instr, format!("`{pass}` finds no checkpoint of its forward"))),
                     },
-                    (_, Some(prev)) => self.tensor(Buffer::act(stp_ir::Stage(prev), pass.mb), instr)?.clone(),
+                    (_, Some(prev)) => self.tensor(Buffer::act(prev, pass.mb), instr)?.clone(),
                     (_, None) => model.inputs[pass.mb.index()].clone(),
                 };
                 let (z1, p) = model::attn(w, &x);
@@ -337,7 +342,7 @@ impl Worker<'_> {
                 self.values.insert(Buffer::stash(pass.stage, pass.mb), stash);
             }
             (PassKind::B | PassKind::BW, Part::MlpDgrad) => {
-                let dy_buffer = pass.output_grad(self.program.schedule.num_stages);
+                let dy_buffer = pass.output_grad(chain);
                 let dy = match dy_buffer.kind {
                     BufferKind::Act => model::loss_grad(self.tensor(dy_buffer, instr)?),
                     _ => self.tensor(dy_buffer, instr)?.clone(),
@@ -351,7 +356,7 @@ impl Worker<'_> {
                 let dh = st.dh.clone().ok_or_else(|| missing("mlp-dgrad"))?;
                 let (dz1, p) = model::attn_dgrad(w, &self.stash(pass, instr)?.z1, &dh);
                 let dx = self.all_reduce(p)?;
-                if pass.stage.0 > 0 {
+                if !chain.is_first(pass.stage) {
                     self.values.insert(Buffer::grad(pass.stage, pass.mb), Value::Tensor(dx));
                 }
                 let backward = Backward {

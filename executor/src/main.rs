@@ -194,8 +194,9 @@ fn run(args: &RunArgs) -> Result<(), String> {
         Some(path) => model_shape(path)?,
         None => (args.hidden.max(1), 2 * args.hidden.max(1), args.rows.max(1)),
     };
-    let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
-    let model = Model::with_inner(stages, mbs, hidden, inner, rows, meta.tp as usize, args.seed);
+    // Copies of a part (several pipelines) share its weights.
+    let (parts, mbs) = (meta.parts() as usize, meta.num_microbatches as usize);
+    let model = Model::with_inner(parts, mbs, hidden, inner, rows, meta.tp as usize, args.seed);
     let options = CpuOptions {
         semantics: match args.comm {
             Comm::Rendezvous => Semantics::Rendezvous,
@@ -340,9 +341,18 @@ fn relative_difference(got: &Tensor, want: &Tensor) -> f32 {
 }
 
 /// The stages whose passes ran in this process.
+/// The model parts whose gradients this process holds: those of which
+/// its ranks own a copy (a stage, with one pipeline).
 fn stages_run(program: &Program, report: &CpuReport) -> Vec<usize> {
+    let chain = program.schedule.chain();
     let placement = program.schedule.placement.iter().enumerate();
-    placement.filter(|(_, owner)| report.ranks.contains(owner)).map(|(s, _)| s).collect()
+    let mut parts: Vec<usize> = placement
+        .filter(|(_, owner)| report.ranks.contains(owner))
+        .map(|(s, _)| chain.part(stp_ir::Stage(s as u32)) as usize)
+        .collect();
+    parts.sort_unstable();
+    parts.dedup();
+    parts
 }
 
 fn print_comparison(program: &Program, report: &CpuReport, cost: Option<&Path>) -> Result<(), String> {

@@ -55,6 +55,7 @@ pub fn calibrated_costs(program: &Program, measured: &Measured) -> CostModel {
         p2p: 0.0,
         stages: Vec::new(),
         recompute,
+        reduce: 0.0,
     }
 }
 

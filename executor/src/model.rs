@@ -256,6 +256,31 @@ pub struct ShardGrads {
     pub b2: Option<Tensor>,
 }
 
+impl ShardGrads {
+    /// The four gradients end to end in one row (dA1, dB1, dA2, dB2; a
+    /// missing one as nothing): how a gradient reduction sends them.
+    pub fn flatten(&self) -> Tensor {
+        let data: Vec<f32> = [&self.a1, &self.b1, &self.a2, &self.b2].into_iter().flatten().flat_map(|t| t.data.clone()).collect();
+        Tensor { rows: 1, cols: data.len(), data }
+    }
+
+    /// The gradients [`ShardGrads::flatten`] wrote, for weights of the
+    /// shapes `w` has; `None` when the lengths do not add up.
+    pub fn unflatten(flat: &Tensor, w: &ShardWeights) -> Option<ShardGrads> {
+        let mut rest = flat.data.as_slice();
+        let mut take = |like: &Tensor| {
+            let n = like.rows * like.cols;
+            (rest.len() >= n).then(|| {
+                let (head, tail) = rest.split_at(n);
+                rest = tail;
+                Tensor { rows: like.rows, cols: like.cols, data: head.to_vec() }
+            })
+        };
+        let g = ShardGrads { a1: take(&w.a1), b1: take(&w.b1), a2: take(&w.a2), b2: take(&w.b2) };
+        (g.a1.is_some() && g.b2.is_some() && rest.is_empty()).then_some(g)
+    }
+}
+
 /// Adds shard `k`'s gradients into a stage's `4 · tp` accumulators
 /// (`[dA1 per shard, dB1 per shard, dA2 per shard, dB2 per shard]`).
 pub fn accumulate(total: &mut [Tensor], tp: usize, k: usize, g: &ShardGrads) {

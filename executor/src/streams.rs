@@ -249,6 +249,13 @@ pub(crate) fn execute<D: Device>(
     ranks: &[usize],
     peers: Peers<'_, D>,
 ) -> Result<CpuReport, ExecError> {
+    if program.schedule.pipelines > 1 {
+        return Err(ExecError::Setup(format!(
+            "`{}` runs {} pipelines (model copies); the stream backends (streams, cuda) do not run gradient \
+             reductions between copies yet: run it with --backend cpu",
+            program.schedule.name, program.schedule.pipelines
+        )));
+    }
     let tp = program.schedule.tp as usize;
     let threads = ranks.len() * tp;
     // With a fabric that sums the shards, each shard may have a device of its own.
@@ -471,6 +478,8 @@ impl<'a, D: Device> Worker<'a, D> {
                         .remove(buffer)
                         .ok_or_else(|| self.error(i, format!("{buffer} is freed but not live")))?;
                 }
+                // Refused before any thread starts (see `execute`).
+                Instr::Reduce { .. } => return Err(self.error(i, "gradient reductions are not supported here".into())),
             }
             let after = self.device.record(self.stream_of(instr), true);
             let span = before.and_then(|b| after.map(|a| (i, b, a)));
@@ -811,7 +820,7 @@ impl<'a, D: Device> Worker<'a, D> {
             }
             (PassKind::B | PassKind::BW, Part::MlpDgrad) => {
                 // The loss 0.5·|y|² has gradient y: the last stage reads its own output.
-                let dy_buffer = pass.output_grad(self.program.schedule.num_stages);
+                let dy_buffer = pass.output_grad(self.program.schedule.chain());
                 let dy = self.tensor(dy_buffer, instr)?;
                 let z2 = self.stash(pass, instr)?.z2.clone();
                 let dz2 = self.tanh_grad(&b2, &z2, &dy, instr)?;

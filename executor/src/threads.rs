@@ -42,8 +42,12 @@ pub struct CpuReport {
     /// of a multi-process run); `peak_stashes` and `timeline` follow this
     /// order.
     pub ranks: Vec<Rank>,
-    /// Per stage, the weight gradients (`4 · tp` tensors, see
-    /// [`crate::model::accumulate`]) summed over microbatches in microbatch order.
+    /// Per model part (stage of one pipeline; every stage with one), the
+    /// weight gradients (`4 · tp` tensors, see [`crate::model::accumulate`])
+    /// summed over microbatches in microbatch order. With several
+    /// pipelines every rank holds its parts' whole gradient only through
+    /// the program's gradient reductions; a rank that ends without one is
+    /// an error.
     pub gradients: Vec<Vec<Tensor>>,
     /// Per rank run, the most activation stashes live at once, counted between
     /// compute instructions (after the frees that follow each), as the
@@ -167,15 +171,21 @@ pub(crate) fn report(
             .collect();
         return Err(ExecError::Deadlock { blocked });
     }
-    let (stages, mbs) = (program.schedule.num_stages as usize, program.schedule.num_microbatches as usize);
-    // grads[mb][stage][shard]
-    let mut grads: Vec<Vec<Vec<ShardGrads>>> = vec![vec![vec![ShardGrads::default(); tp]; stages]; mbs];
+    let meta = &program.schedule;
+    let (parts, mbs) = (meta.parts() as usize, meta.num_microbatches as usize);
+    // grads[mb][part][shard]
+    let mut grads: Vec<Vec<Vec<ShardGrads>>> = vec![vec![vec![ShardGrads::default(); tp]; parts]; mbs];
     let mut peak_stashes = vec![0; ranks.len()];
     let mut timeline = vec![Vec::new(); ranks.len()];
     for (t, result) in results.into_iter().enumerate() {
         let result = result?;
+        if t % tp == 0 {
+            whole_gradients(program, Rank(ranks[t / tp] as u32), &result.grads)?;
+        }
         for ((stage, mb), g) in result.grads {
-            let slot = &mut grads[mb][stage][t % tp];
+            // After a reduction the owners of a part's copies hold the same
+            // contributions: any one of them fills the slot.
+            let slot = &mut grads[mb][meta.chain().part(stp_ir::Stage(stage as u32)) as usize][t % tp];
             for (mine, part) in [(&mut slot.a1, g.a1), (&mut slot.b1, g.b1), (&mut slot.a2, g.a2), (&mut slot.b2, g.b2)]
             {
                 if part.is_some() {
@@ -198,6 +208,94 @@ pub(crate) fn report(
         }
     }
     Ok(CpuReport { ranks: ranks.iter().map(|r| Rank(*r as u32)).collect(), gradients, peak_stashes, timeline })
+}
+
+/// Checks that `rank` ends the step holding, for every model part it owns
+/// a copy of, the contribution of every microbatch of every copy: what the
+/// gradient reductions are for (with one pipeline, its own stages').
+fn whole_gradients(program: &Program, rank: Rank, grads: &[((usize, usize), ShardGrads)]) -> Result<(), ExecError> {
+    let meta = &program.schedule;
+    let chain = meta.chain();
+    let held: std::collections::HashSet<(usize, usize)> = grads.iter().map(|(key, _)| *key).collect();
+    for (s, owner) in meta.placement.iter().enumerate() {
+        if *owner != rank {
+            continue;
+        }
+        let part = chain.part(stp_ir::Stage(s as u32));
+        let copies = (0..meta.pipelines.max(1)).map(|j| (j * chain.len + part) as usize);
+        let expected: usize = copies
+            .clone()
+            .map(|c| meta.pairs_of(stp_ir::Stage(c as u32)).count())
+            .sum();
+        let got = copies.flat_map(|c| meta.pairs_of(stp_ir::Stage(c as u32)).map(move |mb| (c, mb.index()))).filter(|k| held.contains(k)).count();
+        if got != expected {
+            return Err(ExecError::Runtime {
+                rank,
+                instr: program.ranks[rank.index()].instrs.len(),
+                message: format!(
+                    "ends the step with the weight gradient of part {part} over {got} of its {expected} \
+                     microbatch contributions: its copies' gradients were never reduced"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The gradient reduction `reduce stages` ([`stp_ir::Instr::Reduce`]) on
+/// one shard thread: sends this rank's weight-gradient contributions to
+/// those stages (one message per microbatch, tagged with the pair's stash
+/// buffer, which never travels otherwise) to every other rank that owns a
+/// copy, then takes in theirs. Afterwards every owner holds every
+/// contribution, and sums them in microbatch order as a one-pipeline run
+/// does: the gradients equal the sequential run's bit for bit. The data
+/// channels are FIFO and every earlier transfer between two owners has
+/// been received before either reaches its reduction (verified programs
+/// match all of them first), so the contributions come next on the link.
+pub(crate) fn reduce_gradients<P: Party<Tensor>>(
+    party: &mut P,
+    program: &Program,
+    model: &Model,
+    rank: Rank,
+    shard: usize,
+    stages: &[stp_ir::Stage],
+    grads: &mut Vec<((usize, usize), ShardGrads)>,
+    instr: usize,
+) -> Result<(), ExecError> {
+    let meta = &program.schedule;
+    let peers: Vec<Rank> = meta.owners(stages).into_iter().filter(|r| *r != rank).collect();
+    let mine: Vec<((usize, usize), Tensor)> = grads
+        .iter()
+        .filter(|((s, _), _)| stages.iter().any(|st| st.index() == *s))
+        .map(|(key, g)| (*key, g.flatten()))
+        .collect();
+    for peer in &peers {
+        let port = party
+            .ports()
+            .and_then(|p| p.data_out.get(peer))
+            .ok_or_else(|| party.fail(instr, format!("no link to {peer}")))?;
+        for ((s, mb), flat) in &mine {
+            let tag = Buffer::stash(stp_ir::Stage(*s as u32), stp_ir::Microbatch(*mb as u32));
+            port.send((tag, flat.clone())).map_err(|_| party.fail(instr, format!("{peer} has stopped")))?;
+        }
+    }
+    let timeout = party.options().timeout;
+    for peer in &peers {
+        let theirs: Vec<stp_ir::Stage> = stages.iter().copied().filter(|s| meta.owner(*s) == Some(*peer)).collect();
+        let expected: usize = theirs.iter().map(|s| meta.pairs_of(*s).count()).sum();
+        for _ in 0..expected {
+            let ports = party.ports();
+            let (tag, flat) =
+                party.board().wait(timeout, || ports?.data_in.get(peer).map(|rx| rx.recv_timeout(slice())))?;
+            let weights = model.stages.get(meta.chain().part(tag.stage) as usize).and_then(|w| w.get(shard));
+            let g = weights.and_then(|w| ShardGrads::unflatten(&flat, w)).filter(|_| theirs.contains(&tag.stage));
+            let g = g.ok_or_else(|| {
+                party.fail(instr, format!("{peer} sent {tag} during the reduction of {stages:?}, not a gradient of it"))
+            })?;
+            grads.push(((tag.stage.index(), tag.mb.index()), g));
+        }
+    }
+    Ok(())
 }
 
 /// One shard thread's channels to the same shard of every peer rank:

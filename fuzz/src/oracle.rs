@@ -72,7 +72,7 @@ pub fn judge_program(program: &Program) -> Verdict {
 /// stream runner; both must finish with the sequential run's gradients.
 pub fn run_everywhere(program: &Program) -> Verdict {
     let meta = &program.schedule;
-    let model = Model::new(meta.num_stages as usize, meta.num_microbatches as usize, 4, 2, meta.tp as usize, 7);
+    let model = Model::new(meta.parts() as usize, meta.num_microbatches as usize, 4, 2, meta.tp as usize, 7);
     let expected = sequential_gradients(&model);
     let options = CpuOptions { semantics: Semantics::Rendezvous, timeout: EXECUTOR_TIMEOUT, serialize: false };
     let runs = [

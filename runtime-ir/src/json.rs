@@ -45,6 +45,20 @@ pub fn to_json(program: &Program) -> String {
         out.push_str(",\"tp\":");
         number(&mut out, meta.tp);
     }
+    if meta.pipelines != 1 {
+        out.push_str(",\"pipelines\":");
+        number(&mut out, meta.pipelines);
+    }
+    if !meta.routes.is_empty() {
+        out.push_str(",\"routes\":[");
+        for (i, r) in meta.routes.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            number(&mut out, *r);
+        }
+        out.push(']');
+    }
     out.push_str("},\"ranks\":[");
     for (i, rank) in program.ranks.iter().enumerate() {
         if i > 0 {
@@ -105,6 +119,16 @@ fn write_instr(out: &mut String, instr: &Instr) {
             write_buffer(out, *buffer);
             out.push_str("}}");
         }
+        Instr::Reduce { stages } => {
+            out.push_str("{\"reduce\":{\"stages\":[");
+            for (i, s) in stages.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                number(out, s.0);
+            }
+            out.push_str("]}}");
+        }
     }
 }
 
@@ -152,6 +176,8 @@ mod tests {
                 num_microbatches: 1234,
                 placement: vec![Rank(0), Rank(1)],
                 tp: 4,
+                pipelines: 2,
+                routes: vec![0, 1, 1],
             },
             ranks: vec![RankProgram {
                 rank: Rank(0),
@@ -170,6 +196,7 @@ mod tests {
                         Transfer::recv(Buffer::grad(Stage(1), Microbatch(7)), Rank(1)),
                     ]),
                     Instr::Free { buffer: Buffer::stash(Stage(10), Microbatch(0)) },
+                    Instr::Reduce { stages: vec![Stage(1), Stage(7)] },
                 ],
             }],
         };

@@ -59,7 +59,7 @@ mod verify;
 
 pub use ids::{Buffer, BufferKind, IdParseError, Microbatch, Rank, Stage};
 pub use program::{
-    units_of, Collective, Compute, Direction, Instr, Param, Part, Pass, PassKind, Program, RankProgram, ScheduleMeta,
+    units_of, Chain, Collective, Compute, Direction, Instr, Param, Part, Pass, PassKind, Program, RankProgram, ScheduleMeta,
     Transfer, Unit, FORMAT_VERSION,
 };
 pub use slots::BufferSlots;

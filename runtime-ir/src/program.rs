@@ -40,6 +40,19 @@ pub struct ScheduleMeta {
     /// more, every compute lists its [`Unit`]s.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub tp: u32,
+    /// Number of pipelines (model copies) the stages form; 1 (the default,
+    /// omitted from both forms) for one chain of stages. With `n`, stages
+    /// split into `n` consecutive chains of `num_stages / n`: stage `s` is
+    /// part `s % len` of copy `s / len` of the model, and the copies of a
+    /// part share their weights (their gradients are summed by
+    /// [`Instr::Reduce`]).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub pipelines: u32,
+    /// With several pipelines, `routes[i]` is the pipeline microbatch `i`
+    /// flows through (its `len` stages, first to last, then back); empty
+    /// with one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<u32>,
 }
 
 fn one() -> u32 {
@@ -54,6 +67,109 @@ impl ScheduleMeta {
     /// The rank that owns `stage`, or `None` when the stage is out of range.
     pub fn owner(&self, stage: Stage) -> Option<Rank> {
         self.placement.get(stage.index()).copied()
+    }
+
+    /// The chains the stages form (see [`Chain`]).
+    pub fn chain(&self) -> Chain {
+        Chain { len: (self.num_stages / self.pipelines.max(1)).max(1) }
+    }
+
+    /// How many distinct model parts the stages compute: the stages of one
+    /// pipeline (all of them with one).
+    pub fn parts(&self) -> u32 {
+        self.chain().len
+    }
+
+    /// The pipeline microbatch `mb` flows through (0 with one pipeline).
+    pub fn route(&self, mb: Microbatch) -> u32 {
+        self.routes.get(mb.index()).copied().unwrap_or(0)
+    }
+
+    /// The stages microbatch `mb` flows through, first to last.
+    pub fn stages_of(&self, mb: Microbatch) -> impl Iterator<Item = Stage> {
+        let len = self.chain().len;
+        let first = self.route(mb) * len;
+        (first..first + len).map(Stage)
+    }
+
+    /// Whether microbatch `mb` flows through `stage`.
+    pub fn on_route(&self, stage: Stage, mb: Microbatch) -> bool {
+        self.pipelines <= 1 || stage.0 / self.chain().len == self.route(mb)
+    }
+
+    /// The passes the program must run exactly once for every microbatch
+    /// on its route: the (stage, microbatch) pairs, stage-major.
+    pub fn pairs(&self) -> impl Iterator<Item = (Stage, Microbatch)> + '_ {
+        (0..self.num_stages).map(Stage).flat_map(move |s| {
+            (0..self.num_microbatches).map(Microbatch).filter(move |i| self.on_route(s, *i)).map(move |i| (s, i))
+        })
+    }
+
+    /// The microbatches that flow through `stage`, ascending.
+    pub fn pairs_of(&self, stage: Stage) -> impl Iterator<Item = Microbatch> + '_ {
+        (0..self.num_microbatches).map(Microbatch).filter(move |i| self.on_route(stage, *i))
+    }
+
+    /// The sets of stages that are copies of one model part and sit on
+    /// more than one stage, in part order: each is the subject of one
+    /// [`Instr::Reduce`] on every rank that owns one of its stages. Empty
+    /// with one pipeline.
+    pub fn copy_sets(&self) -> Vec<Vec<Stage>> {
+        if self.pipelines <= 1 {
+            return Vec::new();
+        }
+        let len = self.chain().len;
+        (0..len).map(|part| (0..self.pipelines).map(|j| Stage(j * len + part)).collect()).collect()
+    }
+
+    /// The ranks that own a stage of `stages`, ascending, each once.
+    pub fn owners(&self, stages: &[Stage]) -> Vec<Rank> {
+        let mut ranks: Vec<Rank> = stages.iter().filter_map(|s| self.owner(*s)).collect();
+        ranks.sort();
+        ranks.dedup();
+        ranks
+    }
+}
+
+/// How stages chain into pipelines: stages `k·len .. (k+1)·len` are one
+/// pipeline, first to last. With one pipeline `len` is the number of
+/// stages. Every "the stage before / after / the last stage" rule of the
+/// dataflow goes through here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chain {
+    /// Stages per pipeline; at least 1.
+    pub len: u32,
+}
+
+impl Chain {
+    /// One pipeline of `num_stages` stages.
+    pub fn single(num_stages: u32) -> Chain {
+        Chain { len: num_stages.max(1) }
+    }
+
+    /// Whether `stage` is the first of its pipeline (fed by the data loader).
+    pub fn is_first(self, stage: Stage) -> bool {
+        stage.0 % self.len == 0
+    }
+
+    /// Whether `stage` is the last of its pipeline (where the loss is).
+    pub fn is_last(self, stage: Stage) -> bool {
+        (stage.0 + 1) % self.len == 0
+    }
+
+    /// The stage before `stage` in its pipeline.
+    pub fn prev(self, stage: Stage) -> Option<Stage> {
+        (!self.is_first(stage)).then(|| Stage(stage.0 - 1))
+    }
+
+    /// The stage after `stage` in its pipeline.
+    pub fn next(self, stage: Stage) -> Option<Stage> {
+        (!self.is_last(stage)).then(|| Stage(stage.0 + 1))
+    }
+
+    /// The model part `stage` computes (its position in its pipeline).
+    pub fn part(self, stage: Stage) -> u32 {
+        stage.0 % self.len
     }
 }
 
@@ -97,6 +213,16 @@ pub enum Instr {
     Free {
         /// The buffer released; it must be live.
         buffer: Buffer,
+    },
+    /// With several pipelines: sum the weight gradients of the copies of
+    /// one model part (`stages`, every copy, ascending) over every rank that
+    /// owns one of them, a collective (an all-reduce over those ranks; a
+    /// local sum when one rank owns them all). Afterwards each owner holds
+    /// the part's gradient over every microbatch of every copy. Every owner
+    /// issues it once, after its last backward of those stages.
+    Reduce {
+        /// The copies of the part, ascending.
+        stages: Vec<Stage>,
     },
 }
 
@@ -356,19 +482,21 @@ pub struct Pass {
 }
 
 impl Pass {
-    /// The buffers this pass reads. `num_stages` tells where the loss is.
+    /// The buffers this pass reads. `chain` tells which stage comes before
+    /// and after, and where the loss is.
     ///
-    /// - `F(s, i)` reads `act(s-1, i)` (nothing for `s = 0`: the data loader feeds it).
+    /// - `F(s, i)` reads `act(s-1, i)` (nothing for the first stage of a
+    ///   pipeline: the data loader feeds it).
     /// - `B`, `W`, `BW` of `(s, i)` read `stash(s, i)` and the output gradient:
     ///   `grad(s+1, i)`, or for the last stage its own output `act(s, i)`,
     ///   from which the loss gradient is computed.
     /// - `R` of `(s, i)` reads `stash(s, i)` (then holding the forward's
     ///   input) and restores the rest of it in place.
-    pub fn reads(&self, num_stages: u32) -> impl Iterator<Item = Buffer> {
+    pub fn reads(&self, chain: Chain) -> impl Iterator<Item = Buffer> {
         let pair = match self.kind {
-            PassKind::F => [self.stage.0.checked_sub(1).map(|prev| Buffer::act(Stage(prev), self.mb)), None],
+            PassKind::F => [chain.prev(self.stage).map(|prev| Buffer::act(prev, self.mb)), None],
             PassKind::B | PassKind::W | PassKind::BW => {
-                [Some(Buffer::stash(self.stage, self.mb)), Some(self.output_grad(num_stages))]
+                [Some(Buffer::stash(self.stage, self.mb)), Some(self.output_grad(chain))]
             }
             PassKind::R => [Some(Buffer::stash(self.stage, self.mb)), None],
         };
@@ -378,26 +506,27 @@ impl Pass {
     /// The buffers this pass creates.
     ///
     /// - `F(s, i)` writes `act(s, i)` and `stash(s, i)`.
-    /// - `B` and `BW` of `(s, i)` write `grad(s, i)`, except on stage 0
-    ///   (nothing consumes the gradient of the input data).
+    /// - `B` and `BW` of `(s, i)` write `grad(s, i)`, except on the first
+    ///   stage of a pipeline (nothing consumes the gradient of the input data).
     /// - `W` writes nothing (weight gradients are accumulated, not buffers),
     ///   nor does `R` (it restores its stash in place).
-    pub fn writes(&self) -> impl Iterator<Item = Buffer> {
+    pub fn writes(&self, chain: Chain) -> impl Iterator<Item = Buffer> {
         let pair = match self.kind {
             PassKind::F => [Some(Buffer::act(self.stage, self.mb)), Some(Buffer::stash(self.stage, self.mb))],
-            PassKind::B | PassKind::BW if self.stage.0 > 0 => [Some(Buffer::grad(self.stage, self.mb)), None],
+            PassKind::B | PassKind::BW if !chain.is_first(self.stage) => {
+                [Some(Buffer::grad(self.stage, self.mb)), None]
+            }
             PassKind::B | PassKind::BW | PassKind::W | PassKind::R => [None, None],
         };
         pair.into_iter().flatten()
     }
 
     /// The gradient flowing into this stage's output: `grad(s+1, i)`, or the
-    /// stage's own output `act(s, i)` when it is the last stage.
-    pub fn output_grad(&self, num_stages: u32) -> Buffer {
-        if self.stage.0 + 1 >= num_stages {
-            Buffer::act(self.stage, self.mb)
-        } else {
-            Buffer::grad(Stage(self.stage.0 + 1), self.mb)
+    /// stage's own output `act(s, i)` when it is the last of its pipeline.
+    pub fn output_grad(&self, chain: Chain) -> Buffer {
+        match chain.next(self.stage) {
+            Some(next) => Buffer::grad(next, self.mb),
+            None => Buffer::act(self.stage, self.mb),
         }
     }
 }
@@ -450,6 +579,13 @@ impl fmt::Display for Instr {
                 f.write_str("\n  }")
             }
             Instr::Free { buffer } => write!(f, "free {buffer}"),
+            Instr::Reduce { stages } => {
+                f.write_str("reduce")?;
+                for s in stages {
+                    write!(f, " {s}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -482,14 +618,14 @@ impl Instr {
     }
 
     /// The buffers this instruction reads (a send reads what it sends).
-    pub fn reads(&self, num_stages: u32) -> impl Iterator<Item = Buffer> + '_ {
+    pub fn reads(&self, chain: Chain) -> impl Iterator<Item = Buffer> + '_ {
         let sent = self.transfers().iter().filter(|t| t.dir == Direction::Send).map(|t| t.buffer);
-        self.passes().iter().flat_map(move |p| p.reads(num_stages)).chain(sent)
+        self.passes().iter().flat_map(move |p| p.reads(chain)).chain(sent)
     }
 
     /// The buffers this instruction makes live.
-    pub fn writes(&self) -> impl Iterator<Item = Buffer> + '_ {
+    pub fn writes(&self, chain: Chain) -> impl Iterator<Item = Buffer> + '_ {
         let received = self.transfers().iter().filter(|t| t.dir == Direction::Recv).map(|t| t.buffer);
-        self.passes().iter().flat_map(Pass::writes).chain(received)
+        self.passes().iter().flat_map(move |p| p.writes(chain)).chain(received)
     }
 }

@@ -11,6 +11,10 @@
 //! microbatches 2
 //! place r0 r1
 //!
+//! # with several pipelines, after `tp`:
+//! # pipelines 2
+//! # routes 0 1 0 1
+//!
 //! rank r0 {
 //!   F s0 mb0
 //!   send act.s0.mb0 -> r1
@@ -68,6 +72,16 @@ fn write_text(program: &Program, out: &mut String) -> fmt::Result {
     writeln!(out, "microbatches {}", meta.num_microbatches)?;
     if meta.tp != 1 {
         writeln!(out, "tp {}", meta.tp)?;
+    }
+    if meta.pipelines != 1 {
+        writeln!(out, "pipelines {}", meta.pipelines)?;
+    }
+    if !meta.routes.is_empty() {
+        write!(out, "routes")?;
+        for r in &meta.routes {
+            write!(out, " {r}")?;
+        }
+        writeln!(out)?;
     }
     write!(out, "place")?;
     for rank in &meta.placement {
@@ -137,6 +151,20 @@ pub fn parse_text(text: &str) -> Result<Program, TextError> {
             tp = parse_number(v.trim(), line)?;
         }
     }
+    let mut pipelines = 1;
+    if let Some(&(line, l)) = lines.peek() {
+        if let Some(v) = l.strip_prefix("pipelines ") {
+            lines.next();
+            pipelines = parse_number(v.trim(), line)?;
+        }
+    }
+    let mut routes = Vec::new();
+    if let Some(&(line, l)) = lines.peek() {
+        if let Some(v) = l.strip_prefix("routes ") {
+            lines.next();
+            routes = v.split_whitespace().map(|w| parse_number(w, line)).collect::<Result<_, _>>()?;
+        }
+    }
     let (line, v) = reader.header(lines.next(), "place")?;
     let placement = v.split_whitespace().map(|w| parse_id(w, line)).collect::<Result<_, _>>()?;
 
@@ -168,7 +196,17 @@ pub fn parse_text(text: &str) -> Result<Program, TextError> {
 
     Ok(Program {
         version,
-        schedule: ScheduleMeta { name, params, num_ranks, num_stages, num_microbatches, placement, tp },
+        schedule: ScheduleMeta {
+            name,
+            params,
+            num_ranks,
+            num_stages,
+            num_microbatches,
+            placement,
+            tp,
+            pipelines,
+            routes,
+        },
         ranks,
     })
 }
@@ -250,6 +288,9 @@ fn parse_instr(l: &str, line: usize) -> Result<Instr, TextError> {
     let words: Vec<&str> = l.split_whitespace().collect();
     match words.as_slice() {
         ["free", buffer] => Ok(Instr::Free { buffer: parse_id(buffer, line)? }),
+        ["reduce", stages @ ..] if !stages.is_empty() => {
+            Ok(Instr::Reduce { stages: stages.iter().map(|s| parse_id(s, line)).collect::<Result<_, _>>()? })
+        }
         _ => {
             let (passes_text, units) = match l.split_once('[') {
                 Some((passes, units)) => (passes, parse_units(units, line)?),

@@ -54,6 +54,9 @@ pub fn chrome_trace(program: &Program, spans: &Spans, collectives: &Spans) -> St
                     (lane_tid(lane_of.get(&i).copied().unwrap_or(0)), json!({ "transfers": transfers.len() }))
                 }
                 Instr::Free { .. } => continue,
+                Instr::Reduce { stages } => {
+                    (lane_tid(0), json!({ "stages": stages.iter().map(|s| s.0).collect::<Vec<u32>>() }))
+                }
             };
             events.push(json!({
                 "name": instr.to_string().replace('\n', " "),

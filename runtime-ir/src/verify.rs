@@ -23,7 +23,12 @@
 //! 8. pass order on a rank: a `W` runs in a later instruction than its own
 //!    `B` (which leaves behind what `W` needs), and the two passes of a
 //!    braided compute are independent: not of one (stage, microbatch), and
-//!    neither reads a buffer the other writes.
+//!    neither reads a buffer the other writes;
+//! 9. pipelines: the stages split evenly into `pipelines` chains, every
+//!    microbatch has a route to one of them (and passes only through its
+//!    stages), and with more than one, every rank that owns a copy of a
+//!    model part runs one [`Instr::Reduce`] over all its copies, after its
+//!    last backward of them.
 
 use crate::ids::{Buffer, BufferKind, Rank, Stage};
 use crate::program::{units_of, Collective, Compute, Direction, Instr, Part, Pass, PassKind, Program, Transfer};
@@ -67,6 +72,7 @@ pub fn verify(program: &Program) -> Result<(), Vec<VerifyError>> {
         }
         v.check_matching();
         v.check_coverage();
+        v.check_reductions();
     }
     if v.errors.is_empty() {
         Ok(())
@@ -109,6 +115,31 @@ impl Verifier<'_> {
         if meta.num_stages == 0 || meta.num_microbatches == 0 {
             self.error(None, None, "a program needs at least one stage and one microbatch".into());
         }
+        if meta.pipelines == 0 || !meta.num_stages.is_multiple_of(meta.pipelines.max(1)) {
+            self.error(
+                None,
+                None,
+                format!("{} stages do not split into {} pipelines of equal length", meta.num_stages, meta.pipelines),
+            );
+        }
+        if meta.pipelines > 1 && meta.routes.len() != meta.num_microbatches as usize {
+            self.error(
+                None,
+                None,
+                format!(
+                    "with {} pipelines every microbatch needs a route: {} routes for {} microbatches",
+                    meta.pipelines,
+                    meta.routes.len(),
+                    meta.num_microbatches
+                ),
+            );
+        }
+        if meta.pipelines <= 1 && !meta.routes.is_empty() {
+            self.error(None, None, "routes are given, but there is one pipeline".into());
+        }
+        if let Some((i, r)) = meta.routes.iter().enumerate().find(|(_, r)| **r >= meta.pipelines) {
+            self.error(None, None, format!("mb{i} is routed to pipeline {r}, but there are {}", meta.pipelines));
+        }
         if meta.placement.len() != meta.num_stages as usize {
             self.error(
                 None,
@@ -120,14 +151,15 @@ impl Verifier<'_> {
         // claiming more than its passes can cover is refused before any
         // table of that size is allocated (a 10 KB file may claim 4·10⁹).
         let passes: u64 = self.program.ranks.iter().flat_map(|r| &r.instrs).map(|i| i.passes().len() as u64).sum();
-        let claimed = u64::from(meta.num_stages) * u64::from(meta.num_microbatches);
+        let per_route = u64::from(meta.num_stages / meta.pipelines.max(1));
+        let claimed = per_route * u64::from(meta.num_microbatches);
         if claimed > passes {
             self.error(
                 None,
                 None,
                 format!(
-                    "{} stages × {} microbatches need at least {claimed} forwards, but the program has {passes} passes",
-                    meta.num_stages, meta.num_microbatches
+                    "{per_route} stages × {} microbatches need at least {claimed} forwards, but the program has {passes} passes",
+                    meta.num_microbatches
                 ),
             );
         }
@@ -144,7 +176,7 @@ impl Verifier<'_> {
     }
 
     fn check_instructions(&mut self, rank: Rank, instrs: &[Instr], state: &mut BufferSlots<Life>) {
-        let num_stages = self.program.schedule.num_stages;
+        let chain = self.program.schedule.chain();
         state.reset();
         let mut input_gradients_done: std::collections::HashSet<(Stage, crate::Microbatch)> = Default::default();
         let mut backwards_started: std::collections::HashSet<(Stage, crate::Microbatch)> = Default::default();
@@ -166,7 +198,7 @@ impl Verifier<'_> {
                 let started = c.passes.iter().filter(|p| matches!(p.kind, PassKind::B | PassKind::BW));
                 backwards_started.extend(started.map(|p| (p.stage, p.mb)));
             }
-            for buffer in instr.reads(num_stages) {
+            for buffer in instr.reads(chain) {
                 let why = match state.get(buffer) {
                     Life::Live => continue,
                     Life::Dead => "already freed",
@@ -174,7 +206,7 @@ impl Verifier<'_> {
                 };
                 self.error(Some(rank), Some(i), format!("`{instr}` reads {buffer}, which is {why}"));
             }
-            for buffer in instr.writes() {
+            for buffer in instr.writes(chain) {
                 if state.get(buffer) != Life::Unseen {
                     self.error(Some(rank), Some(i), format!("`{instr}` makes {buffer} live a second time"));
                 }
@@ -210,8 +242,8 @@ impl Verifier<'_> {
             }
         }
         let [a, b] = c.passes.as_slice() else { return };
-        let num_stages = self.program.schedule.num_stages;
-        let depends = |x: &Pass, y: &Pass| x.reads(num_stages).any(|r| y.writes().any(|w| w == r));
+        let chain = self.program.schedule.chain();
+        let depends = |x: &Pass, y: &Pass| x.reads(chain).any(|r| y.writes(chain).any(|w| w == r));
         if (a.stage, a.mb) == (b.stage, b.mb) {
             self.error(Some(rank), Some(i), format!("`{c}` braids two passes of {} {}", a.stage, a.mb));
         } else if depends(a, b) || depends(b, a) {
@@ -237,6 +269,8 @@ impl Verifier<'_> {
                 for pass in &c.passes {
                     if !stage_ok(pass.stage) || pass.mb.0 >= meta.num_microbatches {
                         self.error(Some(rank), Some(i), format!("`{pass}` names a stage or microbatch out of range"));
+                    } else if !meta.on_route(pass.stage, pass.mb) {
+                        self.error(Some(rank), Some(i), off_route(pass, meta));
                     } else if meta.owner(pass.stage) != Some(rank) {
                         let owner = meta.placement[pass.stage.index()];
                         self.error(
@@ -258,6 +292,53 @@ impl Verifier<'_> {
             Instr::Free { buffer } => {
                 if !stage_ok(buffer.stage) || buffer.mb.0 >= meta.num_microbatches {
                     self.error(Some(rank), Some(i), format!("`{instr}` names a stage or microbatch out of range"));
+                }
+            }
+            Instr::Reduce { stages } => {
+                if !meta.copy_sets().contains(stages) {
+                    let len = meta.chain().len;
+                    self.error(
+                        Some(rank),
+                        Some(i),
+                        format!(
+                            "`{instr}` does not name the copies of one model part: with {} pipelines of {len} stages \
+                             part k's copies are sk, s(k+{len}), ...",
+                            meta.pipelines
+                        ),
+                    );
+                } else if !meta.owners(stages).contains(&rank) {
+                    self.error(Some(rank), Some(i), format!("`{instr}` runs on {rank}, which owns none of its stages"));
+                }
+            }
+        }
+    }
+
+    /// Invariant 9's reductions: on every rank, each copy set it owns a
+    /// stage of is reduced exactly once, after its last backward there.
+    fn check_reductions(&mut self) {
+        let meta = &self.program.schedule;
+        let sets = meta.copy_sets();
+        for rank in &self.program.ranks {
+            for set in &sets {
+                if !meta.owners(set).contains(&rank.rank) {
+                    continue;
+                }
+                let at: Vec<usize> = (rank.instrs.iter().enumerate())
+                    .filter(|(_, ins)| matches!(ins, Instr::Reduce { stages } if stages == set))
+                    .map(|(i, _)| i)
+                    .collect();
+                let name = Instr::Reduce { stages: set.clone() };
+                match at.as_slice() {
+                    [] => self.error(Some(rank.rank), None, format!("`{name}` never runs: the copies' gradients are never summed")),
+                    [i] => {
+                        let late = rank.instrs[*i..].iter().flat_map(Instr::passes).find(|p| {
+                            set.contains(&p.stage) && matches!(p.kind, PassKind::B | PassKind::W | PassKind::BW)
+                        });
+                        if let Some(p) = late {
+                            self.error(Some(rank.rank), Some(*i), format!("`{name}` runs before `{p}`, whose gradient it must sum"));
+                        }
+                    }
+                    [_, second, ..] => self.error(Some(rank.rank), Some(*second), format!("`{name}` runs twice")),
                 }
             }
         }
@@ -305,6 +386,9 @@ impl Verifier<'_> {
         }
         for s in 0..stages {
             for m in 0..mbs {
+                if !meta.on_route(Stage(s as u32), crate::Microbatch(m as u32)) {
+                    continue;
+                }
                 let pass = |kind| Pass { kind, stage: crate::Stage(s as u32), mb: crate::Microbatch(m as u32) };
                 let n = |kind| counts[slot(&pass(kind))];
                 let backward = (n(PassKind::BW), n(PassKind::B), n(PassKind::W));
@@ -336,13 +420,14 @@ impl Verifier<'_> {
     /// travels at all.
     fn transfer_route(&self, buffer: Buffer) -> Option<(Rank, Rank)> {
         let meta = &self.program.schedule;
+        let chain = meta.chain();
         let consumer_stage = match buffer.kind {
-            BufferKind::Act => buffer.stage.0.checked_add(1).filter(|s| *s < meta.num_stages)?,
-            BufferKind::Grad => buffer.stage.0.checked_sub(1)?,
+            BufferKind::Act => chain.next(buffer.stage)?,
+            BufferKind::Grad => chain.prev(buffer.stage)?,
             BufferKind::Stash => return None,
         };
         let from = meta.owner(buffer.stage)?;
-        let to = meta.owner(Stage(consumer_stage))?;
+        let to = meta.owner(consumer_stage)?;
         (from != to).then_some((from, to))
     }
 
@@ -416,6 +501,18 @@ impl Verifier<'_> {
             }
         }
     }
+}
+
+/// Why `pass` may not run: its microbatch's route does not pass its stage.
+fn off_route(pass: &Pass, meta: &crate::ScheduleMeta) -> String {
+    let stages: Vec<Stage> = meta.stages_of(pass.mb).collect();
+    let (first, last) = (stages.first().copied().unwrap_or(Stage(0)), stages.last().copied().unwrap_or(Stage(0)));
+    format!(
+        "`{pass}`: {} flows through pipeline {} ({first}-{last}), not through {}",
+        pass.mb,
+        meta.route(pass.mb),
+        pass.stage
+    )
 }
 
 /// What is wrong with a compute's unit list, if anything: without tensor

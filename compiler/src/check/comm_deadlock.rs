@@ -37,7 +37,7 @@ fn op_near(program: &Program, rank: Rank, instr: usize) -> usize {
 }
 
 fn why(b: &Blocked) -> String {
-    let parts: Vec<String> = b
+    let mut parts: Vec<String> = b
         .pending
         .iter()
         .map(|p| {
@@ -51,6 +51,10 @@ fn why(b: &Blocked) -> String {
             }
         })
         .collect();
+    if !b.waiting_for.is_empty() {
+        let ranks: Vec<String> = b.waiting_for.iter().map(Rank::to_string).collect();
+        parts.push(format!("its gradient reduction waits for {} to reach it", ranks.join(", ")));
+    }
     parts.join("; ")
 }
 

@@ -13,6 +13,12 @@ pub(super) fn check(s: &ComputeSchedule, index: &PassIndex) -> Vec<Diagnostic> {
     for stage in (0..s.meta.num_stages).map(Stage) {
         for mb in (0..s.meta.num_microbatches).map(Microbatch) {
             let pass = |kind| Pass { kind, stage, mb };
+            if !s.meta.on_route(stage, mb) {
+                if let Some((kind, at)) = PassKind::ALL.into_iter().find_map(|k| Some((k, index.first(pass(k))?))) {
+                    errors.push(off_route(s, pass(kind), at));
+                }
+                continue;
+            }
             for kind in PassKind::ALL {
                 if let (Some(first), Some(second)) = (index.first(pass(kind)), index.second(pass(kind))) {
                     errors.push(repeated(s, pass(kind), first, second));
@@ -166,6 +172,23 @@ fn runs(mbs: &[u32]) -> String {
 
 fn origin(s: &ComputeSchedule, at: Position) -> &crate::elab::Origin {
     &s.ranks[at.rank.index()][at.index].origin
+}
+
+/// A pass on a stage its microbatch's route does not pass through.
+fn off_route(s: &ComputeSchedule, pass: Pass, at: Position) -> Diagnostic {
+    let stages: Vec<Stage> = s.meta.stages_of(pass.mb).collect();
+    let (first, last) = (stages[0].0, stages[stages.len() - 1].0);
+    let here = origin(s, at);
+    Diagnostic::new(Code::Coverage, format!("{} is off its microbatch's route", describe(pass)))
+        .with_label(here.span, format!("this runs stage {} for mb {} ({here})", pass.stage.0, pass.mb.0))
+        .with_note(format!(
+            "`route` sends mb {} through pipeline {}: stages {first}..={last}; stage {} is in pipeline {}",
+            pass.mb.0,
+            s.meta.route(pass.mb),
+            pass.stage.0,
+            pass.stage.0 / s.meta.chain().len
+        ))
+        .with_help("run each microbatch's passes on the stages of its own pipeline")
 }
 
 fn repeated(s: &ComputeSchedule, pass: Pass, first: Position, second: Position) -> Diagnostic {

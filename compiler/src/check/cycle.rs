@@ -38,7 +38,7 @@ impl Graph {
             for op in ops {
                 pred_start.push(preds.len());
                 for &pass in &op.compute.passes {
-                    for producer in producers(pass, s.meta.num_stages, index) {
+                    for producer in producers(pass, s.meta.chain(), index) {
                         if let Some(at) = index.first(producer) {
                             preds.push((offsets[at.rank.index()] + at.index, producer, pass));
                         }

@@ -18,7 +18,7 @@ pub(super) fn check(s: &ComputeSchedule, index: &PassIndex) -> Vec<Diagnostic> {
                 }
             }
             for &pass in &op.compute.passes {
-                for producer in producers(pass, s.meta.num_stages, index) {
+                for producer in producers(pass, s.meta.chain(), index) {
                     let Some(dep) = index.first(producer) else { continue };
                     if dep.rank == at.rank && dep.index >= at.index {
                         errors.push(out_of_order(s, pass, at, producer, dep));

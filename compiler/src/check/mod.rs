@@ -44,7 +44,7 @@ pub use memory::RankPeak;
 
 use crate::diag::Diagnostic;
 use crate::elab::ComputeSchedule;
-use stp_ir::{Microbatch, Pass, PassKind, Rank, Stage};
+use stp_ir::{Chain, Microbatch, Pass, PassKind, Rank, Stage};
 
 /// A schedule with the invariants in the module docs proven, and the
 /// facts the proofs computed.
@@ -147,12 +147,13 @@ fn kind_index(kind: PassKind) -> usize {
     }
 }
 
-/// The passes `pass` consumes the output of: `F(i, s)` needs `F(i, s-1)`;
+/// The passes `pass` consumes the output of (`s-1` and `s+1` in its
+/// pipeline, see [`stp_ir::Chain`]): `F(i, s)` needs `F(i, s-1)`;
 /// a backward of `(i, s)` needs `F(i, s)` — or, when the pair is
 /// recomputed, its `R(i, s)`, which needs the `F` — and the backward of
 /// `(i, s+1)` (whichever of `B` or `BW` the schedule runs there); `W(i, s)`
 /// needs `B(i, s)`.
-pub(crate) fn producers(pass: Pass, num_stages: u32, index: &PassIndex) -> impl Iterator<Item = Pass> {
+pub(crate) fn producers(pass: Pass, chain: Chain, index: &PassIndex) -> impl Iterator<Item = Pass> {
     let at = |kind, stage| Pass { kind, stage, mb: pass.mb };
     let backward_of = |stage: Stage| {
         if index.first(at(PassKind::BW, stage)).is_some() {
@@ -161,12 +162,11 @@ pub(crate) fn producers(pass: Pass, num_stages: u32, index: &PassIndex) -> impl 
             at(PassKind::B, stage)
         }
     };
-    let next = Stage(pass.stage.0 + 1);
     let deps = match pass.kind {
-        PassKind::F => [pass.stage.0.checked_sub(1).map(|prev| at(PassKind::F, Stage(prev))), None],
+        PassKind::F => [chain.prev(pass.stage).map(|prev| at(PassKind::F, prev)), None],
         PassKind::B | PassKind::BW => {
             let restored = if index.first(at(PassKind::R, pass.stage)).is_some() { PassKind::R } else { PassKind::F };
-            [Some(at(restored, pass.stage)), (next.0 < num_stages).then(|| backward_of(next))]
+            [Some(at(restored, pass.stage)), chain.next(pass.stage).map(backward_of)]
         }
         PassKind::W => [Some(at(PassKind::B, pass.stage)), None],
         PassKind::R => [Some(at(PassKind::F, pass.stage)), None],

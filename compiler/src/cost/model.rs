@@ -134,6 +134,7 @@ pub fn cost_model(model: &ModelShape, hw: &Hardware, par: &Parallelism) -> CostM
         p2p: activation_bytes / p2p_bandwidth,
         stages: if uniform { Vec::new() } else { stages },
         recompute: 1.0,
+        reduce: 0.0,
     }
 }
 

@@ -122,6 +122,7 @@ pub(super) fn run(
     ev.within_size_limits(schedule, num_ranks, num_stages, num_microbatches, Some(&memory)).map_err(|e| vec![*e])?;
     let cost = ev.cost(schedule, num_stages).map_err(|e| vec![*e])?;
     let placement = ev.placement(schedule, num_stages, num_ranks).map_err(|e| vec![*e])?;
+    let (pipelines, routes) = ev.pipelines(schedule, num_stages, num_microbatches).map_err(|e| vec![*e])?;
     let meta = |placement| ScheduleMeta {
         name: schedule.name.name.clone(),
         params: params.iter().map(|p| Param { name: p.name.clone(), value: p.value }).collect(),
@@ -130,6 +131,8 @@ pub(super) fn run(
         num_microbatches,
         placement,
         tp: 1,
+        pipelines,
+        routes: routes.clone(),
     };
     let recompute_auto = schedule.decls.iter().any(|d| matches!(d, Decl::RecomputeAuto { .. }));
     if let Some(span) = schedule.decls.iter().find_map(|d| match d {
@@ -164,7 +167,14 @@ pub(super) fn run(
     for (s, r) in placement.iter().enumerate() {
         owned[r.index()].push(s as u32);
     }
-    let shape = Shape { num_stages, num_microbatches, placement: &placement, owned: &owned };
+    // With several pipelines, the microbatches of each, in order: the k-th
+    // implicit op of a stage runs the k-th microbatch of its pipeline.
+    let mut by_pipeline = vec![Vec::new(); if pipelines > 1 { pipelines as usize } else { 0 }];
+    for (i, j) in routes.iter().enumerate() {
+        by_pipeline[*j as usize].push(i as u32);
+    }
+    let chain_len = num_stages / pipelines;
+    let shape = Shape { num_stages, num_microbatches, placement: &placement, owned: &owned, by_pipeline, chain_len };
     let mut ranks = Vec::with_capacity(num_ranks as usize);
     let mut floating = Vec::with_capacity(num_ranks as usize);
     let mut maybe_braided = Vec::with_capacity(num_ranks as usize);
@@ -225,6 +235,11 @@ struct Shape<'a> {
     /// `owned[r]`: the stages of rank `r`, in increasing order (looked up
     /// per op, so computed once).
     owned: &'a [Vec<u32>],
+    /// With several pipelines, per pipeline its microbatches in order;
+    /// empty with one.
+    by_pipeline: Vec<Vec<u32>>,
+    /// Stages per pipeline.
+    chain_len: u32,
 }
 
 impl<'m> Eval<'m> {
@@ -592,6 +607,72 @@ impl<'m> Eval<'m> {
         Ok(n as u32)
     }
 
+    /// `pipelines N;` and `route i -> EXPR;`: how many pipelines the stages
+    /// form and each microbatch's (empty with one pipeline).
+    fn pipelines(
+        &mut self,
+        schedule: &'m Schedule,
+        num_stages: u32,
+        num_microbatches: u32,
+    ) -> Result<(u32, Vec<u32>), Fail> {
+        let count = schedule.decls.iter().find_map(|d| match d {
+            Decl::Pipelines { count, .. } => Some(count),
+            _ => None,
+        });
+        let route = schedule.decls.iter().find_map(|d| match d {
+            Decl::Route { var, pipeline, span } => Some((var, pipeline, *span)),
+            _ => None,
+        });
+        let Some(count) = count else {
+            return match route {
+                Some((_, _, span)) => Err(Box::new(
+                    Diagnostic::new(Code::ScheduleShape, "`route` without `pipelines`: there is one pipeline")
+                        .with_label(span, "every microbatch flows through the one pipeline")
+                        .with_help("declare `pipelines N;` to split the stages into N pipelines"),
+                )),
+                None => Ok((1, Vec::new())),
+            };
+        };
+        let n = self.eval(count)?;
+        if n < 1 || n > i64::from(num_stages) || i64::from(num_stages) % n != 0 {
+            return Err(self.fail(
+                Code::StageRange,
+                format!("{num_stages} stages cannot form {n} pipelines of equal length"),
+                count.span,
+                format!("this is {n}; it must divide stages = {num_stages}"),
+            ));
+        }
+        let n = n as u32;
+        if n == 1 {
+            return Ok((1, Vec::new()));
+        }
+        let Some((var, pipeline, _)) = route else {
+            return Err(Box::new(
+                Diagnostic::new(Code::ScheduleShape, format!("with {n} pipelines every microbatch needs a route"))
+                    .with_label(count.span, format!("{n} pipelines"))
+                    .with_help("add `route i -> EXPR;` giving the pipeline (0..pipelines) microbatch i flows through"),
+            ));
+        };
+        let mut routes = Vec::with_capacity(num_microbatches as usize);
+        for i in 0..num_microbatches {
+            self.step(pipeline.span)?;
+            self.env.push(Binding { name: &var.name, sym: var.sym, value: i64::from(i), kind: BindKind::Iteration });
+            let j = self.eval(pipeline);
+            self.env.pop();
+            let j = j?;
+            if !(0..i64::from(n)).contains(&j) {
+                return Err(self.fail(
+                    Code::StageRange,
+                    format!("microbatch {i} is routed to pipeline {j}, which does not exist"),
+                    pipeline.span,
+                    format!("this is {j} for {} = {i}; pipelines are 0..{n}", var.name),
+                ));
+            }
+            routes.push(j as u32);
+        }
+        Ok((n, routes))
+    }
+
     fn placement(&mut self, schedule: &'m Schedule, num_stages: u32, num_ranks: u32) -> Result<Vec<Rank>, Fail> {
         let Some((var, rank)) = schedule.decls.iter().find_map(|d| match d {
             Decl::Place { var, rank, .. } => Some((var, rank)),
@@ -740,7 +821,12 @@ impl<'m> Eval<'m> {
             None => {
                 let next = self.rank_state.next_mb.entry((implicit_class(kind), stage.0)).or_insert(0);
                 *next += 1;
-                (*next - 1, call.span)
+                let k = *next - 1;
+                match shape.by_pipeline.get((stage.0 / shape.chain_len) as usize) {
+                    // Past its pipeline's last microbatch: out of range below.
+                    Some(mine) => (mine.get(k as usize).map_or(i64::from(shape.num_microbatches), |i| i64::from(*i)), call.span),
+                    None => (k, call.span),
+                }
             }
         };
         if !(0..i64::from(shape.num_microbatches)).contains(&mb) {

@@ -60,7 +60,7 @@ pub fn torch_csv(program: &Program, comms: bool) -> TorchCsv {
                         }
                     }));
                 }
-                Instr::Comm(_) | Instr::Free { .. } => {}
+                Instr::Comm(_) | Instr::Free { .. } | Instr::Reduce { .. } => {}
             }
         }
         text.push_str(&row.join(","));

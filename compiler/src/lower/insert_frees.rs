@@ -5,7 +5,7 @@ use stp_ir::{Buffer, BufferSlots, Instr, Program};
 
 pub(super) fn run(program: &mut Program) {
     let meta = &program.schedule;
-    let num_stages = meta.num_stages;
+    let chain = meta.chain();
     let mut seen: BufferSlots<bool> = BufferSlots::new(meta.num_stages, meta.num_microbatches);
     for rank in &mut program.ranks {
         seen.reset();
@@ -13,7 +13,7 @@ pub(super) fn run(program: &mut Program) {
         let mut frees_after: Vec<(usize, Buffer)> = Vec::new();
         for (i, instr) in rank.instrs.iter().enumerate().rev() {
             let first_in_instr = frees_after.len();
-            for buffer in instr.reads(num_stages).chain(instr.writes()) {
+            for buffer in instr.reads(chain).chain(instr.writes(chain)) {
                 if !seen.get(buffer) {
                     seen.set(buffer, true);
                     frees_after.push((i, buffer));

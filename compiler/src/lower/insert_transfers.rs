@@ -9,7 +9,7 @@
 
 use crate::elab::ComputeSchedule;
 use std::collections::{HashMap, VecDeque};
-use stp_ir::{Buffer, BufferKind, BufferSlots, Compute, Instr, Program, Rank, RankProgram, FORMAT_VERSION};
+use stp_ir::{Buffer, BufferKind, BufferSlots, Chain, Compute, Instr, Program, Rank, RankProgram, FORMAT_VERSION};
 
 pub(super) fn run(s: &ComputeSchedule) -> Program {
     let route = Route { s };
@@ -22,11 +22,11 @@ pub(super) fn run(s: &ComputeSchedule) -> Program {
             received.reset();
             let mut instrs = Vec::with_capacity(ops.len() * 3);
             for op in ops {
-                for buffer in remote_inputs(&op.compute, s.meta.num_stages, rank, &route) {
+                for buffer in remote_inputs(&op.compute, s.meta.chain(), rank, &route) {
                     receive_through(buffer, rank, &route, &mut link_order, &mut received, &mut instrs);
                 }
                 instrs.push(Instr::Compute(op.compute.clone()));
-                for buffer in op.compute.passes.iter().flat_map(|p| p.writes()) {
+                for buffer in op.compute.passes.iter().flat_map(|p| p.writes(s.meta.chain())) {
                     if let Some(to) = route.consumer(buffer).filter(|to| *to != rank) {
                         instrs.push(Instr::send(buffer, to));
                     }
@@ -55,12 +55,13 @@ impl Route<'_> {
 
     /// The rank that consumes `buffer` as a pass input, if any does.
     fn consumer(&self, buffer: Buffer) -> Option<Rank> {
+        let chain = self.s.meta.chain();
         let stage = match buffer.kind {
-            BufferKind::Act => buffer.stage.0 + 1,
-            BufferKind::Grad => buffer.stage.0.checked_sub(1)?,
+            BufferKind::Act => chain.next(buffer.stage)?,
+            BufferKind::Grad => chain.prev(buffer.stage)?,
             BufferKind::Stash => return None,
         };
-        (stage < self.s.meta.num_stages).then(|| self.owner(stage))
+        Some(self.owner(stage.0))
     }
 }
 
@@ -69,7 +70,8 @@ fn send_order(s: &ComputeSchedule, route: &Route) -> HashMap<(Rank, Rank), VecDe
     let mut order: HashMap<(Rank, Rank), VecDeque<Buffer>> = HashMap::new();
     for (r, ops) in s.ranks.iter().enumerate() {
         let from = Rank(r as u32);
-        for buffer in ops.iter().flat_map(|op| op.compute.passes.iter().flat_map(|p| p.writes())) {
+        let chain = s.meta.chain();
+        for buffer in ops.iter().flat_map(|op| op.compute.passes.iter().flat_map(move |p| p.writes(chain))) {
             if let Some(to) = route.consumer(buffer).filter(|to| *to != from) {
                 order.entry((from, to)).or_default().push_back(buffer);
             }
@@ -82,14 +84,14 @@ fn send_order(s: &ComputeSchedule, route: &Route) -> HashMap<(Rank, Rank), VecDe
 /// braided passes both read appears twice; receiving is idempotent).
 fn remote_inputs<'a>(
     compute: &'a Compute,
-    num_stages: u32,
+    chain: Chain,
     rank: Rank,
     route: &'a Route,
 ) -> impl Iterator<Item = Buffer> + 'a {
     compute
         .passes
         .iter()
-        .flat_map(move |p| p.reads(num_stages))
+        .flat_map(move |p| p.reads(chain))
         .filter(move |b| b.kind != BufferKind::Stash && route.producer(*b) != rank)
 }
 

@@ -3,6 +3,8 @@
 //! 1. `insert_transfers`: compute ops become instructions, with a send after
 //!    each op whose output another rank consumes and receives before each op
 //!    that consumes another rank's output, posted in each link's send order.
+//!    `insert_reductions` (several pipelines): each rank ends with one
+//!    gradient reduction per model part it holds a copy of, in part order.
 //! 2. `group_transfers`: consecutive transfers become one group, posted
 //!    together, so a rank that sends one tensor and receives another does
 //!    not wait for the send before posting the receive (which deadlocks
@@ -26,6 +28,7 @@
 
 mod group_transfers;
 mod insert_frees;
+mod insert_reductions;
 mod insert_transfers;
 mod place_receives;
 mod split_tp_units;
@@ -99,6 +102,7 @@ pub struct Lowered {
 pub fn lower(checked: &CheckedSchedule, options: LowerOptions, semantics: Semantics) -> Result<Lowered, LowerError> {
     let schedule = checked.schedule();
     let mut program = insert_transfers::run(schedule);
+    insert_reductions::run(&mut program);
     if options.verify_each {
         // Buffers are not freed yet, so only leaks may be reported here.
         verify_ignoring_leaks(&program, "insert_transfers")?;

@@ -127,7 +127,7 @@ fn try_moves(
 /// buffer or another receive on its link (whose order must hold).
 fn destinations(program: &Program, rank: usize, at: usize, slot: usize, t: Transfer) -> Vec<usize> {
     let instrs = &program.ranks[rank].instrs;
-    let stages = program.schedule.num_stages;
+    let chain = program.schedule.chain();
     let same_link = |o: &Transfer| o.dir == Direction::Recv && o.peer == t.peer;
     let Instr::Comm(own) = &instrs[at] else { return Vec::new() };
     let mut out = Vec::new();
@@ -146,7 +146,7 @@ fn destinations(program: &Program, rank: usize, at: usize, slot: usize, t: Trans
     }
     let mut later = 0;
     for (j, instr) in instrs.iter().enumerate().skip(at + 1) {
-        if instr.reads(stages).any(|b| b == t.buffer) {
+        if instr.reads(chain).any(|b| b == t.buffer) {
             break;
         }
         if let Instr::Comm(ops) = instr {

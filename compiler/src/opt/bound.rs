@@ -13,6 +13,9 @@ use stp_ir::simulate::CostModel;
 /// plus its least tail.
 pub fn lower_bound(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let meta = &s.meta;
+    if meta.pipelines > 1 {
+        return pipelines_bound(s, cost);
+    }
     let hops = meta.placement.windows(2).filter(|w| w[0] != w[1]).count() as f64;
     let down_and_up: f64 = (0..meta.num_stages)
         .map(|st| cost.stage(stp_ir::Stage(st)))
@@ -20,6 +23,29 @@ pub fn lower_bound(s: &ComputeSchedule, cost: &CostModel) -> f64 {
         .sum();
     let critical = down_and_up + 2.0 * hops * cost.p2p;
     critical.max(rank_floor(s, cost))
+}
+
+/// With several pipelines, the two floors that hold whatever the order:
+/// one microbatch's way down its pipeline and back (its longest route),
+/// and the busiest rank's compute, every pass one after another (collectives
+/// left out: a braid may hide them).
+fn pipelines_bound(s: &ComputeSchedule, cost: &CostModel) -> f64 {
+    let meta = &s.meta;
+    let len = meta.chain().len;
+    let route = |j: u32| {
+        let stages: Vec<stp_ir::Stage> = (j * len..(j + 1) * len).map(stp_ir::Stage).collect();
+        let hops = stages.windows(2).filter(|w| meta.owner(w[0]) != meta.owner(w[1])).count() as f64;
+        let compute: f64 = stages.iter().map(|st| cost.stage(*st)).map(|t| t.forward + t.backward_input).sum();
+        compute + 2.0 * hops * cost.p2p
+    };
+    let used: std::collections::BTreeSet<u32> = meta.routes.iter().copied().collect();
+    let critical = used.into_iter().map(route).fold(0.0, f64::max);
+    let mut busy = vec![0.0f64; meta.num_ranks as usize];
+    for (stage, _) in meta.pairs() {
+        let t = cost.stage(stage);
+        busy[meta.placement[stage.index()].index()] += t.forward + t.backward_input + t.backward_weight;
+    }
+    critical.max(busy.into_iter().fold(0.0, f64::max))
 }
 
 /// Per kind (F, B, W), per stage: a time in the bound's integer unit.

@@ -101,6 +101,14 @@ impl Incumbent {
 /// list scheduler, a local search over its order ([`reorder::polish`]),
 /// then, if asked for, Z3.
 pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
+    if s.meta.pipelines > 1 {
+        return Err(crate::diag::Diagnostic::new(
+            crate::diag::Code::ScheduleShape,
+            format!("`auto` cannot order {} pipelines yet", s.meta.pipelines),
+        )
+        .with_label(s.body_span, "the schedulers assume one chain of stages")
+        .with_help("write the order out (see the stdlib's `dualpipe` and `chimera`), or use one pipeline"));
+    }
     if let Some(too_little) = too_little_memory(s) {
         return Err(too_little);
     }
@@ -670,6 +678,9 @@ pub fn partial_op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Vec<
     let (stages, mbs) = (meta.num_stages as usize, meta.num_microbatches as usize);
     let owner = |stage: usize| meta.placement[stage].index();
     let slot = |stage: usize, mb: usize| stage * mbs + mb;
+    let chain = meta.chain();
+    let first = |st: usize| chain.is_first(Stage(st as u32));
+    let last = |st: usize| chain.is_last(Stage(st as u32));
     // When each pass's output is ready on its own rank (`f_end`, for its
     // backward) and has arrived where the neighbouring stage runs.
     let mut f_end = vec![None::<f64>; stages * mbs];
@@ -677,10 +688,10 @@ pub fn partial_op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Vec<
     let ready = |pass: &stp_ir::Pass, f_end: &[Option<f64>], f_sent: &[Option<f64>], b_sent: &[Option<f64>]| {
         let (st, i) = (pass.stage.index(), pass.mb.index());
         match pass.kind {
-            PassKind::F if st == 0 => Some(0.0),
+            PassKind::F if first(st) => Some(0.0),
             PassKind::F => f_sent[slot(st - 1, i)],
             PassKind::B | PassKind::BW => {
-                let down = if st + 1 == stages { Some(0.0) } else { b_sent[slot(st + 1, i)] };
+                let down = if last(st) { Some(0.0) } else { b_sent[slot(st + 1, i)] };
                 down.zip(f_end[slot(st, i)]).map(|(d, f)| d.max(f))
             }
             // The stash its `B` leaves, not the gradient `B` all-reduces.
@@ -724,11 +735,11 @@ pub fn partial_op_times(s: &ComputeSchedule, ranks: &[Vec<ScheduledOp>]) -> Vec<
                     match pass.kind {
                         PassKind::F => {
                             f_end[slot(st, i)] = Some(outputs);
-                            let to = if st + 1 < stages { owner(st + 1) } else { r };
+                            let to = if last(st) { r } else { owner(st + 1) };
                             f_sent[slot(st, i)] = Some(send(r, to, outputs));
                         }
                         PassKind::B | PassKind::BW => {
-                            let to = if st > 0 { owner(st - 1) } else { r };
+                            let to = if first(st) { r } else { owner(st - 1) };
                             b_sent[slot(st, i)] = Some(send(r, to, outputs));
                         }
                         PassKind::W | PassKind::R => {}

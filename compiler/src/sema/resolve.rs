@@ -187,13 +187,15 @@ impl Checker<'_> {
         type IsKind = fn(&Decl) -> bool;
         // (name, example, required, is_kind): `memory` and `cost` blocks are
         // optional, but a second one would silently replace the first.
-        let kinds: [(&str, &str, bool, IsKind); 6] = [
+        let kinds: [(&str, &str, bool, IsKind); 8] = [
             ("stages", "stages p;", true, |d| matches!(d, Decl::Stages { .. })),
             ("place", "place s -> s;", true, |d| matches!(d, Decl::Place { .. })),
             ("rank", "rank r { ... }` or `auto;", true, |d| matches!(d, Decl::Rank { .. } | Decl::Auto { .. })),
             ("memory", "", false, |d| matches!(d, Decl::Memory { .. })),
             ("cost", "", false, |d| matches!(d, Decl::Cost { .. })),
             ("recompute auto", "", false, |d| matches!(d, Decl::RecomputeAuto { .. })),
+            ("pipelines", "", false, |d| matches!(d, Decl::Pipelines { .. })),
+            ("route", "", false, |d| matches!(d, Decl::Route { .. })),
         ];
         for (name, example, required, is_kind) in kinds {
             let found: Vec<&Decl> = s.decls.iter().filter(|d| is_kind(d)).collect();
@@ -227,6 +229,11 @@ impl Checker<'_> {
                 c.expect(rank, Type::Int, "a rank");
             }),
             Decl::Require { cond, .. } => self.expect(cond, Type::Bool, "a requirement"),
+            Decl::Pipelines { count, .. } => self.expect(count, Type::Int, "the number of pipelines"),
+            Decl::Route { var, pipeline, .. } => self.with_scope(|c| {
+                c.bind(var, Type::Int);
+                c.expect(pipeline, Type::Int, "a pipeline");
+            }),
             Decl::Auto { .. } | Decl::RecomputeAuto { .. } => {}
             Decl::Memory { fields, .. } => {
                 self.check_settings(fields, &MEMORY_FIELDS, &INDEXED_MEMORY_FIELDS, "memory setting")
@@ -673,6 +680,8 @@ fn decl_span(d: &Decl) -> Span {
         | Decl::Check { span, .. }
         | Decl::Auto { span }
         | Decl::RecomputeAuto { span }
+        | Decl::Pipelines { span, .. }
+        | Decl::Route { span, .. }
         | Decl::Rank { span, .. } => *span,
     }
 }

@@ -158,6 +158,23 @@ pub enum Decl {
         /// The whole declaration.
         span: Span,
     },
+    /// `pipelines EXPR;`: the stages form this many pipelines (model
+    /// copies) of equal length, stage `s` in pipeline `s / (stages / n)`.
+    Pipelines {
+        /// How many pipelines.
+        count: Expr,
+        /// The whole declaration.
+        span: Span,
+    },
+    /// `route i -> EXPR;`: the pipeline microbatch `i` flows through.
+    Route {
+        /// The microbatch variable.
+        var: Ident,
+        /// The pipeline, in terms of `var` and the parameters.
+        pipeline: Expr,
+        /// The whole declaration.
+        span: Span,
+    },
     /// `require COND [: "message"];`: where the schedule is valid.
     Require {
         /// Must hold for the parameters.

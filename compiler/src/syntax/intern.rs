@@ -48,7 +48,11 @@ impl Table {
                 self.ident(var);
                 self.expr(rank);
             }
-            Decl::Require { cond, .. } => self.expr(cond),
+            Decl::Require { cond, .. } | Decl::Pipelines { count: cond, .. } => self.expr(cond),
+            Decl::Route { var, pipeline, .. } => {
+                self.ident(var);
+                self.expr(pipeline);
+            }
             Decl::Auto { .. } | Decl::RecomputeAuto { .. } => {}
             Decl::Memory { fields, .. } | Decl::Cost { fields, .. } => {
                 for setting in fields {

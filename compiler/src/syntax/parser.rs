@@ -331,10 +331,25 @@ where
         .then(kw(Keyword::Auto))
         .map_with(|_, e| Decl::RecomputeAuto { span: sp(e.span()) });
 
-    choice((stages, place, require, memory, cost, check, auto, recompute_auto, rank))
+    // `pipelines` and `route` stay identifiers too: no schedule that names
+    // a variable so breaks.
+    let pipelines = ident()
+        .filter(|name: &Ident| name.name == "pipelines")
+        .ignore_then(expr())
+        .map_with(|count, e| Decl::Pipelines { count, span: sp(e.span()) });
+    let route = ident()
+        .filter(|name: &Ident| name.name == "route")
+        .ignore_then(ident())
+        .then_ignore(op("->"))
+        .then(expr())
+        .map_with(|(var, pipeline), e| Decl::Route { var, pipeline, span: sp(e.span()) });
+
+    choice((stages, place, require, memory, cost, check, auto, recompute_auto, pipelines, route, rank))
         .then_ignore(semi())
         .map(Some)
-        .labelled("declaration (stages, place, require, memory, cost, check, rank, auto or recompute auto)")
+        .labelled(
+            "declaration (stages, place, pipelines, route, require, memory, cost, check, rank, auto or recompute auto)",
+        )
         .recover_with(via_parser(skip_to_terminator().to(None)))
 }
 

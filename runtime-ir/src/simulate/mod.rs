@@ -68,6 +68,9 @@ pub struct Blocked {
     pub instr: usize,
     /// Its transfers that have not completed.
     pub pending: Vec<Pending>,
+    /// When it is blocked in a gradient reduction ([`Instr::Reduce`]):
+    /// the ranks that have not reached it. Empty otherwise.
+    pub waiting_for: Vec<Rank>,
 }
 
 /// A state in which some ranks have instructions left and none can proceed.
@@ -83,7 +86,11 @@ impl fmt::Display for Deadlock {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "deadlock under {} sends:", self.semantics)?;
         for b in &self.blocked {
-            let pending: Vec<String> = b.pending.iter().map(|p| p.transfer.to_string()).collect();
+            let mut pending: Vec<String> = b.pending.iter().map(|p| p.transfer.to_string()).collect();
+            if !b.waiting_for.is_empty() {
+                let ranks: Vec<String> = b.waiting_for.iter().map(Rank::to_string).collect();
+                pending.push(format!("gradient reduction waiting for {}", ranks.join(", ")));
+            }
             writeln!(f, "  {} blocked in instruction {}: {}", b.rank, b.instr, pending.join(", "))?;
         }
         Ok(())
@@ -91,6 +98,49 @@ impl fmt::Display for Deadlock {
 }
 
 type Link = (Rank, Rank);
+
+/// The gradient reductions ([`Instr::Reduce`]) ranks have reached: a
+/// reduction completes once every rank that owns one of its stages has
+/// reached it (a collective), and not before.
+#[derive(Default)]
+struct Reductions {
+    /// Per reduction (keyed by its first stage): the ranks there and when
+    /// each arrived.
+    arrived: HashMap<u32, Vec<(usize, f64)>>,
+}
+
+impl Reductions {
+    /// Records rank `r` reaching the reduction over `stages` at time `at`
+    /// (once). Returns, when every owner has arrived, the last arrival's
+    /// time and the other owners (to wake).
+    fn arrive(&mut self, program: &Program, stages: &[crate::Stage], r: usize, at: f64) -> Option<(f64, Vec<usize>)> {
+        let owners = program.schedule.owners(stages);
+        let here = self.arrived.entry(stages.first().map_or(0, |s| s.0)).or_default();
+        if !here.iter().any(|(q, _)| *q == r) {
+            here.push((r, at));
+        }
+        (here.len() >= owners.len()).then(|| {
+            let last = here.iter().map(|(_, t)| *t).fold(0.0, f64::max);
+            (last, owners.iter().map(|o| o.index()).filter(|o| *o != r).collect())
+        })
+    }
+
+    /// The owners of the reduction over `stages` that have not reached it.
+    fn missing(&self, program: &Program, stages: &[crate::Stage]) -> Vec<Rank> {
+        let here = self.arrived.get(&stages.first().map_or(0, |s| s.0));
+        let owners = program.schedule.owners(stages);
+        owners.into_iter().filter(|o| !here.is_some_and(|h| h.iter().any(|(q, _)| *q == o.index()))).collect()
+    }
+}
+
+/// Where rank `r` is blocked in a gradient reduction: the owners that have
+/// not reached it (empty when it is not in one).
+fn waiting_in_reduction(program: &Program, reductions: &Reductions, r: usize, pc: usize) -> Vec<Rank> {
+    match program.ranks[r].instrs.get(pc) {
+        Some(Instr::Reduce { stages }) => reductions.missing(program, stages),
+        _ => Vec::new(),
+    }
+}
 
 /// A posted, incomplete transfer: the rank and its slot in the rank's current group.
 #[derive(Debug, Clone, Copy)]
@@ -223,6 +273,7 @@ struct Sim<'a> {
     links: Vec<LinkState>,
     /// Receives moved into an earlier group (when hoisting).
     moves: Vec<Move>,
+    reductions: Reductions,
 }
 
 /// Every transfer of a program numbered by link and position on its link.
@@ -292,6 +343,7 @@ impl<'a> Sim<'a> {
             ranks: (0..program.ranks.len()).map(|_| RankState::default()).collect(),
             links,
             moves: Vec::new(),
+            reductions: Reductions::default(),
         }
     }
 
@@ -344,6 +396,16 @@ impl<'a> Sim<'a> {
         let instrs = &self.program.ranks[r].instrs;
         let mut woken = Vec::new();
         while self.ranks[r].pc < instrs.len() {
+            if let Instr::Reduce { stages } = &instrs[self.ranks[r].pc] {
+                match self.reductions.arrive(self.program, stages, r, 0.0) {
+                    Some((_, others)) => {
+                        woken.extend(others);
+                        self.ranks[r].pc += 1;
+                        continue;
+                    }
+                    None => break,
+                }
+            }
             if !matches!(instrs[self.ranks[r].pc], Instr::Comm(_)) {
                 self.ranks[r].pc += 1;
                 continue;
@@ -499,6 +561,7 @@ impl<'a> Sim<'a> {
                 Pending { transfer: e.transfer, wait: if earlier { Wait::EarlierMessage } else { Wait::PeerNotPosted } }
             })
             .collect();
-        Some(Blocked { rank, instr: state.pc, pending })
+        let waiting_for = waiting_in_reduction(self.program, &self.reductions, r, state.pc);
+        Some(Blocked { rank, instr: state.pc, pending, waiting_for })
     }
 }

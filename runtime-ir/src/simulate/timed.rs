@@ -12,7 +12,7 @@
 //! ready then; a buffered send completes when posted. Groups only fix the
 //! posting order. Frees take no time.
 
-use super::{Blocked, Deadlock, Pending, Semantics, TransferIndex, Wait};
+use super::{waiting_in_reduction, Blocked, Deadlock, Pending, Reductions, Semantics, TransferIndex, Wait};
 use crate::ids::{Rank, Stage};
 use crate::program::{Compute, Direction, Instr, Part, Pass, PassKind, Program};
 use crate::slots::BufferSlots;
@@ -49,6 +49,16 @@ pub struct CostModel {
     /// collectives are the forward's.
     #[serde(default = "full_recompute", skip_serializing_if = "is_full_recompute")]
     pub recompute: f64,
+    /// With several pipelines: one gradient reduction ([`Instr::Reduce`])
+    /// between the copies of a model part, once every owner has reached it
+    /// (0, the default, leaves it out of the step as the papers' bubble
+    /// formulas do; it overlaps the optimizer's data-parallel all-reduce).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reduce: f64,
+}
+
+fn is_zero(f: &f64) -> bool {
+    *f == 0.0
 }
 
 fn full_recompute() -> f64 {
@@ -115,6 +125,7 @@ impl Default for CostModel {
             p2p: 0.0,
             stages: Vec::new(),
             recompute: 1.0,
+            reduce: 0.0,
         }
     }
 }
@@ -259,6 +270,7 @@ impl CostModel {
             p2p: self.p2p,
             stages: self.stages.iter().map(|t| scale(*t)).collect(),
             recompute: self.recompute,
+            reduce: self.reduce * factor,
         }
     }
 
@@ -582,11 +594,12 @@ fn run_program(program: &Program, cost: &CostModel, semantics: Semantics) -> Res
         })
         .collect();
     let mut links: Vec<LinkState> = (0..index.num_links()).map(|_| LinkState::default()).collect();
+    let mut reductions = Reductions::default();
     let mut work: VecDeque<usize> = (0..n).collect();
     let mut queued = vec![true; n];
     while let Some(r) = work.pop_front() {
         queued[r] = false;
-        let woken = run_rank(program, cost, semantics, &index, &deps, r, &mut ranks, &mut links);
+        let woken = run_rank(program, cost, semantics, &index, &deps, r, &mut ranks, &mut links, &mut reductions);
         for w in woken {
             if !queued[w] {
                 queued[w] = true;
@@ -604,6 +617,7 @@ fn run_program(program: &Program, cost: &CostModel, semantics: Semantics) -> Res
                 .iter()
                 .map(|t| Pending { transfer: *t, wait: Wait::PeerNotPosted })
                 .collect(),
+            waiting_for: waiting_in_reduction(program, &reductions, r, ranks[r].pc),
         })
         .collect();
     if !blocked.is_empty() {
@@ -656,7 +670,7 @@ fn writers(program: &Program, index: &TransferIndex) -> Vec<Vec<Vec<Dep>>> {
                 .enumerate()
                 .map(|(i, instr)| {
                     let deps: Vec<Dep> = instr
-                        .reads(meta.num_stages)
+                        .reads(meta.chain())
                         .filter_map(|b| match writer.get(b) {
                             Writer::None => None,
                             Writer::Instr(i) => Some(Dep::Instr(i as usize)),
@@ -673,7 +687,7 @@ fn writers(program: &Program, index: &TransferIndex) -> Vec<Vec<Vec<Dep>>> {
                             }
                         }
                         _ => {
-                            for b in instr.writes() {
+                            for b in instr.writes(meta.chain()) {
                                 writer.set(b, Writer::Instr(i as u32));
                             }
                         }
@@ -695,8 +709,10 @@ fn run_rank(
     r: usize,
     ranks: &mut [RankState],
     links: &mut [LinkState],
+    reductions: &mut Reductions,
 ) -> Vec<usize> {
     let instrs = &program.ranks[r].instrs;
+    let chain = program.schedule.chain();
     let mut woken = Vec::new();
     while ranks[r].pc < instrs.len() {
         let pc = ranks[r].pc;
@@ -728,6 +744,17 @@ fn run_rank(
                 ranks[r].ends.push(0.0);
                 ranks[r].pc += 1;
             }
+            Instr::Reduce { stages } => {
+                // The weight gradients are complete once the compute stream drains.
+                let arrival = ranks[r].compute_free;
+                let Some((last, others)) = reductions.arrive(program, stages, r, arrival) else { break };
+                let end = last + if others.is_empty() { 0.0 } else { cost.reduce };
+                let state = &mut ranks[r];
+                state.spans.push(Span { instr: pc, stream: Stream::Comm, start: last, end, exposed: 0.0 });
+                state.ends.push(end);
+                state.pc += 1;
+                woken.extend(others);
+            }
             Instr::Comm(ops) => {
                 if !ranks[r].posted {
                     let first = index.starts[r][pc];
@@ -738,7 +765,7 @@ fn run_rank(
                         let ready = match t.dir {
                             Direction::Send => deps[r][pc]
                                 .iter()
-                                .filter(|d| matches!(d, Dep::Instr(i) if instrs[*i].writes().any(|b| b == t.buffer)))
+                                .filter(|d| matches!(d, Dep::Instr(i) if instrs[*i].writes(chain).any(|b| b == t.buffer)))
                                 .map(|d| ready_of(state, d))
                                 .fold(0.0, f64::max),
                             Direction::Recv => 0.0,
