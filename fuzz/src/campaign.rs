@@ -191,10 +191,12 @@ fn base_program(rng: &mut Rng) -> Program {
     let v = if takes_chunks { 2 } else { 1 };
     let m = if s.name == "interleaved-1f1b" { p * (m / p).max(1) } else { m.max(2 * p) };
     let file = SourceFile::new(s.path(), s.source);
-    // The first size from m up that the schedule's `require`s admit.
-    (m..=4 * p + 4)
-        .filter(|m| s.name != "interleaved-1f1b" || m % p == 0)
-        .find_map(|m| {
+    // The first size from (p, m) up that the schedule's `require`s admit
+    // (DualPipe and Chimera pair ranks: they take an even p).
+    (p..=p + 1)
+        .flat_map(|p| (m..=4 * p + 4).map(move |m| (p, m)))
+        .filter(|(p, m)| s.name != "interleaved-1f1b" || m % p == 0)
+        .find_map(|(p, m)| {
             let mut request = small_request(p, m, v);
             if !takes_chunks {
                 request.params.chunks = None;

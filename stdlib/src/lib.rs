@@ -33,6 +33,7 @@ pub const ALL: &[StdSchedule] = &[
     StdSchedule { name: "zb-h1", source: include_str!("../zb-h1.sched") },
     StdSchedule { name: "zb-h2", source: include_str!("../zb-h2.sched") },
     StdSchedule { name: "zb-v", source: include_str!("../zb-v.sched") },
+    StdSchedule { name: "chimera", source: include_str!("../chimera.sched") },
     StdSchedule { name: "dualpipe", source: include_str!("../dualpipe.sched") },
     StdSchedule { name: "dualpipe-v", source: include_str!("../dualpipe-v.sched") },
     StdSchedule { name: "stp", source: include_str!("../stp.sched") },
