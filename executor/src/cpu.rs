@@ -208,8 +208,10 @@ impl Worker<'_> {
                 }
                 Instr::Comm(ops) => threads::exchange(self, ops, i)?,
                 Instr::Reduce { stages } => {
-                    let (program, model, rank, shard) = (self.program, self.model, Rank(self.rank as u32), self.shard);
-                    threads::reduce_gradients(self, program, model, rank, shard, stages, &mut result.grads, i)?
+                    let (program, model) = (self.program, self.model);
+                    let (rank, shard) = (Rank(self.rank as u32), self.shard);
+                    let reduction = threads::Reduction { program, model, rank, shard, stages };
+                    threads::reduce_gradients(self, reduction, &mut result.grads, i, threads::Carry::host())?
                 }
                 Instr::Free { buffer } => {
                     self.values

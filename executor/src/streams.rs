@@ -249,10 +249,10 @@ pub(crate) fn execute<D: Device>(
     ranks: &[usize],
     peers: Peers<'_, D>,
 ) -> Result<CpuReport, ExecError> {
-    if program.schedule.pipelines > 1 {
+    if program.schedule.pipelines > 1 && matches!(&peers, Peers::Fabric(_)) {
         return Err(ExecError::Setup(format!(
-            "`{}` runs {} pipelines (model copies); the stream backends (streams, cuda) do not run gradient \
-             reductions between copies yet: run it with --backend cpu",
+            "`{}` runs {} pipelines (model copies); a device transport (NCCL) does not run the gradient \
+             reductions between copies yet: run it over the host transport (--transport host)",
             program.schedule.name, program.schedule.pipelines
         )));
     }
@@ -384,6 +384,9 @@ struct Worker<'a, D: Device> {
     /// Per instruction, timed events before and after it.
     spans: Vec<(usize, D::Event, D::Event)>,
     grads: Vec<((usize, usize), Grads<D>)>,
+    /// Gradients brought to the host by reductions, every owner's.
+    reduced: HostGrads,
+    model: &'a Model,
 }
 
 impl<'a, D: Device> Worker<'a, D> {
@@ -408,13 +411,16 @@ impl<'a, D: Device> Worker<'a, D> {
             if owner.index() != rank {
                 continue;
             }
-            let w = &model.stages[s][shard];
+            // Copies of a part (several pipelines) share its weights.
+            let w = &model.stages[program.schedule.chain().part(stp_ir::Stage(s as u32)) as usize][shard];
             let mats = [upload(&w.a1), upload(&w.b1), upload(&w.a2), upload(&w.b2)];
             let [a1, b1, a2, b2] = mats.map(|m| m.map_err(|e| setup("cannot upload its weights", e)));
             weights.insert(s, [a1?, b1?, a2?, b2?]);
         }
         let mut inputs = HashMap::new();
-        if program.schedule.placement.first().is_some_and(|owner| owner.index() == rank) {
+        let chain = program.schedule.chain();
+        let feeds = program.schedule.placement.iter().enumerate();
+        if feeds.filter(|(s, _)| chain.is_first(stp_ir::Stage(*s as u32))).any(|(_, owner)| owner.index() == rank) {
             for (mb, x) in model.inputs.iter().enumerate() {
                 inputs.insert(mb, upload(x).map_err(|e| setup("cannot upload the inputs", e))?);
             }
@@ -450,6 +456,8 @@ impl<'a, D: Device> Worker<'a, D> {
             pending: Vec::new(),
             spans: Vec::new(),
             grads: Vec::new(),
+            reduced: Vec::new(),
+            model,
         })
     }
 
@@ -478,8 +486,7 @@ impl<'a, D: Device> Worker<'a, D> {
                         .remove(buffer)
                         .ok_or_else(|| self.error(i, format!("{buffer} is freed but not live")))?;
                 }
-                // Refused before any thread starts (see `execute`).
-                Instr::Reduce { .. } => return Err(self.error(i, "gradient reductions are not supported here".into())),
+                Instr::Reduce { stages } => self.reduce(stages, i)?,
             }
             let after = self.device.record(self.stream_of(instr), true);
             let span = before.and_then(|b| after.map(|a| (i, b, a)));
@@ -503,7 +510,8 @@ impl<'a, D: Device> Worker<'a, D> {
             let end = self.check(*i, self.device.seconds_between(base, after))?;
             timeline.push((*i, start, end));
         }
-        let grads = self.download_gradients(last)?;
+        let mut grads = self.download_gradients(last)?;
+        grads.append(&mut self.reduced);
         Ok(ThreadResult { grads, peak_stashes, timeline })
     }
 
@@ -573,6 +581,50 @@ impl<'a, D: Device> Worker<'a, D> {
             self.values.insert(t.buffer, Value::Tensor(mat));
         }
         Ok(())
+    }
+
+    /// `reduce stages`: this shard's gradients so far come to the host and
+    /// are exchanged with the other owners there, as the CPU backend does
+    /// ([`threads::reduce_gradients`]); local links carry them as device
+    /// matrices, staged ones as host tensors.
+    fn reduce(&mut self, stages: &[stp_ir::Stage], instr: usize) -> Result<(), ExecError> {
+        let mut host = std::mem::take(&mut self.reduced);
+        host.append(&mut self.download_gradients(instr)?);
+        let reduction = threads::Reduction {
+            program: self.program,
+            model: self.model,
+            rank: Rank(self.rank as u32),
+            shard: self.shard,
+            stages,
+        };
+        match self.route {
+            Route::Local(_) => {
+                let carry = threads::Carry { pack: Self::to_device, unpack: Self::to_host };
+                threads::reduce_gradients::<Mat<D>, _>(self, reduction, &mut host, instr, carry)?
+            }
+            Route::Staged(_) => {
+                threads::reduce_gradients::<Tensor, _>(self, reduction, &mut host, instr, threads::Carry::host())?
+            }
+            Route::Device(_) => return Err(self.error(instr, "no gradient reduction over a device transport".into())),
+        }
+        self.reduced = host;
+        Ok(())
+    }
+
+    /// A host tensor as a device matrix, with the event its upload ends at.
+    fn to_device(&mut self, t: Tensor, instr: usize) -> Result<Mat<D>, ExecError> {
+        let buf = self.check(instr, self.device.upload(&self.comm, &t.data))?;
+        let uploaded = Arc::new(self.check(instr, self.device.record(&self.comm, false))?);
+        Ok(Mat { rows: t.rows, cols: t.cols, buf: Arc::new(buf), ready: Some(uploaded) })
+    }
+
+    /// A device matrix back on the host, once its writer is done.
+    fn to_host(&mut self, m: Mat<D>, instr: usize) -> Result<Tensor, ExecError> {
+        if let Some(written) = &m.ready {
+            self.check(instr, self.device.wait(&self.comm, written))?;
+        }
+        let data = self.check(instr, self.device.download(&self.comm, &m.buf))?;
+        Ok(Tensor { rows: m.rows, cols: m.cols, data })
     }
 
     /// This shard's weight gradients, per (stage, microbatch), on the host.
@@ -782,12 +834,12 @@ impl<'a, D: Device> Worker<'a, D> {
         };
         match (pass.kind, part) {
             (PassKind::F | PassKind::R, Part::Attention) => {
-                let x = match (pass.kind, pass.stage.0.checked_sub(1)) {
+                let x = match (pass.kind, self.program.schedule.chain().prev(pass.stage)) {
                     (PassKind::R, _) => match self.values.get(&Buffer::stash(pass.stage, pass.mb)) {
                         Some(Value::Checkpoint(x)) => x.clone(),
                         _ => return Err(self.error(instr, format!("`{pass}` finds no checkpoint of its forward"))),
                     },
-                    (_, Some(prev)) => self.tensor(Buffer::act(stp_ir::Stage(prev), pass.mb), instr)?,
+                    (_, Some(prev)) => self.tensor(Buffer::act(prev, pass.mb), instr)?,
                     (_, None) => self
                         .inputs
                         .get(&pass.mb.index())
@@ -835,7 +887,7 @@ impl<'a, D: Device> Worker<'a, D> {
                 let dz1 = self.tanh_grad(&b1, &z1, &dh, instr)?;
                 let p = self.gemm(&dz1, false, &a1, true, instr)?;
                 let dx = self.all_reduce(p, instr)?;
-                if pass.stage.0 > 0 {
+                if !self.program.schedule.chain().is_first(pass.stage) {
                     self.values.insert(Buffer::grad(pass.stage, pass.mb), Value::Tensor(dx));
                 }
                 let backward = Backward {

@@ -252,16 +252,16 @@ fn whole_gradients(program: &Program, rank: Rank, grads: &[((usize, usize), Shar
 /// channels are FIFO and every earlier transfer between two owners has
 /// been received before either reaches its reduction (verified programs
 /// match all of them first), so the contributions come next on the link.
-pub(crate) fn reduce_gradients<P: Party<Tensor>>(
+/// `carry` turns a host tensor into the party's message and back (the
+/// stream runner's local links carry device matrices).
+pub(crate) fn reduce_gradients<M, P: Party<M>>(
     party: &mut P,
-    program: &Program,
-    model: &Model,
-    rank: Rank,
-    shard: usize,
-    stages: &[stp_ir::Stage],
+    reduction: Reduction<'_>,
     grads: &mut Vec<((usize, usize), ShardGrads)>,
     instr: usize,
+    carry: Carry<P, M>,
 ) -> Result<(), ExecError> {
+    let Reduction { program, model, rank, shard, stages } = reduction;
     let meta = &program.schedule;
     let peers: Vec<Rank> = meta.owners(stages).into_iter().filter(|r| *r != rank).collect();
     let mine: Vec<((usize, usize), Tensor)> = grads
@@ -270,13 +270,17 @@ pub(crate) fn reduce_gradients<P: Party<Tensor>>(
         .map(|(key, g)| (*key, g.flatten()))
         .collect();
     for peer in &peers {
+        let mut messages = Vec::with_capacity(mine.len());
+        for ((s, mb), flat) in &mine {
+            let tag = Buffer::stash(stp_ir::Stage(*s as u32), stp_ir::Microbatch(*mb as u32));
+            messages.push((tag, (carry.pack)(party, flat.clone(), instr)?));
+        }
         let port = party
             .ports()
             .and_then(|p| p.data_out.get(peer))
             .ok_or_else(|| party.fail(instr, format!("no link to {peer}")))?;
-        for ((s, mb), flat) in &mine {
-            let tag = Buffer::stash(stp_ir::Stage(*s as u32), stp_ir::Microbatch(*mb as u32));
-            port.send((tag, flat.clone())).map_err(|_| party.fail(instr, format!("{peer} has stopped")))?;
+        for message in messages {
+            port.send(message).map_err(|_| party.fail(instr, format!("{peer} has stopped")))?;
         }
     }
     let timeout = party.options().timeout;
@@ -285,8 +289,9 @@ pub(crate) fn reduce_gradients<P: Party<Tensor>>(
         let expected: usize = theirs.iter().map(|s| meta.pairs_of(*s).count()).sum();
         for _ in 0..expected {
             let ports = party.ports();
-            let (tag, flat) =
+            let (tag, message) =
                 party.board().wait(timeout, || ports?.data_in.get(peer).map(|rx| rx.recv_timeout(slice())))?;
+            let flat = (carry.unpack)(party, message, instr)?;
             let weights = model.stages.get(meta.chain().part(tag.stage) as usize).and_then(|w| w.get(shard));
             let g = weights.and_then(|w| ShardGrads::unflatten(&flat, w)).filter(|_| theirs.contains(&tag.stage));
             let g = g.ok_or_else(|| {
@@ -296,6 +301,29 @@ pub(crate) fn reduce_gradients<P: Party<Tensor>>(
         }
     }
     Ok(())
+}
+
+/// What a gradient reduction reduces, and where.
+pub(crate) struct Reduction<'a> {
+    pub(crate) program: &'a Program,
+    pub(crate) model: &'a Model,
+    pub(crate) rank: Rank,
+    pub(crate) shard: usize,
+    pub(crate) stages: &'a [stp_ir::Stage],
+}
+
+/// How a party's messages carry host tensors: `pack` one to send, `unpack`
+/// one received.
+pub(crate) struct Carry<P, M> {
+    pub(crate) pack: fn(&mut P, Tensor, usize) -> Result<M, ExecError>,
+    pub(crate) unpack: fn(&mut P, M, usize) -> Result<Tensor, ExecError>,
+}
+
+impl<P> Carry<P, Tensor> {
+    /// Messages that are host tensors already.
+    pub(crate) fn host() -> Carry<P, Tensor> {
+        Carry { pack: |_, t, _| Ok(t), unpack: |_, t, _| Ok(t) }
+    }
 }
 
 /// One shard thread's channels to the same shard of every peer rank:
