@@ -28,7 +28,12 @@ fn run(program: &Program) -> Result<cpu::CpuReport, ExecError> {
 
 #[test]
 fn every_standard_schedule_reproduces_the_sequential_gradients_bit_for_bit() {
-    let cases: [(&str, i64, i64, Option<i64>); 22] = [
+    let cases: [(&str, i64, i64, Option<i64>); 26] = [
+        // Two pipelines: the copies' gradients summed by the reductions.
+        ("dualpipe", 2, 4, None),
+        ("dualpipe", 4, 10, None),
+        ("chimera", 4, 4, None),
+        ("chimera", 2, 6, None),
         ("gpipe", 3, 4, None),
         ("interleaved-1f1b-recompute", 2, 4, Some(2)),
         // PyTorch's sizes: ZB-V below 2p - 1, interleaved 1F1B in one round of 6.
@@ -71,6 +76,7 @@ fn tensor_parallel_runs_reproduce_the_sequential_gradients() {
         ("zb-v", 2, 4, None, 2),
         ("stp", 2, 5, None, 4),
         ("interleaved-1f1b", 2, 4, Some(2), 2),
+        ("dualpipe", 4, 8, None, 2),
     ] {
         let program = stp_tests::build_std_tp(name, p, m, v, tp).program;
         assert_eq!(program.schedule.tp, tp);
@@ -125,6 +131,24 @@ fn live_stashes_equal_the_checkers_peak() {
         let checked = stpc::pipeline::check(&file, &request).unwrap_or_else(|_| panic!("{name} checks"));
         let peaks: Vec<usize> = checked.peaks().iter().map(|p| p.units as usize).collect();
         assert_eq!(report.peak_stashes, peaks, "{name} p={p} m={m}");
+    }
+}
+
+/// Without its gradient reductions a two-pipeline program leaves each
+/// copy with half a gradient: `verify` refuses it, and an executor handed
+/// it anyway (one that skipped verification) reports the rank that ends
+/// with part of a gradient rather than returning it.
+#[test]
+fn a_two_pipeline_program_without_its_reductions_is_refused() {
+    let mut program = build_std("dualpipe", 2, 4, None).program;
+    for rank in &mut program.ranks {
+        rank.instrs.retain(|i| !matches!(i, Instr::Reduce { .. }));
+    }
+    let errors = stp_ir::verify(&program).expect_err("refused");
+    assert!(errors.iter().any(|e| e.message.contains("never runs: the copies' gradients are never summed")), "{errors:?}");
+    match run(&program) {
+        Err(ExecError::Invalid(_)) => {}
+        other => panic!("expected the executor to refuse it, got {other:?}"),
     }
 }
 

@@ -34,7 +34,10 @@ fn assert_streams_reproduce_the_sequential_gradients(program: &Program, options:
 
 #[test]
 fn the_stream_runner_reproduces_the_sequential_gradients_bit_for_bit() {
-    let cases: [(&str, i64, i64, Option<i64>, u32); 10] = [
+    let cases: [(&str, i64, i64, Option<i64>, u32); 13] = [
+        ("dualpipe", 4, 8, None, 1),
+        ("dualpipe", 2, 4, None, 2),
+        ("chimera", 4, 8, None, 1),
         ("1f1b", 4, 8, None, 1),
         ("gpipe", 3, 4, None, 1),
         ("interleaved-1f1b", 2, 4, Some(2), 1),

@@ -475,3 +475,34 @@ fn receive_as_they_arrive<M, P: Party<M>>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::whole_gradients;
+    use crate::model::ShardGrads;
+    use stp_ir::{Program, Rank, RankProgram, ScheduleMeta};
+
+    /// Two one-stage pipelines on two ranks, a microbatch each way: part 0's
+    /// gradient is whole only with both microbatches' contributions.
+    #[test]
+    fn a_rank_holding_part_of_a_gradient_is_an_error() {
+        let meta = ScheduleMeta {
+            name: "two-ways".into(),
+            params: Vec::new(),
+            num_ranks: 2,
+            num_stages: 2,
+            num_microbatches: 2,
+            placement: vec![Rank(0), Rank(1)],
+            tp: 1,
+            pipelines: 2,
+            routes: vec![0, 1],
+        };
+        let ranks = (0..2).map(|r| RankProgram { rank: Rank(r), instrs: Vec::new() }).collect();
+        let program = Program { version: stp_ir::FORMAT_VERSION, schedule: meta, ranks };
+        let own = vec![((0, 0), ShardGrads::default())];
+        let error = whole_gradients(&program, Rank(0), &own).expect_err("half a gradient");
+        assert!(error.to_string().contains("over 1 of its 2 microbatch contributions"), "{error}");
+        let both = vec![((0, 0), ShardGrads::default()), ((1, 1), ShardGrads::default())];
+        assert!(whole_gradients(&program, Rank(0), &both).is_ok());
+    }
+}
