@@ -145,7 +145,10 @@ fn a_two_pipeline_program_without_its_reductions_is_refused() {
         rank.instrs.retain(|i| !matches!(i, Instr::Reduce { .. }));
     }
     let errors = stp_ir::verify(&program).expect_err("refused");
-    assert!(errors.iter().any(|e| e.message.contains("never runs: the copies' gradients are never summed")), "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.message.contains("never runs: the copies' gradients are never summed")),
+        "{errors:?}"
+    );
     match run(&program) {
         Err(ExecError::Invalid(_)) => {}
         other => panic!("expected the executor to refuse it, got {other:?}"),

@@ -857,7 +857,9 @@ fn export_torch(target: &Target, comms: bool, output: Option<&Path>) -> Result<(
             "  = note: its schedule CSV has one chain of stages, every microbatch through all of them, and no \
              gradient reduction between copies of a stage; nothing was written"
         );
-        eprintln!("  = help: run it with stp-exec, or export a one-pipeline schedule (dualpipe-v folds DualPipe into one)");
+        eprintln!(
+            "  = help: run it with stp-exec, or export a one-pipeline schedule (dualpipe-v folds DualPipe into one)"
+        );
         return Err(Reported);
     }
     let csv = emit::torch::torch_csv(&build.program, comms);

@@ -95,7 +95,8 @@ pub(crate) fn prepare(program: &Program, model: &Model) -> Result<(), ExecError>
     }
     let meta = &program.schedule;
     if model.stages.len() != meta.parts() as usize || model.inputs.len() != meta.num_microbatches as usize {
-        let copies = if meta.pipelines > 1 { format!(" ({} pipelines of them)", meta.pipelines) } else { String::new() };
+        let copies =
+            if meta.pipelines > 1 { format!(" ({} pipelines of them)", meta.pipelines) } else { String::new() };
         return Err(ExecError::Setup(format!(
             "the program has {} model parts{copies} and {} microbatches but the model {} and {}",
             meta.parts(),

@@ -260,7 +260,8 @@ impl ShardGrads {
     /// The four gradients end to end in one row (dA1, dB1, dA2, dB2; a
     /// missing one as nothing): how a gradient reduction sends them.
     pub fn flatten(&self) -> Tensor {
-        let data: Vec<f32> = [&self.a1, &self.b1, &self.a2, &self.b2].into_iter().flatten().flat_map(|t| t.data.clone()).collect();
+        let data: Vec<f32> =
+            [&self.a1, &self.b1, &self.a2, &self.b2].into_iter().flatten().flat_map(|t| t.data.clone()).collect();
         Tensor { rows: 1, cols: data.len(), data }
     }
 

@@ -599,7 +599,7 @@ impl<'a, D: Device> Worker<'a, D> {
         };
         match self.route {
             Route::Local(_) => {
-                let carry = threads::Carry { pack: Self::to_device, unpack: Self::to_host };
+                let carry = threads::Carry { pack: Self::upload_tensor, unpack: Self::download_matrix };
                 threads::reduce_gradients::<Mat<D>, _>(self, reduction, &mut host, instr, carry)?
             }
             Route::Staged(_) => {
@@ -612,14 +612,14 @@ impl<'a, D: Device> Worker<'a, D> {
     }
 
     /// A host tensor as a device matrix, with the event its upload ends at.
-    fn to_device(&mut self, t: Tensor, instr: usize) -> Result<Mat<D>, ExecError> {
+    fn upload_tensor(&mut self, t: Tensor, instr: usize) -> Result<Mat<D>, ExecError> {
         let buf = self.check(instr, self.device.upload(&self.comm, &t.data))?;
         let uploaded = Arc::new(self.check(instr, self.device.record(&self.comm, false))?);
         Ok(Mat { rows: t.rows, cols: t.cols, buf: Arc::new(buf), ready: Some(uploaded) })
     }
 
     /// A device matrix back on the host, once its writer is done.
-    fn to_host(&mut self, m: Mat<D>, instr: usize) -> Result<Tensor, ExecError> {
+    fn download_matrix(&mut self, m: Mat<D>, instr: usize) -> Result<Tensor, ExecError> {
         if let Some(written) = &m.ready {
             self.check(instr, self.device.wait(&self.comm, written))?;
         }

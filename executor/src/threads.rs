@@ -223,11 +223,11 @@ fn whole_gradients(program: &Program, rank: Rank, grads: &[((usize, usize), Shar
         }
         let part = chain.part(stp_ir::Stage(s as u32));
         let copies = (0..meta.pipelines.max(1)).map(|j| (j * chain.len + part) as usize);
-        let expected: usize = copies
-            .clone()
-            .map(|c| meta.pairs_of(stp_ir::Stage(c as u32)).count())
-            .sum();
-        let got = copies.flat_map(|c| meta.pairs_of(stp_ir::Stage(c as u32)).map(move |mb| (c, mb.index()))).filter(|k| held.contains(k)).count();
+        let expected: usize = copies.clone().map(|c| meta.pairs_of(stp_ir::Stage(c as u32)).count()).sum();
+        let got = copies
+            .flat_map(|c| meta.pairs_of(stp_ir::Stage(c as u32)).map(move |mb| (c, mb.index())))
+            .filter(|k| held.contains(k))
+            .count();
         if got != expected {
             return Err(ExecError::Runtime {
                 rank,

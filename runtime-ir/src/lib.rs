@@ -59,8 +59,8 @@ mod verify;
 
 pub use ids::{Buffer, BufferKind, IdParseError, Microbatch, Rank, Stage};
 pub use program::{
-    units_of, Chain, Collective, Compute, Direction, Instr, Param, Part, Pass, PassKind, Program, RankProgram, ScheduleMeta,
-    Transfer, Unit, FORMAT_VERSION,
+    units_of, Chain, Collective, Compute, Direction, Instr, Param, Part, Pass, PassKind, Program, RankProgram,
+    ScheduleMeta, Transfer, Unit, FORMAT_VERSION,
 };
 pub use slots::BufferSlots;
 pub use text::{parse_text, print_text, TextError};

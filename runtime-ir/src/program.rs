@@ -149,12 +149,12 @@ impl Chain {
 
     /// Whether `stage` is the first of its pipeline (fed by the data loader).
     pub fn is_first(self, stage: Stage) -> bool {
-        stage.0 % self.len == 0
+        stage.0.is_multiple_of(self.len)
     }
 
     /// Whether `stage` is the last of its pipeline (where the loss is).
     pub fn is_last(self, stage: Stage) -> bool {
-        (stage.0 + 1) % self.len == 0
+        (stage.0 + 1).is_multiple_of(self.len)
     }
 
     /// The stage before `stage` in its pipeline.

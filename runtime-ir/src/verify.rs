@@ -329,13 +329,21 @@ impl Verifier<'_> {
                     .collect();
                 let name = Instr::Reduce { stages: set.clone() };
                 match at.as_slice() {
-                    [] => self.error(Some(rank.rank), None, format!("`{name}` never runs: the copies' gradients are never summed")),
+                    [] => self.error(
+                        Some(rank.rank),
+                        None,
+                        format!("`{name}` never runs: the copies' gradients are never summed"),
+                    ),
                     [i] => {
                         let late = rank.instrs[*i..].iter().flat_map(Instr::passes).find(|p| {
                             set.contains(&p.stage) && matches!(p.kind, PassKind::B | PassKind::W | PassKind::BW)
                         });
                         if let Some(p) = late {
-                            self.error(Some(rank.rank), Some(*i), format!("`{name}` runs before `{p}`, whose gradient it must sum"));
+                            self.error(
+                                Some(rank.rank),
+                                Some(*i),
+                                format!("`{name}` runs before `{p}`, whose gradient it must sum"),
+                            );
                         }
                     }
                     [_, second, ..] => self.error(Some(rank.rank), Some(*second), format!("`{name}` runs twice")),

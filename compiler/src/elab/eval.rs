@@ -824,7 +824,9 @@ impl<'m> Eval<'m> {
                 let k = *next - 1;
                 match shape.by_pipeline.get((stage.0 / shape.chain_len) as usize) {
                     // Past its pipeline's last microbatch: out of range below.
-                    Some(mine) => (mine.get(k as usize).map_or(i64::from(shape.num_microbatches), |i| i64::from(*i)), call.span),
+                    Some(mine) => {
+                        (mine.get(k as usize).map_or(i64::from(shape.num_microbatches), |i| i64::from(*i)), call.span)
+                    }
                     None => (k, call.span),
                 }
             }

@@ -765,7 +765,9 @@ fn run_rank(
                         let ready = match t.dir {
                             Direction::Send => deps[r][pc]
                                 .iter()
-                                .filter(|d| matches!(d, Dep::Instr(i) if instrs[*i].writes(chain).any(|b| b == t.buffer)))
+                                .filter(
+                                    |d| matches!(d, Dep::Instr(i) if instrs[*i].writes(chain).any(|b| b == t.buffer)),
+                                )
                                 .map(|d| ready_of(state, d))
                                 .fold(0.0, f64::max),
                             Direction::Recv => 0.0,
