@@ -495,6 +495,42 @@ fn dualpipe_on_twice_the_ranks_times_like_dualpipe_v() {
     }
 }
 
+/// DualPipeV's bubble is the DualPipe README's formula with PP = the
+/// number of stages (2p, the ranks of the unfolded DualPipe):
+/// (p − 1)(T_F&B + T_B + T_W − 3T_W) per rank at T_F = T_B, on top of
+/// 2m(T_F + T_B + T_W) of work. The shared reference table writes
+/// (p/2 − 1) with p = DualPipeV's ranks, which the order does not meet.
+#[test]
+fn dualpipe_v_bubble_is_the_deepseek_formula_over_its_stages() {
+    for (f, b, w) in [(1.0, 1.0, 1.0), (1.0, 1.0, 0.5), (2.0, 2.0, 0.5)] {
+        let cost = CostModel { forward: f, backward_input: b, backward_weight: w, ..unit() };
+        for p in [2, 3, 4, 8] {
+            for m in [2 * p, 3 * p, 4 * p + 1] {
+                let t = run(&build("dualpipe-v", p, m, None), &cost);
+                let work = 2.0 * m as f64 * (f + b + w);
+                let bubble = (p - 1) as f64 * ((f + b + w) + (b + w) - 3.0 * w);
+                assert!(close(t.makespan, work + bubble), "p={p} m={m} {cost:?}: {}", t.makespan);
+            }
+        }
+    }
+}
+
+/// A gradient reduction starts once every owner of the part has drained
+/// its compute, and a rank's reductions run one after another: in DualPipe
+/// and Chimera each rank pairs with rank p − 1 − r for both its parts, so
+/// a reduction time T adds exactly 2T to the step.
+#[test]
+fn gradient_reductions_add_their_time_after_the_drain() {
+    for name in ["dualpipe", "chimera"] {
+        for p in [2, 4, 6] {
+            let b = build(name, p, 2 * p, None);
+            let without = run(&b, &unit()).makespan;
+            let with = run(&b, &CostModel { reduce: 2.5, ..unit() }).makespan;
+            assert!(close(with, without + 5.0), "{name} p={p}: {without} -> {with}");
+        }
+    }
+}
+
 /// Chimera (Li & Hoefler, SC'21): a basic unit of m = p microbatches takes
 /// 3p − 2 slots of one forward (a full backward as long as a forward), so
 /// every rank idles p − 2 of them: bubble ratio (D−2)/(2N+D−2) at N = D.

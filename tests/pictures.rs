@@ -59,12 +59,18 @@ fn every_rank_row_is_coloured_in_proportion_to_its_busy_time() {
         ("zb-v", 32, 256, None, &unit),
         ("1f1b", 32, 256, None, &unit),
         ("zb-v", 8, 64, None, &tiny_w),
+        ("dualpipe", 4, 8, None, &unit),
+        ("chimera", 8, 16, None, &unit),
     ] {
         let (svg, at, timeline) = picture_at(name, p, m, v, cost);
         if cost.backward_weight < 0.1 {
             assert!(svg.contains(r#"class="run""#), "{name}: sub-pixel ops drawn as runs");
         }
-        let shares = coloured_shares(&render(&svg), &at, timeline.ranks.len());
+        let pixmap = render(&svg);
+        if let Ok(dir) = std::env::var("STP_PICTURES_PNG") {
+            pixmap.save_png(format!("{dir}/{name}-p{p}-m{m}.png")).expect("the PNG is written");
+        }
+        let shares = coloured_shares(&pixmap, &at, timeline.ranks.len());
         for (rank, share) in timeline.ranks.iter().zip(shares) {
             let busy = rank.busy / timeline.makespan;
             // Pixels at the row's gaps round either way, and labelled boxes

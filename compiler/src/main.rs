@@ -283,7 +283,7 @@ enum CommArg {
 struct CostArgs {
     /// A cost model as JSON: {"forward": 1, "backward_input": 1,
     /// "backward_weight": 1, "tp_collective": 0, "p2p": 0, "recompute": 1,
-    /// "stages": [{"forward": ..., "backward_input": ..., "backward_weight":
+    /// "reduce": 0, "stages": [{"forward": ..., "backward_input": ..., "backward_weight":
     /// ..., "tp_collective": ...}, one per stage]}; missing fields keep their
     /// defaults (no "stages": every stage alike).
     #[arg(long, value_name = "FILE")]
@@ -538,8 +538,10 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
 /// The cost model the flags describe, starting from the schedule's own
 /// (`declared`), for a pipeline of `pp` ranks with `chunks` stages each and
 /// `tp`-way tensor parallelism.
-fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, stages: u32) -> Result<CostModel, Reported> {
-    let chunks = stages / pp.max(1);
+fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, cut: Cut) -> Result<CostModel, Reported> {
+    // Each rank holds `chunks` parts of one model copy; with several
+    // pipelines the copies' stages repeat the parts' times.
+    let chunks = (cut.parts() / pp.max(1)).max(1);
     if let Some(path) = &args.model {
         let text =
             std::fs::read_to_string(path).map_err(|e| io_error(&format!("cannot read {}", path.display()), &e))?;
@@ -561,7 +563,7 @@ fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, stages: u3
         };
         let hw = file.hardware.unwrap_or_else(stpc::cost::Hardware::a800);
         let derived = stpc::cost::model::cost_model(&file.model, &hw, &stpc::cost::Parallelism { tp, pp, chunks });
-        return override_times(derived, args, stages);
+        return override_times(derived, args, cut);
     }
     let cost = match &args.cost {
         Some(path) => {
@@ -575,12 +577,18 @@ fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, stages: u3
         }
         None => declared,
     };
-    override_times(cost, args, stages)
+    override_times(cost, args, cut)
 }
 
 /// Applies the `--t-*` flags (to every stage: a flag states one time for
 /// all of them) and checks the result for a program of `stages` stages.
-fn override_times(mut cost: CostModel, args: &CostArgs, stages: u32) -> Result<CostModel, Reported> {
+/// `cost` with the `--t-*` flags applied and checked against the stages
+/// of `cut`; times given per part (one entry per stage of one pipeline)
+/// hold for every copy of the part.
+fn override_times(mut cost: CostModel, args: &CostArgs, cut: Cut) -> Result<CostModel, Reported> {
+    if cut.pipelines > 1 && cost.stages.len() == cut.parts() as usize {
+        cost.stages = cost.stages.repeat(cut.pipelines as usize);
+    }
     let set = |field: &mut f64, value: Option<f64>| {
         if let Some(v) = value {
             *field = v;
@@ -597,7 +605,7 @@ fn override_times(mut cost: CostModel, args: &CostArgs, stages: u32) -> Result<C
         set(&mut stage.backward_weight, args.t_w);
         set(&mut stage.tp_collective, args.t_ar);
     }
-    cost.checked(stages).map_err(|problem| {
+    cost.checked(cut.stages).map_err(|problem| {
         eprintln!("error: {problem}");
         Reported
     })
@@ -612,9 +620,50 @@ fn build_and_simulate(
     build_and_simulate_cut(target, args, None)
 }
 
-/// The cost model another schedule was simulated with, and how many
-/// stages it cut the model into.
-type Reference = (u32, CostModel);
+/// How a schedule cuts the model: its stages and its pipelines (model
+/// copies), so `stages / pipelines` parts.
+#[derive(Clone, Copy)]
+struct Cut {
+    stages: u32,
+    pipelines: u32,
+}
+
+impl Cut {
+    fn of(meta: &stp_ir::ScheduleMeta) -> Cut {
+        Cut { stages: meta.num_stages, pipelines: meta.pipelines.max(1) }
+    }
+
+    fn parts(self) -> u32 {
+        (self.stages / self.pipelines).max(1)
+    }
+}
+
+/// The cost model another schedule was simulated with, and how it cut the
+/// model.
+type Reference = (Cut, CostModel);
+
+/// `cost`, given for the stages of `from`, re-divided among the stages of
+/// `to` so that both run the same model: one part's times are divided
+/// among the parts of `to`, and every copy of a part takes its part's
+/// times. `None` when per-part times cannot be divided evenly, or when the
+/// copies of a part in `from` were given different times.
+fn recut(cost: &CostModel, from: Cut, to: Cut) -> Option<CostModel> {
+    let mut per_part = cost.clone();
+    if !per_part.stages.is_empty() {
+        let parts = from.parts() as usize;
+        if per_part.stages.len() != from.stages as usize
+            || per_part.stages.chunks(parts).any(|copy| copy != &per_part.stages[..parts])
+        {
+            return None;
+        }
+        per_part.stages.truncate(parts);
+    }
+    let mut cut = per_part.recut(from.parts(), to.parts())?;
+    if !cut.stages.is_empty() {
+        cut.stages = cut.stages.repeat(to.pipelines as usize);
+    }
+    Some(cut)
+}
 
 /// As [`build_and_simulate`]; with a `reference`, its costs (of the model
 /// cut into its number of stages) re-divided among this schedule's stages,
@@ -630,16 +679,18 @@ fn build_and_simulate_cut(
     // planned until the costs are known.
     let elaborated = pipeline::elaborate_unplanned(&file, &request).map_err(|d| report(&d, &file, target.color))?;
     let meta = &elaborated.meta;
-    let (reference_stages, cost) = match reference {
-        Some((stages, cost)) => (*stages, cost.clone()),
-        None => (meta.num_stages, cost_model(args, elaborated.cost, target.tp, meta.num_ranks, meta.num_stages)?),
+    let here = Cut::of(meta);
+    let (reference_cut, cost) = match reference {
+        Some((cut, cost)) => (*cut, cost.clone()),
+        None => (here, cost_model(args, elaborated.cost, target.tp, meta.num_ranks, here)?),
     };
-    let Some(cost) = cost.recut(reference_stages, meta.num_stages) else {
+    let Some(cost) = recut(&cost, reference_cut, here) else {
+        let (from, to) = (reference_cut.parts(), here.parts());
         eprintln!(
-            "error: {} cuts the model into {} stages, the first schedule into {reference_stages}; per-stage times \
-             given for {reference_stages} stages cannot be divided evenly among {} (compare schedules whose stage \
-             counts are multiples, or give uniform times)",
-            meta.name, meta.num_stages, meta.num_stages
+            "error: {} cuts the model into {to} parts, the first schedule into {from}; per-stage times given for \
+             {from} parts cannot be divided evenly among {to} (compare schedules whose part counts are multiples, \
+             give the copies of a part the same times, or give uniform times)",
+            meta.name
         );
         return Err(Reported);
     };
@@ -676,16 +727,16 @@ fn diff(target: &Target, other: &str, args: &CostArgs) -> Result<(), Reported> {
     let second = without_foreign_chunks(&Target { schedule: other.to_string(), ..target.clone() })?;
     let mut rows: Vec<[f64; 6]> = Vec::new();
     let mut names = Vec::new();
-    let mut stages: Vec<u32> = Vec::new();
+    let mut parts: Vec<u32> = Vec::new();
     let mut reference: Option<Reference> = None;
     for t in [&first, &second] {
         let (build, cost, timeline) = build_and_simulate_cut(t, args, reference.as_ref())?;
         let s = build.checked.schedule();
         names.push(s.meta.name.clone());
-        stages.push(s.meta.num_stages);
-        let first_stages = reference.get_or_insert_with(|| (s.meta.num_stages, cost.clone())).0;
+        parts.push(s.meta.parts());
+        let first_cut = reference.get_or_insert_with(|| (Cut::of(&s.meta), cost.clone())).0;
         // A memory unit is one stage's activation: in the first's units.
-        let unit = f64::from(first_stages) / f64::from(s.meta.num_stages.max(1));
+        let unit = f64::from(first_cut.parts()) / f64::from(s.meta.parts());
         let peak = build.checked.peaks().iter().map(|p| p.units).max().unwrap_or(0) as f64 * unit;
         rows.push([
             timeline.makespan,
@@ -705,15 +756,15 @@ fn diff(target: &Target, other: &str, args: &CostArgs) -> Result<(), Reported> {
         "lower bound",
     ];
     let labels =
-        labels.map(|l| if l.starts_with("peak") && stages[0] != stages[1] { "peak memory (first's units)" } else { l });
-    if stages[0] != stages[1] {
+        labels.map(|l| if l.starts_with("peak") && parts[0] != parts[1] { "peak memory (first's units)" } else { l });
+    if parts[0] != parts[1] {
         outln!(
-            "note: {} cuts the model into {} stages, {} into {}; the times and memory units are those of {}'s \
+            "note: {} cuts the model into {} parts, {} into {}; the times and memory units are those of {}'s \
              stages, divided among {}'s so that both run the same model",
             names[0],
-            stages[0],
+            parts[0],
             names[1],
-            stages[1],
+            parts[1],
             names[0],
             names[1]
         );

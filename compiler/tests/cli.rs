@@ -244,6 +244,26 @@ fn simulate_starts_from_the_schedules_cost_block() {
 }
 
 #[test]
+fn a_cost_block_prices_the_gradient_reduction_of_several_pipelines() {
+    let dir = scratch("reducecost");
+    let body = "schedule s(p: ranks, m: microbatches) {\n  stages 2 * p;\n  pipelines 2;\n  route i -> i % 2;\n  place s -> if s < p { s } else { 2 * p - 1 - s };\n  COST\n  rank r {\n    repeat m / 2 { F(stage: r); F(stage: 2 * p - 1 - r) }\n    repeat m / 2 { BW(stage: 2 * p - 1 - r); BW(stage: r) }\n  }\n}\n";
+    let free = write(&dir, "free.sched", &body.replace("COST", ""));
+    let priced = write(&dir, "priced.sched", &body.replace("COST", "cost { reduce = 1.5; }"));
+    let makespan = |file: &str| {
+        let out = stpc(&["simulate", file, "-p", "2", "-m", "4"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        let value = text.split("makespan ").nth(1).and_then(|t| t.split_whitespace().next()).map(str::to_string);
+        (value.and_then(|v| v.parse::<f64>().ok()).expect("a makespan"), text)
+    };
+    let (before, _) = makespan(&free);
+    let (after, text) = makespan(&priced);
+    // Each rank holds a copy of both parts: two reductions, one after the other.
+    assert_eq!(after, before + 3.0, "{text}");
+    assert!(text.contains("reduce=1.5"), "{text}");
+}
+
+#[test]
 fn verify_accepts_compiled_programs_and_shows_where_a_bad_one_blocks() {
     let dir = scratch("verify");
     let out_dir = dir.join("out");
@@ -626,6 +646,17 @@ fn per_stage_costs_are_listed_checked_and_compared_fairly() {
     assert!(stderr(&wrong).contains("gives times for 4 stages, but this program has 2"), "{}", stderr(&wrong));
     let diff = stpc(&["diff", "1f1b", "interleaved-1f1b", "-p", "4", "-m", "8", "-v", "2"]);
     assert!(diff.status.success(), "{}", stderr(&diff));
-    assert!(stdout(&diff).contains("cuts the model into 4 stages, interleaved_1f1b into 8"), "{}", stdout(&diff));
+    assert!(stdout(&diff).contains("cuts the model into 4 parts, interleaved_1f1b into 8"), "{}", stdout(&diff));
     assert!(stdout(&diff).contains("interleaved_1f1b is faster"), "{}", stdout(&diff));
+    // DualPipe's 8 stages are two copies of 4 parts: times given per part
+    // hold for both copies, and a diff with 1F1B re-divides nothing.
+    let dual = stpc(&["simulate", "dualpipe", "-p", "4", "-m", "8", "--cost", &four]);
+    assert!(dual.status.success(), "{}", stderr(&dual));
+    assert!(stdout(&dual).contains("T_F=[1.3 1 1 2.5 1.3 1 1 2.5]"), "{}", stdout(&dual));
+    let diff = stpc(&["diff", "1f1b", "dualpipe", "-p", "4", "-m", "8", "--cost", &four]);
+    assert!(diff.status.success(), "{}", stderr(&diff));
+    assert!(!stdout(&diff).contains("cuts the model"), "{}", stdout(&diff));
+    let text = stdout(&diff);
+    let makespans: Vec<&str> = text.lines().find(|l| l.starts_with("makespan")).unwrap().split_whitespace().collect();
+    assert_eq!(makespans[1..3], ["80.9000", "54.0000"], "{}", stdout(&diff));
 }

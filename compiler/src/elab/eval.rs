@@ -475,6 +475,7 @@ impl<'m> Eval<'m> {
                 "backward_weight" => &mut cost.backward_weight,
                 "tp_collective" => &mut cost.tp_collective,
                 "recompute" => &mut cost.recompute,
+                "reduce" => &mut cost.reduce,
                 _ => &mut cost.p2p,
             };
             *field = v;

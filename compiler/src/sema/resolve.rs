@@ -16,8 +16,8 @@ pub const OPS: [&str; 5] = ["F", "B", "W", "BW", "R"];
 pub const MEMORY_FIELDS: [&str; 5] = ["activation", "weight_stash", "budget", "max_deferred", "recomputed"];
 
 /// The settings of a `cost { ... }` block (the simulator's cost model).
-pub const COST_FIELDS: [&str; 6] =
-    ["forward", "backward_input", "backward_weight", "tp_collective", "p2p", "recompute"];
+pub const COST_FIELDS: [&str; 7] =
+    ["forward", "backward_input", "backward_weight", "tp_collective", "p2p", "recompute", "reduce"];
 
 /// The cost settings that may differ from stage to stage (`forward(s) = ...`).
 pub const STAGE_COST_FIELDS: [&str; 4] = ["forward", "backward_input", "backward_weight", "tp_collective"];

@@ -243,6 +243,9 @@ impl CostModel {
         if self.recompute != 1.0 {
             parts.push(format!("recompute={}", significant(self.recompute)));
         }
+        if self.reduce != 0.0 {
+            parts.push(format!("reduce={}", significant(self.reduce)));
+        }
         let note = if uniform { "" } else { " (lists are by stage)" };
         format!("{}{note}", parts.join(" "))
     }
@@ -453,6 +456,9 @@ struct RankState {
     /// When the rank's tensor-parallel stream is free.
     tp_free: f64,
     collectives: Vec<Span>,
+    /// When the rank's last gradient reduction ends: a rank's reductions
+    /// run one after another, as collectives on one communicator do.
+    reduced_until: f64,
 }
 
 /// Runs a compute's units from `start`: each on the compute stream, each
@@ -746,10 +752,11 @@ fn run_rank(
             }
             Instr::Reduce { stages } => {
                 // The weight gradients are complete once the compute stream drains.
-                let arrival = ranks[r].compute_free;
+                let arrival = ranks[r].compute_free.max(ranks[r].reduced_until);
                 let Some((last, others)) = reductions.arrive(program, stages, r, arrival) else { break };
                 let end = last + if others.is_empty() { 0.0 } else { cost.reduce };
                 let state = &mut ranks[r];
+                state.reduced_until = end;
                 state.spans.push(Span { instr: pc, stream: Stream::Comm, start: last, end, exposed: 0.0 });
                 state.ends.push(end);
                 state.pc += 1;
