@@ -531,6 +531,27 @@ fn gradient_reductions_add_their_time_after_the_drain() {
     }
 }
 
+/// Activation memory of the bidirectional schedules, against their
+/// papers: DualPipe holds at most PP + 1 microbatches' activations per
+/// rank (the DualPipe README's table; here p + 1 on the middle ranks, p
+/// at the ends), Chimera between D/2 + 1 and D (Li & Hoefler, Table 2):
+/// p/2 + 1 at the ends, one more per hop towards the middle.
+#[test]
+fn dualpipe_and_chimera_peak_memory_is_the_papers() {
+    for p in [2_i64, 4, 6, 8] {
+        for m in [2 * p, 4 * p] {
+            let peaks: Vec<i64> =
+                build("dualpipe", p, m, None).checked.peaks().iter().map(|k| k.units as i64).collect();
+            assert_eq!(peaks.iter().max(), Some(&(p + 1)), "dualpipe p={p} m={m}: {peaks:?}");
+            assert!(peaks.iter().all(|k| *k >= p), "dualpipe p={p} m={m}: {peaks:?}");
+            let peaks: Vec<i64> =
+                build("chimera", p, m, None).checked.peaks().iter().map(|k| k.units as i64).collect();
+            let expected: Vec<i64> = (0..p).map(|r| p / 2 + 1 + r.min(p - 1 - r)).collect();
+            assert_eq!(peaks, expected, "chimera p={p} m={m}");
+        }
+    }
+}
+
 /// Chimera (Li & Hoefler, SC'21): a basic unit of m = p microbatches takes
 /// 3p − 2 slots of one forward (a full backward as long as a forward), so
 /// every rank idles p − 2 of them: bubble ratio (D−2)/(2N+D−2) at N = D.
