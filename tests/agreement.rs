@@ -9,7 +9,7 @@
 
 use stp_fuzz::oracle::{judge_schedule, Verdict};
 use stp_fuzz::rng::Rng;
-use stp_fuzz::valid::{random_auto_schedule, random_schedule};
+use stp_fuzz::valid::{random_auto_schedule, random_schedule, random_schedule_of_pipelines};
 
 fn agree_on(seeds: std::ops::Range<u64>, tp: u32) -> (usize, usize) {
     let (mut accepted, mut refused) = (0, 0);
@@ -36,6 +36,23 @@ fn every_accepted_random_schedule_runs_on_every_executor() {
 fn random_schedules_agree_under_tensor_parallelism() {
     let (accepted, _) = agree_on(10_000..10_300, 2);
     assert!(accepted >= 280, "accepted {accepted}");
+}
+
+/// Several pipelines: random model copies, routes and placements, with
+/// the gradient reductions stpc inserts, on every executor.
+#[test]
+fn random_schedules_of_several_pipelines_agree() {
+    let (mut accepted, mut refused) = (0, 0);
+    for seed in 20_000..20_400 {
+        let case = random_schedule_of_pipelines(&mut Rng::new(seed));
+        let tp = if seed % 8 == 0 { 2 } else { 1 };
+        match judge_schedule(&case.source, case.p, case.m, tp) {
+            Verdict::Accepted => accepted += 1,
+            Verdict::Refused(_) => refused += 1,
+            Verdict::Disagreement(why) => panic!("seed {seed} (tp {tp}): {why}\n{}", case.source),
+        }
+    }
+    assert!(accepted >= 380, "accepted {accepted}, refused {refused}");
 }
 
 /// stpc's own orders: random placements left to the greedy scheduler.

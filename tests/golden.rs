@@ -540,12 +540,10 @@ fn gradient_reductions_add_their_time_after_the_drain() {
 fn dualpipe_and_chimera_peak_memory_is_the_papers() {
     for p in [2_i64, 4, 6, 8] {
         for m in [2 * p, 4 * p] {
-            let peaks: Vec<i64> =
-                build("dualpipe", p, m, None).checked.peaks().iter().map(|k| k.units as i64).collect();
+            let peaks: Vec<i64> = build("dualpipe", p, m, None).checked.peaks().iter().map(|k| k.units).collect();
             assert_eq!(peaks.iter().max(), Some(&(p + 1)), "dualpipe p={p} m={m}: {peaks:?}");
             assert!(peaks.iter().all(|k| *k >= p), "dualpipe p={p} m={m}: {peaks:?}");
-            let peaks: Vec<i64> =
-                build("chimera", p, m, None).checked.peaks().iter().map(|k| k.units as i64).collect();
+            let peaks: Vec<i64> = build("chimera", p, m, None).checked.peaks().iter().map(|k| k.units).collect();
             let expected: Vec<i64> = (0..p).map(|r| p / 2 + 1 + r.min(p - 1 - r)).collect();
             assert_eq!(peaks, expected, "chimera p={p} m={m}");
         }

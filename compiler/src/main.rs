@@ -586,9 +586,7 @@ fn cost_model(args: &CostArgs, declared: CostModel, tp: u32, pp: u32, cut: Cut) 
 /// of `cut`; times given per part (one entry per stage of one pipeline)
 /// hold for every copy of the part.
 fn override_times(mut cost: CostModel, args: &CostArgs, cut: Cut) -> Result<CostModel, Reported> {
-    if cut.pipelines > 1 && cost.stages.len() == cut.parts() as usize {
-        cost.stages = cost.stages.repeat(cut.pipelines as usize);
-    }
+    cost = cost.per_copy(cut.parts(), cut.pipelines);
     let set = |field: &mut f64, value: Option<f64>| {
         if let Some(v) = value {
             *field = v;
@@ -1087,12 +1085,12 @@ fn request(target: &Target, verify_each: bool) -> Request {
     }
 }
 
-/// Reads the schedule: a path if one exists (or it ends in .sched), else a
+/// Reads the schedule: a file if one exists (or it ends in .sched), else a
 /// standard schedule name.
 fn load(target: &Target) -> Result<SourceFile, Reported> {
     let name = target.schedule.as_str();
     let path = Path::new(name);
-    if path.exists() || name.ends_with(".sched") {
+    if path.is_file() || name.ends_with(".sched") {
         return match std::fs::read_to_string(path) {
             Ok(text) => Ok(SourceFile::new(name, text)),
             Err(e) => Err(io_error(&format!("cannot read {name}"), &e)),

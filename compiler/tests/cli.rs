@@ -657,6 +657,7 @@ fn per_stage_costs_are_listed_checked_and_compared_fairly() {
     assert!(diff.status.success(), "{}", stderr(&diff));
     assert!(!stdout(&diff).contains("cuts the model"), "{}", stdout(&diff));
     let text = stdout(&diff);
-    let makespans: Vec<&str> = text.lines().find(|l| l.starts_with("makespan")).unwrap().split_whitespace().collect();
+    let makespans: Vec<&str> =
+        text.lines().find(|l| l.starts_with("makespan")).expect("a makespan row").split_whitespace().collect();
     assert_eq!(makespans[1..3], ["80.9000", "54.0000"], "{}", stdout(&diff));
 }

@@ -5,7 +5,7 @@
 use crate::mutate;
 use crate::oracle::{judge_program, judge_schedule, refusal, Verdict};
 use crate::rng::Rng;
-use crate::valid::random_schedule;
+use crate::valid::{random_schedule, random_schedule_of_pipelines};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
 use stp_ir::Program;
@@ -80,7 +80,7 @@ pub fn run_case(seed: u64, index: u64) -> Outcome {
 fn judge(family: Family, rng: &mut Rng) -> Verdict {
     match family {
         Family::Valid => {
-            let case = random_schedule(rng);
+            let case = if rng.chance(1, 4) { random_schedule_of_pipelines(rng) } else { random_schedule(rng) };
             judge_schedule(&case.source, case.p, case.m, if rng.chance(1, 8) { 2 } else { 1 })
         }
         Family::Source => {

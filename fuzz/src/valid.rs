@@ -4,7 +4,9 @@
 //! rank's order taken from one random run of the whole pipeline in which
 //! every pass starts only once its inputs exist — so the compute order is
 //! valid by construction, and some ready forwards are braided with a ready
-//! backward of another microbatch. Written out as `.sched` source, so the
+//! backward of another microbatch. With several pipelines
+//! ([`random_schedule_of_pipelines`]) the stages form model copies and each
+//! microbatch takes a random one. Written out as `.sched` source, so the
 //! whole compiler sees it as a user's file.
 
 use crate::rng::Rng;
@@ -56,7 +58,10 @@ impl Op {
 
 /// Where each pass stands in the random run.
 struct Progress {
-    stages: usize,
+    /// Stages per pipeline: stage `s` is position `s % chain` of pipeline `s / chain`.
+    chain: usize,
+    /// The pipeline of each microbatch.
+    route: Vec<usize>,
     split: Vec<Vec<bool>>,
     recompute: Vec<Vec<bool>>,
     restored: Vec<Vec<bool>>,
@@ -68,13 +73,17 @@ struct Progress {
 impl Progress {
     fn ready(&self, op: Op) -> bool {
         let (s, i) = (op.stage, op.mb);
+        if s / self.chain != self.route[i] {
+            return false;
+        }
+        let (first, last) = (s % self.chain == 0, s % self.chain == self.chain - 1);
         match op.kind {
-            Kind::F => !self.forward[s][i] && (s == 0 || self.forward[s - 1][i]),
+            Kind::F => !self.forward[s][i] && (first || self.forward[s - 1][i]),
             Kind::B | Kind::Bw => {
                 self.forward[s][i]
                     && (!self.recompute[s][i] || self.restored[s][i])
                     && !self.backward[s][i]
-                    && (s + 1 == self.stages || self.backward[s + 1][i])
+                    && (last || self.backward[s + 1][i])
             }
             Kind::W => self.backward[s][i] && !self.weight[s][i],
             Kind::R => self.recompute[s][i] && self.forward[s][i] && !self.restored[s][i],
@@ -120,11 +129,44 @@ pub fn random_schedule(rng: &mut Rng) -> RandomSchedule {
     let m = rng.range(1, 4);
     let stages = rng.range(p, 3 * p);
     let placement = random_placement(rng, p, stages);
+    generate(rng, Shape { p, m, stages, placement, pipelines: 1, route: vec![0; m] })
+}
+
+/// A random valid schedule of 2 or 3 pipelines (model copies) on 2-4
+/// ranks, 1-6 microbatches each routed to a random pipeline, every stage
+/// on a random rank: the gradient reductions stpc inserts must run on
+/// every executor to the sequential run's gradients.
+pub fn random_schedule_of_pipelines(rng: &mut Rng) -> RandomSchedule {
+    let p = rng.range(2, 4);
+    let m = rng.range(1, 6);
+    let pipelines = rng.range(2, 3);
+    let chain = rng.range(p.div_ceil(pipelines), 3 * p / pipelines);
+    let stages = chain * pipelines;
+    let placement = random_placement(rng, p, stages);
+    let route = (0..m).map(|_| rng.range(0, pipelines - 1)).collect();
+    generate(rng, Shape { p, m, stages, placement, pipelines, route })
+}
+
+/// What a random schedule is made of before its order is drawn.
+struct Shape {
+    p: usize,
+    m: usize,
+    stages: usize,
+    placement: Vec<usize>,
+    pipelines: usize,
+    route: Vec<usize>,
+}
+
+/// Draws the passes' kinds and one random run of the pipeline, and writes
+/// the schedule that runs it.
+fn generate(rng: &mut Rng, shape: Shape) -> RandomSchedule {
+    let Shape { p, m, stages, placement, pipelines, route } = shape;
     let split: Vec<Vec<bool>> = (0..stages).map(|_| (0..m).map(|_| rng.chance(1, 2)).collect()).collect();
     let recompute: Vec<Vec<bool>> = (0..stages).map(|_| (0..m).map(|_| rng.chance(1, 4)).collect()).collect();
     let grid = vec![vec![false; m]; stages];
     let mut progress = Progress {
-        stages,
+        chain: stages / pipelines,
+        route: route.clone(),
         split,
         recompute,
         restored: grid.clone(),
@@ -154,7 +196,8 @@ pub fn random_schedule(rng: &mut Rng) -> RandomSchedule {
         }
         orders[*rank].push((op, partner));
     }
-    RandomSchedule { source: write_source(p, stages, &placement, &orders), p, m, stages, placement }
+    let routes = (pipelines > 1).then_some((pipelines, route.as_slice()));
+    RandomSchedule { source: write_source(p, stages, &placement, routes, &orders), p, m, stages, placement }
 }
 
 /// A random placement left to stpc to order (`auto;`), with room for
@@ -198,11 +241,21 @@ fn random_placement(rng: &mut Rng, p: usize, stages: usize) -> Vec<usize> {
     placement
 }
 
-fn write_source(p: usize, stages: usize, placement: &[usize], orders: &[Vec<(Op, Option<Op>)>]) -> String {
+fn write_source(
+    p: usize,
+    stages: usize,
+    placement: &[usize],
+    routes: Option<(usize, &[usize])>,
+    orders: &[Vec<(Op, Option<Op>)>],
+) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "schedule random(p: ranks, m: microbatches) {{");
     let _ = writeln!(out, "  require p == {p};");
     let _ = writeln!(out, "  stages {stages};");
+    if let Some((pipelines, route)) = routes {
+        let _ = writeln!(out, "  pipelines {pipelines};");
+        let _ = writeln!(out, "  route i -> {};", table_expression("i", route));
+    }
     let _ = writeln!(out, "  place s -> {};", stpc::emit::torch::placement_expression(placement));
     let _ = writeln!(out, "  rank r {{");
     for (r, ops) in orders.iter().enumerate() {
@@ -219,5 +272,20 @@ fn write_source(p: usize, stages: usize, placement: &[usize], orders: &[Vec<(Op,
         let _ = writeln!(out, "    }}");
     }
     let _ = writeln!(out, "  }}\n}}");
+    out
+}
+
+/// An expression of `var` that is `values[var]` for every index: a chain
+/// of `if`s (the last value as the fallback).
+fn table_expression(var: &str, values: &[usize]) -> String {
+    let Some((last, rest)) = values.split_last() else { return "0".into() };
+    let mut out = String::new();
+    for (i, v) in rest.iter().enumerate() {
+        let _ = write!(out, "if {var} == {i} {{ {v} }} else ");
+    }
+    let _ = write!(out, "{{ {last} }}");
+    if rest.is_empty() {
+        out = last.to_string();
+    }
     out
 }

@@ -204,6 +204,17 @@ impl CostModel {
         cost.checked(stages)
     }
 
+    /// Per-part times spread over the copies of each part: with
+    /// `pipelines` model copies of `parts` parts each, a `stages` list of
+    /// one entry per part becomes one per stage (every copy of a part
+    /// takes the part's times). Anything else is left as it is.
+    pub fn per_copy(mut self, parts: u32, pipelines: u32) -> CostModel {
+        if pipelines > 1 && self.stages.len() == parts as usize {
+            self.stages = self.stages.repeat(pipelines as usize);
+        }
+        self
+    }
+
     /// This cost model, if it can time a program of `stages` stages: one
     /// entry per stage in `stages` (or none), and every time a number from
     /// 0 to [`CostModel::MAX_TIME`] ([`CostModel::problem`]).
