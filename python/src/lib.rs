@@ -250,10 +250,12 @@ fn compile_json(text: &str) -> Result<String, String> {
 }
 
 /// Compiles a schedule: `{"ok": true, "program": IR, "cost", "peaks",
-/// "notes", "plan", "lower_bound", "ops"}` or a compile error.
+/// "notes", "plan", "lower_bound", "ops"}` or a compile error. Other
+/// Python threads run meanwhile (`solver="smt"` may work for seconds).
 #[pyfunction]
-fn compile(request: &str) -> PyResult<String> {
-    compile_json(request).map_err(PyValueError::new_err)
+fn compile(py: Python<'_>, request: &str) -> PyResult<String> {
+    let request = request.to_owned();
+    py.detach(move || compile_json(&request)).map_err(PyValueError::new_err)
 }
 
 #[derive(Deserialize)]
@@ -303,8 +305,9 @@ fn simulate_json(text: &str) -> Result<String, String> {
 /// Times a program under a cost model: `{"ok": true, "makespan",
 /// "bubble_ratio", "cost", "ranks"}`, or why it cannot be timed.
 #[pyfunction]
-fn simulate(request: &str) -> PyResult<String> {
-    simulate_json(request).map_err(PyValueError::new_err)
+fn simulate(py: Python<'_>, request: &str) -> PyResult<String> {
+    let request = request.to_owned();
+    py.detach(move || simulate_json(&request)).map_err(PyValueError::new_err)
 }
 
 /// The program in `json`, verified; else the answer that says why not.

@@ -146,6 +146,19 @@ class CompileTest(unittest.TestCase):
             self.assertEqual(caught.exception.code, "E0018")
 
 
+class ThreadTest(unittest.TestCase):
+    def test_threads_compile_side_by_side_to_the_same_programs(self):
+        # The compiler releases the interpreter while it works; results
+        # do not depend on which thread asked, nor on the others.
+        from concurrent.futures import ThreadPoolExecutor
+
+        names = ["1f1b", "zb-h1", "zb-v", "stp", "dualpipe", "chimera"] * 2
+        alone = {name: stp.compile(name, p=4, m=12).to_json() for name in set(names)}
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            together = list(pool.map(lambda name: stp.compile(name, p=4, m=12).to_json(), names))
+        self.assertEqual(together, [alone[name] for name in names])
+
+
 class ErrorTest(unittest.TestCase):
     def test_a_missing_drain_names_the_code_the_line_and_every_missing_pass(self):
         with self.assertRaises(stp.CompileError) as caught:
