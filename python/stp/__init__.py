@@ -191,11 +191,21 @@ def _cost(cost: Optional[Mapping[str, Any]]) -> Optional[Dict[str, Any]]:
     return dict(cost)
 
 
+_I64 = range(-(2**63), 2**63)
+
+
+def _fits(name: str, value: int, values: range = _I64) -> int:
+    if value not in values:
+        raise ValueError(f"{name} = {value} is out of range ({values.start} to {values.stop - 1})")
+    return value
+
+
 def _int_items(name: str, values: Optional[Mapping[str, int]]) -> List[Tuple[str, int]]:
     items = list((values or {}).items())
     for key, value in items:
         if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} maps names to integers; got {key!r}: {value!r}")
+        _fits(f"{name}[{key!r}]", value)
     return items
 
 
@@ -216,9 +226,12 @@ def _request(
     max_ops: Optional[int],
     hoist: bool,
 ) -> str:
+    limits = {"tp": range(1, 2**32), "max_ops": range(0, 2**63)}
     for name, value in (("p", p), ("m", m), ("v", v), ("tp", tp), ("max_ops", max_ops)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+        if value is not None:
+            _fits(name, value, limits.get(name, _I64))
     request: Dict[str, Any] = dict(_schedule_source(schedule))
     request.update(
         schedule=schedule_name,

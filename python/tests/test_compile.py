@@ -207,6 +207,22 @@ class ErrorTest(unittest.TestCase):
         with self.assertRaises(stp.CostError):
             stp.simulate(stp.compile("1f1b", p=2, m=2), cost={"forward": -1})
 
+    def test_hostile_sizes_are_refused_with_the_limit(self):
+        with self.assertRaises(stp.CompileError) as caught:
+            stp.compile("1f1b", p=10**12, m=2)
+        self.assertEqual(caught.exception.code, "E0016")
+        with self.assertRaises(stp.CompileError) as caught:
+            stp.compile("1f1b", p=-1, m=2)
+        self.assertEqual(caught.exception.code, "E0010")
+        with self.assertRaises(ValueError) as caught:
+            stp.compile("1f1b", p=2**70, m=2)
+        self.assertIn("out of range", str(caught.exception))
+        with self.assertRaises(ValueError):
+            stp.compile("1f1b", p=2, m=2, tp=0)
+        with self.assertRaises(stp.CompileError) as caught:
+            stp.compile("schedule s(p: ranks) {" + "(" * 5000 + ")" * 5000 + "}", p=2)
+        self.assertEqual(caught.exception.code, "E0016")
+
     def test_a_tampered_program_is_refused(self):
         program = json.loads(stp.compile("1f1b", p=2, m=2).to_json())
         instrs = program["ranks"][1]["instrs"]
