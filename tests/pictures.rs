@@ -108,3 +108,23 @@ fn each_chunk_of_a_rank_has_its_own_shade() {
         assert!(svg.contains(&format!(r#"fill-opacity="{opacity}""#)), "chunk shade {opacity}");
     }
 }
+
+/// With several pipelines and a reduction time, each rank's gradient
+/// reductions are drawn after its compute, one box each, in pixels.
+#[test]
+fn gradient_reductions_are_drawn_when_they_take_time() {
+    let cost = CostModel { reduce: 4.0, ..CostModel::default() };
+    let (svg, at, timeline) = picture_at("chimera", 4, 4, None, &cost);
+    assert_eq!(svg.matches(r#"class="reduce""#).count(), 8, "two per rank");
+    assert!(svg.contains("gradient reduction"), "the legend names them");
+    let pixmap = render(&svg);
+    for (r, rank) in timeline.ranks.iter().enumerate() {
+        let last =
+            rank.spans.iter().filter(|s| s.stream == stp_ir::simulate::Stream::Comm).map(|s| s.end).fold(0.0, f64::max);
+        let x = at.left + (last - 1.0) * at.width / timeline.makespan;
+        let y = at.top + at.per_rank * r as f64 + at.row / 2.0;
+        assert!(pixmap.pixel(x as u32, y as u32).is_some_and(coloured), "rank {r}: the last reduction is drawn");
+    }
+    let (plain, _, _) = picture("chimera", 4, 4, None);
+    assert!(!plain.contains(r#"class="reduce""#), "free reductions take no room");
+}

@@ -133,6 +133,7 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, extras: Extras, titl
     let _ = writeln!(svg, r#"<text x="{LEFT}" y="20" font-size="15" font-weight="bold">{}</text>"#, escape(title));
     let _ = writeln!(svg, r##"<text x="{LEFT}" y="36" font-size="11" fill="#444">{}</text>"##, escape(summary));
     let mut any_exposed = false;
+    let mut any_reduction = false;
     let rows_bottom = TOP + per_rank * timeline.ranks.len() as f64 - GAP;
     time_axis(&mut svg, (width, scale, makespan), rows_bottom);
     for (r, rank) in timeline.ranks.iter().enumerate() {
@@ -165,6 +166,17 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, extras: Extras, titl
                         exposed_tail(&mut svg, (x + w, y), span.exposed * scale, span.exposed);
                     }
                 }
+                Some(Instr::Reduce { stages }) if span.end > span.start => {
+                    any_reduction = true;
+                    let names: Vec<String> = stages.iter().map(ToString::to_string).collect();
+                    let _ = writeln!(
+                        svg,
+                        r#"<rect class="reduce" x="{x:.2}" y="{y:.2}" width="{w:.2}" height="{ROW}" fill="{REDUCTION}"><title>reduce {}: {:.3} to {:.3}</title></rect>"#,
+                        names.join(" "),
+                        span.start,
+                        span.end
+                    );
+                }
                 Some(Instr::Comm(_)) if lanes.p2p => {
                     let moving = p2p.min(span.end - span.start);
                     let _ = writeln!(
@@ -194,7 +206,7 @@ pub fn timeline_svg(program: &Program, timeline: &Timeline, extras: Extras, titl
         }
     }
     let y = TOP + per_rank * timeline.ranks.len() as f64 + 14.0;
-    legend(&mut svg, y, &lanes, any_exposed);
+    legend(&mut svg, y, &lanes, (any_exposed, any_reduction));
     svg.push_str("</svg>\n");
     svg
 }
@@ -347,6 +359,8 @@ const MEMORY: &str = "#B279A2";
 const TRANSFER: &str = "#888";
 const COLLECTIVE: &str = "#9467BD";
 const EXPOSED: &str = "#222";
+/// A gradient reduction between model copies (several pipelines).
+const REDUCTION: &str = "#8C6D31";
 
 /// The last `width` of a box ending at `(x_end, y)`: time the compute
 /// stream waited on its own tensor-parallel collective.
@@ -423,7 +437,7 @@ fn chunk_opacity(chunk: usize, chunks: usize) -> f64 {
     1.0 - 0.6 * chunk as f64 / (chunks - 1) as f64
 }
 
-fn legend(svg: &mut String, y: f64, lanes: &Lanes, exposed: bool) {
+fn legend(svg: &mut String, y: f64, lanes: &Lanes, (exposed, reductions): (bool, bool)) {
     let mut items = vec![
         (colour(PassKind::F), "F forward"),
         (colour(PassKind::B), "B input gradient"),
@@ -442,6 +456,9 @@ fn legend(svg: &mut String, y: f64, lanes: &Lanes, exposed: bool) {
     }
     if lanes.memory {
         items.push((MEMORY, "live activations"));
+    }
+    if reductions {
+        items.push((REDUCTION, "gradient reduction"));
     }
     let mut x = LEFT;
     for (fill, label) in items {
