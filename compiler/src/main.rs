@@ -907,7 +907,8 @@ fn export_torch(target: &Target, comms: bool, output: Option<&Path>) -> Result<(
              gradient reduction between copies of a stage; nothing was written"
         );
         eprintln!(
-            "  = help: run it with stp-exec, or export a one-pipeline schedule (dualpipe-v folds DualPipe into one)"
+            "  = help: run it with stp-exec or Python's stp.torch, or export a one-pipeline schedule (dualpipe-v folds \
+             DualPipe into one)"
         );
         return Err(Reported);
     }

@@ -337,6 +337,31 @@ fn verify(program: &str) -> String {
     }
 }
 
+/// A verified program as PyTorch's schedule CSV (`stpc export --format
+/// torch-csv`, with `--comms` when `comms`): `{"ok": true, "csv": TEXT,
+/// "notes": [...]}`, or why the format cannot hold it.
+#[pyfunction]
+fn torch_csv(program: &str, comms: bool) -> String {
+    let program = match load_verified(program) {
+        Ok(p) => p,
+        Err(answer) => return answer,
+    };
+    let meta = &program.schedule;
+    if meta.pipelines > 1 {
+        let message = format!(
+            "`{}` runs {} pipelines (model copies), which torch.distributed.pipelining cannot express",
+            meta.name, meta.pipelines
+        );
+        let report = format!(
+            "{message}: its schedule CSV has one chain of stages, every microbatch through all of them, and no \
+             gradient reduction between copies; run it with stp.torch instead"
+        );
+        return failure("schedule", message, report, Vec::new());
+    }
+    let csv = stpc::emit::torch::torch_csv(&program, comms);
+    json!({"ok": true, "csv": csv.text, "notes": csv.notes}).to_string()
+}
+
 /// The standard schedules: `[{"name", "summary", "source"}]`.
 #[pyfunction]
 fn standard_schedules() -> String {
@@ -370,6 +395,7 @@ fn _stp(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(simulate, m)?)?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(standard_schedules, m)?)?;
+    m.add_function(wrap_pyfunction!(torch_csv, m)?)?;
     m.add_function(wrap_pyfunction!(explain, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     Ok(())

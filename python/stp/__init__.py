@@ -48,6 +48,8 @@ __all__ = [
     "verify",
     "standard_schedules",
     "explain",
+    "torch_csv",
+    "TorchCsv",
     "StpError",
     "CompileError",
     "VerifyError",
@@ -433,3 +435,29 @@ def explain(code: str) -> str:
     if text is None:
         raise ValueError(f"{code!r} is not an stp error code")
     return text
+
+
+@dataclass(frozen=True)
+class TorchCsv:
+    """A program as `torch.distributed.pipelining`'s schedule CSV: `text`
+    (one row per rank) and `notes` on what the format could not hold."""
+
+    text: str
+    notes: Tuple[str, ...]
+
+    def write(self, path: str) -> None:
+        """Writes `text` to `path` atomically (a temporary file renamed)."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(self.text)
+        os.replace(tmp, path)
+
+
+def torch_csv(program: Union[Program, str], comms: bool = False) -> TorchCsv:
+    """The CSV `stpc export --format torch-csv` writes (`comms=True`: with
+    its transfers, the `compute_comms` form), for PyTorch's
+    `_PipelineScheduleRuntime._load_csv`. Raises `StpError` for a program
+    of several pipelines, which the format cannot express."""
+    text = program.to_json() if isinstance(program, Program) else program
+    answer = _answer(_stp.torch_csv(text, bool(comms)))
+    return TorchCsv(answer["csv"], tuple(answer["notes"]))

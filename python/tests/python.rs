@@ -6,7 +6,10 @@
 //! The package is assembled in a scratch directory as an installed one
 //! would be laid out (`stp/*.py` beside `stp/_stp.abi3.so`, the cdylib
 //! cargo built for this crate), and imported from there with the
-//! interpreter in `STP_PYTHON` (default `python3`; CPython 3.9 or later).
+//! interpreter in `STP_PYTHON`, else the cached PyTorch environment
+//! `scripts/python-env.sh` makes (`~/.cache/stp/venv`) if it exists, else
+//! `python3` (CPython 3.9 or later). Without PyTorch the torch tests are
+//! skipped, unless `STP_REQUIRE_TORCH=1` (as `scripts/test` sets).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,10 +50,23 @@ fn assemble_package() -> PathBuf {
     root
 }
 
+/// The interpreter to test with (see the module's comment).
+fn interpreter() -> String {
+    if let Ok(python) = std::env::var("STP_PYTHON") {
+        return python;
+    }
+    let cached = std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/stp/venv/bin/python"));
+    match cached {
+        Some(path) if path.exists() => path.display().to_string(),
+        _ => "python3".into(),
+    }
+}
+
 #[test]
 fn the_python_package_passes_its_tests() {
     let package = assemble_package();
-    let python = std::env::var("STP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = interpreter();
+    eprintln!("testing the Python package with {python}");
     let tests = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
     let output = Command::new(&python)
         .args(["-m", "unittest", "discover", "-v", "-s"])
