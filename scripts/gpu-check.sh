@@ -24,7 +24,9 @@
 #        BACKEND=streams HIDDEN=16 ROWS=8 scripts/gpu-check.sh
 #                                          (a dry run of this script without a GPU:
 #                                           the same stream logic on host memory)
-# Budget: under 5 minutes on one H100 once built.
+# Last, the torch part (scripts/gpu-torch-check.py) where PyTorch with CUDA
+# is installed.
+# Budget: under 5 minutes on one H100 once built (plus a minute for torch).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -103,6 +105,22 @@ if [[ $BACKEND == cuda && $gpus -ge 4 ]]; then
 else
   echo
   echo "(NCCL between processes needs a GPU per pipeline rank: $gpus here; not run)"
+fi
+
+# The torch part: stp.torch runs a braid's two passes on two CUDA streams
+# (scripts/gpu-torch-check.py). Needs PyTorch with CUDA on this machine
+# (PYTHON, default python3) and the stp package: the native module is built
+# here (no network needed) and laid out beside python/stp.
+echo
+echo "== stp.torch: a braided order on two CUDA streams vs the same order split"
+python=${PYTHON:-python3}
+if [[ $BACKEND == cuda ]] && "$python" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+  if [[ -n "${STP_BIN:-}" && -f "$STP_BIN/lib_stp.so" ]]; then native="$STP_BIN/lib_stp.so"
+  else cargo build --release -q -p stp-python && native=target/release/lib_stp.so; fi
+  mkdir -p "$work/py/stp" && cp python/stp/*.py python/stp/*.pyi "$work/py/stp/" && cp "$native" "$work/py/stp/_stp.abi3.so"
+  if ! PYTHONPATH="$work/py" timeout 300 "$python" scripts/gpu-torch-check.py; then status=1; fi
+else
+  echo "(no PyTorch with CUDA for $python here; not run. DEVICE=cpu $python scripts/gpu-torch-check.py dry-runs it)"
 fi
 
 echo

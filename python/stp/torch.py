@@ -211,6 +211,10 @@ class Schedule:
         self._meta: Optional[Dict[str, _Meta]] = None
         self._streams: Optional[List[Any]] = None
         self._graph_stream: Dict[Tuple[int, int], int] = {}
+        # When a list: every unit computed, all-reduce issued and waited
+        # for is appended, as (event, pass, unit) with pass "F s0 mb1"
+        # (tests read it to see a braid's collectives overlap).
+        self.trace: Optional[List[Tuple[str, str, int]]] = None
 
     # -- construction -------------------------------------------------------
 
@@ -566,10 +570,20 @@ class _Step:
                     return
             yield
 
-    def all_reduce(self, tensor: torch.Tensor) -> Optional[Any]:
+    def note(self, event: str, q: str, unit: int) -> None:
+        if self.s.trace is not None:
+            self.s.trace.append((event, q, unit))
+
+    def all_reduce(self, tensor: torch.Tensor, q: str, unit: int) -> Optional[Any]:
         if self.s.tp_group is None:
             return None
+        self.note("issue", q, unit)
         return dist.all_reduce(tensor, group=self.s.tp_group, async_op=True)
+
+    def finish(self, work: Optional[Any], q: str, unit: int, what: str) -> None:
+        if work is not None:
+            self.wait(work, what)
+            self.note("wait", q, unit)
 
     def stage_input(self, stage: Stage, mb: int) -> torch.Tensor:
         s = stage.index
@@ -577,23 +591,23 @@ class _Step:
             return self.inputs[mb]
         return self.read(("act", s - 1, mb))
 
-    def run_units(self, stage: Stage, x: torch.Tensor, stash: _Stash, graph: bool) -> Generator[None, None, torch.Tensor]:
+    def run_units(self, stage: Stage, x: torch.Tensor, stash: _Stash, q: str, graph: bool) -> Generator[None, None, torch.Tensor]:
         """The forward, unit by unit: each unit's partial output is
         all-reduced asynchronously while the other pass of a braid runs."""
         needs_input_grad = graph and not self.s._is_first(stage.index)
         for j, unit in enumerate(stage.units):
             leaf = x.detach().requires_grad_(graph and (j > 0 or needs_input_grad))
+            self.note("compute", q, j)
             with torch.set_grad_enabled(graph):
                 partial = unit(leaf)
             total = partial.detach().clone() if self.s.tp_group is not None else partial.detach()
-            work = self.all_reduce(total)
+            work = self.all_reduce(total, q, j)
             if graph:
                 stash.inputs.append(leaf)
                 stash.partials.append(partial)
                 stash.out_grads.append(None)
             yield
-            if work is not None:
-                self.wait(work, f"the tensor-parallel all-reduce of stage {stage.index} unit {j}")
+            self.finish(work, q, j, f"the tensor-parallel all-reduce of stage {stage.index} unit {j}")
             x = leaf.detach() + total if stage.residual else total
         return x
 
@@ -605,7 +619,7 @@ class _Step:
         if checkpointed:
             stash.checkpoint = x
             stash.rng = torch.get_rng_state()
-        y = yield from self.run_units(stage, x, stash, graph=not checkpointed)
+        y = yield from self.run_units(stage, x, stash, f"F s{s} mb{mb}", graph=not checkpointed)
         self.buffers[("act", s, mb)] = y
         if self.s._is_last(s):
             self.outputs[mb] = y
@@ -625,7 +639,8 @@ class _Step:
         assert stash.checkpoint is not None
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(stash.rng)
-            y = yield from self.run_units(stage, stash.checkpoint, stash, graph=True)
+            q = f"R s{stage.index} mb{mb}"
+            y = yield from self.run_units(stage, stash.checkpoint, stash, q, graph=True)
         stash.checkpoint = None
         if self.s._is_last(stage.index):
             self.loss(stash, y, mb, graph=True)
@@ -637,7 +652,7 @@ class _Step:
             return g
         return self.read(("grad", stage.index + 1, mb))
 
-    def input_grads(self, stage: Stage, mb: int, stash: _Stash, weights: bool) -> Generator[None, None, None]:
+    def input_grads(self, stage: Stage, mb: int, stash: _Stash, q: str, weights: bool) -> Generator[None, None, None]:
         """Backward through the units, last first: each unit's input
         gradient (all-reduced, plus the residual's), and with `weights`
         its weight gradient too, while the all-reduce is in flight."""
@@ -648,16 +663,17 @@ class _Step:
             leaf, partial = stash.inputs[j], stash.partials[j]
             params = [p for p in stage.units[j].parameters() if p.requires_grad]
             work, gx = None, None
+            self.note("compute", q, j)
             if j > 0 or not first:
                 (gx,) = torch.autograd.grad(partial, leaf, g, retain_graph=True)
-                work = self.all_reduce(gx)
+                work = self.all_reduce(gx, q, j)
             yield  # dgrad
             if weights:
                 if params:
                     torch.autograd.backward(partial, g, inputs=params)
                 yield  # wgrad
-            if work is not None:
-                self.wait(work, f"the tensor-parallel all-reduce of stage {stage.index} unit {j}'s input gradient")
+            what = f"the tensor-parallel all-reduce of stage {stage.index} unit {j}'s input gradient"
+            self.finish(work, q, j, what)
             if gx is not None:
                 g = gx + g if stage.residual else gx
         if not first:
@@ -665,17 +681,18 @@ class _Step:
 
     def backward_input(self, stage: Stage, mb: int) -> Generator[None, None, None]:
         stash: _Stash = self.buffers[("stash", stage.index, mb)]
-        yield from self.input_grads(stage, mb, stash, weights=False)
+        yield from self.input_grads(stage, mb, stash, f"B s{stage.index} mb{mb}", weights=False)
 
     def backward_full(self, stage: Stage, mb: int) -> Generator[None, None, None]:
         stash: _Stash = self.buffers[("stash", stage.index, mb)]
-        yield from self.input_grads(stage, mb, stash, weights=True)
+        yield from self.input_grads(stage, mb, stash, f"BW s{stage.index} mb{mb}", weights=True)
         stash.inputs, stash.partials, stash.out_grads = [], [], []
 
     def backward_weight(self, stage: Stage, mb: int) -> Generator[None, None, None]:
         stash: _Stash = self.buffers[("stash", stage.index, mb)]
         for j in reversed(range(len(stage.units))):
             params = [p for p in stage.units[j].parameters() if p.requires_grad]
+            self.note("compute", f"W s{stage.index} mb{mb}", j)
             if params:
                 torch.autograd.backward(stash.partials[j], stash.out_grads[j], inputs=params)
             yield  # wgrad

@@ -141,9 +141,11 @@ def run_case(case: dict) -> None:
         layer = Layer(s % parts, tp, t)
         stages.append(stp_torch.Stage(layer, s, units=[layer.attention, layer.mlp]))
     runner = stp_torch.Schedule(program, stages, loss_fn)
+    runner.trace = []
     x, y = batch(m)
     losses: list = []
     runner.step(x, target=y, losses=losses)
+    check_overlap(program, runner)
     ref_layers, ref_losses = reference(parts, m)
     label = f"{case.get('label', schedule)} {options}"
     owned = {stage.index for stage in stages}
@@ -165,6 +167,29 @@ def run_case(case: dict) -> None:
             if err > TOLERANCE:
                 raise AssertionError(f"{label}: stage {stage.index} {name} differs by {err:.3g}")
     print(f"rank {dist.get_rank()}: {label}: {len(stages)} stage(s), {len(losses)} loss(es) agree", flush=True)
+
+
+def check_overlap(program, runner) -> None:
+    """With tensor parallelism, every braided compute must run a unit of
+    one pass while the other pass's all-reduce is in flight: between an
+    all-reduce's issue and its wait, the trace shows the other pass
+    computing."""
+    if program.tp == 1:
+        return
+    pipeline_rank, _ = stp_torch.coordinates(program)
+    braids = [i for i in program.ranks[pipeline_rank].instructions if isinstance(i, stp.Compute) and i.braided]
+    events = runner.trace
+    overlapped = 0
+    for n, (event, q, unit) in enumerate(events):
+        if event != "issue":
+            continue
+        end = events.index(("wait", q, unit), n)
+        if any(e == "compute" and other != q for e, other, _ in events[n:end]):
+            overlapped += 1
+    if overlapped < len(braids):
+        raise AssertionError(f"{len(braids)} braided computes but only {overlapped} all-reduces overlapped")
+    if braids:
+        print(f"rank {dist.get_rank()}: {overlapped} all-reduces ran under the other pass of {len(braids)} braids", flush=True)
 
 
 def scenario_train(cases_json: str) -> None:
