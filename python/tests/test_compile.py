@@ -146,6 +146,38 @@ class CompileTest(unittest.TestCase):
             self.assertEqual(caught.exception.code, "E0018")
 
 
+class TorchCsvTest(unittest.TestCase):
+    def test_the_compute_only_form_is_the_books_example(self):
+        csv = stp.torch_csv(stp.compile("1f1b", p=2, m=2))
+        self.assertEqual(csv.text, "0F0,0F1,0B0,0B1\n1F0,1B0,1F1,1B1\n")
+        self.assertEqual(csv.notes, ())
+
+    def test_with_transfers_braids_are_split_and_a_note_says_so(self):
+        program = stp.compile("stp", p=2, m=6)
+        only = stp.torch_csv(program).text
+        comms = stp.torch_csv(program, comms=True)
+        self.assertIn("OVERLAP_F_B", only)
+        self.assertNotIn("OVERLAP_F_B", comms.text)
+        self.assertIn("SEND_F", comms.text)
+        self.assertTrue(any("written as their two actions" in n for n in comms.notes), comms.notes)
+        # every compute action of the compute-only form, in the same order
+        split = [a for row in only.splitlines() for c in row.split(",") for a in c.strip("()").replace(")OVERLAP_F_B", "").split(";")]
+        computes = [c for row in comms.text.splitlines() for c in row.split(",") if "SEND" not in c and "RECV" not in c]
+        self.assertEqual(split, computes)
+
+    def test_several_pipelines_are_refused(self):
+        with self.assertRaisesRegex(stp.StpError, "runs 2 pipelines"):
+            stp.torch_csv(stp.compile("dualpipe", p=2, m=4))
+
+    def test_write_replaces_the_file_whole(self):
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "s.csv")
+            stp.torch_csv(stp.compile("1f1b", p=2, m=2)).write(path)
+            with open(path) as f:
+                self.assertEqual(f.read(), "0F0,0F1,0B0,0B1\n1F0,1B0,1F1,1B1\n")
+            self.assertEqual(os.listdir(d), ["s.csv"])
+
+
 class ThreadTest(unittest.TestCase):
     def test_threads_compile_side_by_side_to_the_same_programs(self):
         # The compiler releases the interpreter while it works; results
