@@ -948,6 +948,49 @@ fn under_uneven_stage_costs_the_solver_beats_the_hand_orders_and_respects_the_bo
     assert!(makespan < best_hand - 1e-9, "{report} vs hand orders {hand:?}");
 }
 
+/// DualPipe's placement and routes (two mirrored model copies, the first
+/// half of the microbatches down one, the rest down the other), its order
+/// left to stpc.
+const DUAL: &str = "schedule d(p: ranks, m: microbatches) { stages 2 * p; pipelines 2; \
+                    route i -> if i < m / 2 { 0 } else { 1 }; \
+                    place s -> if s < p { s } else { 2 * p - 1 - s }; memory { budget = p + 1; } auto; }";
+
+/// Chimera's: the second copy runs the ranks the other way.
+const CHIMERA: &str = "schedule c(p: ranks, m: microbatches) { stages 2 * p; pipelines 2; route i -> i % 2; \
+                       place s -> if s < p { s } else { 2 * p - 1 - s }; memory { budget = p + 1; } auto; }";
+
+/// `auto` over several pipelines: the order the greedy scheduler (and
+/// `--solver smt`, which has no Z3 model of several pipelines and says
+/// so) finds runs every pass of every route once (the checker), fits the
+/// budget, simulates to its claim, never beats the lower bound, and under
+/// uneven stages (first 1.3x, last 2.5x) beats the hand-written DualPipe
+/// and Chimera orders of the same model — at unit costs too.
+#[test]
+fn auto_orders_several_pipelines_and_beats_the_hand_orders() {
+    let skewed = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
+    let (p, m) = (4, 12);
+    let uneven = stp_tests::heavy_ends(&skewed, p as u32, 1.3, 2.5).per_copy(p as u32, 2);
+    for cost in [CostModel::default().per_copy(p as u32, 2), uneven] {
+        let hand = ["dualpipe", "chimera"].map(|name| simulated(&stp_tests::build_std(name, p, m, None), &cost));
+        for source in [DUAL, CHIMERA] {
+            for solver in [Solver::Greedy, smt(1)] {
+                let is_smt = matches!(solver, Solver::Smt { .. });
+                let (b, report) = planned(source, p, m, cost.clone(), solver);
+                let makespan = simulated(&b, &cost);
+                assert!(close(makespan, report.makespan), "{report}: simulates to {makespan}");
+                assert!(report.lower_bound <= makespan + 1e-9, "{report}");
+                for (r, peak) in b.checked.peaks().iter().enumerate() {
+                    assert!(peak.units <= p + 1, "rank {r} holds {} units, over the budget of {}", peak.units, p + 1);
+                }
+                assert!(makespan < hand[0].min(hand[1]) - 1e-9, "{report} vs dualpipe and chimera {hand:?}");
+                if is_smt && !report.optimal {
+                    assert!(report.fallback.as_deref().is_some_and(|f| f.contains("one pipeline")), "{report}");
+                }
+            }
+        }
+    }
+}
+
 /// Per-stage activations (the last stage's 3 units, the LM head's
 /// logits) and per-rank budgets (rank 0, holding the first and last
 /// stage on the V, gets more): greedy and Z3 orders stay within every
@@ -1026,5 +1069,25 @@ fn the_lower_bound_holds_under_random_per_stage_costs() {
             let bound = stpc::opt::bound::lower_bound(b.checked.schedule(), &cost);
             assert!(bound <= makespan + 1e-9, "case {case}: p={p} m={m} budget {budget}: bound {bound} > {makespan}");
         }
+    }
+    // Several pipelines: DualPipe's and Chimera's placements, each stage
+    // (copies too) with its own times, budgets from 2 units to p + 1.
+    for case in 0..16u32 {
+        let (source, p) = (if case % 2 == 0 { DUAL } else { CHIMERA }, 2 + 2 * (case / 2 % 2));
+        let times: Vec<stp_ir::simulate::StageTimes> = (0..2 * p)
+            .map(|_| stp_ir::simulate::StageTimes {
+                forward: draw(0.3, 1.5),
+                backward_input: draw(0.3, 3.0),
+                backward_weight: draw(0.0, 1.5),
+                tp_collective: if case % 4 < 2 { 0.0 } else { draw(0.0, 0.5) },
+            })
+            .collect();
+        let cost = CostModel { stages: times, p2p: if case % 8 < 4 { 0.0 } else { 0.2 }, ..CostModel::default() };
+        let budget = 2 + case % p;
+        let source = source.replace("budget = p + 1", &format!("budget = {budget}"));
+        let m = 2 * p as i64 + 2 * (case as i64 % 2);
+        let (b, report) = planned(&source, p as i64, m, cost.clone(), Solver::Greedy);
+        let makespan = simulated(&b, &cost);
+        assert!(report.lower_bound <= makespan + 1e-9, "pipelines case {case}: p={p} m={m} budget {budget}: {report}");
     }
 }

@@ -47,7 +47,8 @@ fn main() {
         ModelShape { hidden: 4096.0, ffn: 22016.0, layers: 34.0, seq_len: 4096.0, micro_batch: 1.0, vocab: None };
     let paper = normalised(cost_model(&qwen, &Hardware::a800(), &Parallelism { tp: 4, pp: 4, chunks: 2 }));
     let m = 3 * p;
-    let heavy_ends = |stages: u32| {
+    // A model copy cut into `parts` stages, repeated for each pipeline.
+    let heavy_ends = |parts: u32, pipelines: u32| {
         let mut by_stage = vec![skewed.uniform(); p as usize];
         for (st, factor) in [(0, 1.3), (p as usize - 1, 2.5)] {
             let t = &mut by_stage[st];
@@ -55,7 +56,8 @@ fn main() {
                 (t.forward * factor, t.backward_input * factor, t.backward_weight * factor, t.tp_collective * factor);
         }
         let model = CostModel { stages: by_stage, ..skewed.clone() };
-        model.recut(p as u32, stages).unwrap_or_else(|| panic!("{stages} stages is not a multiple of {p}"))
+        let cut = model.recut(p as u32, parts).unwrap_or_else(|| panic!("{parts} stages is not a multiple of {p}"));
+        cut.per_copy(parts, pipelines)
     };
     println!("p={p}, m={m}; solver effort {seconds} reference s; memory budget = the hand order's peak on each rank");
     println!(
@@ -74,6 +76,8 @@ fn main() {
         ("dualpipe-v", None),
         ("stp", None),
         ("interleaved-1f1b", Some(2)),
+        ("dualpipe", None),
+        ("chimera", None),
     ] {
         if only.as_deref().is_some_and(|o| o != name) {
             continue;
@@ -95,7 +99,8 @@ fn main() {
                 ..Request::default()
             };
             let build = pipeline::build(&file, &request).unwrap_or_else(|_| panic!("{name} compiles"));
-            let cost = cost.unwrap_or_else(|| heavy_ends(build.checked.schedule().meta.num_stages));
+            let meta = &build.checked.schedule().meta;
+            let cost = cost.unwrap_or_else(|| heavy_ends(meta.parts(), meta.pipelines.max(1)));
             let hand = simulate(&build.program, &cost).unwrap_or_else(|d| panic!("{d}")).makespan;
             let mut auto = build.checked.schedule().clone();
             auto.auto = true;

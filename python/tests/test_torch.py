@@ -47,6 +47,12 @@ ONE_PIPELINE = [
     "stp",
 ]
 SEVERAL_PIPELINES = ["dualpipe", "chimera"]
+# DualPipe's placement and routes, the order left to stpc.
+DUAL_AUTO = """schedule dual_auto(p: ranks, m: microbatches) {
+  stages 2 * p; pipelines 2; route i -> if i < m / 2 { 0 } else { 1 };
+  place s -> if s < p { s } else { 2 * p - 1 - s };
+  memory { budget = p + 1; } auto;
+}"""
 
 
 def standard_cases(p: int, names: list) -> list:
@@ -119,6 +125,7 @@ class TorchTests(unittest.TestCase):
         for p in (2, 4):
             cases = standard_cases(p, ONE_PIPELINE + SEVERAL_PIPELINES)
             cases.append({"label": "auto", "schedule": auto_source(), "p": p, "m": 2 * p})
+            cases.append({"label": "auto, two pipelines", "schedule": DUAL_AUTO, "p": p, "m": 2 * p})
             with self.subTest(p=p):
                 self.assert_job_ok(launch(p, "train", json.dumps(cases)), p * len(cases))
 

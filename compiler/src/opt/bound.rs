@@ -25,27 +25,47 @@ pub fn lower_bound(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     critical.max(rank_floor(s, cost))
 }
 
-/// With several pipelines, the two floors that hold whatever the order:
-/// one microbatch's way down its pipeline and back (its longest route),
-/// and the busiest rank's compute, every pass one after another (collectives
-/// left out: a braid may hide them).
+/// With several pipelines, the floors that hold whatever the order: one
+/// microbatch's way down its pipeline and back (its longest route), and
+/// per rank its compute, every pass one after another (collectives left
+/// out: a braid may hide them), after the earliest its first forward can
+/// start (the forwards of the stages before it on its pipeline, and their
+/// transfers).
 fn pipelines_bound(s: &ComputeSchedule, cost: &CostModel) -> f64 {
     let meta = &s.meta;
-    let len = meta.chain().len;
+    let chain = meta.chain();
+    let len = chain.len;
+    let hop = |a: stp_ir::Stage, b: stp_ir::Stage| if meta.owner(a) != meta.owner(b) { cost.p2p } else { 0.0 };
     let route = |j: u32| {
         let stages: Vec<stp_ir::Stage> = (j * len..(j + 1) * len).map(stp_ir::Stage).collect();
-        let hops = stages.windows(2).filter(|w| meta.owner(w[0]) != meta.owner(w[1])).count() as f64;
+        let hops: f64 = stages.windows(2).map(|w| hop(w[0], w[1])).sum();
         let compute: f64 = stages.iter().map(|st| cost.stage(*st)).map(|t| t.forward + t.backward_input).sum();
-        compute + 2.0 * hops * cost.p2p
+        compute + 2.0 * hops
     };
     let used: std::collections::BTreeSet<u32> = meta.routes.iter().copied().collect();
-    let critical = used.into_iter().map(route).fold(0.0, f64::max);
-    let mut busy = vec![0.0f64; meta.num_ranks as usize];
+    let critical = used.iter().copied().map(route).fold(0.0, f64::max);
+    // When a microbatch can first reach each stage of a used pipeline.
+    let mut head = vec![f64::INFINITY; meta.num_stages as usize];
+    for j in used {
+        let mut at = 0.0;
+        for st in (j * len..(j + 1) * len).map(stp_ir::Stage) {
+            if !chain.is_first(st) {
+                at += cost.stage(stp_ir::Stage(st.0 - 1)).forward + hop(stp_ir::Stage(st.0 - 1), st);
+            }
+            head[st.index()] = at;
+        }
+    }
+    let ranks = meta.num_ranks as usize;
+    let mut busy = vec![0.0f64; ranks];
+    let mut earliest = vec![f64::INFINITY; ranks];
     for (stage, _) in meta.pairs() {
         let t = cost.stage(stage);
-        busy[meta.placement[stage.index()].index()] += t.forward + t.backward_input + t.backward_weight;
+        let r = meta.placement[stage.index()].index();
+        busy[r] += t.forward + t.backward_input + t.backward_weight;
+        earliest[r] = earliest[r].min(head[stage.index()]);
     }
-    critical.max(busy.into_iter().fold(0.0, f64::max))
+    let rank_floor = (0..ranks).filter(|r| busy[*r] > 0.0).map(|r| earliest[r] + busy[r]).fold(0.0, f64::max);
+    critical.max(rank_floor)
 }
 
 /// Per kind (F, B, W), per stage: a time in the bound's integer unit.

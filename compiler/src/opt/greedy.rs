@@ -243,10 +243,7 @@ fn admission_caps(s: &ComputeSchedule) -> (Vec<Option<usize>>, Vec<Option<usize>
     // Per rank, the microbatches whose activations on all its stages fit
     // its budget; the safe cap is the smallest.
     let fits = |r: u32| {
-        let per_microbatch: i64 = (0..meta.num_stages)
-            .filter(|st| meta.placement[*st as usize].0 == r)
-            .map(|st| s.memory.stage(Stage(st)).activation)
-            .sum();
+        let per_microbatch = super::one_microbatch_on(s, r as usize);
         s.memory.budget_of(r as usize).map(|b| b / per_microbatch.max(1))
     };
     let safe_cap = (0..meta.num_ranks).filter_map(fits).min().filter(|cap| *cap > 0).map(|cap| cap as usize);
@@ -355,6 +352,12 @@ fn schedule_with(
     let model = &s.memory;
     let owner = |stage: usize| meta.placement[stage].index();
     let hop = |from: usize, to: usize| if owner(from) != owner(to) { cost.p2p } else { 0.0 };
+    let chain = meta.chain();
+    let (first, last) = (|st: usize| chain.is_first(Stage(st as u32)), |st: usize| chain.is_last(Stage(st as u32)));
+    // Per stage, the microbatches on its pipeline's route, in order; the
+    // counters below are positions in these lists.
+    let routed = routed(s);
+    let heads: Vec<usize> = (0..stages).filter(|st| first(*st)).collect();
     let mut f_end = vec![None::<f64>; stages * mbs];
     let mut b_end = vec![None::<f64>; stages * mbs];
     let mut next_f = vec![0usize; stages];
@@ -364,22 +367,24 @@ fn schedule_with(
     let mut live = vec![0i64; ranks];
     let mut out: Vec<Vec<ScheduledOp>> = vec![Vec::new(); ranks];
     let origin = Origin { span: s.body_span, iteration: Vec::new() };
-    let mut remaining = 3 * stages * mbs;
+    let mut remaining = super::pass_count(s);
     // (start, priority, tie-break, rank, pass), refilled every step.
     let keep_all = policy.pairing != Pairing::Never || policy.rule != Rule::EarliestStart;
     let mut candidates = Candidates::new(keep_all, stages + ranks);
     while remaining > 0 {
         candidates.clear();
+        let flying: usize = heads.iter().map(|h| next_f[*h] - next_b[*h]).sum();
         for stage in 0..stages {
             let r = owner(stage);
             let pass = |kind, mb: usize| Pass { kind, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };
-            let i = next_b[stage];
+            let k = next_b[stage];
             // A `B` that will be fused with its `W` defers nothing, so it may
             // run when the queue is full.
             let fusable = policy.fuse && deferred[r].iter().all(|&(st, _, _)| st != stage);
             let room = s.memory.max_deferred.is_none_or(|cap| (deferred[r].len() as i64) < cap);
-            if i < next_f[stage] && (room || fusable) {
-                let downstream = if stage + 1 == stages {
+            if k < next_f[stage] && (room || fusable) {
+                let i = routed[stage][k];
+                let downstream = if last(stage) {
                     f_end[stage * mbs + i]
                 } else {
                     b_end[(stage + 1) * mbs + i].map(|t| t + hop(stage + 1, stage))
@@ -388,10 +393,14 @@ fn schedule_with(
                     candidates.push((free[r].max(ready).max(forward), b_rank, 0, r, pass(PassKind::B, i)));
                 }
             }
-            let i = next_f[stage];
-            let admitted = stage > 0 || in_flight.is_none_or(|cap| next_f[0] - next_b[0] < cap);
-            if i < mbs && admitted && live[r] + model.delta(PassKind::F, Stage(stage as u32)) <= budgets[r] {
-                let ready = if stage == 0 {
+            let k = next_f[stage];
+            let admitted = !first(stage) || in_flight.is_none_or(|cap| flying < cap);
+            if k < routed[stage].len()
+                && admitted
+                && live[r] + model.delta(PassKind::F, Stage(stage as u32)) <= budgets[r]
+            {
+                let i = routed[stage][k];
+                let ready = if first(stage) {
                     Some(0.0)
                 } else {
                     f_end[(stage - 1) * mbs + i].map(|t| t + hop(stage - 1, stage))
@@ -494,6 +503,12 @@ fn schedule_with(
     Ok(out)
 }
 
+/// Per stage, the microbatches on its pipeline's route, ascending (every
+/// microbatch with one pipeline).
+fn routed(s: &ComputeSchedule) -> Vec<Vec<usize>> {
+    (0..s.meta.num_stages).map(|st| s.meta.pairs_of(Stage(st)).map(|i| i.index()).collect()).collect()
+}
+
 /// A pass that could run next: (start, priority, tie-break, rank, pass).
 type Candidate = (f64, u8, i64, usize, Pass);
 
@@ -531,13 +546,24 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
         .collect();
     let compute = |k: usize, st: usize| times[st][k].0;
     let latency = |k: usize, st: usize| times[st][k].1;
+    let chain = meta.chain();
+    let (first, last) = (|st: usize| chain.is_first(Stage(st as u32)), |st: usize| chain.is_last(Stage(st as u32)));
+    let pipeline = |st: usize| st as u32 / chain.len;
+    // Per stage its microbatches in order, and each one's position there.
+    let routed = routed(s);
+    let mut position = vec![usize::MAX; stages * mbs];
+    for (st, list) in routed.iter().enumerate() {
+        for (k, i) in list.iter().enumerate() {
+            position[st * mbs + i] = k;
+        }
+    }
     // The work on a stage's rank that one microbatch's pass of kind k
     // leads to: a forward, the rank's later forwards and every backward
     // and weight gradient; an input gradient, those of the rank's earlier
     // stages and their weight gradients.
     let load: Vec<[f64; 3]> = (0..stages)
         .map(|stage| {
-            let mine = || (0..stages).filter(move |st| owner(*st) == owner(stage));
+            let mine = || (0..stages).filter(move |st| owner(*st) == owner(stage) && pipeline(*st) == pipeline(stage));
             [
                 mine().map(|st| if st >= stage { compute(0, st) } else { 0.0 } + compute(1, st) + compute(2, st)).sum(),
                 mine().filter(|st| *st <= stage).map(|st| compute(1, st) + compute(2, st)).sum(),
@@ -552,10 +578,12 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
     let activation = s.memory.smallest_activation().max(1);
     let room = |r: usize| s.memory.budget_of(r).filter(|_| memory_bound).map(|b| (b / activation).max(1) as usize);
     let stages_of_rank: Vec<usize> = (0..ranks).map(|r| (0..stages).filter(|st| owner(*st) == r).count()).collect();
-    let held_back_forwards = |stage: usize, mb: usize| {
+    let forwards_of_rank: Vec<usize> =
+        (0..ranks).map(|r| (0..stages).filter(|st| owner(*st) == r).map(|st| routed[st].len()).sum()).collect();
+    let held_back_forwards = |stage: usize, k: usize| {
         room(owner(stage)).map_or(0.0, |room| {
             let owned = stages_of_rank[owner(stage)];
-            (owned * mbs).saturating_sub(room + mb * owned) as f64 * compute(0, stage)
+            forwards_of_rank[owner(stage)].saturating_sub(room + k * owned) as f64 * compute(0, stage)
         })
     };
     // Each rank's view of every pass, one rank at a time; a pass keeps
@@ -564,34 +592,33 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
     let mut crit = vec![vec![0.0f64; stages * mbs]; 3];
     for rank in 0..ranks {
         for i in (0..mbs).rev() {
-            let later = (mbs - i) as f64;
+            let route: Vec<usize> = meta.stages_of(Microbatch(i as u32)).map(|st| st.index()).collect();
             let own = |k: usize, st: usize| {
-                let held_back = if k == 1 { held_back_forwards(st, i) } else { 0.0 };
+                let at_stage = position[at(st, i)];
+                let held_back = if k == 1 { held_back_forwards(st, at_stage) } else { 0.0 };
                 if owner(st) == rank {
                     0.0
                 } else {
-                    later * load[st][k] + held_back
+                    (routed[st].len() - at_stage) as f64 * load[st][k] + held_back
                 }
             };
-            let next = |crit: &[Vec<f64>], k: usize, st: usize| {
-                if i + 1 < mbs {
-                    compute(k, st) + crit[k][at(st, i + 1)]
-                } else {
-                    0.0
-                }
+            // The same pass of the stage's next microbatch.
+            let next = |crit: &[Vec<f64>], k: usize, st: usize| match routed[st].get(position[at(st, i)] + 1) {
+                Some(&later) => compute(k, st) + crit[k][at(st, later)],
+                None => 0.0,
             };
-            for st in 0..stages {
+            for &st in &route {
                 crit[2][at(st, i)] = own(2, st).max(next(&crit, 2, st));
             }
-            for st in 0..stages {
+            for &st in &route {
                 let mut c = own(1, st).max(next(&crit, 1, st)).max(compute(1, st) + crit[2][at(st, i)]);
-                if st > 0 {
+                if !first(st) {
                     c = c.max(latency(1, st) + hop(st, st - 1) + crit[1][at(st - 1, i)]);
                 }
                 crit[1][at(st, i)] = c;
             }
-            for st in (0..stages).rev() {
-                let down = if st + 1 < stages {
+            for &st in route.iter().rev() {
+                let down = if !last(st) {
                     latency(0, st) + hop(st, st + 1) + crit[0][at(st + 1, i)]
                 } else {
                     latency(0, st) + crit[1][at(st, i)]

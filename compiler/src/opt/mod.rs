@@ -101,14 +101,6 @@ impl Incumbent {
 /// list scheduler, a local search over its order ([`reorder::polish`]),
 /// then, if asked for, Z3.
 pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>>, PlanReport), Diagnostic> {
-    if s.meta.pipelines > 1 {
-        return Err(crate::diag::Diagnostic::new(
-            crate::diag::Code::ScheduleShape,
-            format!("`auto` cannot order {} pipelines yet", s.meta.pipelines),
-        )
-        .with_label(s.body_span, "the schedulers assume one chain of stages")
-        .with_help("write the order out (see the stdlib's `dualpipe` and `chimera`), or use one pipeline"));
-    }
     if let Some(too_little) = too_little_memory(s) {
         return Err(too_little);
     }
@@ -139,17 +131,43 @@ pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>
     }
 }
 
+/// What one microbatch holds at most on rank `r`: the activations of
+/// every stage the rank holds on its route (the largest over the
+/// pipelines), all live when it runs the forward of the last of them.
+fn one_microbatch_on(s: &ComputeSchedule, r: usize) -> i64 {
+    let chain = s.meta.chain();
+    (0..s.meta.pipelines.max(1))
+        .map(|j| {
+            (j * chain.len..(j + 1) * chain.len)
+                .filter(|st| s.meta.placement[*st as usize].index() == r)
+                .map(|st| s.memory.stage(Stage(st)).activation)
+                .sum::<i64>()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// E0022 when the budget is below what one microbatch alone needs on a
-/// rank: a rank holding `k` stages has all `k` of a microbatch's
-/// activations live when it runs the forward of the last of them (each
-/// stage's forward is live until its backward, which follows the later
-/// stages' forwards), whatever is braided with it. That much suffices:
-/// one microbatch at a time through the whole pipeline never holds more.
+/// rank: a rank holding `k` stages of a microbatch's route has all `k`
+/// of its activations live when it runs the forward of the last of them
+/// (each stage's forward is live until its backward, which follows the
+/// later stages' forwards), whatever is braided with it. That much
+/// suffices: one microbatch at a time through the whole pipeline never
+/// holds more.
 fn too_little_memory(s: &ComputeSchedule) -> Option<Diagnostic> {
+    let chain = s.meta.chain();
     let mut owned: Vec<Vec<usize>> = vec![Vec::new(); s.meta.num_ranks as usize];
     for (stage, rank) in s.meta.placement.iter().enumerate() {
         owned[rank.index()].push(stage);
     }
+    // The stages of the rank on the route that holds the most.
+    let heaviest = |r: usize| -> Vec<usize> {
+        let on = |j: u32| owned[r].iter().copied().filter(move |st| *st as u32 / chain.len == j);
+        let weight = |j: u32| on(j).map(|st| s.memory.stage(Stage(st as u32)).activation).sum::<i64>();
+        let j = (0..s.meta.pipelines.max(1)).max_by_key(|j| (weight(*j), std::cmp::Reverse(*j))).unwrap_or(0);
+        on(j).collect()
+    };
+    let owned: Vec<Vec<usize>> = (0..owned.len()).map(heaviest).collect();
     let needed = |stages: &[usize]| -> i64 {
         stages.iter().map(|st| s.memory.stage(stp_ir::Stage(*st as u32)).activation).sum()
     };
@@ -223,7 +241,7 @@ fn polished_with(
 /// How many passes the step holds: an F, a B and a W per stage and
 /// microbatch.
 fn pass_count(s: &ComputeSchedule) -> usize {
-    3 * s.meta.num_stages as usize * s.meta.num_microbatches as usize
+    3 * s.meta.chain().len as usize * s.meta.num_microbatches as usize
 }
 
 /// The fastest of `candidates` (at least one), with the next fastest
@@ -379,6 +397,17 @@ fn improve(
         }
         i
     });
+    if s.meta.pipelines > 1 {
+        // Z3's model (smt.rs) is of one chain of stages.
+        let i = incumbent?;
+        let why = format!(
+            "Z3's model covers one pipeline, not {}: kept the {} order after randomized restarts and late acceptance",
+            s.meta.pipelines, i.kept
+        );
+        let report =
+            PlanReport { effort_spent: budget.total() - budget.left(), ..i.report(lower_bound, false, Some(why)) };
+        return Ok((i.order, report));
+    }
     let greedy_makespan = incumbent.as_ref().ok().map(|i| i.greedy);
     let upper = incumbent.as_ref().map_or_else(|_| serial_makespan(s) + 1.0, |i| i.makespan);
     // The whole model first, with a third of the effort (a tenth on
