@@ -400,10 +400,7 @@ fn improve(
     if s.meta.pipelines > 1 {
         // Z3's model (smt.rs) is of one chain of stages.
         let i = incumbent?;
-        let why = format!(
-            "Z3's model covers one pipeline, not {}: kept the {} order after randomized restarts and late acceptance",
-            s.meta.pipelines, i.kept
-        );
+        let why = format!("Z3 was not run: its model covers one pipeline, not {}", s.meta.pipelines);
         let report =
             PlanReport { effort_spent: budget.total() - budget.left(), ..i.report(lower_bound, false, Some(why)) };
         return Ok((i.order, report));
