@@ -179,6 +179,35 @@ fn ir_round_trips_through_text_and_json() {
         assert_eq!(stp_ir::parse_text(&text).as_ref(), Ok(&program), "{name} p={p} m={m}: text round trip");
         let json = stp_ir::to_json(&program);
         assert_eq!(stp_ir::load_json(&json).ok().as_ref(), Some(&program), "{name} p={p} m={m}: JSON round trip");
+        let compact = stp_ir::to_compact_json(&program);
+        assert_eq!(stp_ir::load_json(&compact).ok().as_ref(), Some(&program), "{name} p={p} m={m}: compact round trip");
+        let instrs: usize = program.ranks.iter().map(|r| r.instrs.len()).sum();
+        if instrs >= 100 {
+            // The header is the same in both forms; the instructions shrink.
+            assert!(
+                compact.len() * 3 < json.len(),
+                "{name} p={p} m={m}: compact {} bytes, JSON {}",
+                compact.len(),
+                json.len()
+            );
+        }
+    }
+    // Units (tensor parallelism, both collectives) and reductions (several pipelines).
+    for (name, tp, sequence_parallel) in [("stp", 2, false), ("zb-v", 4, true), ("dualpipe", 2, false)] {
+        let mut program = stp_tests::build_std_tp(name, 4, 12, None, tp).program;
+        if sequence_parallel {
+            for rank in &mut program.ranks {
+                for instr in &mut rank.instrs {
+                    if let stp_ir::Instr::Compute(c) = instr {
+                        for u in &mut c.units {
+                            u.collective = u.collective.map(|_| stp_ir::Collective::ReduceScatterAllGather);
+                        }
+                    }
+                }
+            }
+        }
+        let compact = stp_ir::to_compact_json(&program);
+        assert_eq!(stp_ir::load_json(&compact).ok().as_ref(), Some(&program), "{name} tp={tp}: compact round trip");
     }
 }
 

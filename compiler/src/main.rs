@@ -328,6 +328,9 @@ enum EmitArg {
     Json,
     /// The IR text form (program.txt).
     Text,
+    /// The IR as compact JSON, format version 2 (program.compact.json): each rank's instructions as one array of
+    /// integers, about a fifth of the size of `json`; stp-exec and Python's stp read both
+    Compact,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -507,6 +510,7 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
         .map(|e| match e {
             EmitArg::Json => Emit::Json,
             EmitArg::Text => Emit::Text,
+            EmitArg::Compact => Emit::Compact,
         })
         .collect();
     formats.dedup();

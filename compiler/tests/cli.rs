@@ -55,6 +55,8 @@ fn compile_writes_a_verified_program_and_its_text_form() {
         "json",
         "--emit",
         "text",
+        "--emit",
+        "compact",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let json = std::fs::read_to_string(out_dir.join("program.json")).expect("program.json written");
@@ -62,10 +64,14 @@ fn compile_writes_a_verified_program_and_its_text_form() {
     stp_ir::verify(&program).expect("program verifies");
     assert_eq!(program.ranks.len(), 4);
     let text = std::fs::read_to_string(out_dir.join("program.txt")).expect("program.txt written");
-    assert_eq!(stp_ir::parse_text(&text).ok(), Some(program));
+    assert_eq!(stp_ir::parse_text(&text).ok().as_ref(), Some(&program));
+    let compact = std::fs::read_to_string(out_dir.join("program.compact.json")).expect("program.compact.json written");
+    assert!(compact.starts_with("{\"version\":2,"), "{compact}");
+    assert!(compact.len() * 3 < json.len(), "compact {} bytes, JSON {}", compact.len(), json.len());
+    assert_eq!(stp_ir::load_json(&compact).ok(), Some(program));
     let leftovers: Vec<_> =
         std::fs::read_dir(&out_dir).expect("read out dir").flatten().map(|e| e.file_name()).collect();
-    assert_eq!(leftovers.len(), 2, "only the two outputs, no temporary files: {leftovers:?}");
+    assert_eq!(leftovers.len(), 3, "only the three outputs, no temporary files: {leftovers:?}");
 }
 
 #[test]

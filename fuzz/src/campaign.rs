@@ -94,7 +94,10 @@ fn judge(family: Family, rng: &mut Rng) -> Verdict {
             judge_loaded(Ok(program))
         }
         Family::Json => {
-            let text = mutate::mutate_text(&stp_ir::to_json(&base_program(rng)), rng);
+            // Either JSON form: version 1, or the compact version 2.
+            let program = base_program(rng);
+            let json = if rng.chance(1, 2) { stp_ir::to_compact_json(&program) } else { stp_ir::to_json(&program) };
+            let text = mutate::mutate_text(&json, rng);
             judge_loaded(stp_ir::load_json(&text).map_err(|e| e.to_string()))
         }
         Family::Text => {

@@ -48,6 +48,7 @@
 //! [`FORMAT_VERSION`], and both readers refuse any other version.
 #![deny(missing_docs)]
 
+mod compact;
 mod ids;
 mod json;
 mod program;
@@ -57,6 +58,7 @@ mod text;
 pub mod trace;
 mod verify;
 
+pub use compact::{to_compact_json, COMPACT_VERSION};
 pub use ids::{Buffer, BufferKind, IdParseError, Microbatch, Rank, Stage};
 pub use program::{
     units_of, Chain, Collective, Compute, Direction, Instr, Param, Part, Pass, PassKind, Program, RankProgram,
@@ -76,15 +78,21 @@ pub enum LoadError {
         /// The version the file declares (`None` when it declares none).
         found: Option<u64>,
     },
+    /// A compact (version 2) program whose codes do not decode: which rank,
+    /// which code, and what is wrong.
+    Compact(String),
 }
 
 impl std::fmt::Display for LoadError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             LoadError::Json(e) => write!(f, "not a valid stp-ir program: {e}"),
-            LoadError::Version { found: Some(v) } => {
-                write!(f, "this is IR format version {v}, but this reader understands only version {FORMAT_VERSION}")
-            }
+            LoadError::Version { found: Some(v) } => write!(
+                f,
+                "this is IR format version {v}, but this reader understands only versions {FORMAT_VERSION} and \
+                 {COMPACT_VERSION} (compact)"
+            ),
+            LoadError::Compact(e) => write!(f, "not a valid compact stp-ir program: {e}"),
             LoadError::Version { found: None } => {
                 write!(f, "not an stp-ir program: it has no `version` field")
             }
@@ -100,16 +108,21 @@ pub fn to_json(program: &Program) -> String {
     json::to_json(program)
 }
 
-/// Load a JSON program, refusing any format version but [`FORMAT_VERSION`].
-/// Structural invariants are not checked here: call [`verify()`] for that.
+/// Load a JSON program: version 1 ([`FORMAT_VERSION`], [`to_json`]) or
+/// the compact version 2 ([`COMPACT_VERSION`], [`to_compact_json`]),
+/// refusing any other. Structural invariants are not checked here: call
+/// [`verify()`] for that.
 pub fn load_json(text: &str) -> Result<Program, LoadError> {
     #[derive(serde::Deserialize)]
     struct VersionOnly {
         version: Option<u64>,
     }
     let header: VersionOnly = serde_json::from_str(text).map_err(LoadError::Json)?;
-    if header.version != Some(u64::from(FORMAT_VERSION)) {
-        return Err(LoadError::Version { found: header.version });
+    match header.version {
+        Some(v) if v == u64::from(FORMAT_VERSION) => serde_json::from_str(text).map_err(LoadError::Json),
+        Some(v) if v == u64::from(COMPACT_VERSION) => {
+            compact::decode(serde_json::from_str(text).map_err(LoadError::Json)?).map_err(LoadError::Compact)
+        }
+        found => Err(LoadError::Version { found }),
     }
-    serde_json::from_str(text).map_err(LoadError::Json)
 }

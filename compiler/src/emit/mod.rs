@@ -15,6 +15,10 @@ pub enum Emit {
     Json,
     /// The IR text form (`program.txt`).
     Text,
+    /// The IR as compact JSON, format version 2 (`program.compact.json`):
+    /// each rank's instructions as one array of integers, about a fifth
+    /// of the size; every reader of version 1 in stp reads it too.
+    Compact,
 }
 
 impl Emit {
@@ -23,6 +27,7 @@ impl Emit {
         match self {
             Emit::Json => "program.json",
             Emit::Text => "program.txt",
+            Emit::Compact => "program.compact.json",
         }
     }
 
@@ -35,6 +40,11 @@ impl Emit {
                 json
             }
             Emit::Text => stp_ir::print_text(program),
+            Emit::Compact => {
+                let mut json = stp_ir::to_compact_json(program);
+                json.push('\n');
+                json
+            }
         }
     }
 }
