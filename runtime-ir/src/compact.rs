@@ -91,7 +91,9 @@ impl Codes<'_> {
                 break;
             }
         }
-        self.out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or("0"));
+        for d in &digits[at..] {
+            self.out.push(char::from(*d));
+        }
     }
 
     fn buffer(&mut self, b: Buffer) {
