@@ -1023,6 +1023,23 @@ fn per_stage_activations_and_per_rank_budgets_bind_every_scheduler() {
     }
 }
 
+/// Each of `stages` stages with its own F, B, W (and, with `collectives`,
+/// T_AR) drawn from `draw`.
+fn random_stage_times(
+    draw: &mut impl FnMut(f64, f64) -> f64,
+    stages: u32,
+    collectives: bool,
+) -> Vec<stp_ir::simulate::StageTimes> {
+    (0..stages)
+        .map(|_| stp_ir::simulate::StageTimes {
+            forward: draw(0.3, 1.5),
+            backward_input: draw(0.3, 3.0),
+            backward_weight: draw(0.0, 1.5),
+            tp_collective: if collectives { draw(0.0, 0.5) } else { 0.0 },
+        })
+        .collect()
+}
+
 /// The lower bound under per-stage costs: on random stage times (each
 /// stage's F, B, W and T_AR drawn apart), V and looped placements and
 /// budgets from tight to loose, no order the schedulers find — a real,
@@ -1041,14 +1058,7 @@ fn the_lower_bound_holds_under_random_per_stage_costs() {
     for case in 0..32 {
         let (source, p) = if case % 2 == 0 { (V_SHAPE, 2 + case % 3) } else { (LOOPED, 2 + case % 3) };
         let stages = if case % 2 == 0 { 2 * p } else { p };
-        let times: Vec<stp_ir::simulate::StageTimes> = (0..stages)
-            .map(|_| stp_ir::simulate::StageTimes {
-                forward: draw(0.3, 1.5),
-                backward_input: draw(0.3, 3.0),
-                backward_weight: draw(0.0, 1.5),
-                tp_collective: if case % 4 < 2 { 0.0 } else { draw(0.0, 0.5) },
-            })
-            .collect();
+        let times = random_stage_times(&mut draw, stages, case % 4 >= 2);
         let cost = CostModel { stages: times, ..CostModel::default() };
         let budget = if case % 2 == 0 { 2 + case as i64 % (2 * p as i64) } else { 1 + case as i64 % p as i64 };
         let source = source
@@ -1074,14 +1084,7 @@ fn the_lower_bound_holds_under_random_per_stage_costs() {
     // (copies too) with its own times, budgets from 2 units to p + 1.
     for case in 0..16u32 {
         let (source, p) = (if case % 2 == 0 { DUAL } else { CHIMERA }, 2 + 2 * (case / 2 % 2));
-        let times: Vec<stp_ir::simulate::StageTimes> = (0..2 * p)
-            .map(|_| stp_ir::simulate::StageTimes {
-                forward: draw(0.3, 1.5),
-                backward_input: draw(0.3, 3.0),
-                backward_weight: draw(0.0, 1.5),
-                tp_collective: if case % 4 < 2 { 0.0 } else { draw(0.0, 0.5) },
-            })
-            .collect();
+        let times = random_stage_times(&mut draw, 2 * p, case % 4 >= 2);
         let cost = CostModel { stages: times, p2p: if case % 8 < 4 { 0.0 } else { 0.2 }, ..CostModel::default() };
         let budget = 2 + case % p;
         let source = source.replace("budget = p + 1", &format!("budget = {budget}"));
