@@ -121,7 +121,8 @@ pub fn load_json(text: &str) -> Result<Program, LoadError> {
     match header.version {
         Some(v) if v == u64::from(FORMAT_VERSION) => serde_json::from_str(text).map_err(LoadError::Json),
         Some(v) if v == u64::from(COMPACT_VERSION) => {
-            compact::decode(serde_json::from_str(text).map_err(LoadError::Json)?).map_err(LoadError::Compact)
+            let codes = serde_json::from_str(text).map_err(|e| LoadError::Compact(e.to_string()))?;
+            compact::decode(codes).map_err(LoadError::Compact)
         }
         found => Err(LoadError::Version { found }),
     }

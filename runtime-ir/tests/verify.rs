@@ -112,9 +112,13 @@ fn other_format_versions_are_refused() {
     let text = VALID.replace("stp-ir 1", "stp-ir 2");
     let err = parse_text(&text).expect_err("version 2 must be refused");
     assert!(err.to_string().contains("understands only version 1"), "{err}");
+    let json = to_json(&valid()).replacen("\"version\":1", "\"version\":3", 1);
+    let err = load_json(&json).expect_err("version 3 must be refused");
+    assert!(err.to_string().contains("understands only versions 1 and 2 (compact)"), "{err}");
+    // Version 2 is the compact form: a version-1 body under its number is not one.
     let json = to_json(&valid()).replacen("\"version\":1", "\"version\":2", 1);
-    let err = load_json(&json).expect_err("version 2 must be refused");
-    assert!(err.to_string().contains("understands only version 1"), "{err}");
+    let err = load_json(&json).expect_err("a version-1 body is no compact program");
+    assert!(err.to_string().contains("not a valid compact stp-ir program"), "{err}");
     assert!(load_json("{}").expect_err("no version").to_string().contains("no `version`"));
 }
 
