@@ -84,8 +84,12 @@ def my_stages(program: Program, rank: Optional[int] = None) -> List[int]:
 class Stage:
     """One stage of the model on this process.
 
-    `module` holds the stage's parameters. Without `units`, `module(x)`
-    is the stage's forward. With `units` (submodules of `module`, in
+    `module` holds the stage's parameters. Without `units`, `module(*xs)`
+    is the stage's forward: it takes the previous stage's outputs (or the
+    microbatch's inputs), one tensor or several, and returns one tensor
+    or a tuple of them — an attention mask or position ids may travel
+    beside the hidden states; gradients flow back through the
+    floating-point ones. With `units` (submodules of `module`, in
     forward order), the forward is the units one after another, each
     unit's output completed by an all-reduce over the tensor-parallel
     group (a no-op at tp = 1) and, with `residual`, added to its input:
@@ -108,6 +112,9 @@ class Stage:
         self.index = int(index)
         self.units: List[nn.Module] = list(units) if units is not None else [module]
         self.residual = bool(residual) if units is not None else False
+        # The whole module is the forward (any number of tensors in and
+        # out), rather than units on one tensor.
+        self.whole = units is None
         owned = {id(p) for p in module.parameters()}
         for k, unit in enumerate(self.units):
             if not all(id(p) in owned for p in unit.parameters()):
@@ -123,16 +130,18 @@ class Stage:
 
 @dataclass
 class _Stash:
-    """`stash.s.i`: per unit, its input (a leaf) and partial output (the
-    graph's root); the gradients `B` found for each unit's output, which
-    `W` needs; with recompute, only the stage's input until `R`."""
+    """`stash.s.i`. With units: per unit its input (a leaf) and partial
+    output (the graph's root), and the gradient `B` found for each unit's
+    output, which `W` needs. Without: the stage's input leaves, its
+    outputs, and the (output, gradient) pairs `B` found. With recompute,
+    only the stage's inputs until `R`."""
 
-    checkpoint: Optional[torch.Tensor] = None
+    checkpoint: Optional[Tuple[torch.Tensor, ...]] = None
     rng: Optional[Any] = None
     inputs: List[torch.Tensor] = field(default_factory=list)
     partials: List[torch.Tensor] = field(default_factory=list)
-    out_grads: List[Optional[torch.Tensor]] = field(default_factory=list)
-    output: Optional[torch.Tensor] = None  # the last stage's output leaf
+    out_grads: List[Any] = field(default_factory=list)
+    output: Optional[Tuple[torch.Tensor, ...]] = None  # the last stage's output leaves
     loss: Optional[torch.Tensor] = None  # the last stage's scaled loss
 
 
@@ -149,14 +158,27 @@ def _name(key: _Key) -> str:
 
 @dataclass
 class _Pending:
-    """A receive in flight: the tensor it fills and its work handle."""
+    """A receive in flight: the tensors it fills and their work handles."""
 
-    tensor: torch.Tensor
-    work: Any
+    tensors: Tuple[torch.Tensor, ...]
+    works: List[Any]
     what: str
 
 
-_Meta = Tuple[Tuple[int, ...], str]  # (shape, dtype name)
+_Meta = List[Tuple[Tuple[int, ...], str]]  # per tensor: (shape, dtype name)
+
+
+def _as_tuple(value: Any) -> Tuple[Any, ...]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _describe(meta: _Meta) -> str:
+    return ", ".join(str(shape) for shape, _ in meta) if len(meta) != 1 else str(meta[0][0])
+
+
+def _floating(meta: _Meta) -> _Meta:
+    """The tensors gradients flow through: the floating-point ones."""
+    return [(shape, dtype) for shape, dtype in meta if getattr(torch, dtype).is_floating_point]
 
 
 class Schedule:
@@ -336,55 +358,67 @@ class Schedule:
 
     def _try_stage(self, s: int, meta: Dict[str, _Meta], inputs, targets, m: int) -> Tuple[str, Any]:
         stage = self.stages[s]
-        x: Optional[torch.Tensor] = None
+        xs: Optional[Tuple[torch.Tensor, ...]] = None
         try:
             if self._is_first(s):
                 mb = next((i for i in range(m) if self._route(i) == s // self.parts), None)
                 if mb is None:
-                    x = None
-                elif mb not in inputs:
+                    return ("ok", ([], []))
+                if mb not in inputs:
                     return ("error", f"stage {s} is a first stage, but its owner (process {self.global_rank}) got no inputs")
-                else:
-                    x = inputs[mb]
+                xs = inputs[mb]
+            elif not meta[f"out{s - 1}"]:
+                return ("ok", ([], []))  # a pipeline no microbatch takes
             else:
-                shape, dtype = meta[f"out{s - 1}"]
-                x = torch.zeros(shape, dtype=getattr(torch, dtype), device=self.device)
-            if x is None:
-                return ("ok", (((0,), "float32"), ((0,), "float32")))
+                xs = tuple(
+                    torch.zeros(shape, dtype=getattr(torch, dtype), device=self.device) for shape, dtype in meta[f"out{s - 1}"]
+                )
             with torch.no_grad():
-                y = self._forward_values(stage, x)
+                ys = self._forward_values(stage, xs)
+                if isinstance(ys, str):
+                    return ("error", ys)
                 if self._is_last(s):
                     mb = next(i for i in range(m) if self._route(i) == s // self.parts)
                     if mb not in targets:
                         return ("error", f"stage {s} is a last stage, but its owner (process {self.global_rank}) got no target")
-                    loss = self.loss_fn(y, targets[mb])
+                    loss = self.loss_fn(ys[0] if len(ys) == 1 else ys, _single(targets[mb]))
                     if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
                         return ("error", f"loss_fn on stage {s}'s output must return one number, not {loss!r}")
-            if not isinstance(y, torch.Tensor):
-                return ("error", f"stage {s} returned {type(y).__name__}; stp.torch passes one tensor between stages")
-            return ("ok", ((tuple(x.shape), _dtype(x)), (tuple(y.shape), _dtype(y))))
+            return ("ok", ([(tuple(x.shape), _dtype(x)) for x in xs], [(tuple(y.shape), _dtype(y)) for y in ys]))
         except Exception as e:  # the user's module failed on this shape
             where = "its input" if self._is_first(s) else f"stage {s - 1}'s output"
-            shape = tuple(x.shape) if x is not None else "unknown"
+            shape = ", ".join(str(tuple(x.shape)) for x in xs) if xs is not None else "unknown"
             return ("error", f"stage {s} (on process {self.global_rank}) fails on {where}, shape {shape}: {e}")
 
-    def _forward_values(self, stage: Stage, x: torch.Tensor) -> torch.Tensor:
-        for unit in stage.units:
-            y = unit(x)
-            x = x + y if stage.residual else y
-        return x
+    def _forward_values(self, stage: Stage, xs: Tuple[torch.Tensor, ...]) -> Union[Tuple[torch.Tensor, ...], str]:
+        """The stage's outputs as a tuple, or what is wrong with them."""
+        if stage.whole:
+            ys = _as_tuple(stage.module(*xs))
+        elif len(xs) != 1:
+            return f"stage {stage.index} runs as units, which take one tensor, but gets {len(xs)}"
+        else:
+            x = xs[0]
+            for unit in stage.units:
+                y = unit(x)
+                x = x + y if stage.residual else y
+            ys = (x,)
+        bad = [type(y).__name__ for y in ys if not isinstance(y, torch.Tensor)]
+        if bad or not ys:
+            return f"stage {stage.index} returned {', '.join(bad) or 'nothing'}; stages pass tensors (one, or a tuple)"
+        return ys
 
     # -- one step -----------------------------------------------------------
 
     def step(
         self,
-        inputs: Optional[torch.Tensor] = None,
+        inputs: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
         *,
-        target: Optional[torch.Tensor] = None,
+        target: Optional[Union[torch.Tensor, Sequence[torch.Tensor]]] = None,
         losses: Optional[List[torch.Tensor]] = None,
-    ) -> Optional[torch.Tensor]:
-        """Runs one training step: the whole batch `inputs` (on the owners
-        of first stages) is cut into the program's m microbatches along
+    ) -> Optional[Union[torch.Tensor, Tuple[torch.Tensor, ...]]]:
+        """Runs one training step: the whole batch `inputs` (one tensor, or
+        a tuple the first stage takes as its arguments; on the owners of
+        first stages) is cut into the program's m microbatches along
         dimension 0, as is `target` (on the owners of last stages).
         Gradients accumulate into the stages' `.grad`. `losses`, if
         given, receives this process's microbatch losses (unscaled) in
@@ -404,16 +438,23 @@ class Schedule:
             losses.extend(run.losses[i] for i in sorted(run.losses))
         if not run.outputs:
             return None
-        return torch.cat([run.outputs[i] for i in sorted(run.outputs)])
+        ordered = [run.outputs[i] for i in sorted(run.outputs)]
+        merged = tuple(torch.cat(parts) for parts in zip(*ordered))
+        return merged[0] if len(merged) == 1 else merged
 
-    def _split(self, what: str, batch: Optional[torch.Tensor], m: int) -> Union[Dict[int, Any], str]:
+    def _split(self, what: str, batch: Any, m: int) -> Union[Dict[int, Tuple[torch.Tensor, ...]], str]:
+        """Microbatch i's tensors: each of `batch`'s cut into m along dimension 0."""
         if batch is None:
             return {}
-        if not isinstance(batch, torch.Tensor):
-            return f"{what} must be one tensor, not {type(batch).__name__}"
-        if batch.shape[0] % m != 0:
-            return f"{what} has {batch.shape[0]} rows, which do not divide into the program's {m} microbatches"
-        return dict(enumerate(torch.chunk(batch, m)))
+        tensors = _as_tuple(batch)
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+            return f"{what} must be a tensor or a tuple of tensors, not {type(batch).__name__}"
+        for t in tensors:
+            if t.dim() == 0 or t.shape[0] % m != 0:
+                rows = t.shape[0] if t.dim() else "no"
+                return f"{what} has {rows} rows, which do not divide into the program's {m} microbatches"
+        cut = [torch.chunk(t, m) for t in tensors]
+        return {i: tuple(c[i] for c in cut) for i in range(m)}
 
     def _stream(self, k: int) -> Any:
         if self._streams is None:
@@ -423,6 +464,11 @@ class Schedule:
 
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
+
+
+def _single(value: Tuple[Any, ...]) -> Any:
+    """A microbatch's target as `loss_fn` gets it: the tensor, or the tuple."""
+    return value[0] if len(value) == 1 else value
 
 
 class _Step:
@@ -472,39 +518,47 @@ class _Step:
             ) from e
 
     def shape_of(self, key: _Key) -> _Meta:
+        """What a buffer holds: a stage's outputs, or the gradients of its
+        floating-point inputs."""
         kind, stage, _ = key
         assert self.s._meta is not None
-        return self.s._meta[f"out{stage}" if kind == "act" else f"in{stage}"]
+        return self.s._meta[f"out{stage}"] if kind == "act" else _floating(self.s._meta[f"in{stage}"])
 
     def post(self, group: Group) -> None:
-        ops, received = [], []
+        """One `batch_isend_irecv` for the group; a buffer of several
+        tensors is several operations, in order, on both sides."""
+        ops, made = [], []
         for t in group.transfers:
             key = _key(t.buffer)
             peer = self.s._global(t.peer)
             if t.direction == "send":
-                tensor = self.read(key).contiguous()
-                ops.append(dist.P2POp(dist.isend, tensor, peer, group=self.s.group))
-                received.append((key, None, f"send {_name(key)} to pipeline rank {t.peer}"))
+                tensors = tuple(x.contiguous() for x in self.read(key))
+                ops.extend(dist.P2POp(dist.isend, x, peer, group=self.s.group) for x in tensors)
+                made.append((key, None, len(tensors), f"send {_name(key)} to pipeline rank {t.peer}"))
             else:
-                shape, dtype = self.shape_of(key)
-                tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=self.s.device)
-                ops.append(dist.P2POp(dist.irecv, tensor, peer, group=self.s.group))
-                received.append((key, tensor, f"recv {_name(key)} from pipeline rank {t.peer}"))
+                tensors = tuple(
+                    torch.empty(shape, dtype=getattr(torch, dtype), device=self.s.device) for shape, dtype in self.shape_of(key)
+                )
+                ops.extend(dist.P2POp(dist.irecv, x, peer, group=self.s.group) for x in tensors)
+                made.append((key, tensors, len(tensors), f"recv {_name(key)} from pipeline rank {t.peer}"))
         try:
-            works = dist.batch_isend_irecv(ops)
+            works = dist.batch_isend_irecv(ops) if ops else []
         except Exception as e:
             raise PeerError(f"process {self.s.global_rank}, at {self.at}, posting a group of transfers: {e}") from e
-        for (key, tensor, what), work in zip(received, works):
-            if tensor is None:
-                self.sends.setdefault(key, []).append((work, what))
+        at = 0
+        for key, tensors, n, what in made:
+            mine, at = works[at : at + n], at + n
+            if tensors is None:
+                self.sends.setdefault(key, []).extend((work, what) for work in mine)
             else:
-                self.buffers[key] = _Pending(tensor, work, what)
+                self.buffers[key] = _Pending(tensors, mine, what)
 
     def read(self, key: _Key) -> Any:
         value = self.buffers[key]
         if isinstance(value, _Pending):
-            self.wait(value.work, value.what)
-            value = self.buffers[key] = value.tensor
+            for work in value.works:
+                self.wait(work, value.what)
+            value = self.buffers[key] = value.tensors
         return value
 
     def wait_sends(self, key: _Key) -> None:
@@ -515,7 +569,8 @@ class _Step:
         self.wait_sends(key)
         value = self.buffers.pop(key)
         if isinstance(value, _Pending):
-            self.wait(value.work, value.what)
+            for work in value.works:
+                self.wait(work, value.what)
 
     # -- compute ------------------------------------------------------------
 
@@ -585,11 +640,22 @@ class _Step:
             self.wait(work, what)
             self.note("wait", q, unit)
 
-    def stage_input(self, stage: Stage, mb: int) -> torch.Tensor:
+    def stage_input(self, stage: Stage, mb: int) -> Tuple[torch.Tensor, ...]:
         s = stage.index
         if self.s._is_first(s):
             return self.inputs[mb]
         return self.read(("act", s - 1, mb))
+
+    def run_whole(self, stage: Stage, xs: Tuple[torch.Tensor, ...], stash: _Stash, graph: bool) -> Tuple[torch.Tensor, ...]:
+        """The forward of a stage without units: `module(*xs)`. Its
+        floating-point inputs are leaves the backward differentiates."""
+        grads_in = graph and not self.s._is_first(stage.index)
+        leaves = tuple(x.detach().requires_grad_(grads_in and x.is_floating_point()) for x in xs)
+        with torch.set_grad_enabled(graph):
+            outputs = _as_tuple(stage.module(*leaves))
+        if graph:
+            stash.inputs, stash.partials = list(leaves), list(outputs)
+        return tuple(y.detach() for y in outputs)
 
     def run_units(self, stage: Stage, x: torch.Tensor, stash: _Stash, q: str, graph: bool) -> Generator[None, None, torch.Tensor]:
         """The forward, unit by unit: each unit's partial output is
@@ -611,27 +677,35 @@ class _Step:
             x = leaf.detach() + total if stage.residual else total
         return x
 
+    def run_forward(
+        self, stage: Stage, xs: Tuple[torch.Tensor, ...], stash: _Stash, q: str, graph: bool
+    ) -> Generator[None, None, Tuple[torch.Tensor, ...]]:
+        if stage.whole:
+            return self.run_whole(stage, xs, stash, graph)
+        y = yield from self.run_units(stage, xs[0], stash, q, graph)
+        return (y,)
+
     def forward(self, stage: Stage, mb: int) -> Generator[None, None, None]:
         s = stage.index
-        x = self.stage_input(stage, mb)
+        xs = self.stage_input(stage, mb)
         stash = _Stash()
         checkpointed = (s, mb) in self.s._recomputed
         if checkpointed:
-            stash.checkpoint = x
+            stash.checkpoint = xs
             stash.rng = torch.get_rng_state()
-        y = yield from self.run_units(stage, x, stash, f"F s{s} mb{mb}", graph=not checkpointed)
-        self.buffers[("act", s, mb)] = y
+        ys = yield from self.run_forward(stage, xs, stash, f"F s{s} mb{mb}", graph=not checkpointed)
+        self.buffers[("act", s, mb)] = ys
         if self.s._is_last(s):
-            self.outputs[mb] = y
-            loss = self.loss(stash, y, mb, graph=not checkpointed)
+            self.outputs[mb] = ys
+            loss = self.loss(stash, ys, mb, graph=not checkpointed)
             self.losses[mb] = loss.detach()
         self.buffers[("stash", s, mb)] = stash
 
-    def loss(self, stash: _Stash, y: torch.Tensor, mb: int, graph: bool) -> torch.Tensor:
-        leaf = y.detach().requires_grad_(graph)
+    def loss(self, stash: _Stash, ys: Tuple[torch.Tensor, ...], mb: int, graph: bool) -> torch.Tensor:
+        leaves = tuple(y.detach().requires_grad_(graph and y.is_floating_point()) for y in ys)
         with torch.set_grad_enabled(graph):
-            loss = self.s.loss_fn(leaf, self.targets[mb])
-        stash.output, stash.loss = leaf, loss * self.scale
+            loss = self.s.loss_fn(leaves[0] if len(leaves) == 1 else leaves, _single(self.targets[mb]))
+        stash.output, stash.loss = leaves, loss * self.scale
         return loss
 
     def recompute(self, stage: Stage, mb: int) -> Generator[None, None, None]:
@@ -640,23 +714,52 @@ class _Step:
         with torch.random.fork_rng(devices=[]):
             torch.set_rng_state(stash.rng)
             q = f"R s{stage.index} mb{mb}"
-            y = yield from self.run_units(stage, stash.checkpoint, stash, q, graph=True)
+            ys = yield from self.run_forward(stage, stash.checkpoint, stash, q, graph=True)
         stash.checkpoint = None
         if self.s._is_last(stage.index):
-            self.loss(stash, y, mb, graph=True)
+            self.loss(stash, ys, mb, graph=True)
 
-    def output_grad(self, stage: Stage, mb: int, stash: _Stash) -> torch.Tensor:
+    def output_grads(self, stage: Stage, mb: int, stash: _Stash) -> List[Optional[torch.Tensor]]:
+        """Per output of the stage, the loss's gradient (None where none
+        flows: an integer output, or one the loss does not use)."""
         if self.s._is_last(stage.index):
             assert stash.loss is not None and stash.output is not None
-            (g,) = torch.autograd.grad(stash.loss, stash.output)
-            return g
-        return self.read(("grad", stage.index + 1, mb))
+            wanted = [y for y in stash.output if y.requires_grad]
+            found = iter(torch.autograd.grad(stash.loss, wanted, allow_unused=True) if wanted else ())
+            return [next(found) if y.requires_grad else None for y in stash.output]
+        received = iter(self.read(("grad", stage.index + 1, mb)))
+        meta = self.s._meta[f"out{stage.index}"] if self.s._meta else []
+        return [next(received) if getattr(torch, dtype).is_floating_point else None for _, dtype in meta]
+
+    def whole_backward(self, stage: Stage, mb: int, stash: _Stash, weights: bool) -> None:
+        """A stage without units: its inputs' gradients (sent back for the
+        floating-point ones) and, with `weights`, its weight gradients in
+        the same backward; without, what `W` needs is kept."""
+        grads = self.output_grads(stage, mb, stash)
+        pairs = [(y, g) for y, g in zip(stash.partials, grads) if g is not None and y.requires_grad]
+        stash.out_grads = pairs
+        leaves = [x for x in stash.inputs if x.requires_grad]
+        params = [p for p in stage.module.parameters() if p.requires_grad]
+        roots, seeds = [y for y, _ in pairs], [g for _, g in pairs]
+        found: Sequence[Optional[torch.Tensor]] = [None] * len(leaves)
+        if roots and weights and (params or leaves):
+            torch.autograd.backward(roots, seeds, inputs=params + leaves)
+            found = [x.grad for x in leaves]
+        elif roots and leaves:
+            found = torch.autograd.grad(roots, leaves, seeds, retain_graph=True, allow_unused=True)
+        if not self.s._is_first(stage.index):
+            self.buffers[("grad", stage.index, mb)] = tuple(
+                torch.zeros_like(x) if g is None else g for x, g in zip(leaves, found)
+            )
 
     def input_grads(self, stage: Stage, mb: int, stash: _Stash, q: str, weights: bool) -> Generator[None, None, None]:
         """Backward through the units, last first: each unit's input
         gradient (all-reduced, plus the residual's), and with `weights`
         its weight gradient too, while the all-reduce is in flight."""
-        g = self.output_grad(stage, mb, stash)
+        if stage.whole:
+            self.whole_backward(stage, mb, stash, weights)
+            return
+        (g,) = self.output_grads(stage, mb, stash)
         first = self.s._is_first(stage.index)
         for j in reversed(range(len(stage.units))):
             stash.out_grads[j] = g
@@ -677,7 +780,7 @@ class _Step:
             if gx is not None:
                 g = gx + g if stage.residual else gx
         if not first:
-            self.buffers[("grad", stage.index, mb)] = g
+            self.buffers[("grad", stage.index, mb)] = (g,)
 
     def backward_input(self, stage: Stage, mb: int) -> Generator[None, None, None]:
         stash: _Stash = self.buffers[("stash", stage.index, mb)]
@@ -690,12 +793,18 @@ class _Step:
 
     def backward_weight(self, stage: Stage, mb: int) -> Generator[None, None, None]:
         stash: _Stash = self.buffers[("stash", stage.index, mb)]
-        for j in reversed(range(len(stage.units))):
-            params = [p for p in stage.units[j].parameters() if p.requires_grad]
-            self.note("compute", f"W s{stage.index} mb{mb}", j)
-            if params:
-                torch.autograd.backward(stash.partials[j], stash.out_grads[j], inputs=params)
-            yield  # wgrad
+        if stage.whole:
+            params = [p for p in stage.module.parameters() if p.requires_grad]
+            if params and stash.out_grads:
+                roots, seeds = zip(*stash.out_grads)
+                torch.autograd.backward(list(roots), list(seeds), inputs=params)
+        else:
+            for j in reversed(range(len(stage.units))):
+                params = [p for p in stage.units[j].parameters() if p.requires_grad]
+                self.note("compute", f"W s{stage.index} mb{mb}", j)
+                if params:
+                    torch.autograd.backward(stash.partials[j], stash.out_grads[j], inputs=params)
+                yield  # wgrad
         stash.inputs, stash.partials, stash.out_grads = [], [], []
 
     # -- several pipelines --------------------------------------------------

@@ -143,6 +143,19 @@ class TorchTests(unittest.TestCase):
         ]
         self.assert_job_ok(launch(4, "train", json.dumps(cases)), 4 * len(cases))
 
+    def test_stages_pass_several_tensors(self):
+        # (hidden, integer mask) between stages without units; several
+        # pipelines, recompute, braids and a V placement among them.
+        cases = [
+            {"schedule": "1f1b", "p": 2, "m": 4},
+            {"schedule": "zb-v", "p": 2, "m": 4},
+            {"schedule": "interleaved-1f1b", "p": 2, "m": 4, "v": 2},
+            {"schedule": "1f1b-recompute", "p": 2, "m": 4},
+            {"schedule": "dualpipe", "p": 2, "m": 4},
+            {"schedule": "stp", "p": 2, "m": 6},
+        ]
+        self.assert_job_ok(launch(2, "tuples", json.dumps(cases)), 2 * len(cases))
+
     def test_the_torch_runtime_trains_stpc_csv_exports_in_both_formats(self):
         for p in (2, 4):
             cases = standard_cases(p, ONE_PIPELINE)

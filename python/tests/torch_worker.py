@@ -257,6 +257,60 @@ def scenario_runtime(cases_json: str) -> None:
             dist.barrier()
 
 
+class Masked(nn.Module):
+    """A stage that takes and returns two tensors: hidden states and an
+    integer mask that travels along (no gradient flows through it)."""
+
+    def __init__(self, part: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(2000 + part)
+        self.w = nn.Parameter(torch.randn(D, D, generator=g, dtype=torch.float64) / math.sqrt(D))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor):
+        return x + torch.tanh(x @ self.w) * mask.unsqueeze(-1).to(x.dtype), mask
+
+
+def masked_loss(out, target: torch.Tensor) -> torch.Tensor:
+    hidden, _ = out
+    return ((hidden - target) ** 2).mean()
+
+
+def scenario_tuples(cases_json: str) -> None:
+    """Stages without units pass a tuple (hidden, mask) between them; the
+    gradients equal a single-process run's."""
+    for case in json.loads(cases_json):
+        options = {k: v for k, v in case.items() if k not in ("schedule", "label")}
+        program = stp.compile(case["schedule"], **options)
+        parts, m = program.num_stages // program.pipelines, program.num_microbatches
+        mine = {s: Masked(s % parts) for s in stp_torch.my_stages(program)}
+        runner = stp_torch.Schedule(program, [stp_torch.Stage(layer, s) for s, layer in mine.items()], masked_loss)
+        x, y = batch(m)
+        mask = (torch.arange(x.shape[0] * SEQ).reshape(x.shape[0], SEQ) % 3 != 0).long()
+        losses: list = []
+        out = runner.step((x, mask), target=y, losses=losses)
+        reference = [Masked(j) for j in range(parts)]
+        ref_losses = []
+        for xi, mi, yi in zip(torch.chunk(x, m), torch.chunk(mask, m), torch.chunk(y, m)):
+            h = (xi, mi)
+            for layer in reference:
+                h = layer(*h)
+            ref_losses.append(masked_loss(h, yi))
+        (sum(ref_losses) / m).backward()
+        label = f"{case['schedule']} {options} (tuples)"
+        if out is not None and not (isinstance(out, tuple) and out[1].dtype == torch.long):
+            raise AssertionError(f"{label}: the step returns the last stage's (hidden, mask), not {type(out)}")
+        routes = program.routes or (0,) * m
+        expected = [float(ref_losses[i].detach()) for i in range(m) if routes[i] * parts + parts - 1 in mine]
+        if len(losses) != len(expected) or any(abs(float(a) - b) > TOLERANCE for a, b in zip(losses, expected)):
+            raise AssertionError(f"{label}: losses {losses} != {expected}")
+        for s, layer in mine.items():
+            err = (layer.w.grad - reference[s % parts].w.grad).abs().max().item()
+            if err > TOLERANCE:
+                raise AssertionError(f"{label}: stage {s} differs by {err:.3g}")
+        print(f"rank {dist.get_rank()}: {label}: {len(mine)} stage(s) agree", flush=True)
+        dist.barrier()
+
+
 def scenario_refused(kind: str) -> None:
     """Every process must raise ScheduleError with the cause."""
     try:
@@ -310,6 +364,8 @@ def main() -> None:
         scenario = sys.argv[1]
         if scenario == "train":
             scenario_train(sys.argv[2])
+        elif scenario == "tuples":
+            scenario_tuples(sys.argv[2])
         elif scenario == "runtime":
             scenario_runtime(sys.argv[2])
         elif scenario == "refused":
