@@ -172,10 +172,6 @@ def _as_tuple(value: Any) -> Tuple[Any, ...]:
     return tuple(value) if isinstance(value, (tuple, list)) else (value,)
 
 
-def _describe(meta: _Meta) -> str:
-    return ", ".join(str(shape) for shape, _ in meta) if len(meta) != 1 else str(meta[0][0])
-
-
 def _floating(meta: _Meta) -> _Meta:
     """The tensors gradients flow through: the floating-point ones."""
     return [(shape, dtype) for shape, dtype in meta if getattr(torch, dtype).is_floating_point]
@@ -243,17 +239,17 @@ class Schedule:
     def _local_problem(self, stages: List[Stage]) -> Optional[str]:
         """What this process alone can see is wrong, or None."""
         p = self.program
+        if any(
+            isinstance(i, Compute) and any(u.collective == "reduce-scatter-all-gather" for u in i.units)
+            for r in p.ranks
+            for i in r.instructions
+        ):
+            return "stp.torch does not run sequence-parallel programs (rs-ag units) yet: compile without sequence_parallel"
         if self.world != p.num_ranks * p.tp:
             return (
                 f"the program has {p.num_ranks} pipeline ranks x tp {p.tp} = {p.num_ranks * p.tp} processes, "
                 f"but the process group has {self.world}"
             )
-        if any(
-            isinstance(i, Compute) and any(u.collective == "rs-ag" for u in i.units)
-            for r in p.ranks
-            for i in r.instructions
-        ):
-            return "stp.torch does not run sequence-parallel programs (rs-ag units) yet: compile without sequence_parallel"
         if not all(isinstance(s, Stage) for s in stages):
             return "stages must be stp.torch.Stage objects"
         given = sorted(s.index for s in stages)
@@ -286,18 +282,23 @@ class Schedule:
         except Exception as e:
             raise PeerError(f"process {self.global_rank}, {what}: {e}") from e
 
+    def _process(self, pipeline_rank: int, tp_rank: int) -> int:
+        """The global rank of a process (the job's group may be a subgroup)."""
+        rank = pipeline_rank * self.tp + tp_rank
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
     def _global(self, pipeline_rank: int) -> int:
-        return pipeline_rank * self.tp + self.tp_rank
+        return self._process(pipeline_rank, self.tp_rank)
+
+    @staticmethod
+    def _new_group(members: List[int]) -> Any:
+        # Only the members take part, so a job's group may be a subgroup.
+        return dist.new_group(sorted(members), use_local_synchronization=True)
 
     def _make_tp_groups(self) -> Optional[Any]:
         if self.tp == 1:
             return None
-        mine = None
-        for r in range(self.program.num_ranks):
-            g = dist.new_group([r * self.tp + t for t in range(self.tp)])
-            if r == self.pipeline_rank:
-                mine = g
-        return mine
+        return self._new_group([self._process(self.pipeline_rank, t) for t in range(self.tp)])
 
     def _reduce_owner_sets(self) -> List[Tuple[int, ...]]:
         sets = set()
@@ -310,13 +311,11 @@ class Schedule:
         return sorted(sets)
 
     def _make_reduce_groups(self) -> Dict[Tuple[int, ...], Any]:
-        groups = {}
-        for owners in self._reduce_owner_sets():
-            for t in range(self.tp):
-                g = dist.new_group([o * self.tp + t for o in owners])
-                if t == self.tp_rank and self.pipeline_rank in owners:
-                    groups[owners] = g
-        return groups
+        return {
+            owners: self._new_group([self._process(o, self.tp_rank) for o in owners])
+            for owners in self._reduce_owner_sets()
+            if self.pipeline_rank in owners
+        }
 
     def _recompute_plan(self) -> set:
         rank = self.program.ranks[self.pipeline_rank]
@@ -347,8 +346,8 @@ class Schedule:
             if self.pipeline_rank == owner:
                 answer[0] = self._try_stage(s, meta, inputs, targets, m)
             self._collective(
-                f"learning stage {s}'s output shape from process {owner * self.tp}",
-                lambda: dist.broadcast_object_list(answer, src=owner * self.tp, group=self.group),
+                f"learning stage {s}'s output shape from process {self._process(owner, 0)}",
+                lambda: dist.broadcast_object_list(answer, src=self._process(owner, 0), group=self.group),
             )
             kind, value = answer[0]
             if kind == "error":

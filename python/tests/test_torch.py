@@ -156,6 +156,9 @@ class TorchTests(unittest.TestCase):
         ]
         self.assert_job_ok(launch(2, "tuples", json.dumps(cases)), 2 * len(cases))
 
+    def test_a_schedule_runs_on_a_subgroup(self):
+        self.assert_job_ok(launch(4, "subgroups"), 4)
+
     def test_the_torch_runtime_trains_stpc_csv_exports_in_both_formats(self):
         for p in (2, 4):
             cases = standard_cases(p, ONE_PIPELINE)
@@ -171,6 +174,9 @@ class TorchTests(unittest.TestCase):
 
     def test_a_program_for_another_world_size_is_refused_on_every_process(self):
         self.assertIn("4 pipeline ranks x tp 1 = 4 processes, but the process group has 2", self.refusal("world"))
+
+    def test_sequence_parallel_programs_are_refused(self):
+        self.assertIn("does not run sequence-parallel programs", self.refusal("sequence-parallel"))
 
     def test_stages_the_rank_does_not_own_are_refused_on_every_process(self):
         self.assertIn("owns stage(s) [1] of 2, but was given stage(s) [0]", self.refusal("stages"))

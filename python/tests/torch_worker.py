@@ -311,10 +311,41 @@ def scenario_tuples(cases_json: str) -> None:
         dist.barrier()
 
 
+def scenario_subgroups() -> None:
+    """Four processes, two jobs: processes 0-1 and 2-3 each run a schedule
+    over their own subgroup (as data-parallel replicas of a pipeline
+    would), zb-v on one and dualpipe (with its reduction) on the other."""
+    halves = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    half = dist.get_rank() // 2
+    group = halves[half]
+    name = "zb-v" if half == 0 else "dualpipe"
+    program = stp.compile(name, p=2, m=4)
+    parts = program.num_stages // program.pipelines
+    me = dist.get_rank(group)
+    owned = [s for s, r in enumerate(program.placement) if r == me]
+    mine = {s: Layer(s % parts) for s in owned}
+    stages = [stp_torch.Stage(layer, s, units=[layer.attention, layer.mlp]) for s, layer in mine.items()]
+    runner = stp_torch.Schedule(program, stages, loss_fn, group=group)
+    x, y = batch(4)
+    runner.step(x, target=y)
+    ref_layers, _ = reference(parts, 4)
+    for s, layer in mine.items():
+        ref = dict(ref_layers[s % parts].named_parameters())
+        for pname, param in layer.named_parameters():
+            err = (param.grad - ref[pname].grad).abs().max().item()
+            if err > TOLERANCE:
+                raise AssertionError(f"{name} on subgroup {half}: stage {s} {pname} differs by {err:.3g}")
+    print(f"rank {dist.get_rank()}: {name} on subgroup {half}: {len(mine)} stage(s) agree", flush=True)
+    dist.barrier()
+
+
 def scenario_refused(kind: str) -> None:
     """Every process must raise ScheduleError with the cause."""
     try:
-        if kind == "world":
+        if kind == "sequence-parallel":
+            program = stp.compile("stp", p=2, m=6, tp=2, sequence_parallel=True)
+            stages = [stp_torch.Stage(Layer(0), 0)]
+        elif kind == "world":
             program = stp.compile("1f1b", p=4, m=4)
             stages = [stp_torch.Stage(Layer(0), 0)]
         elif kind == "stages":
@@ -364,6 +395,8 @@ def main() -> None:
         scenario = sys.argv[1]
         if scenario == "train":
             scenario_train(sys.argv[2])
+        elif scenario == "subgroups":
+            scenario_subgroups()
         elif scenario == "tuples":
             scenario_tuples(sys.argv[2])
         elif scenario == "runtime":
