@@ -14,7 +14,9 @@ Rust crates as `stpc`)::
 
 A schedule the checker refuses raises `stp.CompileError`, whose `report`
 is the same text `stpc` prints, and whose `code`, `line` and `column`
-say what and where. See the book's chapter "Python" for the whole API.
+say what and where. See the book's chapter "Python" for the whole API,
+and `stp.torch` (chapter "Training with PyTorch") to train your own
+PyTorch model with a program.
 """
 
 from __future__ import annotations
