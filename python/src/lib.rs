@@ -362,6 +362,16 @@ fn torch_csv(program: &str, comms: bool) -> String {
     json!({"ok": true, "csv": csv.text, "notes": csv.notes}).to_string()
 }
 
+/// A verified program in the compact JSON form (format version 2):
+/// `{"ok": true, "json": TEXT}`, or why the program is refused.
+#[pyfunction]
+fn compact_json(program: &str) -> String {
+    match load_verified(program) {
+        Ok(p) => json!({"ok": true, "json": stp_ir::to_compact_json(&p)}).to_string(),
+        Err(answer) => answer,
+    }
+}
+
 /// The standard schedules: `[{"name", "summary", "source"}]`.
 #[pyfunction]
 fn standard_schedules() -> String {
@@ -396,6 +406,7 @@ fn _stp(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(standard_schedules, m)?)?;
     m.add_function(wrap_pyfunction!(torch_csv, m)?)?;
+    m.add_function(wrap_pyfunction!(compact_json, m)?)?;
     m.add_function(wrap_pyfunction!(explain, m)?)?;
     m.add_function(wrap_pyfunction!(version, m)?)?;
     Ok(())

@@ -90,6 +90,13 @@ class CompileTest(unittest.TestCase):
         self.assertTrue(compute.units, "with tp = 2 every compute lists its units")
         self.assertTrue(any(i.braided for r in program.ranks for i in r.instructions if isinstance(i, Compute)))
 
+    def test_the_compact_form_reads_back_to_the_same_program(self):
+        program = stp.compile("zb-v", p=4, m=8)
+        compact = program.to_json(compact=True)
+        self.assertTrue(compact.startswith('{"version":2,'), compact[:40])
+        self.assertLess(3 * len(compact), len(program.to_json()))
+        self.assertEqual(stp.Program.from_json(compact), program)
+
     def test_transfers_pair_up_on_every_link(self):
         program = stp.compile("zb-v", p=4, m=8)
         sends, recvs = Counter(), Counter()
