@@ -36,16 +36,20 @@ struct Placement {
 const PLACEMENTS: [Placement; 3] = [
     Placement { name: "1f1b", stages: "p", place: "s", budget: "p", chunks: 1 },
     Placement { name: "interleaved", stages: "2 * p", place: "s % p", budget: "3 * p", chunks: 2 },
-    Placement { name: "v", stages: "2 * p", place: "if s < p { s } else { 2 * p - 1 - s }", budget: "2 * p", chunks: 2 },
+    Placement {
+        name: "v",
+        stages: "2 * p",
+        place: "if s < p { s } else { 2 * p - 1 - s }",
+        budget: "2 * p",
+        chunks: 2,
+    },
 ];
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let effort: f64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(60.0);
-    let ps: Vec<i64> = args
-        .next()
-        .map(|a| a.split(',').filter_map(|p| p.parse().ok()).collect())
-        .unwrap_or_else(|| vec![8, 16, 32]);
+    let ps: Vec<i64> =
+        args.next().map(|a| a.split(',').filter_map(|p| p.parse().ok()).collect()).unwrap_or_else(|| vec![8, 16, 32]);
     let only_placement = args.next().filter(|a| a != "all");
     let only_costs = args.next().filter(|a| a != "all");
     let skewed = CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
@@ -103,7 +107,8 @@ fn row(placement: &Placement, costs: &str, p: i64, m: i64, cost: &CostModel, eff
     let greedy = greedy.map(|(order, _)| simulated(&auto, order, cost));
     let smt = smt.map(|(order, _)| simulated(&auto, order, cost));
     let show = |r: &Result<f64, _>| r.as_ref().map_or("none".to_string(), |t| format!("{t:.2}"));
-    let gap = |r: &Result<f64, _>| r.as_ref().map_or("-".to_string(), |t| format!("{:+.1}%", 100.0 * (t / bound - 1.0)));
+    let gap =
+        |r: &Result<f64, _>| r.as_ref().map_or("-".to_string(), |t| format!("{:+.1}%", 100.0 * (t / bound - 1.0)));
     println!(
         "| {} | ({costs}) | {p} | {m} | {passes} | {} | {greedy_time:.1} s | {} | {smt_time:.1} s | {bound:.2} | {} | {} | {} |",
         placement.name,

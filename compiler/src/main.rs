@@ -10,7 +10,7 @@ use stpc::elab::{Limits, ParamArgs};
 use stpc::emit::{self, Emit};
 use stpc::lower::LowerOptions;
 use stpc::opt::Solver;
-use stpc::pipeline::{self, Request};
+use stpc::pipeline::{self, Build, Request};
 use stpc::syntax::span::SourceFile;
 
 /// stpc: compile pipeline-parallel training schedules written in the .sched
@@ -504,7 +504,11 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
     let file = load(target)?;
     let build = pipeline::build(&file, &request(target, verify_each)).map_err(|d| report(&d, &file, target.color))?;
     tell_plan(&build, None);
-    let program = build.program;
+    let Build { checked, program } = build;
+    // The process ends after this command: handing a million-op schedule
+    // back to the allocator piece by piece would take longer than writing it.
+    std::mem::forget(checked);
+    let program = std::mem::ManuallyDrop::new(program);
     let mut formats: Vec<Emit> = emits
         .iter()
         .map(|e| match e {
@@ -516,9 +520,10 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
     formats.dedup();
     // Render everything first, so a failure leaves no output behind.
     let rendered: Vec<(Emit, String)> = formats.iter().map(|f| (*f, f.render(&program))).collect();
+    let rendered = std::mem::ManuallyDrop::new(rendered);
     match out_dir {
         None => {
-            for (_, text) in rendered {
+            for (_, text) in rendered.iter() {
                 out!("{text}");
             }
         }
@@ -528,7 +533,7 @@ fn compile(target: &Target, emits: &[EmitArg], out_dir: Option<&Path>, verify_ea
             // All outputs of one command land together or not at all.
             let paths: Vec<std::path::PathBuf> = rendered.iter().map(|(f, _)| dir.join(f.file_name())).collect();
             let files: Vec<(&std::path::Path, &[u8])> =
-                paths.iter().zip(&rendered).map(|(p, (_, text))| (p.as_path(), text.as_bytes())).collect();
+                paths.iter().zip(rendered.iter()).map(|(p, (_, text))| (p.as_path(), text.as_bytes())).collect();
             emit::write_all_atomic(&files)
                 .map_err(|(path, e)| io_error(&format!("cannot write {} (nothing written)", path.display()), &e))?;
             for path in &paths {

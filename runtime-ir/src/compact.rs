@@ -47,37 +47,59 @@ fn code_of<T: PartialEq>(table: &[T], value: &T) -> u32 {
 
 /// Serialize `program` in the compact form (version 2).
 pub fn to_compact_json(program: &Program) -> String {
-    let instrs: usize = program.ranks.iter().map(|r| r.instrs.len()).sum();
-    let mut out = String::with_capacity(256 + instrs * 16);
     let header = serde_json::to_string(&program.schedule).unwrap_or_default();
+    let mut out = String::with_capacity(header.len() + 64);
     out.push_str("{\"version\":2,\"schedule\":");
     out.push_str(&header);
     out.push_str(",\"ranks\":[");
-    for (i, rank) in program.ranks.iter().enumerate() {
-        if i > 0 {
+    // Ranks encode independently: two threads each write half of them.
+    match crate::slots::two_way_split(program.ranks.iter().map(|r| r.instrs.len())) {
+        None => out.push_str(&ranks_json(&program.ranks)),
+        Some(split) => {
+            let (first, second) = program.ranks.split_at(split);
+            let (first, second) = std::thread::scope(|scope| {
+                let later = scope.spawn(|| ranks_json(second));
+                let first = ranks_json(first);
+                (first, later.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+            });
+            out.push_str(&first);
             out.push(',');
+            out.push_str(&second);
         }
-        let mut codes = Codes { out: &mut out, first: true };
-        codes.out.push('[');
-        for instr in &rank.instrs {
-            codes.instr(instr);
-        }
-        out.push(']');
     }
     out.push_str("]}");
     out
 }
 
+/// `ranks` as comma-separated arrays of codes.
+fn ranks_json(ranks: &[RankProgram]) -> String {
+    let instrs: usize = ranks.iter().map(|r| r.instrs.len()).sum();
+    let mut out = Vec::with_capacity(instrs * 16);
+    for (i, rank) in ranks.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.push(b'[');
+        let mut codes = Codes { out: &mut out, first: true };
+        for instr in &rank.instrs {
+            codes.instr(instr);
+        }
+        out.push(b']');
+    }
+    // Only ASCII digits, commas and brackets were written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
 /// Writes integers comma-separated.
 struct Codes<'a> {
-    out: &'a mut String,
+    out: &'a mut Vec<u8>,
     first: bool,
 }
 
 impl Codes<'_> {
     fn put(&mut self, n: u32) {
         if !self.first {
-            self.out.push(',');
+            self.out.push(b',');
         }
         self.first = false;
         let mut digits = [0u8; 10];
@@ -91,9 +113,7 @@ impl Codes<'_> {
                 break;
             }
         }
-        for d in &digits[at..] {
-            self.out.push(char::from(*d));
-        }
+        self.out.extend_from_slice(&digits[at..]);
     }
 
     fn buffer(&mut self, b: Buffer) {

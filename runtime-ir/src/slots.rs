@@ -84,3 +84,29 @@ impl<T: Copy + Default + PartialEq> BufferSlots<T> {
         }
     }
 }
+
+/// A hash map for keys the program itself chose (ranks, links, buffers):
+/// a fast fixed hash instead of SipHash's flooding resistance, which keys
+/// of this kind do not need, and the same iteration order on every run.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
+
+/// Above this many instructions, passes that treat each rank's program on
+/// its own run on two threads; below it a thread costs more than it saves.
+const PARALLEL_FROM: usize = 20_000;
+
+/// Where to cut a list of rank programs of these sizes so that two threads
+/// get as much work each, or `None` where one thread should do it all (a
+/// small program, one rank, or one core).
+pub fn two_way_split(sizes: impl ExactSizeIterator<Item = usize> + Clone) -> Option<usize> {
+    let (ranks, total) = (sizes.len(), sizes.clone().sum::<usize>());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cores < 2 || total < PARALLEL_FROM || ranks < 2 {
+        return None;
+    }
+    let mut seen = 0;
+    let half = sizes.take_while(|n| {
+        seen += n;
+        2 * seen < total
+    });
+    Some((half.count() + 1).clamp(1, ranks - 1))
+}

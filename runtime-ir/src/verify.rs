@@ -33,7 +33,7 @@
 use crate::ids::{Buffer, BufferKind, Rank, Stage};
 use crate::program::{units_of, Collective, Compute, Direction, Instr, Part, Pass, PassKind, Program, Transfer};
 use crate::slots::BufferSlots;
-use std::collections::HashMap;
+use crate::slots::FastMap;
 use std::fmt;
 
 /// One violated invariant.
@@ -65,11 +65,7 @@ pub fn verify(program: &Program) -> Result<(), Vec<VerifyError>> {
     let mut v = Verifier { program, errors: Vec::new() };
     v.check_shape();
     if v.errors.is_empty() {
-        let meta = &program.schedule;
-        let mut state = BufferSlots::new(meta.num_stages, meta.num_microbatches);
-        for rank in &program.ranks {
-            v.check_instructions(rank.rank, &rank.instrs, &mut state);
-        }
+        v.errors = check_ranks(program);
         v.check_matching();
         v.check_coverage();
         v.check_reductions();
@@ -78,6 +74,65 @@ pub fn verify(program: &Program) -> Result<(), Vec<VerifyError>> {
         Ok(())
     } else {
         Err(v.errors)
+    }
+}
+
+/// Invariants 2, 3, 6 and 8 for every rank, in rank order.
+fn check_ranks(program: &Program) -> Vec<VerifyError> {
+    let check = |ranks: &[crate::RankProgram]| {
+        let meta = &program.schedule;
+        let mut v = Verifier { program, errors: Vec::new() };
+        let mut state = RankState::new(meta.num_stages, meta.num_microbatches);
+        for rank in ranks {
+            v.check_instructions(rank.rank, &rank.instrs, &mut state);
+        }
+        v.errors
+    };
+    let Some(split) = crate::slots::two_way_split(program.ranks.iter().map(|r| r.instrs.len())) else {
+        return check(&program.ranks);
+    };
+    let (first, second) = program.ranks.split_at(split);
+    std::thread::scope(|scope| {
+        let later = scope.spawn(|| check(second));
+        let mut errors = check(first);
+        errors.extend(later.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
+        errors
+    })
+}
+
+/// One rank's bookkeeping while its instructions are checked: each
+/// buffer's life, and per (stage, microbatch) whether its input gradient
+/// is done and whether a backward has started (kept in the pair's stash
+/// slot: these are facts about the pair, not about a buffer).
+struct RankState {
+    buffers: BufferSlots<Life>,
+    pairs: BufferSlots<u8>,
+}
+
+const INPUT_GRADIENT_DONE: u8 = 1;
+const BACKWARD_STARTED: u8 = 2;
+
+impl RankState {
+    fn new(num_stages: u32, num_microbatches: u32) -> RankState {
+        RankState {
+            buffers: BufferSlots::new(num_stages, num_microbatches),
+            pairs: BufferSlots::new(num_stages, num_microbatches),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.buffers.reset();
+        self.pairs.reset();
+    }
+
+    fn has(&self, pass: &Pass, flag: u8) -> bool {
+        self.pairs.get(Buffer::stash(pass.stage, pass.mb)) & flag != 0
+    }
+
+    fn mark(&mut self, pass: &Pass, flag: u8) {
+        let key = Buffer::stash(pass.stage, pass.mb);
+        let flags = self.pairs.get(key);
+        self.pairs.set(key, flags | flag);
     }
 }
 
@@ -175,11 +230,9 @@ impl Verifier<'_> {
         }
     }
 
-    fn check_instructions(&mut self, rank: Rank, instrs: &[Instr], state: &mut BufferSlots<Life>) {
+    fn check_instructions(&mut self, rank: Rank, instrs: &[Instr], state: &mut RankState) {
         let chain = self.program.schedule.chain();
         state.reset();
-        let mut input_gradients_done: std::collections::HashSet<(Stage, crate::Microbatch)> = Default::default();
-        let mut backwards_started: std::collections::HashSet<(Stage, crate::Microbatch)> = Default::default();
         for (i, instr) in instrs.iter().enumerate() {
             let before = self.errors.len();
             self.check_ids(rank, i, instr);
@@ -187,17 +240,21 @@ impl Verifier<'_> {
                 continue;
             }
             if let Instr::Compute(c) = instr {
-                self.check_pass_order(rank, i, c, &input_gradients_done);
+                self.check_pass_order(rank, i, c, state);
                 for r in c.passes.iter().filter(|p| p.kind == PassKind::R) {
-                    if backwards_started.contains(&(r.stage, r.mb)) {
+                    if state.has(r, BACKWARD_STARTED) {
                         self.error(Some(rank), Some(i), format!("`{r}` runs after the backward it restores for"));
                     }
                 }
-                let done = c.passes.iter().filter(|p| p.kind == PassKind::B).map(|p| (p.stage, p.mb));
-                input_gradients_done.extend(done);
-                let started = c.passes.iter().filter(|p| matches!(p.kind, PassKind::B | PassKind::BW));
-                backwards_started.extend(started.map(|p| (p.stage, p.mb)));
+                for p in &c.passes {
+                    match p.kind {
+                        PassKind::B => state.mark(p, INPUT_GRADIENT_DONE | BACKWARD_STARTED),
+                        PassKind::BW => state.mark(p, BACKWARD_STARTED),
+                        _ => {}
+                    }
+                }
             }
+            let state = &mut state.buffers;
             for buffer in instr.reads(chain) {
                 let why = match state.get(buffer) {
                     Life::Live => continue,
@@ -220,7 +277,8 @@ impl Verifier<'_> {
                 }
             }
         }
-        let mut leaked: Vec<Buffer> = state.entries().filter(|(_, life)| *life == Life::Live).map(|(b, _)| b).collect();
+        let mut leaked: Vec<Buffer> =
+            state.buffers.entries().filter(|(_, life)| *life == Life::Live).map(|(b, _)| b).collect();
         leaked.sort();
         for buffer in leaked {
             self.error(Some(rank), None, format!("{buffer} is never freed"));
@@ -229,15 +287,9 @@ impl Verifier<'_> {
 
     /// Invariant 8 for one compute: every `W` after its `B`, and the passes
     /// of a braid independent of each other.
-    fn check_pass_order(
-        &mut self,
-        rank: Rank,
-        i: usize,
-        c: &Compute,
-        input_gradients_done: &std::collections::HashSet<(Stage, crate::Microbatch)>,
-    ) {
+    fn check_pass_order(&mut self, rank: Rank, i: usize, c: &Compute, state: &RankState) {
         for w in c.passes.iter().filter(|p| p.kind == PassKind::W) {
-            if !input_gradients_done.contains(&(w.stage, w.mb)) {
+            if !state.has(w, INPUT_GRADIENT_DONE) {
                 self.error(Some(rank), Some(i), format!("`{w}` runs before `B {} {}` has finished", w.stage, w.mb));
             }
         }
@@ -442,8 +494,8 @@ impl Verifier<'_> {
     fn check_matching(&mut self) {
         // Per directed link, the buffers in posting order, with where each was posted.
         type Posts = Vec<(Buffer, usize)>;
-        let mut sends: HashMap<(Rank, Rank), Posts> = HashMap::new();
-        let mut recvs: HashMap<(Rank, Rank), Posts> = HashMap::new();
+        let mut sends: FastMap<(Rank, Rank), Posts> = FastMap::default();
+        let mut recvs: FastMap<(Rank, Rank), Posts> = FastMap::default();
         for rank in &self.program.ranks {
             for (i, instr) in rank.instrs.iter().enumerate() {
                 for t in instr.transfers() {
@@ -497,7 +549,7 @@ impl Verifier<'_> {
         what: &str,
         missing: &str,
     ) {
-        let mut counts: HashMap<Buffer, i64> = HashMap::new();
+        let mut counts: FastMap<Buffer, i64> = FastMap::default();
         for (b, _) in theirs {
             *counts.entry(*b).or_default() += 1;
         }

@@ -56,7 +56,7 @@ struct Eval<'m> {
 struct RankState {
     /// Next microbatch per (pass class, stage) for ops that omit it; `B` and
     /// `BW` share the backward class.
-    next_mb: HashMap<(u8, u32), i64>,
+    next_mb: stp_ir::FastMap<(u8, u32), i64>,
     /// Deferred weight gradients, oldest first, with the op that deferred each.
     deferred: VecDeque<(Pass, Span)>,
     /// Weight gradients deferred with `defer auto`, for stpc to place.

@@ -8,7 +8,8 @@
 //! those others are received first and held.
 
 use crate::elab::ComputeSchedule;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use stp_ir::FastMap;
 use stp_ir::{Buffer, BufferKind, BufferSlots, Chain, Compute, Instr, Program, Rank, RankProgram, FORMAT_VERSION};
 
 pub(super) fn run(s: &ComputeSchedule) -> Program {
@@ -66,8 +67,8 @@ impl Route<'_> {
 }
 
 /// Per directed link (from, to), the buffers in the order the sender sends them.
-fn send_order(s: &ComputeSchedule, route: &Route) -> HashMap<(Rank, Rank), VecDeque<Buffer>> {
-    let mut order: HashMap<(Rank, Rank), VecDeque<Buffer>> = HashMap::new();
+fn send_order(s: &ComputeSchedule, route: &Route) -> FastMap<(Rank, Rank), VecDeque<Buffer>> {
+    let mut order: FastMap<(Rank, Rank), VecDeque<Buffer>> = FastMap::default();
     for (r, ops) in s.ranks.iter().enumerate() {
         let from = Rank(r as u32);
         let chain = s.meta.chain();
@@ -101,7 +102,7 @@ fn receive_through(
     buffer: Buffer,
     rank: Rank,
     route: &Route,
-    link_order: &mut HashMap<(Rank, Rank), VecDeque<Buffer>>,
+    link_order: &mut FastMap<(Rank, Rank), VecDeque<Buffer>>,
     received: &mut BufferSlots<bool>,
     instrs: &mut Vec<Instr>,
 ) {

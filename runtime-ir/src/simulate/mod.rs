@@ -19,7 +19,8 @@ pub use timed::{
 
 use crate::ids::Rank;
 use crate::program::{Direction, Instr, Program, Transfer};
-use std::collections::{HashMap, VecDeque};
+use crate::slots::FastMap;
+use std::collections::VecDeque;
 use std::fmt;
 
 /// How a send behaves.
@@ -106,7 +107,7 @@ type Link = (Rank, Rank);
 struct Reductions {
     /// Per reduction (keyed by its first stage): the ranks there and when
     /// each arrived.
-    arrived: HashMap<u32, Vec<(usize, f64)>>,
+    arrived: FastMap<u32, Vec<(usize, f64)>>,
 }
 
 impl Reductions {
@@ -289,7 +290,7 @@ struct TransferIndex {
 
 impl TransferIndex {
     fn new(program: &Program) -> TransferIndex {
-        let mut link_ids: HashMap<Link, u32> = HashMap::new();
+        let mut link_ids: FastMap<Link, u32> = FastMap::default();
         let mut recv_sites: Vec<Vec<usize>> = Vec::new();
         let mut sent: Vec<u32> = Vec::new();
         let mut infos = Vec::with_capacity(program.ranks.len());
