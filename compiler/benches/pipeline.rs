@@ -142,3 +142,36 @@ fn bound_with(bencher: Bencher, m: i64, memory: bool) {
     };
     bencher.bench(|| stpc::opt::bound::lower_bound(&s, &cost));
 }
+
+/// The solver at production scale (issue 21; the book's "At scale"
+/// table): `auto` on the V placement (budget 2p) at p = 8 and 16,
+/// m = 4p, under `T_B = 2`, `T_W = 0.5`, `T_AR = 0.25`, ordered by the
+/// greedy portfolio and its local search.
+#[divan::bench(args = [8, 16], sample_count = 3)]
+fn solver_greedy_at_scale(bencher: Bencher, p: i64) {
+    let auto = v_placement(p);
+    bencher.bench(|| stpc::opt::plan(&auto, stpc::opt::Solver::Greedy).expect("plans").1.makespan);
+}
+
+/// The same with `--solver smt --solver-effort 2` (restarts and late
+/// acceptance: the exact model is too large here): compare with
+/// `solver_greedy_at_scale` in the same run.
+#[divan::bench(args = [8, 16], sample_count = 3)]
+fn solver_smt_at_scale(bencher: Bencher, p: i64) {
+    let auto = v_placement(p);
+    let smt = stpc::opt::Solver::Smt { effort: 2.0, cap: None, progress: None };
+    bencher.bench(|| stpc::opt::plan(&auto, smt).expect("plans").1.makespan);
+}
+
+fn v_placement(p: i64) -> stpc::elab::ComputeSchedule {
+    let source =
+        "schedule v(p: ranks, m: microbatches) { stages 2 * p; place s -> if s < p { s } else { 2 * p - 1 - s }; \
+                  memory { budget = 2 * p; } cost { forward = 1; backward_input = 2; backward_weight = 0.5; \
+                  tp_collective = 0.25; } auto; }";
+    let file = SourceFile::new("v.sched", source);
+    let request = Request {
+        params: ParamArgs { ranks: Some(p), microbatches: Some(4 * p), ..ParamArgs::default() },
+        ..Request::default()
+    };
+    pipeline::elaborate_unplanned(&file, &request).expect("elaborates")
+}
