@@ -123,14 +123,9 @@ fn row(placement: &Placement, costs: &str, p: i64, m: i64, cost: &CostModel, eff
 /// `base` on a model cut into `p` stages whose first costs 1.3 times a
 /// middle one and whose last 2.5 times, recut into `stages`.
 fn heavy_ends(base: &CostModel, p: u32, stages: u32) -> CostModel {
-    let mut by_stage = vec![base.uniform(); p as usize];
-    for (st, factor) in [(0, 1.3), (p as usize - 1, 2.5)] {
-        let t = &mut by_stage[st];
-        (t.forward, t.backward_input, t.backward_weight, t.tp_collective) =
-            (t.forward * factor, t.backward_input * factor, t.backward_weight * factor, t.tp_collective * factor);
-    }
-    let model = CostModel { stages: by_stage, ..base.clone() };
-    model.recut(p, stages).unwrap_or_else(|| panic!("{stages} stages is not a multiple of {p}"))
+    base.with_heavy_ends(p, 1.3, 2.5)
+        .recut(p, stages)
+        .unwrap_or_else(|| panic!("{stages} stages is not a multiple of {p}"))
 }
 
 /// The simulated makespan of `order`, the planned order of `auto`, checked

@@ -49,13 +49,7 @@ fn main() {
     let m = 3 * p;
     // A model copy cut into `parts` stages, repeated for each pipeline.
     let heavy_ends = |parts: u32, pipelines: u32| {
-        let mut by_stage = vec![skewed.uniform(); p as usize];
-        for (st, factor) in [(0, 1.3), (p as usize - 1, 2.5)] {
-            let t = &mut by_stage[st];
-            (t.forward, t.backward_input, t.backward_weight, t.tp_collective) =
-                (t.forward * factor, t.backward_input * factor, t.backward_weight * factor, t.tp_collective * factor);
-        }
-        let model = CostModel { stages: by_stage, ..skewed.clone() };
+        let model = skewed.with_heavy_ends(p as u32, 1.3, 2.5);
         let cut = model.recut(p as u32, parts).unwrap_or_else(|| panic!("{parts} stages is not a multiple of {p}"));
         cut.per_copy(parts, pipelines)
     };

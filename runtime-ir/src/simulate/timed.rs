@@ -288,6 +288,20 @@ impl CostModel {
         }
     }
 
+    /// The uniform times on a model cut into `stages` stages whose first
+    /// stage (the embedding) takes `first` times a middle one and whose
+    /// last (the LM head and loss) `last` times, collectives included.
+    pub fn with_heavy_ends(&self, stages: u32, first: f64, last: f64) -> CostModel {
+        let mut by_stage = vec![self.uniform(); stages.max(1) as usize];
+        let end = by_stage.len() - 1;
+        for (st, factor) in [(0, first), (end, last)] {
+            let t = &mut by_stage[st];
+            (t.forward, t.backward_input, t.backward_weight, t.tp_collective) =
+                (t.forward * factor, t.backward_input * factor, t.backward_weight * factor, t.tp_collective * factor);
+        }
+        CostModel { stages: by_stage, ..self.clone() }
+    }
+
     /// The same model's times when it is cut into `to` stages instead of
     /// `from`: every stage's compute divided by `to / from`. Per-stage times
     /// split evenly when `to` is a multiple of `from` (each stage into
