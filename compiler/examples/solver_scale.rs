@@ -14,11 +14,13 @@
 //! `interleaved`, `v`; COSTS `b` or `d`). Rows are printed as they finish.
 #![allow(clippy::print_stdout)]
 
+mod common;
+
+use common::simulated;
 use std::io::Write;
 use std::time::Instant;
-use stp_ir::simulate::{simulate, CostModel, Semantics};
-use stpc::elab::{ComputeSchedule, ParamArgs, ScheduledOp};
-use stpc::lower::LowerOptions;
+use stp_ir::simulate::CostModel;
+use stpc::elab::ParamArgs;
 use stpc::opt::{self, Solver};
 use stpc::pipeline::{self, Request};
 use stpc::syntax::span::SourceFile;
@@ -126,14 +128,4 @@ fn heavy_ends(base: &CostModel, p: u32, stages: u32) -> CostModel {
     base.with_heavy_ends(p, 1.3, 2.5)
         .recut(p, stages)
         .unwrap_or_else(|| panic!("{stages} stages is not a multiple of {p}"))
-}
-
-/// The simulated makespan of `order`, the planned order of `auto`, checked
-/// and lowered as `stpc` would.
-fn simulated(auto: &ComputeSchedule, order: Vec<Vec<ScheduledOp>>, cost: &CostModel) -> f64 {
-    let planned = ComputeSchedule { ranks: order, ..auto.clone() };
-    let checked = stpc::check::check(planned).unwrap_or_else(|d| panic!("the planned order checks: {d:?}"));
-    let lowered = stpc::lower::lower(&checked, LowerOptions::default(), Semantics::Rendezvous)
-        .unwrap_or_else(|e| panic!("the planned order lowers: {}", e.pass));
-    simulate(&lowered.program, cost).unwrap_or_else(|d| panic!("{d}")).makespan
 }

@@ -25,12 +25,13 @@
 //! ones).
 #![allow(clippy::print_stdout)]
 
+mod common;
+
+use common::simulated;
 use std::time::Instant;
-use stp_ir::simulate::Semantics;
 use stp_ir::simulate::{simulate, CostModel};
 use stpc::cost::{model::cost_model, Hardware, ModelShape, Parallelism};
-use stpc::elab::{ComputeSchedule, ParamArgs, ScheduledOp};
-use stpc::lower::LowerOptions;
+use stpc::elab::ParamArgs;
 use stpc::opt::{self, Solver};
 use stpc::pipeline::{self, Request};
 use stpc::syntax::span::SourceFile;
@@ -144,16 +145,6 @@ fn main() {
             );
         }
     }
-}
-
-/// The simulated makespan of `order`, the planned order of `auto`: checked
-/// and lowered as `stpc` would.
-fn simulated(auto: &ComputeSchedule, order: Vec<Vec<ScheduledOp>>, cost: &CostModel) -> f64 {
-    let planned = ComputeSchedule { ranks: order, ..auto.clone() };
-    let checked = stpc::check::check(planned).unwrap_or_else(|d| panic!("the planned order checks: {d:?}"));
-    let lowered = stpc::lower::lower(&checked, LowerOptions::default(), Semantics::Rendezvous)
-        .unwrap_or_else(|e| panic!("the planned order lowers: {}", e.pass));
-    simulate(&lowered.program, cost).unwrap_or_else(|d| panic!("{d}")).makespan
 }
 
 /// `cost` in units of its forward time.

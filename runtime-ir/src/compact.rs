@@ -53,20 +53,7 @@ pub fn to_compact_json(program: &Program) -> String {
     out.push_str(&header);
     out.push_str(",\"ranks\":[");
     // Ranks encode independently: two threads each write half of them.
-    match crate::slots::two_way_split(program.ranks.iter().map(|r| r.instrs.len())) {
-        None => out.push_str(&ranks_json(&program.ranks)),
-        Some(split) => {
-            let (first, second) = program.ranks.split_at(split);
-            let (first, second) = std::thread::scope(|scope| {
-                let later = scope.spawn(|| ranks_json(second));
-                let first = ranks_json(first);
-                (first, later.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
-            });
-            out.push_str(&first);
-            out.push(',');
-            out.push_str(&second);
-        }
-    }
+    out.push_str(&crate::slots::on_rank_halves(&program.ranks, ranks_json).join(","));
     out.push_str("]}");
     out
 }

@@ -64,7 +64,7 @@ pub use program::{
     units_of, Chain, Collective, Compute, Direction, Instr, Param, Part, Pass, PassKind, Program, RankProgram,
     ScheduleMeta, Transfer, Unit, FORMAT_VERSION,
 };
-pub use slots::{two_way_split, BufferSlots, FastMap};
+pub use slots::{on_rank_halves, on_rank_halves_mut, BufferSlots, FastMap};
 pub use text::{parse_text, print_text, TextError};
 pub use verify::{verify, VerifyError};
 

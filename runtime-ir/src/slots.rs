@@ -2,6 +2,7 @@
 //! state on one rank at a time without hashing.
 
 use crate::ids::{Buffer, BufferKind};
+use crate::program::RankProgram;
 
 /// A value per buffer of a pipeline with `num_stages` stages and
 /// `num_microbatches` microbatches. [`BufferSlots::reset`] restores the
@@ -94,19 +95,42 @@ pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedSt
 /// its own run on two threads; below it a thread costs more than it saves.
 const PARALLEL_FROM: usize = 20_000;
 
-/// Where to cut a list of rank programs of these sizes so that two threads
-/// get as much work each, or `None` where one thread should do it all (a
-/// small program, one rank, or one core).
-pub fn two_way_split(sizes: impl ExactSizeIterator<Item = usize> + Clone) -> Option<usize> {
-    let (ranks, total) = (sizes.len(), sizes.clone().sum::<usize>());
+/// Where to cut a list of rank programs so that two threads get as much
+/// work each, or `None` where one thread should do it all (a small
+/// program, one rank, or one core).
+fn two_way_split(ranks: &[RankProgram]) -> Option<usize> {
+    let total: usize = ranks.iter().map(|r| r.instrs.len()).sum();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if cores < 2 || total < PARALLEL_FROM || ranks < 2 {
+    if cores < 2 || total < PARALLEL_FROM || ranks.len() < 2 {
         return None;
     }
     let mut seen = 0;
-    let half = sizes.take_while(|n| {
-        seen += n;
+    let half = ranks.iter().take_while(|r| {
+        seen += r.instrs.len();
         2 * seen < total
     });
-    Some((half.count() + 1).clamp(1, ranks - 1))
+    Some((half.count() + 1).clamp(1, ranks.len() - 1))
+}
+
+/// `work` over the rank programs, on two threads where they are large
+/// (each gets a contiguous half): for passes that treat each rank's
+/// program on its own. The results come in rank order, one or two.
+pub fn on_rank_halves<T: Send>(ranks: &[RankProgram], work: impl Fn(&[RankProgram]) -> T + Sync) -> Vec<T> {
+    let Some(split) = two_way_split(ranks) else { return vec![work(ranks)] };
+    let (first, second) = ranks.split_at(split);
+    std::thread::scope(|scope| {
+        let later = scope.spawn(|| work(second));
+        let first = work(first);
+        vec![first, later.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))]
+    })
+}
+
+/// [`on_rank_halves`] for passes that rewrite each rank's program.
+pub fn on_rank_halves_mut(ranks: &mut [RankProgram], work: impl Fn(&mut [RankProgram]) + Sync) {
+    let Some(split) = two_way_split(ranks) else { return work(ranks) };
+    let (first, second) = ranks.split_at_mut(split);
+    std::thread::scope(|scope| {
+        scope.spawn(|| work(second));
+        work(first);
+    });
 }

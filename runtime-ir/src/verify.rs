@@ -88,16 +88,7 @@ fn check_ranks(program: &Program) -> Vec<VerifyError> {
         }
         v.errors
     };
-    let Some(split) = crate::slots::two_way_split(program.ranks.iter().map(|r| r.instrs.len())) else {
-        return check(&program.ranks);
-    };
-    let (first, second) = program.ranks.split_at(split);
-    std::thread::scope(|scope| {
-        let later = scope.spawn(|| check(second));
-        let mut errors = check(first);
-        errors.extend(later.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)));
-        errors
-    })
+    crate::slots::on_rank_halves(&program.ranks, check).concat()
 }
 
 /// One rank's bookkeeping while its instructions are checked: each

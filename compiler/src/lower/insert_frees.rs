@@ -1,7 +1,7 @@
 //! Rank programs without frees -> rank programs that free every buffer
 //! right after its last use on the rank.
 
-use stp_ir::{two_way_split, Buffer, BufferSlots, Instr, Program, RankProgram};
+use stp_ir::{on_rank_halves_mut, Buffer, BufferSlots, Instr, Program, RankProgram};
 
 pub(super) fn run(program: &mut Program) {
     let meta = &program.schedule;
@@ -13,16 +13,7 @@ pub(super) fn run(program: &mut Program) {
         }
     };
     // Each rank's frees depend on its own program only.
-    match two_way_split(program.ranks.iter().map(|r| r.instrs.len())) {
-        None => free_all(&mut program.ranks),
-        Some(split) => {
-            let (first, second) = program.ranks.split_at_mut(split);
-            std::thread::scope(|scope| {
-                scope.spawn(|| free_all(second));
-                free_all(first);
-            });
-        }
-    }
+    on_rank_halves_mut(&mut program.ranks, free_all);
 }
 
 fn insert_into(rank: &mut RankProgram, chain: stp_ir::Chain, seen: &mut BufferSlots<bool>) {
