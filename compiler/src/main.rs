@@ -206,9 +206,9 @@ struct Target {
     no_hoist: bool,
     /// How to order the passes of an `auto` schedule: greedy (a list
     /// scheduler and a bounded local search; measured on one core of the CI
-    /// machine: under a second up to p = 16, m = 64, 3-4 s at p = 32,
-    /// m = 128, up to 14 s there with uneven stage costs, growing with
-    /// passes times stages) or smt
+    /// machine: under a second up to p = 16, m = 64, about 1.3 s at
+    /// p = 32, m = 128 and 2.7 s at m = 256, growing with passes times
+    /// ranks) or smt
     /// (the same, then randomized restarts of the list scheduler and, on
     /// large instances, late acceptance hill climbing; then Z3 searches
     /// the whole step for a shorter order and may prove it optimal, then

@@ -345,8 +345,7 @@ fn schedule_with(
     policy: Policy,
     critical: &Criticality,
 ) -> Result<Vec<Vec<ScheduledOp>>, Diagnostic> {
-    let in_flight = policy.in_flight;
-    let [b_rank, f_rank, w_rank] = policy.priority;
+    let w_rank = policy.priority[2];
     let meta = &s.meta;
     let (stages, mbs, ranks) = (meta.num_stages as usize, meta.num_microbatches as usize, meta.num_ranks as usize);
     if !s.memory.is_bounded() {
@@ -357,76 +356,73 @@ fn schedule_with(
     let budgets: Vec<i64> = (0..ranks).map(|r| s.memory.budget_of(r).unwrap_or(i64::MAX)).collect();
     let cost = &s.cost;
     let model = &s.memory;
-    let owner = |stage: usize| meta.placement[stage].index();
-    let hop = |from: usize, to: usize| if owner(from) != owner(to) { cost.p2p } else { 0.0 };
-    let chain = meta.chain();
-    let (first, last) = (|st: usize| chain.is_first(Stage(st as u32)), |st: usize| chain.is_last(Stage(st as u32)));
     // Per stage, the microbatches on its pipeline's route, in order; the
     // counters below are positions in these lists.
-    let routed = routed(s);
-    let heads: Vec<usize> = (0..stages).filter(|st| first(*st)).collect();
-    let mut f_end = vec![None::<f64>; stages * mbs];
-    let mut b_end = vec![None::<f64>; stages * mbs];
-    let mut next_f = vec![0usize; stages];
-    let mut next_b = vec![0usize; stages];
-    let mut deferred: Vec<VecDeque<(usize, usize, f64)>> = vec![VecDeque::new(); ranks];
-    let mut free = vec![0.0f64; ranks];
-    let mut live = vec![0i64; ranks];
+    let routes = &Routes::of(s);
+    let heads: Vec<usize> = (0..stages).filter(|st| routes.first(*st)).collect();
+    let mut state = Progress {
+        f_end: vec![None; stages * mbs],
+        b_end: vec![None; stages * mbs],
+        next_f: vec![0; stages],
+        next_b: vec![0; stages],
+        deferred: vec![VecDeque::new(); ranks],
+        free: vec![0.0; ranks],
+        live: vec![0; ranks],
+        flying: 0,
+    };
+    let stages_on: Vec<Vec<usize>> =
+        (0..ranks).map(|r| (0..stages).filter(|st| routes.owner(*st) == r).collect()).collect();
     let mut out: Vec<Vec<ScheduledOp>> = vec![Vec::new(); ranks];
     let origin = Origin { span: s.body_span, iteration: Vec::new() };
     let mut remaining = super::pass_count(s);
-    // (start, priority, tie-break, rank, pass), refilled every step.
-    let keep_all = policy.pairing != Pairing::Never || policy.rule != Rule::EarliestStart;
-    let mut candidates = Candidates::new(keep_all, stages + ranks);
-    while remaining > 0 {
-        candidates.clear();
-        let flying: usize = heads.iter().map(|h| next_f[*h] - next_b[*h]).sum();
-        for stage in 0..stages {
-            let r = owner(stage);
-            let pass = |kind, mb: usize| Pass { kind, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };
-            let k = next_b[stage];
-            // A `B` that will be fused with its `W` defers nothing, so it may
-            // run when the queue is full.
-            let fusable = policy.fuse && deferred[r].iter().all(|&(st, _, _)| st != stage);
-            let room = s.memory.max_deferred.is_none_or(|cap| (deferred[r].len() as i64) < cap);
-            if k < next_f[stage] && (room || fusable) {
-                let i = routed[stage][k];
-                let downstream = if last(stage) {
-                    f_end[stage * mbs + i]
-                } else {
-                    b_end[(stage + 1) * mbs + i].map(|t| t + hop(stage + 1, stage))
-                };
-                if let (Some(ready), Some(forward)) = (downstream, f_end[stage * mbs + i]) {
-                    candidates.push((free[r].max(ready).max(forward), b_rank, 0, r, pass(PassKind::B, i)));
-                }
-            }
-            let k = next_f[stage];
-            let admitted = !first(stage) || in_flight.is_none_or(|cap| flying < cap);
-            if k < routed[stage].len()
-                && admitted
-                && live[r] + model.delta(PassKind::F, Stage(stage as u32)) <= budgets[r]
-            {
-                let i = routed[stage][k];
-                let ready = if first(stage) {
-                    Some(0.0)
-                } else {
-                    f_end[(stage - 1) * mbs + i].map(|t| t + hop(stage - 1, stage))
-                };
-                if let Some(ready) = ready {
-                    let depth = if policy.deepest_first { -(stage as i64) } else { stage as i64 };
-                    candidates.push((free[r].max(ready), f_rank, depth, r, pass(PassKind::F, i)));
-                }
-            }
+    // Per rank, the passes it could run next, (start, priority, tie-break,
+    // rank, pass) in stage order (each stage's `B` before its `F`) and its
+    // deferred `W` last; rebuilt only where the last op changed what they
+    // read. Candidates of one rank compete only with each other: a rule
+    // first picks the rank, then the pass on it.
+    let mut on_rank: Vec<RankCandidates> = (0..ranks).map(|_| RankCandidates::default()).collect();
+    let mut stale = vec![true; ranks];
+    let rebuild = |state: &Progress, r: usize, into: &mut RankCandidates| {
+        into.list.clear();
+        for &stage in &stages_on[r] {
+            into.list.extend(state.stage_candidates(stage, &policy, routes, s, &budgets).into_iter().flatten());
         }
-        for (r, queue) in deferred.iter().enumerate() {
-            if let Some(&(stage, mb, ready)) = queue.front() {
-                let w = Pass { kind: PassKind::W, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };
-                candidates.push((free[r].max(ready), w_rank, 0, r, w));
+        into.list.extend(state.weight_candidate(r, w_rank));
+        into.summarize(critical);
+    };
+    while remaining > 0 {
+        let flying: usize = heads.iter().map(|h| state.next_f[*h] - state.next_b[*h]).sum();
+        if flying != state.flying {
+            state.flying = flying;
+            heads.iter().for_each(|h| stale[routes.owner(*h)] = true);
+        }
+        for r in (0..ranks).filter(|r| std::mem::take(&mut stale[*r])) {
+            rebuild(&state, r, &mut on_rank[r]);
+        }
+        // The unit tests check the incremental lists against fresh ones at
+        // every step (here, not in every debug build: it costs as much as
+        // the scheduler did before it kept them).
+        if cfg!(test) {
+            for (r, cached) in on_rank.iter().enumerate() {
+                let mut fresh = RankCandidates::default();
+                rebuild(&state, r, &mut fresh);
+                debug_assert_eq!(cached.list, fresh.list, "rank {r}'s cached candidates are stale");
             }
         }
         let best = match policy.rule {
-            Rule::EarliestStart => candidates.best,
-            Rule::Critical { reach } => most_critical(&candidates.all, reach, critical),
+            Rule::EarliestStart => on_rank
+                .iter()
+                .filter_map(|c| c.best)
+                .min_by(|a, b| (a.0, a.1, a.2, a.3).partial_cmp(&(b.0, b.1, b.2, b.3)).unwrap_or(Ordering::Equal)),
+            Rule::Critical { reach } => {
+                // The rank whose candidate can end soonest (the lowest such rank).
+                let soonest = on_rank
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| !c.list.is_empty())
+                    .min_by(|(_, a), (_, b)| a.soonest_end.total_cmp(&b.soonest_end));
+                soonest.and_then(|(_, c)| most_critical_on(&c.list, c.soonest_end, reach, critical))
+            }
         };
         let Some((start, _, _, r, chosen)) = best else {
             return Err(Diagnostic::new(
@@ -436,15 +432,14 @@ fn schedule_with(
             .with_label(s.body_span, "the scheduler ran out of passes it could start")
             .with_note(format!(
                 "live activation units per rank when it stopped: {}",
-                live.iter().map(i64::to_string).collect::<Vec<_>>().join(" ")
+                state.live.iter().map(i64::to_string).collect::<Vec<_>>().join(" ")
             ))
             .with_help(
                 "raise the budget: every rank must hold at least one forward's activations until its backward",
             ));
         };
         let window = start + policy.slack;
-        let mut partner =
-            partner_of(chosen, policy.pairing, candidates.all.iter().filter(|c| c.3 == r && c.0 <= window));
+        let mut partner = partner_of(chosen, policy.pairing, on_rank[r].list.iter().filter(|c| c.0 <= window));
         // A sparing policy runs a pass on the critical path alone (the
         // bound's own argument often is that path: equal is on it).
         let on_critical_path = |p: Pass| policy.spare_above.is_some_and(|limit| start + critical.of(p) >= limit - 1e-6);
@@ -453,40 +448,38 @@ fn schedule_with(
         }
         // With the queue of deferred weight gradients full, a `B` runs
         // only fused with its `W`, alone.
-        let full = s.memory.max_deferred.is_some_and(|cap| deferred[r].len() as i64 >= cap);
+        let full = s.memory.max_deferred.is_some_and(|cap| state.deferred[r].len() as i64 >= cap);
         if full && (chosen.kind == PassKind::B || partner.is_some_and(|p| p.kind == PassKind::B)) {
             partner = None;
         }
         // Waiting for a partner delays the chosen pass to when both can start.
-        let start = partner
-            .and_then(|p| candidates.all.iter().find(|c| c.3 == r && c.4 == p))
-            .map_or(start, |c| start.max(c.0));
+        let start = partner.and_then(|p| on_rank[r].list.iter().find(|c| c.4 == p)).map_or(start, |c| start.max(c.0));
         let mut passes: Vec<Pass> = std::iter::once(chosen).chain(partner).collect();
         passes.sort_by_key(|p| p.kind as u8);
         for pass in &mut passes {
             let stage = pass.stage.index();
             match pass.kind {
                 PassKind::F => {
-                    next_f[stage] += 1;
-                    live[r] += model.delta(PassKind::F, pass.stage);
+                    state.next_f[stage] += 1;
+                    state.live[r] += model.delta(PassKind::F, pass.stage);
                 }
                 PassKind::B => {
-                    next_b[stage] += 1;
+                    state.next_b[stage] += 1;
                     // Fused, it runs its `W` ahead of any still queued: only
                     // where none of its stage waits (they run in microbatch order).
-                    let fusable = deferred[r].iter().all(|&(st, _, _)| st != stage);
+                    let fusable = state.deferred[r].iter().all(|&(st, _, _)| st != stage);
                     if policy.fuse && partner.is_none() && fusable {
                         pass.kind = PassKind::BW;
                         remaining -= 1;
                     }
-                    live[r] += model.delta(pass.kind, pass.stage);
+                    state.live[r] += model.delta(pass.kind, pass.stage);
                 }
                 PassKind::W | PassKind::BW => {
-                    deferred[r].pop_front();
-                    live[r] += model.delta(PassKind::W, pass.stage);
+                    state.deferred[r].pop_front();
+                    state.live[r] += model.delta(PassKind::W, pass.stage);
                 }
                 // The scheduler orders F, B and W only.
-                PassKind::R => live[r] += model.delta(PassKind::R, pass.stage),
+                PassKind::R => state.live[r] += model.delta(PassKind::R, pass.stage),
             }
         }
         let (compute, exposed) = cost.time(&passes);
@@ -494,26 +487,150 @@ fn schedule_with(
         for pass in &passes {
             let (stage, mb) = (pass.stage.index(), pass.mb.index());
             match pass.kind {
-                PassKind::F => f_end[stage * mbs + mb] = Some(end),
+                PassKind::F => state.f_end[stage * mbs + mb] = Some(end),
                 PassKind::B => {
-                    b_end[stage * mbs + mb] = Some(end);
-                    deferred[r].push_back((stage, mb, end));
+                    state.b_end[stage * mbs + mb] = Some(end);
+                    state.deferred[r].push_back((stage, mb, end));
                 }
-                PassKind::BW => b_end[stage * mbs + mb] = Some(end),
+                PassKind::BW => state.b_end[stage * mbs + mb] = Some(end),
                 PassKind::W | PassKind::R => {}
             }
         }
-        free[r] = end;
+        state.free[r] = end;
+        // The op changed its rank's time, memory and queue, and what the
+        // stages next to its passes wait for.
+        stale[r] = true;
+        for pass in &passes {
+            let st = pass.stage.index();
+            stale[routes.owner(st.saturating_sub(1))] = true;
+            stale[routes.owner((st + 1).min(stages - 1))] = true;
+        }
         remaining -= passes.len();
         out[r].push(ScheduledOp { compute: Compute { passes, units: Vec::new() }, origin: origin.clone() });
     }
     Ok(out)
 }
 
-/// Per stage, the microbatches on its pipeline's route, ascending (every
-/// microbatch with one pipeline).
-fn routed(s: &ComputeSchedule) -> Vec<Vec<usize>> {
-    (0..s.meta.num_stages).map(|st| s.meta.pairs_of(Stage(st)).map(|i| i.index()).collect()).collect()
+/// Where the list scheduler stands: per pass (`stage * mbs + mb`) when
+/// its forward and input gradient end, per stage how many of its
+/// microbatches' forwards and input gradients ran, per rank its queue of
+/// deferred weight gradients (stage, microbatch, ready), when it is free
+/// and its live activation units; and the microbatches in flight.
+struct Progress {
+    f_end: Vec<Option<f64>>,
+    b_end: Vec<Option<f64>>,
+    next_f: Vec<usize>,
+    next_b: Vec<usize>,
+    deferred: Vec<VecDeque<(usize, usize, f64)>>,
+    free: Vec<f64>,
+    live: Vec<i64>,
+    flying: usize,
+}
+
+impl Progress {
+    /// The input gradient and the forward `stage` could run next, if any.
+    fn stage_candidates(
+        &self,
+        stage: usize,
+        policy: &Policy,
+        routes: &Routes,
+        s: &ComputeSchedule,
+        budgets: &[i64],
+    ) -> [Option<Candidate>; 2] {
+        let mbs = s.meta.num_microbatches as usize;
+        let [b_rank, f_rank, _] = policy.priority;
+        let r = routes.owner(stage);
+        let pass = |kind, mb: usize| Pass { kind, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };
+        let mut found = [None; 2];
+        let k = self.next_b[stage];
+        // A `B` that will be fused with its `W` defers nothing, so it may
+        // run when the queue is full.
+        let fusable = policy.fuse && self.deferred[r].iter().all(|&(st, _, _)| st != stage);
+        let room = s.memory.max_deferred.is_none_or(|cap| (self.deferred[r].len() as i64) < cap);
+        if k < self.next_f[stage] && (room || fusable) {
+            let i = routes.routed[stage][k];
+            let downstream = if routes.last(stage) {
+                self.f_end[stage * mbs + i]
+            } else {
+                self.b_end[(stage + 1) * mbs + i].map(|t| t + routes.hop(stage + 1, stage))
+            };
+            if let (Some(ready), Some(forward)) = (downstream, self.f_end[stage * mbs + i]) {
+                found[0] = Some((self.free[r].max(ready).max(forward), b_rank, 0, r, pass(PassKind::B, i)));
+            }
+        }
+        let k = self.next_f[stage];
+        let admitted = !routes.first(stage) || policy.in_flight.is_none_or(|cap| self.flying < cap);
+        if k < routes.routed[stage].len()
+            && admitted
+            && self.live[r] + s.memory.delta(PassKind::F, Stage(stage as u32)) <= budgets[r]
+        {
+            let i = routes.routed[stage][k];
+            let ready = if routes.first(stage) {
+                Some(0.0)
+            } else {
+                self.f_end[(stage - 1) * mbs + i].map(|t| t + routes.hop(stage - 1, stage))
+            };
+            if let Some(ready) = ready {
+                let depth = if policy.deepest_first { -(stage as i64) } else { stage as i64 };
+                found[1] = Some((self.free[r].max(ready), f_rank, depth, r, pass(PassKind::F, i)));
+            }
+        }
+        found
+    }
+
+    /// Rank `r`'s oldest deferred weight gradient, if any.
+    fn weight_candidate(&self, r: usize, w_rank: u8) -> Option<Candidate> {
+        let &(stage, mb, ready) = self.deferred[r].front()?;
+        let w = Pass { kind: PassKind::W, stage: Stage(stage as u32), mb: Microbatch(mb as u32) };
+        Some((self.free[r].max(ready), w_rank, 0, r, w))
+    }
+}
+
+/// What the scheduler and the criticality table read of the pipelines'
+/// shape, per stage: its rank, whether it opens or closes its
+/// pipeline's chain, and the microbatches on its route, ascending
+/// (every microbatch with one pipeline).
+struct Routes {
+    owner: Vec<usize>,
+    first: Vec<bool>,
+    last: Vec<bool>,
+    routed: Vec<Vec<usize>>,
+    p2p: f64,
+}
+
+impl Routes {
+    fn of(s: &ComputeSchedule) -> Routes {
+        let (meta, chain) = (&s.meta, s.meta.chain());
+        let stages = || (0..meta.num_stages).map(Stage);
+        Routes {
+            owner: meta.placement.iter().map(|r| r.index()).collect(),
+            first: stages().map(|st| chain.is_first(st)).collect(),
+            last: stages().map(|st| chain.is_last(st)).collect(),
+            routed: stages().map(|st| meta.pairs_of(st).map(|i| i.index()).collect()).collect(),
+            p2p: s.cost.p2p,
+        }
+    }
+
+    fn owner(&self, stage: usize) -> usize {
+        self.owner[stage]
+    }
+
+    fn first(&self, stage: usize) -> bool {
+        self.first[stage]
+    }
+
+    fn last(&self, stage: usize) -> bool {
+        self.last[stage]
+    }
+
+    /// The transfer time from `from`'s rank to `to`'s (none on one rank).
+    fn hop(&self, from: usize, to: usize) -> f64 {
+        if self.owner[from] != self.owner[to] {
+            self.p2p
+        } else {
+            0.0
+        }
+    }
 }
 
 /// A pass that could run next: (start, priority, tie-break, rank, pass).
@@ -538,8 +655,6 @@ const CRITICAL_REACH: [f64; 4] = [0.25, 0.5, 0.75, 1.0];
 fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
     let meta = &s.meta;
     let (stages, mbs, ranks) = (meta.num_stages as usize, meta.num_microbatches as usize, meta.num_ranks as usize);
-    let owner = |stage: usize| meta.placement[stage].index();
-    let hop = |a: usize, b: usize| if owner(a) != owner(b) { s.cost.p2p } else { 0.0 };
     let kinds = [PassKind::F, PassKind::B, PassKind::W];
     // Compute (what holds the rank) and latency (compute and collective:
     // when its output is ready) of each kind on each stage.
@@ -553,13 +668,12 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
         .collect();
     let compute = |k: usize, st: usize| times[st][k].0;
     let latency = |k: usize, st: usize| times[st][k].1;
-    let chain = meta.chain();
-    let (first, last) = (|st: usize| chain.is_first(Stage(st as u32)), |st: usize| chain.is_last(Stage(st as u32)));
-    let pipeline = |st: usize| st as u32 / chain.len;
+    let chain_len = meta.chain().len;
+    let pipeline = |st: usize| st as u32 / chain_len;
     // Per stage its microbatches in order, and each one's position there.
-    let routed = routed(s);
+    let routes = &Routes::of(s);
     let mut position = vec![usize::MAX; stages * mbs];
-    for (st, list) in routed.iter().enumerate() {
+    for (st, list) in routes.routed.iter().enumerate() {
         for (k, i) in list.iter().enumerate() {
             position[st * mbs + i] = k;
         }
@@ -570,7 +684,10 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
     // stages and their weight gradients.
     let load: Vec<[f64; 3]> = (0..stages)
         .map(|stage| {
-            let mine = || (0..stages).filter(move |st| owner(*st) == owner(stage) && pipeline(*st) == pipeline(stage));
+            let mine = || {
+                (0..stages)
+                    .filter(move |st| routes.owner(*st) == routes.owner(stage) && pipeline(*st) == pipeline(stage))
+            };
             [
                 mine().map(|st| if st >= stage { compute(0, st) } else { 0.0 } + compute(1, st) + compute(2, st)).sum(),
                 mine().filter(|st| *st <= stage).map(|st| compute(1, st) + compute(2, st)).sum(),
@@ -584,13 +701,15 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
     // early backward holds up forwards too.
     let activation = s.memory.smallest_activation().max(1);
     let room = |r: usize| s.memory.budget_of(r).filter(|_| memory_bound).map(|b| (b / activation).max(1) as usize);
-    let stages_of_rank: Vec<usize> = (0..ranks).map(|r| (0..stages).filter(|st| owner(*st) == r).count()).collect();
-    let forwards_of_rank: Vec<usize> =
-        (0..ranks).map(|r| (0..stages).filter(|st| owner(*st) == r).map(|st| routed[st].len()).sum()).collect();
+    let stages_of_rank: Vec<usize> =
+        (0..ranks).map(|r| (0..stages).filter(|st| routes.owner(*st) == r).count()).collect();
+    let forwards_of_rank: Vec<usize> = (0..ranks)
+        .map(|r| (0..stages).filter(|st| routes.owner(*st) == r).map(|st| routes.routed[st].len()).sum())
+        .collect();
     let held_back_forwards = |stage: usize, k: usize| {
-        room(owner(stage)).map_or(0.0, |room| {
-            let owned = stages_of_rank[owner(stage)];
-            forwards_of_rank[owner(stage)].saturating_sub(room + k * owned) as f64 * compute(0, stage)
+        room(routes.owner(stage)).map_or(0.0, |room| {
+            let owned = stages_of_rank[routes.owner(stage)];
+            forwards_of_rank[routes.owner(stage)].saturating_sub(room + k * owned) as f64 * compute(0, stage)
         })
     };
     // Each rank's view of every pass, one rank at a time; a pass keeps
@@ -603,14 +722,14 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
             let own = |k: usize, st: usize| {
                 let at_stage = position[at(st, i)];
                 let held_back = if k == 1 { held_back_forwards(st, at_stage) } else { 0.0 };
-                if owner(st) == rank {
+                if routes.owner(st) == rank {
                     0.0
                 } else {
-                    (routed[st].len() - at_stage) as f64 * load[st][k] + held_back
+                    (routes.routed[st].len() - at_stage) as f64 * load[st][k] + held_back
                 }
             };
             // The same pass of the stage's next microbatch.
-            let next = |crit: &[Vec<f64>], k: usize, st: usize| match routed[st].get(position[at(st, i)] + 1) {
+            let next = |crit: &[Vec<f64>], k: usize, st: usize| match routes.routed[st].get(position[at(st, i)] + 1) {
                 Some(&later) => compute(k, st) + crit[k][at(st, later)],
                 None => 0.0,
             };
@@ -619,21 +738,21 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
             }
             for &st in &route {
                 let mut c = own(1, st).max(next(&crit, 1, st)).max(compute(1, st) + crit[2][at(st, i)]);
-                if !first(st) {
-                    c = c.max(latency(1, st) + hop(st, st - 1) + crit[1][at(st - 1, i)]);
+                if !routes.first(st) {
+                    c = c.max(latency(1, st) + routes.hop(st, st - 1) + crit[1][at(st - 1, i)]);
                 }
                 crit[1][at(st, i)] = c;
             }
             for &st in route.iter().rev() {
-                let down = if !last(st) {
-                    latency(0, st) + hop(st, st + 1) + crit[0][at(st + 1, i)]
+                let down = if !routes.last(st) {
+                    latency(0, st) + routes.hop(st, st + 1) + crit[0][at(st + 1, i)]
                 } else {
                     latency(0, st) + crit[1][at(st, i)]
                 };
                 crit[0][at(st, i)] = own(0, st).max(next(&crit, 0, st)).max(down);
             }
         }
-        for st in (0..stages).filter(|st| owner(*st) == rank) {
+        for st in (0..stages).filter(|st| routes.owner(*st) == rank) {
             for (mine, theirs) in of.iter_mut().zip(&crit) {
                 mine[at(st, 0)..at(st, mbs)].copy_from_slice(&theirs[at(st, 0)..at(st, mbs)]);
             }
@@ -682,54 +801,39 @@ fn kind_index(kind: PassKind) -> usize {
     }
 }
 
-/// Under [`Rule::Critical`]: the rank whose candidate can end earliest,
-/// and on it the most critical candidate that can start within `reach`
-/// of the way to that end (ties: the earlier start).
-fn most_critical(all: &[Candidate], reach: f64, critical: &Criticality) -> Option<Candidate> {
-    let (mut first, mut first_end) = (None::<&Candidate>, f64::INFINITY);
-    for c in all {
-        let end = c.0 + critical.length(c.4);
-        if end < first_end || (end == first_end && first.is_some_and(|f| c.3 < f.3)) {
-            (first, first_end) = (Some(c), end);
-        }
-    }
-    let rank = first?.3;
-    let earliest = all.iter().filter(|c| c.3 == rank).map(|c| c.0).fold(f64::INFINITY, f64::min);
-    let horizon = earliest + reach * (first_end - earliest);
+/// Under [`Rule::Critical`], on the rank whose candidate can end
+/// earliest (at `soonest_end`): the most critical of its candidates `all`
+/// that can start within `reach` of the way from its earliest start to
+/// that end (ties: the earlier start, then the later listed).
+fn most_critical_on(all: &[Candidate], soonest_end: f64, reach: f64, critical: &Criticality) -> Option<Candidate> {
+    let earliest = all.iter().map(|c| c.0).fold(f64::INFINITY, f64::min);
+    let horizon = earliest + reach * (soonest_end - earliest);
     all.iter()
-        .filter(|c| c.3 == rank && c.0 <= horizon + 1e-12)
+        .filter(|c| c.0 <= horizon + 1e-12)
         .max_by(|a, b| critical.of(a.4).total_cmp(&critical.of(b.4)).then(b.0.total_cmp(&a.0)))
         .copied()
 }
 
-/// The passes that could run next: the best (earliest start, then
-/// priority, tie-break and rank), and all of them when braids are chosen
-/// among them (kept only then: collecting them costs time on large
-/// instances).
-struct Candidates {
-    keep_all: bool,
-    all: Vec<Candidate>,
+/// The passes one rank could run next, and what the rules compare across
+/// ranks: the best by earliest start (then priority, tie-break; the first
+/// listed on a tie) and the soonest any can end.
+#[derive(Default)]
+struct RankCandidates {
+    list: Vec<Candidate>,
     best: Option<Candidate>,
+    soonest_end: f64,
 }
 
-impl Candidates {
-    fn new(keep_all: bool, capacity: usize) -> Candidates {
-        Candidates { keep_all, all: Vec::with_capacity(if keep_all { capacity } else { 0 }), best: None }
-    }
-
-    fn clear(&mut self) {
-        self.all.clear();
+impl RankCandidates {
+    fn summarize(&mut self, critical: &Criticality) {
+        let key = |c: &Candidate| (c.0, c.1, c.2);
         self.best = None;
-    }
-
-    fn push(&mut self, c: Candidate) {
-        let key = |c: &Candidate| (c.0, c.1, c.2, c.3);
-        if self.best.is_none_or(|b| key(&c).partial_cmp(&key(&b)) == Some(Ordering::Less)) {
-            self.best = Some(c);
+        for c in &self.list {
+            if self.best.is_none_or(|b| key(c).partial_cmp(&key(&b)) == Some(Ordering::Less)) {
+                self.best = Some(*c);
+            }
         }
-        if self.keep_all {
-            self.all.push(c);
-        }
+        self.soonest_end = self.list.iter().map(|c| c.0 + critical.length(c.4)).fold(f64::INFINITY, f64::min);
     }
 }
 
@@ -756,5 +860,59 @@ fn partner_of<'a>(chosen: Pass, pairing: Pairing, others: impl Iterator<Item = &
             };
             fits(third)
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::elab::ParamArgs;
+    use crate::pipeline::{self, Request};
+    use crate::syntax::span::SourceFile;
+    use stp_ir::simulate::CostModel;
+
+    /// Every policy of the portfolio, on placements with one and two
+    /// stages per rank and with two pipelines, under costs with
+    /// collectives and heavy ends: the candidate lists the scheduler keeps
+    /// between steps equal fresh ones at every step (checked inside
+    /// `schedule_with` under `cfg(test)`), and every order it returns
+    /// runs each pass once.
+    #[test]
+    fn kept_candidates_equal_fresh_ones_under_every_policy() {
+        let v = "if s < p { s } else { 2 * p - 1 - s }";
+        let placements = [
+            ("p", "s".to_string(), "p"),
+            ("2 * p", "s % p".to_string(), "3 * p"),
+            ("2 * p", v.to_string(), "2 * p"),
+            ("2 * p; pipelines 2; route i -> if i < m / 2 { 0 } else { 1 }", v.to_string(), "p + 1"),
+        ];
+        let skewed =
+            CostModel { backward_input: 2.0, backward_weight: 0.5, tp_collective: 0.25, ..CostModel::default() };
+        for (stages, place, budget) in placements {
+            let source = format!(
+                "schedule a(p: ranks, m: microbatches) {{ stages {stages}; place s -> {place}; memory {{ budget = {budget}; }} auto; }}"
+            );
+            let file = SourceFile::new("t.sched", source.as_str());
+            let request = Request {
+                params: ParamArgs { ranks: Some(4), microbatches: Some(10), ..ParamArgs::default() },
+                ..Request::default()
+            };
+            let mut auto = pipeline::elaborate_unplanned(&file, &request).expect("elaborates");
+            let parts = auto.meta.num_stages / auto.meta.pipelines.max(1);
+            for cost in [skewed.clone(), skewed.with_heavy_ends(4, 1.3, 2.5).recut(4, parts).expect("recuts")] {
+                auto.cost = cost;
+                let found = super::finalists(&auto).expect("some policy finishes");
+                let passes = super::super::pass_count(&auto);
+                for (order, _) in found {
+                    let ran: usize = order.iter().flatten().map(|op| op.compute.passes.len()).sum();
+                    let fused = order
+                        .iter()
+                        .flatten()
+                        .flat_map(|op| &op.compute.passes)
+                        .filter(|p| p.kind == stp_ir::PassKind::BW)
+                        .count();
+                    assert_eq!(ran + fused, passes, "{source}: every pass once");
+                }
+            }
+        }
     }
 }

@@ -135,16 +135,22 @@ pub fn plan(s: &ComputeSchedule, solver: Solver) -> Result<(Vec<Vec<ScheduledOp>
 /// every stage the rank holds on its route (the largest over the
 /// pipelines), all live when it runs the forward of the last of them.
 fn one_microbatch_on(s: &ComputeSchedule, r: usize) -> i64 {
+    activations(s, &heaviest_route_on(s, r))
+}
+
+/// The stages rank `r` holds on the route (pipeline copy) whose
+/// activations there weigh most; the first such route on a tie.
+fn heaviest_route_on(s: &ComputeSchedule, r: usize) -> Vec<usize> {
     let chain = s.meta.chain();
-    (0..s.meta.pipelines.max(1))
-        .map(|j| {
-            (j * chain.len..(j + 1) * chain.len)
-                .filter(|st| s.meta.placement[*st as usize].index() == r)
-                .map(|st| s.memory.stage(Stage(st)).activation)
-                .sum::<i64>()
-        })
-        .max()
-        .unwrap_or(0)
+    let on = |j: u32| (j * chain.len..(j + 1) * chain.len).filter(|st| s.meta.placement[*st as usize].index() == r);
+    let weight = |j: u32| on(j).map(|st| s.memory.stage(Stage(st)).activation).sum::<i64>();
+    let j = (0..s.meta.pipelines.max(1)).max_by_key(|j| (weight(*j), std::cmp::Reverse(*j))).unwrap_or(0);
+    on(j).map(|st| st as usize).collect()
+}
+
+/// The activations of `stages` together.
+fn activations(s: &ComputeSchedule, stages: &[usize]) -> i64 {
+    stages.iter().map(|st| s.memory.stage(Stage(*st as u32)).activation).sum()
 }
 
 /// E0022 when the budget is below what one microbatch alone needs on a
@@ -155,27 +161,12 @@ fn one_microbatch_on(s: &ComputeSchedule, r: usize) -> i64 {
 /// suffices: one microbatch at a time through the whole pipeline never
 /// holds more.
 fn too_little_memory(s: &ComputeSchedule) -> Option<Diagnostic> {
-    let chain = s.meta.chain();
-    let mut owned: Vec<Vec<usize>> = vec![Vec::new(); s.meta.num_ranks as usize];
-    for (stage, rank) in s.meta.placement.iter().enumerate() {
-        owned[rank.index()].push(stage);
-    }
-    // The stages of the rank on the route that holds the most.
-    let heaviest = |r: usize| -> Vec<usize> {
-        let on = |j: u32| owned[r].iter().copied().filter(move |st| *st as u32 / chain.len == j);
-        let weight = |j: u32| on(j).map(|st| s.memory.stage(Stage(st as u32)).activation).sum::<i64>();
-        let j = (0..s.meta.pipelines.max(1)).max_by_key(|j| (weight(*j), std::cmp::Reverse(*j))).unwrap_or(0);
-        on(j).collect()
-    };
-    let owned: Vec<Vec<usize>> = (0..owned.len()).map(heaviest).collect();
-    let needed = |stages: &[usize]| -> i64 {
-        stages.iter().map(|st| s.memory.stage(stp_ir::Stage(*st as u32)).activation).sum()
-    };
+    let owned: Vec<Vec<usize>> = (0..s.meta.num_ranks as usize).map(|r| heaviest_route_on(s, r)).collect();
     // The rank short of the most units (the first of those).
     let (rank, stages, budget, need) = owned
         .iter()
         .enumerate()
-        .filter_map(|(r, stages)| Some((r, stages, s.memory.budget_of(r)?, needed(stages))))
+        .filter_map(|(r, stages)| Some((r, stages, s.memory.budget_of(r)?, activations(s, stages))))
         .filter(|(_, _, budget, need)| budget < need)
         .max_by_key(|(r, _, budget, need)| (need - budget, std::cmp::Reverse(*r)))?;
     let list: Vec<String> = stages.iter().map(|st| st.to_string()).collect();
