@@ -209,7 +209,8 @@ struct Target {
     /// scheduler and a bounded local search; measured on one core of the CI
     /// machine: under a second up to p = 16, m = 64, about 1.3 s at
     /// p = 32, m = 128 and 2.7 s at m = 256, growing with passes times
-    /// ranks) or smt
+    /// ranks; its policies share the machine's cores, so half that on
+    /// two) or smt
     /// (the same, then randomized restarts of the list scheduler and, on
     /// large instances, late acceptance hill climbing; then Z3 searches
     /// the whole step for a shorter order and may prove it optimal, then

@@ -176,13 +176,21 @@ pub fn schedule_single_passes(s: &ComputeSchedule) -> Result<super::Timed, Diagn
 /// each of `braidings` — of the safe admission caps and, separately, of
 /// the bolder ones — fastest first.
 fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::Timed>, Diagnostic> {
+    portfolio_on(s, braidings, None)
+}
+
+/// [`portfolio`] on `threads` threads if given (else as many as
+/// [`run_portfolio`] picks).
+fn portfolio_on(
+    s: &ComputeSchedule,
+    braidings: &[Braiding],
+    threads: Option<usize>,
+) -> Result<Vec<super::Timed>, Diagnostic> {
     let (safe, bolder) = admission_caps(s);
     // The best order of the safe caps, of the bolder ones, of the
     // critical rules (under either cap) that look near and far, and of
     // the sparing policies: which start polishes best is not known from
     // its own makespan.
-    let mut best: [Option<(f64, Vec<Vec<ScheduledOp>>)>; 6] = Default::default();
-    let mut first_error = None;
     // Some policies refuse braids that would delay the critical path past
     // the lower bound (their own groups: they trade a few exposed
     // collectives for an earlier first backward on the busiest rank);
@@ -198,6 +206,9 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
         .chain(CRITICAL_REACH.map(|reach| (Rule::Critical { reach }, [0, 1, 2], true)));
     let policies = braidings.iter().flat_map(|b| Sparing::ALL.map(|sparing| (*b, sparing)));
     let caps = safe.into_iter().map(|cap| (0, cap)).chain(bolder.into_iter().map(|cap| (1, cap)));
+    // Every run of the portfolio, in a fixed order, with the group its
+    // order competes in.
+    let mut jobs: Vec<(Policy, &Criticality, usize)> = Vec::new();
     for (cap_group, in_flight) in caps {
         for (Braiding { pairing, fuse, wait }, kind) in policies.clone() {
             let spares = may_spare && pairing != Pairing::Never && wait <= SPARING_WAIT;
@@ -211,35 +222,95 @@ fn portfolio(s: &ComputeSchedule, braidings: &[Braiding]) -> Result<Vec<super::T
             let spare_above = (kind != Sparing::Never).then_some(lower_bound);
             for (rule, priority, deepest_first) in rules.clone() {
                 let policy = Policy { priority, deepest_first, in_flight, pairing, fuse, slack, rule, spare_above };
-                match schedule_with(s, policy, critical) {
-                    Ok(order) => {
-                        let makespan = super::order_makespan(s, &order);
-                        let group = match (kind, rule) {
-                            (Sparing::MemoryBound, _) => 5,
-                            (Sparing::OnCriticalPath, _) => 4,
-                            (Sparing::Never, Rule::EarliestStart) => cap_group,
-                            (Sparing::Never, Rule::Critical { reach }) if reach <= 0.5 => 2,
-                            (Sparing::Never, Rule::Critical { .. }) => 3,
-                        };
-                        if best[group].as_ref().is_none_or(|(t, _)| makespan < *t) {
-                            best[group] = Some((makespan, order));
-                        }
+                let group = match (kind, rule) {
+                    (Sparing::MemoryBound, _) => 5,
+                    (Sparing::OnCriticalPath, _) => 4,
+                    (Sparing::Never, Rule::EarliestStart) => cap_group,
+                    (Sparing::Never, Rule::Critical { reach }) if reach <= 0.5 => 2,
+                    (Sparing::Never, Rule::Critical { .. }) => 3,
+                };
+                jobs.push((policy, critical, group));
+            }
+        }
+    }
+    let (best, first_error) = run_portfolio(s, &jobs, threads);
+    let mut found: Vec<super::Timed> =
+        best.into_iter().flatten().map(|(makespan, _, order)| (order, makespan)).collect();
+    found.sort_by(|a, b| a.1.total_cmp(&b.1));
+    match (found.is_empty(), first_error) {
+        (false, _) => Ok(found),
+        (true, Some((_, e))) => Err(e),
+        (true, None) => unreachable!("the unbounded policies always run"),
+    }
+}
+
+/// Per group of the portfolio, the fastest order its jobs found (the
+/// earliest job on a tie), and the first job's error if any failed.
+type Found = ([Option<(f64, usize, Vec<Vec<ScheduledOp>>)>; 6], Option<(usize, Diagnostic)>);
+
+/// Runs `jobs` (policy, criticality, group) on `threads` threads, or up
+/// to [`PORTFOLIO_THREADS`], each taking every n-th job; the merge keeps,
+/// per group, the fastest order and on a tie the earliest job's, as one
+/// thread running them in order would: the result does not depend on the
+/// threads.
+fn run_portfolio(s: &ComputeSchedule, jobs: &[(Policy, &Criticality, usize)], threads: Option<usize>) -> Found {
+    let threads = threads.unwrap_or_else(|| {
+        if super::pass_count(s) < PARALLEL_PASSES {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, PORTFOLIO_THREADS)
+        }
+    });
+    let run = |first: usize| -> Found {
+        let mut found: Found = Default::default();
+        for (index, (policy, critical, group)) in jobs.iter().enumerate().skip(first).step_by(threads) {
+            match schedule_with(s, *policy, critical) {
+                Ok(order) => {
+                    let makespan = super::order_makespan(s, &order);
+                    if found.0[*group].as_ref().is_none_or(|(t, _, _)| makespan < *t) {
+                        found.0[*group] = Some((makespan, index, order));
                     }
-                    Err(e) => {
-                        first_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    if found.1.as_ref().is_none_or(|(at, _)| index < *at) {
+                        found.1 = Some((index, e));
                     }
                 }
             }
         }
+        found
+    };
+    if threads == 1 {
+        return run(0);
     }
-    let mut found: Vec<super::Timed> = best.into_iter().flatten().map(|(makespan, order)| (order, makespan)).collect();
-    found.sort_by(|a, b| a.1.total_cmp(&b.1));
-    match (found.is_empty(), first_error) {
-        (false, _) => Ok(found),
-        (true, Some(e)) => Err(e),
-        (true, None) => unreachable!("the unbounded policies always run"),
+    let parts: Vec<Found> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads).map(|k| scope.spawn(move || run(k))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    });
+    let mut merged: Found = Default::default();
+    for (best, error) in parts {
+        for (kept, candidate) in merged.0.iter_mut().zip(best) {
+            let Some(c) = candidate else { continue };
+            if kept.as_ref().is_none_or(|k| (c.0, c.1) < (k.0, k.1)) {
+                *kept = Some(c);
+            }
+        }
+        if let Some(e) = error {
+            if merged.1.as_ref().is_none_or(|(at, _)| e.0 < *at) {
+                merged.1 = Some(e);
+            }
+        }
     }
+    merged
 }
+
+/// The most threads the portfolio runs on (its runs are independent; the
+/// merge makes the result the same on any number).
+const PORTFOLIO_THREADS: usize = 8;
+
+/// Below this many passes the portfolio runs on one thread: its runs take
+/// microseconds, less than starting a thread.
+const PARALLEL_PASSES: usize = 2_000;
 
 /// The caps on microbatches in flight ([`Policy::in_flight`]) the
 /// portfolio tries: the safe ones (none, and the most microbatches whose
@@ -874,10 +945,11 @@ mod tests {
     /// stages per rank and with two pipelines, under costs with
     /// collectives and heavy ends: the candidate lists the scheduler keeps
     /// between steps equal fresh ones at every step (checked inside
-    /// `schedule_with` under `cfg(test)`), and every order it returns
-    /// runs each pass once.
+    /// `schedule_with` under `cfg(test)`), every order it returns runs
+    /// each pass once, and the portfolio gives the same orders on one
+    /// thread as on three.
     #[test]
-    fn kept_candidates_equal_fresh_ones_under_every_policy() {
+    fn kept_candidates_and_threads_change_no_order() {
         let v = "if s < p { s } else { 2 * p - 1 - s }";
         let placements = [
             ("p", "s".to_string(), "p"),
@@ -901,6 +973,18 @@ mod tests {
             for cost in [skewed.clone(), skewed.with_heavy_ends(4, 1.3, 2.5).recut(4, parts).expect("recuts")] {
                 auto.cost = cost;
                 let found = super::finalists(&auto).expect("some policy finishes");
+                // The same orders on one thread as on three.
+                let braidings = [super::braiding(super::Pairing::Any, true, 1), super::SINGLE_PASSES];
+                let alone = super::portfolio_on(&auto, &braidings, Some(1)).expect("finishes");
+                let shared = super::portfolio_on(&auto, &braidings, Some(3)).expect("finishes");
+                assert_eq!(alone.len(), shared.len(), "{source}");
+                for ((a, ta), (b, tb)) in alone.iter().zip(&shared) {
+                    assert_eq!(ta, tb, "{source}");
+                    let passes = |o: &Vec<Vec<crate::elab::ScheduledOp>>| -> Vec<Vec<Vec<stp_ir::Pass>>> {
+                        o.iter().map(|r| r.iter().map(|op| op.compute.passes.clone()).collect()).collect()
+                    };
+                    assert_eq!(passes(a), passes(b), "{source}: one thread and three give the same orders");
+                }
                 let passes = super::super::pass_count(&auto);
                 for (order, _) in found {
                     let ran: usize = order.iter().flatten().map(|op| op.compute.passes.len()).sum();
