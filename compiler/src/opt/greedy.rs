@@ -254,13 +254,7 @@ type Found = ([Option<(f64, usize, Vec<Vec<ScheduledOp>>)>; 6], Option<(usize, D
 /// thread running them in order would: the result does not depend on the
 /// threads.
 fn run_portfolio(s: &ComputeSchedule, jobs: &[(Policy, &Criticality, usize)], threads: Option<usize>) -> Found {
-    let threads = threads.unwrap_or_else(|| {
-        if super::pass_count(s) < PARALLEL_PASSES {
-            1
-        } else {
-            std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, PORTFOLIO_THREADS)
-        }
-    });
+    let threads = threads.unwrap_or_else(|| worker_threads(s));
     let run = |first: usize| -> Found {
         let mut found: Found = Default::default();
         for (index, (policy, critical, group)) in jobs.iter().enumerate().skip(first).step_by(threads) {
@@ -372,6 +366,20 @@ const RESTART_BRAIDINGS: [Braiding; 5] = [
 /// wall-clock cap) and returns the `keep` fastest distinct orders, fastest first. The draws
 /// come from a fixed seed: the same runs give the same orders.
 pub fn restarts(s: &ComputeSchedule, runs: usize, keep: usize, stop: &mut dyn FnMut() -> bool) -> Vec<super::Timed> {
+    restarts_on(s, runs, keep, stop, None)
+}
+
+/// [`restarts`] on `threads` threads if given. The policies and jitters
+/// are drawn in run order from one generator, batches of runs share the
+/// threads, and their orders are kept in run order: the kept orders do
+/// not depend on the threads (unless `stop` ends the runs early).
+fn restarts_on(
+    s: &ComputeSchedule,
+    runs: usize,
+    keep: usize,
+    stop: &mut dyn FnMut() -> bool,
+    threads: Option<usize>,
+) -> Vec<super::Timed> {
     if !super::has_collectives(s) || !s.memory.is_bounded() {
         return Vec::new();
     }
@@ -380,11 +388,7 @@ pub fn restarts(s: &ComputeSchedule, runs: usize, keep: usize, stop: &mut dyn Fn
     let (safe, bolder) = admission_caps(s);
     let caps: Vec<Option<usize>> = safe.into_iter().chain(bolder).collect();
     let mut random = XorShift::new(0x05ee_d0f5_c4ed);
-    let mut kept: Vec<super::Timed> = Vec::new();
-    for run in 0..runs {
-        if run % 64 == 63 && stop() {
-            break;
-        }
+    let mut draw = || {
         let braiding = RESTART_BRAIDINGS[random.below(RESTART_BRAIDINGS.len())];
         let sparing = Sparing::ALL[random.below(Sparing::ALL.len())];
         let policy = Policy {
@@ -397,17 +401,64 @@ pub fn restarts(s: &ComputeSchedule, runs: usize, keep: usize, stop: &mut dyn Fn
             rule: Rule::Critical { reach: CRITICAL_REACH[random.below(CRITICAL_REACH.len())] },
             spare_above: (sparing != Sparing::Never).then_some(lower_bound),
         };
-        let jittered = criticalities[usize::from(sparing == Sparing::MemoryBound)].jittered(&mut random);
-        let Ok(order) = schedule_with(s, policy, &jittered) else { continue };
-        let makespan = super::order_makespan(s, &order);
-        let slower_than_kept = kept.len() == keep && kept.last().is_some_and(|(_, m)| makespan >= *m);
-        if !slower_than_kept && kept.iter().all(|(o, _)| *o != order) {
-            kept.push((order, makespan));
-            kept.sort_by(|a, b| a.1.total_cmp(&b.1));
-            kept.truncate(keep);
+        (policy, criticalities[usize::from(sparing == Sparing::MemoryBound)].jittered(&mut random))
+    };
+    let threads = threads.unwrap_or_else(|| worker_threads(s));
+    // A batch per round of the threads, a few runs each; `stop` is asked
+    // about every 64 runs.
+    let batch = if threads == 1 { 1 } else { 4 * threads };
+    let mut kept: Vec<super::Timed> = Vec::new();
+    let mut run = 0;
+    while run < runs {
+        let end = (run + batch).min(runs);
+        if (run..end).any(|r| r % 64 == 63) && stop() {
+            break;
         }
+        let drawn: Vec<(Policy, Criticality)> = (run..end).map(|_| draw()).collect();
+        let orders = map_on_threads(&drawn, threads, |(policy, jittered)| {
+            let order = schedule_with(s, *policy, jittered).ok()?;
+            let makespan = super::order_makespan(s, &order);
+            Some((order, makespan))
+        });
+        for (order, makespan) in orders.into_iter().flatten() {
+            let slower_than_kept = kept.len() == keep && kept.last().is_some_and(|(_, m)| makespan >= *m);
+            if !slower_than_kept && kept.iter().all(|(o, _)| *o != order) {
+                kept.push((order, makespan));
+                kept.sort_by(|a, b| a.1.total_cmp(&b.1));
+                kept.truncate(keep);
+            }
+        }
+        run = end;
     }
     kept
+}
+
+/// `f` of every item, in the items' order, on `threads` threads (thread
+/// `k` takes items `k`, `k + threads`, ...).
+fn map_on_threads<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    if threads <= 1 || items.len() <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let f = &f;
+    let mut parts: Vec<Vec<R>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads)
+            .map(|k| scope.spawn(move || items.iter().skip(k).step_by(threads).map(f).collect::<Vec<R>>()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    });
+    let mut parts: Vec<std::vec::IntoIter<R>> = parts.drain(..).map(Vec::into_iter).collect();
+    (0..items.len()).filter_map(|i| parts[i % threads].next()).collect()
+}
+
+/// How many threads the scheduler's independent runs share: the
+/// machine's cores, up to [`PORTFOLIO_THREADS`]; one below
+/// [`PARALLEL_PASSES`] passes.
+fn worker_threads(s: &ComputeSchedule) -> usize {
+    if super::pass_count(s) < PARALLEL_PASSES {
+        1
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, PORTFOLIO_THREADS)
+    }
 }
 
 /// The list scheduler under one policy.
@@ -946,8 +997,8 @@ mod tests {
     /// collectives and heavy ends: the candidate lists the scheduler keeps
     /// between steps equal fresh ones at every step (checked inside
     /// `schedule_with` under `cfg(test)`), every order it returns runs
-    /// each pass once, and the portfolio gives the same orders on one
-    /// thread as on three.
+    /// each pass once, and the portfolio and the restarts give the same
+    /// orders on one thread as on three.
     #[test]
     fn kept_candidates_and_threads_change_no_order() {
         let v = "if s < p { s } else { 2 * p - 1 - s }";
@@ -985,6 +1036,10 @@ mod tests {
                     };
                     assert_eq!(passes(a), passes(b), "{source}: one thread and three give the same orders");
                 }
+                let alone = super::restarts_on(&auto, 40, 3, &mut || false, Some(1));
+                let shared = super::restarts_on(&auto, 40, 3, &mut || false, Some(3));
+                let makespans = |k: &[super::super::Timed]| k.iter().map(|(_, t)| *t).collect::<Vec<f64>>();
+                assert_eq!(makespans(&alone), makespans(&shared), "{source}: restarts on one thread and three");
                 let passes = super::super::pass_count(&auto);
                 for (order, _) in found {
                     let ran: usize = order.iter().flatten().map(|op| op.compute.passes.len()).sum();
