@@ -13,6 +13,11 @@ use stpc::opt::Solver;
 use stpc::pipeline::{self, Build, Request};
 use stpc::syntax::span::SourceFile;
 
+// The compile path allocates a small vector or two per op (a million-op
+// schedule makes millions): mimalloc serves them from thread-local pages.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// stpc: compile pipeline-parallel training schedules written in the .sched
 /// language into checked, per-rank instruction streams.
 #[derive(Parser)]
