@@ -130,22 +130,28 @@ class Stage:
 
 @dataclass
 class _Stash:
-    """`stash.s.i`. With units: per unit its input (a leaf) and partial
-    output (the graph's root), and the gradient `B` found for each unit's
-    output, which `W` needs. Without: the stage's input leaves, its
-    outputs, and the (output, gradient) pairs `B` found. With recompute,
-    only the stage's inputs until `R`."""
+    """`stash.s.i`: the input leaves the backward differentiates, the
+    graph's roots (`partials`) and, once `B` ran, the gradient it found
+    for each root (`out_grads[k]` for `partials[k]`; None where none
+    flows), which `W` needs. With units a root is a unit's partial output
+    and each unit has one leaf; without, the roots are the stage's
+    outputs. With recompute, only the stage's inputs until `R`."""
 
     checkpoint: Optional[Tuple[torch.Tensor, ...]] = None
     rng: Optional[Any] = None
     inputs: List[torch.Tensor] = field(default_factory=list)
     partials: List[torch.Tensor] = field(default_factory=list)
-    out_grads: List[Any] = field(default_factory=list)
+    out_grads: List[Optional[torch.Tensor]] = field(default_factory=list)
     output: Optional[Tuple[torch.Tensor, ...]] = None  # the last stage's output leaves
     loss: Optional[torch.Tensor] = None  # the last stage's scaled loss
 
 
 _Key = Tuple[str, int, int]  # (kind, stage, microbatch)
+
+
+def _rooted(stash: _Stash) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """The (root, gradient) pairs of `stash` a backward runs from."""
+    return [(y, g) for y, g in zip(stash.partials, stash.out_grads) if g is not None]
 
 
 def _key(buffer: Any) -> _Key:
@@ -735,8 +741,8 @@ class _Step:
         floating-point ones) and, with `weights`, its weight gradients in
         the same backward; without, what `W` needs is kept."""
         grads = self.output_grads(stage, mb, stash)
-        pairs = [(y, g) for y, g in zip(stash.partials, grads) if g is not None and y.requires_grad]
-        stash.out_grads = pairs
+        stash.out_grads = [g if y.requires_grad else None for y, g in zip(stash.partials, grads)]
+        pairs = _rooted(stash)
         leaves = [x for x in stash.inputs if x.requires_grad]
         params = [p for p in stage.module.parameters() if p.requires_grad]
         roots, seeds = [y for y, _ in pairs], [g for _, g in pairs]
@@ -794,8 +800,9 @@ class _Step:
         stash: _Stash = self.buffers[("stash", stage.index, mb)]
         if stage.whole:
             params = [p for p in stage.module.parameters() if p.requires_grad]
-            if params and stash.out_grads:
-                roots, seeds = zip(*stash.out_grads)
+            pairs = _rooted(stash)
+            if params and pairs:
+                roots, seeds = zip(*pairs)
                 torch.autograd.backward(list(roots), list(seeds), inputs=params)
         else:
             for j in reversed(range(len(stage.units))):
