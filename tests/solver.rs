@@ -817,13 +817,16 @@ fn z3_raises_the_lower_bound_but_never_above_the_optimum() {
     let raised = stpc::opt::raise_bound(s, bound, 25.5, &mut budget, 10.0);
     assert!(raised.optimal && close(raised.bound, OPTIMUM), "proved optimal at {}", raised.bound);
     // On p = 3, m = 8 the search leaves effort over and Z3 spends it
-    // raising the bound (35 against the combinatorial 33.5), below the
-    // order it keeps (35.25); the note says so.
+    // raising the bound (33.875 against the combinatorial 33.25), below
+    // the order it keeps (35.75); the note says so. (Before the tails
+    // let a `W` fused with its `B` run during the `B`'s collective, Z3's
+    // model was narrower than the orders it claims to cover: it kept 35.25
+    // and "proved" 35.0 from a combinatorial 33.5.)
     let (b, found) = planned(LOOPED, 3, 8, cost.clone(), smt(20));
     let combinatorial = stpc::opt::bound::lower_bound(b.checked.schedule(), &cost);
     assert!(!found.optimal && found.bound_by_z3, "{found:?}");
     assert!(found.lower_bound > combinatorial + 1e-9 && found.lower_bound <= found.makespan + 1e-9, "{found:?}");
-    assert!(close(found.makespan, 35.25) && close(found.lower_bound, 35.0), "{found:?}");
+    assert!(close(found.makespan, 35.75) && close(found.lower_bound, 33.875), "{found:?}");
     assert!(found.to_string().contains("proved by Z3"), "{found}");
 }
 
@@ -1092,5 +1095,91 @@ fn the_lower_bound_holds_under_random_per_stage_costs() {
         let (b, report) = planned(&source, p as i64, m, cost.clone(), Solver::Greedy);
         let makespan = simulated(&b, &cost);
         assert!(report.lower_bound <= makespan + 1e-9, "pipelines case {case}: p={p} m={m} budget {budget}: {report}");
+    }
+}
+
+/// Until a rank can start anything but its first stage's forwards, each
+/// of its ops is one such forward alone, collective exposed (bound.rs,
+/// `warm_up_floor`). On the interleaved placement at p = 2, m = 8 under
+/// (b): rank 1 holds stages 1 and 3; its first forward can start at 1.25
+/// and nothing else before stage 3's first forward at 3.75, so by then it
+/// has run two lone forwards (1.25 each; the first one's collective is in
+/// its total of 2 · 8 · 3.5 + 0.25 = 56.25): 3.75 + 56.25 − 2.25 = 57.75
+/// (57.50 counting only compute). The bound stays at or below the optimum
+/// Z3 proves on small interleaved and V placements, even and uneven.
+#[test]
+fn lone_warm_up_forwards_raise_the_bound_but_never_above_the_optimum() {
+    const INTERLEAVED: &str =
+        "schedule il(p: ranks, m: microbatches) { stages 2 * p; place s -> s % p; memory { budget = 3 * p; } auto; }";
+    let (b, _) = planned(INTERLEAVED, 2, 8, costs_b(), Solver::Greedy);
+    let bound = stpc::opt::bound::lower_bound(b.checked.schedule(), &costs_b());
+    assert!(close(bound, 57.75), "{bound}");
+    // At p = 2, m = 3 the same count gives 3.75 + (2 · 3 · 3.5 + 0.25) − 2.25
+    // = 22.75, the bound there; Z3 proves 24.5.
+    for (source, p, m) in [(INTERLEAVED, 2, 2), (INTERLEAVED, 2, 3), (INTERLEAVED, 3, 2), (V_SHAPE, 3, 3)] {
+        for cost in [costs_b(), stp_tests::heavy_ends(&costs_b(), 2 * p as u32, 1.3, 2.5)] {
+            let (built, found) = planned(source, p, m, cost.clone(), Solver::Greedy);
+            let s = built.checked.schedule();
+            let bound = stpc::opt::bound::lower_bound(s, &cost);
+            let z3 = stpc::opt::smt::solve(
+                s,
+                found.makespan,
+                &mut stpc::opt::effort::Budget::new(30.0, None),
+                30.0,
+                None,
+                None,
+            );
+            let case = format!("{source} p={p} m={m} {cost:?}");
+            assert!(z3.optimal, "{case}: Z3 settles it");
+            if (source, p, m, cost.is_uniform()) == (INTERLEAVED, 2, 3, true) {
+                assert!(close(bound, 22.75) && close(z3.makespan, 24.5), "{case}: {bound} {}", z3.makespan);
+            }
+            assert!(bound <= z3.makespan + 1e-9, "{case}: bound {bound} above the optimum {}", z3.makespan);
+        }
+    }
+}
+
+/// The bound never exceeds the makespan of stpc's own order on random
+/// placements (1 to 3 stages per rank, per-stage costs with a heavy
+/// stage, some with a cap on deferred weight gradients, half within a
+/// budget that binds) with TP
+/// collectives to hide, where its floors that assume stpc's orders (each
+/// rank's first forward alone, its warm-up forwards alone, a `B` fused
+/// with its `W` hiding its collective) apply. Seed 3 found the bound
+/// charging a `B`'s collective before its own `W` although `BW` hides it
+/// (19.1 against an order of 18.7).
+#[test]
+fn the_lower_bound_never_exceeds_an_auto_order_on_random_placements() {
+    use stp_fuzz::rng::Rng;
+    for seed in 0..150u64 {
+        let case = stp_fuzz::valid::random_auto_schedule(&mut Rng::new(seed));
+        // A third of them cap the weight gradients a rank may defer.
+        let mut source = match seed % 3 {
+            0 => case.source.clone(),
+            cap => case.source.replace("memory { ", &format!("memory {{ max_deferred = {}; ", cap - 1)),
+        };
+        // Half of them within a budget that binds: a rank holds one
+        // microbatch's activations on all its stages, and a little more.
+        if seed % 2 == 1 {
+            let loose = format!("budget = {};", case.stages * case.m);
+            source = source.replace(&loose, &format!("budget = {};", case.stages));
+        }
+        let file = SourceFile::new("auto.sched", source.as_str());
+        let params = stpc::elab::ParamArgs {
+            ranks: Some(case.p as i64),
+            microbatches: Some(case.m as i64),
+            ..Default::default()
+        };
+        let request = Request { params, ..Default::default() };
+        let written = stpc::pipeline::elaborate_unplanned(&file, &request).expect("elaborates");
+        let mut cost = written.cost.clone();
+        let collective = 0.1 * (1 + seed % 5) as f64;
+        cost.tp_collective = collective;
+        cost.stages.iter_mut().for_each(|t| t.tp_collective = collective);
+        let b = build(&file, &Request { cost: Some(cost.clone()), ..request })
+            .unwrap_or_else(|d| panic!("seed {seed} compiles: {d:?}"));
+        let bound = stpc::opt::bound::lower_bound(b.checked.schedule(), &cost);
+        let makespan = simulated(&b, &cost);
+        assert!(bound <= makespan + 1e-9, "seed {seed}: bound {bound} > {makespan}\n{source}");
     }
 }

@@ -111,21 +111,67 @@ fn rank_floor(s: &ComputeSchedule, cost: &CostModel) -> f64 {
         s.memory.clone()
     };
     let floors = memory_floors(&meta.placement, &memory, &dur, &lat, apart, &hop, mbs);
-    let (heads, tails) = heads_and_tails(stages, mbs, &dur, &lat, apart, &hop, floors.as_deref());
+    let (heads, tails, chains) = heads_and_tails(stages, mbs, &dur, &lat, apart, &hop, floors.as_deref());
     // In stpc's own orders a rank's first forward runs alone (every other
     // pass of the rank follows it: it is not braided with its own stage's
     // next forward), so its collective is exposed — unless, with `--tp`,
     // it overlaps the next op.
-    let first_alone = if apart && s.tp_units.is_none() { collective } else { vec![0; stages] };
+    let first_alone = if apart && s.tp_units.is_none() { collective.clone() } else { vec![0; stages] };
     let floor = preemptive_floor(&meta.placement, &heads, &tails, &dur, &first_alone);
     // Only stpc's own orders count every `B` without its `W` as deferred;
     // a hand order's cap covers only the `W`s it wrote `defer`.
     let drain = match s.memory.max_deferred {
-        Some(cap) if s.auto => drain_floor(&meta.placement, &heads, &tails, &dur, &first_alone, cap),
+        Some(cap) if s.auto => drain_floor(&meta.placement, &heads, &chains, &dur, &first_alone, cap),
         _ => 0,
     };
     let window = window_floor(&meta.placement, &memory, &heads, &dur, &first_alone);
-    floor.max(drain).max(window) as f64 / scale
+    // Only stpc's own orders keep a stage's forwards in ops of their own;
+    // recomputation adds partners the floor does not know.
+    let warm_up = if apart && s.tp_units.is_none() && !recomputes {
+        warm_up_floor(&meta.placement, &heads, &dur, &collective, &first_alone)
+    } else {
+        0
+    };
+    floor.max(drain).max(window).max(warm_up) as f64 / scale
+}
+
+/// Until a rank can start any pass but its first stage's forwards (`h`,
+/// the earliest head of any other), each of its ops is one such forward
+/// alone — stpc's orders never put two passes of one stage and kind in
+/// one op — so each takes its compute and its whole collective: by `h`
+/// the rank has done at most `⌊(h − start) / (F + AR)⌋` of them and part
+/// of the next. The rest of its work follows `h`. On the interleaved
+/// placement rank 0's second chunk starts only after the first microbatch
+/// has crossed every rank, and its memory lets it fill that time with
+/// forwards whose collectives nothing can hide.
+fn warm_up_floor(
+    placement: &[stp_ir::Rank],
+    heads: &PerPass,
+    dur: &PerStage,
+    collective: &[i64],
+    first_alone: &[i64],
+) -> i64 {
+    worst_rank(placement, |r| {
+        let first = placement.iter().position(|rank| rank.index() == r)?;
+        let jobs: Vec<(usize, usize, i64, i64)> = rank_passes(placement, r, heads, dur, first_alone)
+            .map(|(k, st, _, head, time)| (k, st, head, time))
+            .collect();
+        let alone = |&(k, st, _, _): &(usize, usize, i64, i64)| (k, st) == (0, first);
+        let h = jobs.iter().filter(|j| !alone(j)).map(|j| j.2).min()?;
+        let start = jobs.iter().filter(|j| alone(j)).map(|j| j.2).min()?;
+        let (f, ar) = (dur[0][first], collective[first]);
+        if ar <= 0 || h <= start {
+            return None;
+        }
+        let total: i64 = jobs.iter().map(|j| j.3).sum();
+        let elapsed = h - start;
+        let whole = elapsed / (f + ar);
+        let lone = whole * f + f.min(elapsed - whole * (f + ar)) + first_alone[first];
+        // Nor more than the forwards that can have started by `h`, each
+        // as far as it got.
+        let started: i64 = jobs.iter().filter(|j| alone(j)).map(|j| j.3.min((h - j.2).max(0))).sum();
+        Some(h + total - lone.min(started))
+    })
 }
 
 /// A rank's work before a time `t` is limited by what can run by then:
@@ -225,14 +271,16 @@ fn worst_rank(placement: &[stp_ir::Rank], floor: impl FnMut(usize) -> Option<i64
 fn drain_floor(
     placement: &[stp_ir::Rank],
     heads: &PerPass,
-    tails: &PerPass,
+    chains: &[Vec<i64>],
     dur: &PerStage,
     first_alone: &[i64],
     cap: i64,
 ) -> i64 {
     worst_rank(placement, |r| {
         let first = placement.iter().position(|rank| rank.index() == r)?;
-        let tail = tails[1][first].iter().copied().min()?;
+        // Its own `W` is in the work below (fused or not): only what the
+        // stages before must still do follows.
+        let tail = chains[first].iter().copied().min()?;
         // (head, time on the rank, is a W) of every pass of the rank.
         let mut jobs: Vec<(i64, i64, bool)> = rank_passes(placement, r, heads, dur, first_alone)
             .map(|(k, _, _, head, time)| (head, time, k == 2))
@@ -335,7 +383,7 @@ fn memory_floors(
     // Each round raises some floor by at least one microunit; the bound
     // stays valid at every round, so stopping early only loosens it.
     for _ in 0..64 {
-        let (heads, _) = heads_and_tails(stages, mbs, dur, lat, apart, hop, Some(&floors));
+        let (heads, _, _) = heads_and_tails(stages, mbs, dur, lat, apart, hop, Some(&floors));
         let mut moved = false;
         for r in 0..ranks {
             let owned = owned_by(placement, r);
@@ -527,12 +575,17 @@ pub type PerPass = Vec<Vec<Vec<i64>>>;
 /// compute and its TP collective, which braiding hides from the rank but
 /// not from the pass's consumers (a braided op ends no earlier than either
 /// pass's compute plus its collective). With `apart`, consecutive passes of
-/// one stage and kind, and a `B` and its `W`, never share an op (the Z3
-/// model's rule), so each waits for the other's compute; without it they
-/// may (a hand order braids `F & F` of one stage, or fuses `BW`), so only
-/// their order counts. Microbatches of a stage run in order: any order
-/// can be relabelled to one that does, no slower. `floors`, if given, are
-/// earliest starts of the forwards (`[stage][mb]`) known otherwise.
+/// one stage and kind never share an op (stpc's orders), so each waits for
+/// the other's compute, and a `W` follows its `B`'s compute — in an op of
+/// its own after the `B`'s op, or fused with it into `BW`, where it runs
+/// while the `B`'s collective is in flight; without `apart` passes may
+/// share an op (a hand order braids `F & F` of one stage), so only their
+/// order counts. Microbatches of a stage run in order: any order can be
+/// relabelled to one that does, no slower. `floors`, if given, are
+/// earliest starts of the forwards (`[stage][mb]`) known otherwise. Also
+/// returned, per `B` (`[stage][mb]`): the least time that must follow its
+/// output apart from its own `W` (the stage before's `B`, its stage's next
+/// `B`).
 pub fn heads_and_tails(
     stages: usize,
     mbs: usize,
@@ -541,7 +594,7 @@ pub fn heads_and_tails(
     apart: bool,
     hop: &dyn Fn(usize, usize) -> i64,
     floors: Option<&[Vec<i64>]>,
-) -> (PerPass, PerPass) {
+) -> (PerPass, PerPass, Vec<Vec<i64>>) {
     let none = [vec![0; stages], vec![0; stages], vec![0; stages]];
     let gap = if apart { dur } else { &none };
     let mut head = vec![vec![vec![0i64; mbs]; stages]; 3];
@@ -574,23 +627,45 @@ pub fn heads_and_tails(
             head[2][st][i] = t;
         }
     }
+    // From the start of an op holding a stage's `B` to the end of its own
+    // `W`: fused into `BW` (stpc's orders fuse them), the `W` runs while
+    // the `B`'s collective is in flight, so it need not wait for the `B`'s
+    // output; without `apart` only the order counts.
+    let fused: Vec<i64> = (0..stages)
+        .map(|st| {
+            let collective = lat[1][st] - dur[1][st];
+            if apart {
+                dur[1][st] + dur[2][st] + (collective - dur[2][st]).max(0)
+            } else {
+                lat[1][st]
+            }
+        })
+        .collect();
     let mut tail = vec![vec![vec![0i64; mbs]; stages]; 3];
+    // Per stage, of the current microbatch's `B`: what follows its output
+    // (the stage before's `B`, its next microbatch's `B`), without its own `W`.
+    let mut after_output = vec![0i64; stages];
+    let mut chains = vec![vec![0i64; mbs]; stages];
+    // The least time from the start of the op holding `B` (stage, mb) to the end.
+    let from_start = |st: usize, after: i64, w_tail: i64| (lat[1][st] + after).max(fused[st] + w_tail);
     for i in (0..mbs).rev() {
         for st in 0..stages {
             tail[2][st][i] = if i + 1 < mbs { gap[2][st] + tail[2][st][i + 1] } else { 0 };
         }
         for st in 0..stages {
-            let mut t = gap[2][st] + tail[2][st][i];
+            let mut after = 0;
             if st > 0 {
-                t = t.max(hop(st, st - 1) + lat[1][st - 1] + tail[1][st - 1][i]);
+                after = after.max(hop(st, st - 1) + from_start(st - 1, after_output[st - 1], tail[2][st - 1][i]));
             }
             if i + 1 < mbs {
-                t = t.max(gap[1][st] + tail[1][st][i + 1]);
+                after = after.max(gap[1][st] + tail[1][st][i + 1]);
             }
-            tail[1][st][i] = t;
+            after_output[st] = after;
+            chains[st][i] = after;
+            tail[1][st][i] = after.max(gap[2][st] + tail[2][st][i]);
         }
         for st in (0..stages).rev() {
-            let mut t = lat[1][st] + tail[1][st][i];
+            let mut t = from_start(st, after_output[st], tail[2][st][i]);
             if st + 1 < stages {
                 t = t.max(hop(st, st + 1) + lat[0][st + 1] + tail[0][st + 1][i]);
             }
@@ -600,7 +675,7 @@ pub fn heads_and_tails(
             tail[0][st][i] = t;
         }
     }
-    (head, tail)
+    (head, tail, chains)
 }
 
 #[cfg(test)]

@@ -247,7 +247,7 @@ fn search(
     // they slowed Z3's windows down on the V placements more than they
     // pruned.)
     let apart = neighbourhood.is_none();
-    let (mut heads, tails) = super::bound::heads_and_tails(stages, mbs, &compute, &latency, apart, &hop, None);
+    let (mut heads, tails, _) = super::bound::heads_and_tails(stages, mbs, &compute, &latency, apart, &hop, None);
     if braids {
         // A `W` fused with its `B` starts with it.
         let input_heads = heads[1].clone();
