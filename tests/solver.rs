@@ -41,6 +41,12 @@ fn smt(effort: u64) -> Solver {
     Solver::Smt { effort: effort as f64, cap: None, progress: None }
 }
 
+/// Z3's whole model with 30 reference seconds of effort from an order of
+/// makespan `upper`: the optimum, on the small instances it settles.
+fn z3_settled(s: &stpc::elab::ComputeSchedule, upper: f64) -> stpc::opt::smt::SmtPlan {
+    stpc::opt::smt::solve(s, upper, &mut stpc::opt::effort::Budget::new(30.0, None), 30.0, None, None)
+}
+
 fn simulated(b: &Build, cost: &CostModel) -> f64 {
     simulate(&b.program, cost).unwrap_or_else(|d| panic!("checked program deadlocked: {d}")).makespan
 }
@@ -890,14 +896,7 @@ fn the_deferred_cap_raises_the_bound_but_never_above_the_optimum() {
                 assert!(bound >= free - 1e-9, "{case}: {bound} below the uncapped {free}");
                 raised += usize::from(bound > free + 1e-9);
                 // Z3 settles the optimum; its model knows nothing of these bounds.
-                let z3 = stpc::opt::smt::solve(
-                    s,
-                    found.makespan,
-                    &mut stpc::opt::effort::Budget::new(30.0, None),
-                    30.0,
-                    None,
-                    None,
-                );
+                let z3 = z3_settled(s, found.makespan);
                 assert!(z3.optimal, "{case}: Z3 settles it");
                 assert!(bound <= z3.makespan + 1e-9, "{case}: bound {bound} above the optimum {}", z3.makespan);
             }
@@ -926,8 +925,7 @@ fn a_full_budget_holds_a_rank_until_its_first_backward_and_the_bound_knows() {
         let (built, found) = planned(&budget(b), p, m, cost.clone(), Solver::Greedy);
         let s = built.checked.schedule();
         let bound = stpc::opt::bound::lower_bound(s, &cost);
-        let z3 =
-            stpc::opt::smt::solve(s, found.makespan, &mut stpc::opt::effort::Budget::new(30.0, None), 30.0, None, None);
+        let z3 = z3_settled(s, found.makespan);
         assert!(z3.optimal, "p={p} m={m} budget {b}: Z3 settles it");
         assert!(bound <= z3.makespan + 1e-9, "p={p} m={m} budget {b}: bound {bound} above the optimum {}", z3.makespan);
     }
@@ -1121,14 +1119,7 @@ fn lone_warm_up_forwards_raise_the_bound_but_never_above_the_optimum() {
             let (built, found) = planned(source, p, m, cost.clone(), Solver::Greedy);
             let s = built.checked.schedule();
             let bound = stpc::opt::bound::lower_bound(s, &cost);
-            let z3 = stpc::opt::smt::solve(
-                s,
-                found.makespan,
-                &mut stpc::opt::effort::Budget::new(30.0, None),
-                30.0,
-                None,
-                None,
-            );
+            let z3 = z3_settled(s, found.makespan);
             let case = format!("{source} p={p} m={m} {cost:?}");
             assert!(z3.optimal, "{case}: Z3 settles it");
             if (source, p, m, cost.is_uniform()) == (INTERLEAVED, 2, 3, true) {
