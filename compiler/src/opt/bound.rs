@@ -642,9 +642,8 @@ pub fn heads_and_tails(
         })
         .collect();
     let mut tail = vec![vec![vec![0i64; mbs]; stages]; 3];
-    // Per stage, of the current microbatch's `B`: what follows its output
-    // (the stage before's `B`, its next microbatch's `B`), without its own `W`.
-    let mut after_output = vec![0i64; stages];
+    // Per `B` ([stage][mb]): what follows its output (the stage before's
+    // `B`, its next microbatch's `B`), without its own `W`.
     let mut chains = vec![vec![0i64; mbs]; stages];
     // The least time from the start of the op holding `B` (stage, mb) to the end.
     let from_start = |st: usize, after: i64, w_tail: i64| (lat[1][st] + after).max(fused[st] + w_tail);
@@ -655,17 +654,16 @@ pub fn heads_and_tails(
         for st in 0..stages {
             let mut after = 0;
             if st > 0 {
-                after = after.max(hop(st, st - 1) + from_start(st - 1, after_output[st - 1], tail[2][st - 1][i]));
+                after = after.max(hop(st, st - 1) + from_start(st - 1, chains[st - 1][i], tail[2][st - 1][i]));
             }
             if i + 1 < mbs {
                 after = after.max(gap[1][st] + tail[1][st][i + 1]);
             }
-            after_output[st] = after;
             chains[st][i] = after;
             tail[1][st][i] = after.max(gap[2][st] + tail[2][st][i]);
         }
         for st in (0..stages).rev() {
-            let mut t = from_start(st, after_output[st], tail[2][st][i]);
+            let mut t = from_start(st, chains[st][i], tail[2][st][i]);
             if st + 1 < stages {
                 t = t.max(hop(st, st + 1) + lat[0][st + 1] + tail[0][st + 1][i]);
             }

@@ -274,15 +274,8 @@ fn run_portfolio(s: &ComputeSchedule, jobs: &[(Policy, &Criticality, usize)], th
         }
         found
     };
-    if threads == 1 {
-        return run(0);
-    }
-    let parts: Vec<Found> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads).map(|k| scope.spawn(move || run(k))).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-    });
     let mut merged: Found = Default::default();
-    for (best, error) in parts {
+    for (best, error) in on_threads(threads, run) {
         for (kept, candidate) in merged.0.iter_mut().zip(best) {
             let Some(c) = candidate else { continue };
             if kept.as_ref().is_none_or(|k| (c.0, c.1) < (k.0, k.1)) {
@@ -436,18 +429,23 @@ fn restarts_on(
 /// `f` of every item, in the items' order, on `threads` threads (thread
 /// `k` takes items `k`, `k + threads`, ...).
 fn map_on_threads<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    if threads <= 1 || items.len() <= 1 {
-        return items.iter().map(f).collect();
-    }
-    let f = &f;
-    let mut parts: Vec<Vec<R>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..threads)
-            .map(|k| scope.spawn(move || items.iter().skip(k).step_by(threads).map(f).collect::<Vec<R>>()))
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
-    });
-    let mut parts: Vec<std::vec::IntoIter<R>> = parts.drain(..).map(Vec::into_iter).collect();
+    let threads = threads.clamp(1, items.len().max(1));
+    let parts = on_threads(threads, |k| items.iter().skip(k).step_by(threads).map(&f).collect::<Vec<R>>());
+    let mut parts: Vec<std::vec::IntoIter<R>> = parts.into_iter().map(Vec::into_iter).collect();
     (0..items.len()).filter_map(|i| parts[i % threads].next()).collect()
+}
+
+/// `work(k)` for `k` in `0..threads`, each on a thread of its own (on
+/// this one when there is one), in `k` order; a panic in one is raised here.
+fn on_threads<R: Send>(threads: usize, work: impl Fn(usize) -> R + Sync) -> Vec<R> {
+    if threads <= 1 {
+        return vec![work(0)];
+    }
+    let work = &work;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads).map(|k| scope.spawn(move || work(k))).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))).collect()
+    })
 }
 
 /// How many threads the scheduler's independent runs share: the
@@ -492,8 +490,6 @@ fn schedule_with(
         live: vec![0; ranks],
         flying: 0,
     };
-    let stages_on: Vec<Vec<usize>> =
-        (0..ranks).map(|r| (0..stages).filter(|st| routes.owner(*st) == r).collect()).collect();
     let mut out: Vec<Vec<ScheduledOp>> = vec![Vec::new(); ranks];
     let origin = Origin { span: s.body_span, iteration: Vec::new() };
     let mut remaining = super::pass_count(s);
@@ -506,7 +502,7 @@ fn schedule_with(
     let mut stale = vec![true; ranks];
     let rebuild = |state: &Progress, r: usize, into: &mut RankCandidates| {
         into.list.clear();
-        for &stage in &stages_on[r] {
+        for &stage in &routes.stages_on[r] {
             into.list.extend(state.stage_candidates(stage, &policy, routes, s, &budgets).into_iter().flatten());
         }
         into.list.extend(state.weight_candidate(r, w_rank));
@@ -528,7 +524,7 @@ fn schedule_with(
             for (r, cached) in on_rank.iter().enumerate() {
                 let mut fresh = RankCandidates::default();
                 rebuild(&state, r, &mut fresh);
-                debug_assert_eq!(cached.list, fresh.list, "rank {r}'s cached candidates are stale");
+                assert_eq!(cached.list, fresh.list, "rank {r}'s cached candidates are stale");
             }
         }
         let best = match policy.rule {
@@ -711,9 +707,10 @@ impl Progress {
 /// What the scheduler and the criticality table read of the pipelines'
 /// shape, per stage: its rank, whether it opens or closes its
 /// pipeline's chain, and the microbatches on its route, ascending
-/// (every microbatch with one pipeline).
+/// (every microbatch with one pipeline); per rank, its stages ascending.
 struct Routes {
     owner: Vec<usize>,
+    stages_on: Vec<Vec<usize>>,
     first: Vec<bool>,
     last: Vec<bool>,
     routed: Vec<Vec<usize>>,
@@ -724,8 +721,12 @@ impl Routes {
     fn of(s: &ComputeSchedule) -> Routes {
         let (meta, chain) = (&s.meta, s.meta.chain());
         let stages = || (0..meta.num_stages).map(Stage);
+        let owner: Vec<usize> = meta.placement.iter().map(|r| r.index()).collect();
         Routes {
-            owner: meta.placement.iter().map(|r| r.index()).collect(),
+            stages_on: (0..meta.num_ranks as usize)
+                .map(|r| (0..owner.len()).filter(|st| owner[*st] == r).collect())
+                .collect(),
+            owner,
             first: stages().map(|st| chain.is_first(st)).collect(),
             last: stages().map(|st| chain.is_last(st)).collect(),
             routed: stages().map(|st| meta.pairs_of(st).map(|i| i.index()).collect()).collect(),
@@ -823,11 +824,9 @@ fn criticality(s: &ComputeSchedule, memory_bound: bool) -> Criticality {
     // early backward holds up forwards too.
     let activation = s.memory.smallest_activation().max(1);
     let room = |r: usize| s.memory.budget_of(r).filter(|_| memory_bound).map(|b| (b / activation).max(1) as usize);
-    let stages_of_rank: Vec<usize> =
-        (0..ranks).map(|r| (0..stages).filter(|st| routes.owner(*st) == r).count()).collect();
-    let forwards_of_rank: Vec<usize> = (0..ranks)
-        .map(|r| (0..stages).filter(|st| routes.owner(*st) == r).map(|st| routes.routed[st].len()).sum())
-        .collect();
+    let stages_of_rank: Vec<usize> = routes.stages_on.iter().map(Vec::len).collect();
+    let forwards_of_rank: Vec<usize> =
+        routes.stages_on.iter().map(|owned| owned.iter().map(|st| routes.routed[*st].len()).sum()).collect();
     let held_back_forwards = |stage: usize, k: usize| {
         room(routes.owner(stage)).map_or(0.0, |room| {
             let owned = stages_of_rank[routes.owner(stage)];
